@@ -1,0 +1,620 @@
+//! The data-plane contract between the keylimit operator and its sidecars.
+//!
+//! The operator renders each `RateLimitPolicy` (plus its bound `ApiKey`s) into one
+//! [`PolicyDocument`], stored as `policy.json` in a ConfigMap. When the key list would push a
+//! ConfigMap past its 1 MiB limit, the keys move into [`KeyShard`] files, each in its own
+//! ConfigMap, and the document lists them with their digests. A projected volume puts all of
+//! them in one directory, so the sidecar reads `policy.json` and then every shard it names.
+//!
+//! This crate depends on serde only, so the sidecar's request path never links kube.
+#![forbid(unsafe_code)]
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Version tag of the document format. Bumped on any incompatible change.
+pub const API_VERSION: &str = "dataplane.keylimit.dev/v1";
+/// File (ConfigMap data key) that holds the [`PolicyDocument`].
+pub const POLICY_FILE: &str = "policy.json";
+/// The message a 429 carries unless the policy says otherwise.
+pub const DEFAULT_EXHAUSTED_MESSAGE: &str = "Keys Temporarily Exhausted";
+/// Header read for the key unless the policy says otherwise.
+pub const DEFAULT_KEY_HEADER: &str = "X-API-Key";
+/// Header the sidecar sets on forwarded requests, naming the ApiKey.
+pub const DEFAULT_IDENTITY_HEADER: &str = "X-KeyLimit-Key";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("document is not valid JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("unsupported apiVersion {found:?}, expected {expected:?}")]
+    ApiVersion { found: String, expected: &'static str },
+    #[error("shard {file} is missing")]
+    MissingShard { file: String },
+    #[error("shard {file} digest mismatch (document is mid-update)")]
+    ShardDigest { file: String },
+    #[error("invalid document: {0}")]
+    Invalid(String),
+}
+
+/// Hex-encoded sha256 of the key material: the only form a key ever takes outside its Secret.
+pub fn hash_key(key: &[u8]) -> String {
+    hex::encode(Sha256::digest(key))
+}
+
+/// Hex sha256 of arbitrary content, used for shard digests.
+pub fn digest(content: &[u8]) -> String {
+    hex::encode(Sha256::digest(content))
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyDocument {
+    pub api_version: String,
+    pub policy: PolicyConfig,
+    /// Keys inline, sorted by name. Empty when the keys are sharded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<KeyEntry>,
+    /// Shard files, in order. Empty when the keys are inline.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shards: Vec<ShardRef>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardRef {
+    /// Data key (file name) of the shard, e.g. `keys-0001.json`.
+    pub file: String,
+    /// ConfigMap that holds it.
+    pub config_map: String,
+    /// sha256 of the shard file's bytes, so a half-propagated update is detected.
+    pub sha256: String,
+    pub keys: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyShard {
+    pub api_version: String,
+    pub policy: String,
+    pub index: u32,
+    pub keys: Vec<KeyEntry>,
+}
+
+/// Everything the sidecar needs to enforce one policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyConfig {
+    pub name: String,
+    pub namespace: String,
+    /// The policy's metadata.generation this document was rendered from.
+    #[serde(default)]
+    pub generation: i64,
+    #[serde(default)]
+    pub mode: Mode,
+    #[serde(default)]
+    pub key_source: KeySource,
+    #[serde(default)]
+    pub limits: Limits,
+    /// Limits shared by all keys of the policy together (optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_limits: Option<Limits>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throttle: Option<Throttle>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<Route>,
+    #[serde(default)]
+    pub response: ResponseConfig,
+    #[serde(default)]
+    pub store: Store,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Mode {
+    #[default]
+    Enforce,
+    /// Count and report, never reject.
+    DryRun,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeySource {
+    /// Header that carries the key; `None` disables header lookup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    /// Also accept `Authorization: Bearer <key>`.
+    #[serde(default)]
+    pub bearer: bool,
+    /// Query parameter that carries the key (opt-in: keys in URLs end up in access logs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_param: Option<String>,
+    /// Remove the key from the request before forwarding it to the app.
+    #[serde(default)]
+    pub strip: bool,
+    /// Header naming the ApiKey that the app receives.
+    #[serde(default = "default_identity_header")]
+    pub identity_header: String,
+}
+
+fn default_identity_header() -> String {
+    DEFAULT_IDENTITY_HEADER.to_string()
+}
+
+impl Default for KeySource {
+    fn default() -> Self {
+        Self {
+            header: Some(DEFAULT_KEY_HEADER.to_string()),
+            bearer: true,
+            query_param: None,
+            strip: false,
+            identity_header: default_identity_header(),
+        }
+    }
+}
+
+/// A set of limits. Every limit present applies at once.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Limits {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rates: Vec<RateWindow>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quotas: Vec<QuotaWindow>,
+    /// Maximum requests in flight at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<u32>,
+}
+
+impl Limits {
+    pub fn is_empty(&self) -> bool {
+        self.rates.is_empty() && self.quotas.is_empty() && self.concurrency.is_none()
+    }
+
+    /// The limits a key gets: each part the key overrides replaces the policy's part whole.
+    /// Rates and quotas are replaced by name, so a key can raise one window and keep the rest.
+    pub fn with_overrides(&self, overrides: &Limits) -> Limits {
+        let mut rates = self.rates.clone();
+        for o in &overrides.rates {
+            match rates.iter_mut().find(|r| r.name == o.name) {
+                Some(r) => *r = o.clone(),
+                None => rates.push(o.clone()),
+            }
+        }
+        let mut quotas = self.quotas.clone();
+        for o in &overrides.quotas {
+            match quotas.iter_mut().find(|q| q.name == o.name) {
+                Some(q) => *q = o.clone(),
+                None => quotas.push(o.clone()),
+            }
+        }
+        Limits {
+            rates,
+            quotas,
+            concurrency: overrides.concurrency.or(self.concurrency),
+        }
+    }
+}
+
+/// A rate window: `requests` per `period_seconds`, with `burst` extra requests allowed at once
+/// (GCRA: the emission interval is period/requests; tolerance is burst intervals).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RateWindow {
+    pub name: String,
+    pub requests: u64,
+    pub period_seconds: u64,
+    #[serde(default)]
+    pub burst: u64,
+}
+
+/// A long quota: `requests` per day/week/month.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QuotaWindow {
+    pub name: String,
+    pub requests: u64,
+    pub period: QuotaPeriod,
+    #[serde(default)]
+    pub alignment: QuotaAlignment,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum QuotaPeriod {
+    Minute,
+    Hour,
+    Day,
+    Week,
+    Month,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum QuotaAlignment {
+    /// Resets at the start of each UTC calendar period (midnight, Monday, the 1st).
+    #[default]
+    Calendar,
+    /// Resets one period after the window's first request.
+    Rolling,
+}
+
+/// Hold a request up to `max_delay_ms` for a rate window to admit it, instead of rejecting.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Throttle {
+    pub max_delay_ms: u64,
+    /// Requests held at once per sidecar; past that they are rejected.
+    pub max_queue: u32,
+}
+
+/// A per-route rule: requests matching the prefix (and one of the methods, if any) cost `cost`
+/// and are also subject to the route's own limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Route {
+    pub name: String,
+    pub path_prefix: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    #[serde(default = "one")]
+    pub cost: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<Limits>,
+}
+
+fn one() -> u64 {
+    1
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResponseConfig {
+    pub message: String,
+}
+
+impl Default for ResponseConfig {
+    fn default() -> Self {
+        Self {
+            message: DEFAULT_EXHAUSTED_MESSAGE.to_string(),
+        }
+    }
+}
+
+/// Where counters live.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "type")]
+pub enum Store {
+    /// In memory, per sidecar.
+    #[default]
+    Local,
+}
+
+/// One key as the data plane sees it: its hash, never the key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyEntry {
+    /// The ApiKey's name.
+    pub name: String,
+    /// `hash_key(key)`.
+    pub sha256: String,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub disabled: bool,
+    /// Unix seconds after which the key is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overrides: Option<Limits>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+impl PolicyDocument {
+    pub fn parse(bytes: &[u8]) -> Result<Self, Error> {
+        let doc: PolicyDocument = serde_json::from_slice(bytes)?;
+        if doc.api_version != API_VERSION {
+            return Err(Error::ApiVersion {
+                found: doc.api_version,
+                expected: API_VERSION,
+            });
+        }
+        doc.validate()?;
+        Ok(doc)
+    }
+
+    /// Checks the invariants the sidecar relies on; the CRD schema should already have
+    /// enforced them, but a hand-edited ConfigMap must not crash a sidecar.
+    pub fn validate(&self) -> Result<(), Error> {
+        validate_limits(&self.policy.limits, "limits")?;
+        if let Some(l) = &self.policy.policy_limits {
+            validate_limits(l, "policyLimits")?;
+        }
+        for r in &self.policy.routes {
+            if !r.path_prefix.starts_with('/') {
+                return Err(Error::Invalid(format!(
+                    "route {}: pathPrefix must start with '/'",
+                    r.name
+                )));
+            }
+            if let Some(l) = &r.limits {
+                validate_limits(l, &format!("routes[{}].limits", r.name))?;
+            }
+        }
+        for k in &self.keys {
+            validate_key(k)?;
+        }
+        Ok(())
+    }
+
+    /// Reads the document's shards through `read`, checks each digest and returns all keys.
+    pub fn resolve_keys<F>(&self, mut read: F) -> Result<Vec<KeyEntry>, Error>
+    where
+        F: FnMut(&str) -> Option<Vec<u8>>,
+    {
+        if self.shards.is_empty() {
+            return Ok(self.keys.clone());
+        }
+        let mut keys = self.keys.clone();
+        for s in &self.shards {
+            let bytes = read(&s.file).ok_or_else(|| Error::MissingShard {
+                file: s.file.clone(),
+            })?;
+            if digest(&bytes) != s.sha256 {
+                return Err(Error::ShardDigest {
+                    file: s.file.clone(),
+                });
+            }
+            let shard: KeyShard = serde_json::from_slice(&bytes)?;
+            if shard.api_version != API_VERSION {
+                return Err(Error::ApiVersion {
+                    found: shard.api_version,
+                    expected: API_VERSION,
+                });
+            }
+            for k in &shard.keys {
+                validate_key(k)?;
+            }
+            keys.extend(shard.keys);
+        }
+        Ok(keys)
+    }
+}
+
+fn validate_key(k: &KeyEntry) -> Result<(), Error> {
+    if k.sha256.len() != 64 || !k.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(Error::Invalid(format!("key {}: sha256 is not 64 hex digits", k.name)));
+    }
+    if let Some(o) = &k.overrides {
+        validate_limits(o, &format!("key {} overrides", k.name))?;
+    }
+    Ok(())
+}
+
+fn validate_limits(l: &Limits, at: &str) -> Result<(), Error> {
+    for r in &l.rates {
+        if r.requests == 0 || r.period_seconds == 0 {
+            return Err(Error::Invalid(format!(
+                "{at}: rate {} needs requests > 0 and periodSeconds > 0",
+                r.name
+            )));
+        }
+    }
+    for q in &l.quotas {
+        if q.requests == 0 {
+            return Err(Error::Invalid(format!(
+                "{at}: quota {} needs requests > 0",
+                q.name
+            )));
+        }
+    }
+    if l.concurrency == Some(0) {
+        return Err(Error::Invalid(format!("{at}: concurrency must be > 0")));
+    }
+    Ok(())
+}
+
+/// Why a key is (or in dry-run would be) refused. The names are the `Exhausted` condition's
+/// reasons on the ApiKey, so they are a stable, documented contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum ExhaustionReason {
+    RateLimited,
+    QuotaExceeded,
+    ConcurrencyLimited,
+    Throttled,
+}
+
+/// What a sidecar's admin endpoint `GET /v1/usage` returns: per key, whether it is exhausted
+/// now and until when. The operator aggregates these across sidecars into ApiKey status.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageReport {
+    /// Identifies the sidecar (pod name or hostname).
+    pub sidecar: String,
+    pub policy_namespace: String,
+    pub policy_name: String,
+    pub policy_generation: i64,
+    /// Unix seconds when the report was taken.
+    pub now: i64,
+    /// Only keys that have limiter state (seen since their last reset), sorted by name.
+    pub keys: Vec<KeyUsage>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyUsage {
+    pub name: String,
+    /// Set while the key is refused (or, in DryRun, would be refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exhaustion: Option<Exhaustion>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quotas: Vec<QuotaUsage>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Exhaustion {
+    pub reason: ExhaustionReason,
+    /// Name of the limit (rate window, quota or "concurrency").
+    pub limit: String,
+    /// Human text such as "rate 10/60s exceeded".
+    pub message: String,
+    /// Unix seconds when the key is admitted again.
+    pub reset_at: i64,
+    /// True when the policy is in DryRun: the key would have been refused.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QuotaUsage {
+    pub name: String,
+    pub used: u64,
+    pub limit: u64,
+    pub reset_at: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mk_rate(name: &str, requests: u64) -> RateWindow {
+        RateWindow {
+            name: name.into(),
+            requests,
+            period_seconds: 60,
+            burst: 0,
+        }
+    }
+
+    fn mk_doc(keys: Vec<KeyEntry>) -> PolicyDocument {
+        PolicyDocument {
+            api_version: API_VERSION.into(),
+            policy: PolicyConfig {
+                name: "p".into(),
+                namespace: "ns".into(),
+                generation: 1,
+                mode: Mode::Enforce,
+                key_source: KeySource::default(),
+                limits: Limits {
+                    rates: vec![mk_rate("minute", 10)],
+                    ..Limits::default()
+                },
+                policy_limits: None,
+                throttle: None,
+                routes: vec![],
+                response: ResponseConfig::default(),
+                store: Store::Local,
+            },
+            keys,
+            shards: vec![],
+        }
+    }
+
+    fn mk_key(name: &str) -> KeyEntry {
+        KeyEntry {
+            name: name.into(),
+            sha256: hash_key(name.as_bytes()),
+            disabled: false,
+            expires_at: None,
+            overrides: None,
+        }
+    }
+
+    #[test]
+    fn hash_is_sha256_hex() {
+        assert_eq!(
+            hash_key(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn round_trip_and_defaults() {
+        let doc = mk_doc(vec![mk_key("a")]);
+        let bytes = serde_json::to_vec(&doc).unwrap();
+        let back = PolicyDocument::parse(&bytes).unwrap();
+        assert_eq!(back, doc);
+        assert_eq!(back.policy.response.message, "Keys Temporarily Exhausted");
+        assert_eq!(back.policy.key_source.header.as_deref(), Some("X-API-Key"));
+    }
+
+    #[test]
+    fn rejects_other_api_version() {
+        let mut doc = mk_doc(vec![]);
+        doc.api_version = "v0".into();
+        let bytes = serde_json::to_vec(&doc).unwrap();
+        assert!(matches!(
+            PolicyDocument::parse(&bytes),
+            Err(Error::ApiVersion { .. })
+        ));
+    }
+
+    #[test]
+    fn rejects_truncated_json() {
+        let bytes = serde_json::to_vec(&mk_doc(vec![mk_key("a")])).unwrap();
+        assert!(matches!(
+            PolicyDocument::parse(&bytes[..bytes.len() / 2]),
+            Err(Error::Json(_))
+        ));
+    }
+
+    #[test]
+    fn rejects_zero_rate_and_bad_hash() {
+        let mut doc = mk_doc(vec![]);
+        doc.policy.limits.rates[0].requests = 0;
+        assert!(matches!(doc.validate(), Err(Error::Invalid(_))));
+        let mut k = mk_key("a");
+        k.sha256 = "nothex".into();
+        assert!(matches!(mk_doc(vec![k]).validate(), Err(Error::Invalid(_))));
+    }
+
+    #[test]
+    fn overrides_replace_by_name_and_append() {
+        let base = Limits {
+            rates: vec![mk_rate("minute", 10), mk_rate("hour", 100)],
+            quotas: vec![],
+            concurrency: Some(2),
+        };
+        let o = Limits {
+            rates: vec![mk_rate("minute", 50), mk_rate("second", 5)],
+            quotas: vec![],
+            concurrency: None,
+        };
+        let eff = base.with_overrides(&o);
+        assert_eq!(
+            eff.rates,
+            vec![mk_rate("minute", 50), mk_rate("hour", 100), mk_rate("second", 5)]
+        );
+        assert_eq!(eff.concurrency, Some(2));
+    }
+
+    #[test]
+    fn shards_are_digest_checked() {
+        let shard = KeyShard {
+            api_version: API_VERSION.into(),
+            policy: "p".into(),
+            index: 1,
+            keys: vec![mk_key("a"), mk_key("b")],
+        };
+        let bytes = serde_json::to_vec(&shard).unwrap();
+        let mut doc = mk_doc(vec![]);
+        doc.shards = vec![ShardRef {
+            file: "keys-0001.json".into(),
+            config_map: "p-keys-0001".into(),
+            sha256: digest(&bytes),
+            keys: 2,
+        }];
+        let keys = doc.resolve_keys(|_| Some(bytes.clone())).unwrap();
+        assert_eq!(keys.len(), 2);
+        let stale = b"{}".to_vec();
+        assert!(matches!(
+            doc.resolve_keys(|_| Some(stale.clone())),
+            Err(Error::ShardDigest { .. })
+        ));
+        assert!(matches!(
+            doc.resolve_keys(|_| None),
+            Err(Error::MissingShard { .. })
+        ));
+    }
+}
