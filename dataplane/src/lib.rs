@@ -28,7 +28,10 @@ pub enum Error {
     #[error("document is not valid JSON: {0}")]
     Json(#[from] serde_json::Error),
     #[error("unsupported apiVersion {found:?}, expected {expected:?}")]
-    ApiVersion { found: String, expected: &'static str },
+    ApiVersion {
+        found: String,
+        expected: &'static str,
+    },
     #[error("shard {file} is missing")]
     MissingShard { file: String },
     #[error("shard {file} digest mismatch (document is mid-update)")]
@@ -382,7 +385,10 @@ impl PolicyDocument {
 
 fn validate_key(k: &KeyEntry) -> Result<(), Error> {
     if k.sha256.len() != 64 || !k.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(Error::Invalid(format!("key {}: sha256 is not 64 hex digits", k.name)));
+        return Err(Error::Invalid(format!(
+            "key {}: sha256 is not 64 hex digits",
+            k.name
+        )));
     }
     if let Some(o) = &k.overrides {
         validate_limits(o, &format!("key {} overrides", k.name))?;
@@ -584,7 +590,11 @@ mod tests {
         let eff = base.with_overrides(&o);
         assert_eq!(
             eff.rates,
-            vec![mk_rate("minute", 50), mk_rate("hour", 100), mk_rate("second", 5)]
+            vec![
+                mk_rate("minute", 50),
+                mk_rate("hour", 100),
+                mk_rate("second", 5)
+            ]
         );
         assert_eq!(eff.concurrency, Some(2));
     }

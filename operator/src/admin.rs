@@ -1,0 +1,89 @@
+//! The operator's own HTTP endpoints: `/healthz`, `/readyz`, `/metrics`. Kept off the
+//! webhook's TLS port so probes never depend on certificates.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tracing::{debug, info};
+
+use crate::metrics::Metrics;
+use crate::Error;
+
+#[derive(Default)]
+pub struct Health {
+    /// Caches synced (or standing by as a healthy non-leader).
+    pub ready: AtomicBool,
+}
+
+fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    if let Ok(v) = http::HeaderValue::from_str(content_type) {
+        r.headers_mut().insert(http::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    Ok(match req.uri().path() {
+        "/healthz" | "/livez" => respond(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/readyz" if health.ready.load(Ordering::Relaxed) => {
+            respond(StatusCode::OK, "text/plain", "ready\n".into())
+        }
+        "/readyz" => respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "not ready\n".into(),
+        ),
+        "/metrics" => respond(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics.encode(),
+        ),
+        _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    })
+}
+
+/// Binds now (so a bad address fails startup) and serves in the background.
+pub async fn serve(
+    addr: SocketAddr,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+) -> Result<SocketAddr, Error> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    info!(%local, "admin server listening");
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = match listener.accept().await {
+                Ok(s) => s,
+                Err(e) => {
+                    debug!(error = %e, "admin accept failed");
+                    continue;
+                }
+            };
+            let (h, m) = (health.clone(), metrics.clone());
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| handle(req, h.clone(), m.clone()));
+                let conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                if let Err(e) = conn.serve_connection(TokioIo::new(stream), svc).await {
+                    debug!(error = %e, "admin connection ended");
+                }
+            });
+        }
+    });
+    Ok(local)
+}

@@ -1,0 +1,519 @@
+//! The two custom resources, `ApiKey` and `RateLimitPolicy` (`keylimit.dev/v1alpha1`).
+//!
+//! The schema is the users' contract: bounds and CEL rules here are what makes a bad manifest
+//! fail at `kubectl apply` instead of at 3 a.m. in a sidecar.
+
+// clippy reads the repeated `printcolumn(type_ = …)` arguments of the derive as duplicated
+// attributes; they are separate columns.
+#![allow(clippy::duplicated_attributes)]
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub const GROUP: &str = "keylimit.dev";
+
+/// Condition types. These are a stable API: `kubectl wait --for=condition=…` depends on them.
+pub mod condition {
+    pub const READY: &str = "Ready";
+    pub const ACCEPTED: &str = "Accepted";
+    pub const EXHAUSTED: &str = "Exhausted";
+}
+
+// ---------------------------------------------------------------------------------------------
+// ApiKey
+// ---------------------------------------------------------------------------------------------
+
+/// An API key: where its material lives, which policy governs it, and per-key overrides.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "keylimit.dev",
+    version = "v1alpha1",
+    kind = "ApiKey",
+    namespaced,
+    status = "ApiKeyStatus",
+    shortname = "ak",
+    category = "keylimit",
+    cel,
+    printcolumn(name = "Policy", type_ = "string", json_path = ".spec.policyRef.name"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Exhausted",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Exhausted\")].status"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Exhausted\")].reason"
+    ),
+    printcolumn(
+        name = "Resets",
+        type_ = "string",
+        json_path = ".status.exhaustedUntil"
+    ),
+    printcolumn(
+        name = "Usage",
+        type_ = "string",
+        json_path = ".status.usage",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Fingerprint",
+        type_ = "string",
+        json_path = ".status.fingerprint",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiKeySpec {
+    /// The RateLimitPolicy (same namespace) that governs this key.
+    pub policy_ref: PolicyRef,
+    /// Human name of the key, e.g. the customer it was issued to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub display_name: Option<String>,
+    /// Who owns the key (team, customer id, email).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub owner: Option<String>,
+    /// A disabled key is refused with 403.
+    #[serde(default)]
+    pub disabled: bool,
+    /// After this instant (RFC 3339) the key is refused with 403.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("timestamp(self) > timestamp('2000-01-01T00:00:00Z')").message("expiresAt must be an RFC 3339 timestamp such as 2027-01-01T00:00:00Z"))]
+    pub expires_at: Option<String>,
+    /// Where the key material lives. When omitted, the operator generates a key into a Secret
+    /// named `<apikey>-key` that it owns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretKeyRef>,
+    /// Limits for this key that replace the policy's (rates and quotas by name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overrides: Option<LimitsSpec>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Secret name in the ApiKey's namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Data key in the Secret that holds the key material.
+    #[serde(default = "default_secret_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+pub fn default_secret_key() -> String {
+    "key".to_string()
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiKeyStatus {
+    #[serde(default)]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The policy the key is bound to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    /// The Secret that holds the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_name: Option<String>,
+    /// First 12 hex digits of sha256(key): enough to tell keys apart, useless to an attacker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
+    /// While Exhausted is True: when the key is admitted again (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exhausted_until: Option<String>,
+    /// Quota use for the current period, e.g. "month 9800/10000".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// RateLimitPolicy
+// ---------------------------------------------------------------------------------------------
+
+/// Limits for the API keys bound to it, enforced by the sidecars of the selected workloads.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "keylimit.dev",
+    version = "v1alpha1",
+    kind = "RateLimitPolicy",
+    namespaced,
+    status = "RateLimitPolicyStatus",
+    shortname = "rlp",
+    category = "keylimit",
+    cel,
+    printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(name = "Keys", type_ = "integer", json_path = ".status.keys"),
+    printcolumn(
+        name = "Exhausted",
+        type_ = "integer",
+        json_path = ".status.keysExhausted"
+    ),
+    printcolumn(
+        name = "Sidecars",
+        type_ = "integer",
+        json_path = ".status.sidecarsReporting",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.routes) || self.routes.all(r, self.routes.exists_one(s, s.name == r.name))").message("route names must be unique"))]
+#[x_kube(validation = Rule::new("has(self.limits) || has(self.routes)").message("a policy needs limits or routes"))]
+pub struct RateLimitPolicySpec {
+    /// Pods whose sidecars enforce this policy. Must not be empty.
+    #[x_kube(validation = Rule::new("(has(self.matchLabels) && size(self.matchLabels) > 0) || (has(self.matchExpressions) && size(self.matchExpressions) > 0)").message("selector must not be empty: give matchLabels or matchExpressions"))]
+    pub selector: LabelSelector,
+    /// How the sidecar reads the key from a request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_source: Option<KeySourceSpec>,
+    /// Limits that apply to each key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<LimitsSpec>,
+    /// Limits that apply to all keys of the policy together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_limits: Option<LimitsSpec>,
+    /// Hold requests up to a bound instead of rejecting them at once when a rate is exceeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throttle: Option<ThrottleSpec>,
+    /// Per-route rules: their own limits, or a cost per request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub routes: Option<Vec<RouteSpec>>,
+    /// `Enforce` rejects; `DryRun` counts and reports but never rejects.
+    #[serde(default)]
+    pub mode: PolicyMode,
+    /// The 429 response.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response: Option<ResponseSpec>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum PolicyMode {
+    #[default]
+    Enforce,
+    DryRun,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KeySourceSpec {
+    /// Header that carries the key (default `X-API-Key`; always read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9-]+$')").message("header must be a valid HTTP header name"))]
+    pub header: Option<String>,
+    /// Also accept `Authorization: Bearer <key>` (default true).
+    #[serde(default = "yes")]
+    pub bearer: bool,
+    /// Query parameter that carries the key. Opt-in: keys in URLs end up in access logs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub query_param: Option<String>,
+    /// Remove the key from the request before it reaches the app.
+    #[serde(default)]
+    pub strip: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("(has(self.rates) && size(self.rates) > 0) || (has(self.quotas) && size(self.quotas) > 0) || has(self.concurrency)").message("limits must set at least one of rates, quotas or concurrency"))]
+pub struct LimitsSpec {
+    /// Rate windows, all enforced at once (e.g. 10/second and 500/minute).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 8))]
+    #[x_kube(validation = Rule::new("self.all(r, self.exists_one(s, s.name == r.name))").message("rate names must be unique"))]
+    pub rates: Option<Vec<RateSpec>>,
+    /// Long quotas (day/week/month).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 8))]
+    #[x_kube(validation = Rule::new("self.all(q, self.exists_one(s, s.name == q.name))").message("quota names must be unique"))]
+    pub quotas: Option<Vec<QuotaSpec>>,
+    /// Maximum requests in flight at once per key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub concurrency: Option<u32>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RateSpec {
+    /// Name of the window, shown in headers and status (e.g. `per-minute`).
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("name must be lowercase alphanumerics and '-'"))]
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    /// Requests admitted per `per`.
+    #[schemars(range(min = 1, max = 1000000000))]
+    pub requests: u64,
+    /// The window unit.
+    pub per: RateUnit,
+    /// Extra requests admitted at once on top of the steady rate (default 0).
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 1000000000))]
+    pub burst: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum RateUnit {
+    Second,
+    Minute,
+    Hour,
+    Day,
+}
+
+impl RateUnit {
+    pub fn seconds(self) -> u64 {
+        match self {
+            RateUnit::Second => 1,
+            RateUnit::Minute => 60,
+            RateUnit::Hour => 3_600,
+            RateUnit::Day => 86_400,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QuotaSpec {
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("name must be lowercase alphanumerics and '-'"))]
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    #[schemars(range(min = 1, max = 1000000000000u64))]
+    pub requests: u64,
+    pub period: QuotaPeriodSpec,
+    /// `Calendar` resets at the start of each UTC day/week (Monday)/month; `Rolling` one
+    /// period after the first request of the window.
+    #[serde(default)]
+    pub alignment: QuotaAlignmentSpec,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum QuotaPeriodSpec {
+    Hour,
+    Day,
+    Week,
+    Month,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum QuotaAlignmentSpec {
+    #[default]
+    Calendar,
+    Rolling,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ThrottleSpec {
+    /// Longest a request is held waiting for the rate to admit it.
+    #[schemars(range(min = 1, max = 30000))]
+    pub max_delay_millis: u64,
+    /// Requests held at once per sidecar; more are rejected.
+    #[serde(default = "default_queue")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub max_queue: u32,
+}
+
+fn default_queue() -> u32 {
+    100
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.limits) || self.cost != 1").message("a route needs its own limits or a cost other than 1"))]
+pub struct RouteSpec {
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("name must be lowercase alphanumerics and '-'"))]
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    #[x_kube(validation = Rule::new("self.startsWith('/')").message("pathPrefix must start with '/'"))]
+    #[schemars(length(min = 1, max = 1024))]
+    pub path_prefix: String,
+    /// HTTP methods the rule applies to; all when empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.all(m, m in ['GET','HEAD','POST','PUT','PATCH','DELETE','OPTIONS','CONNECT','TRACE'])").message("methods must be HTTP methods in upper case"))]
+    #[schemars(length(max = 9))]
+    pub methods: Option<Vec<String>>,
+    /// How many units of each per-key limit one request costs (default 1).
+    #[serde(default = "default_cost")]
+    #[schemars(range(min = 0, max = 1000000))]
+    pub cost: u64,
+    /// Limits for this route only, per key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<LimitsSpec>,
+}
+
+fn default_cost() -> u64 {
+    1
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResponseSpec {
+    /// Message in the 429 body (default "Keys Temporarily Exhausted").
+    #[schemars(length(min = 1, max = 1024))]
+    pub message: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitPolicyStatus {
+    #[serde(default)]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// ApiKeys bound to the policy with a usable Secret.
+    #[serde(default)]
+    pub keys: i64,
+    /// Keys currently exhausted on at least one sidecar.
+    #[serde(default)]
+    pub keys_exhausted: i64,
+    /// Sidecars whose report is fresh.
+    #[serde(default)]
+    pub sidecars_reporting: i64,
+    /// ConfigMaps holding the data-plane document (first is the main one).
+    #[serde(default)]
+    pub config_maps: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::render::tests::{mk_apikey, mk_policy};
+
+    fn rejects(p: &RateLimitPolicy, fragment: &str) {
+        let err = p.validate_cel().expect_err("manifest should be rejected");
+        let text = err.to_string();
+        assert!(text.contains(fragment), "expected {fragment:?} in {text:?}");
+    }
+
+    #[test]
+    fn valid_policy_passes_cel() {
+        mk_policy("p").validate_cel().unwrap();
+    }
+
+    #[test]
+    fn empty_selector_is_rejected() {
+        let mut p = mk_policy("p");
+        p.spec.selector = LabelSelector::default();
+        rejects(&p, "selector must not be empty");
+    }
+
+    #[test]
+    fn duplicate_names_are_rejected() {
+        let mut p = mk_policy("p");
+        let limits = p.spec.limits.as_mut().unwrap();
+        let r = limits.rates.as_ref().unwrap()[0].clone();
+        limits.rates.as_mut().unwrap().push(r);
+        rejects(&p, "rate names must be unique");
+
+        let mut p = mk_policy("p");
+        let route = RouteSpec {
+            name: "a".into(),
+            path_prefix: "/a".into(),
+            methods: None,
+            cost: 2,
+            limits: None,
+        };
+        p.spec.routes = Some(vec![route.clone(), route]);
+        rejects(&p, "route names must be unique");
+    }
+
+    #[test]
+    fn empty_limits_and_bad_routes_are_rejected() {
+        let mut p = mk_policy("p");
+        p.spec.limits = Some(LimitsSpec::default());
+        rejects(&p, "limits must set at least one");
+
+        let mut p = mk_policy("p");
+        p.spec.routes = Some(vec![RouteSpec {
+            name: "a".into(),
+            path_prefix: "nope".into(),
+            methods: Some(vec!["get".into()]),
+            cost: 1,
+            limits: None,
+        }]);
+        rejects(&p, "pathPrefix must start with '/'");
+        rejects(&p, "methods must be HTTP methods");
+        rejects(&p, "a route needs its own limits or a cost");
+    }
+
+    #[test]
+    fn key_source_header_must_be_a_header_name() {
+        let mut p = mk_policy("p");
+        p.spec.key_source = Some(KeySourceSpec {
+            header: Some("X Bad".into()),
+            bearer: true,
+            query_param: None,
+            strip: false,
+        });
+        rejects(&p, "valid HTTP header name");
+    }
+
+    #[test]
+    fn bad_window_name_is_rejected() {
+        let mut p = mk_policy("p");
+        p.spec.limits.as_mut().unwrap().rates.as_mut().unwrap()[0].name = "Per Minute".into();
+        rejects(&p, "lowercase alphanumerics");
+    }
+
+    #[test]
+    fn apikey_expiry_must_be_a_timestamp() {
+        let mut k = mk_apikey("a", "p");
+        k.validate_cel().unwrap();
+        k.spec.expires_at = Some("2027-01-01T00:00:00Z".into());
+        k.validate_cel().unwrap();
+        k.spec.expires_at = Some("next tuesday".into());
+        assert!(k.validate_cel().is_err());
+    }
+
+    /// `crds/` must be what the types generate; CI also checks it with `git diff`.
+    #[test]
+    fn checked_in_crds_are_current() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
+        for (file, yaml) in crate::crd_manifests().unwrap() {
+            let on_disk = std::fs::read_to_string(dir.join(&file)).unwrap();
+            assert_eq!(
+                on_disk,
+                format!("{}{yaml}", crate::CRD_HEADER),
+                "crds/{file} is stale: run `cargo run -p keylimit-operator -- crd`"
+            );
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! Operator metrics (Prometheus text via prometheus-client). Labels are bounded: controller
+//! names and results only, never object names.
+
+use std::time::Instant;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ControllerLabel {
+    pub controller: &'static str,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub reconciles: Family<ControllerLabel, Counter>,
+    pub failures: Family<ControllerLabel, Counter>,
+    pub duration: Family<ControllerLabel, Histogram>,
+    pub configmap_writes: Counter,
+    pub status_writes: Counter,
+    pub leader: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("keylimit_operator");
+        let reconciles = Family::<ControllerLabel, Counter>::default();
+        let failures = Family::<ControllerLabel, Counter>::default();
+        let duration = Family::<ControllerLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 14))
+        });
+        let configmap_writes = Counter::default();
+        let status_writes = Counter::default();
+        let leader = Gauge::default();
+        registry.register("reconciles", "Reconciles started", reconciles.clone());
+        registry.register(
+            "reconcile_failures",
+            "Reconciles that returned an error",
+            failures.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Reconcile duration",
+            duration.clone(),
+        );
+        registry.register(
+            "configmap_writes",
+            "Data-plane ConfigMap writes",
+            configmap_writes.clone(),
+        );
+        registry.register(
+            "status_writes",
+            "Status subresource writes",
+            status_writes.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 while this replica holds the leader lease",
+            leader.clone(),
+        );
+        Self {
+            registry,
+            reconciles,
+            failures,
+            duration,
+            configmap_writes,
+            status_writes,
+            leader,
+        }
+    }
+}
+
+/// Observes the reconcile duration when dropped, so early returns are measured too.
+pub struct ReconcileTimer<'a> {
+    start: Instant,
+    hist: &'a Family<ControllerLabel, Histogram>,
+    label: ControllerLabel,
+}
+
+impl Drop for ReconcileTimer<'_> {
+    fn drop(&mut self) {
+        self.hist
+            .get_or_create(&self.label)
+            .observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+impl Metrics {
+    pub fn reconcile_timer(&self, controller: &'static str) -> ReconcileTimer<'_> {
+        let label = ControllerLabel { controller };
+        self.reconciles.get_or_create(&label).inc();
+        ReconcileTimer {
+            start: Instant::now(),
+            hist: &self.duration,
+            label,
+        }
+    }
+
+    pub fn reconcile_failure(&self, controller: &'static str) {
+        self.failures
+            .get_or_create(&ControllerLabel { controller })
+            .inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Encoding into a String cannot fail except on fmt errors, which only a broken
+        // metric implementation produces; an empty scrape is the safe answer then.
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}

@@ -1,0 +1,654 @@
+//! The pure part of reconciliation: API objects in, data-plane ConfigMaps and status out.
+//!
+//! Nothing here does I/O, so every rule (hashing, sharding at the 1 MiB boundary, determinism,
+//! each way a key can be unusable) is unit-tested without a cluster.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Secret;
+use keylimit_dataplane as dp;
+
+use crate::crd::{
+    ApiKey, LimitsSpec, PolicyMode, QuotaAlignmentSpec, QuotaPeriodSpec, RateLimitPolicy,
+    RateLimitPolicySpec,
+};
+
+/// A ConfigMap may hold 1 MiB of data. Shards stay well below it so that metadata, the
+/// managed-fields entry and future fields never push a write over the limit.
+pub const SHARD_BUDGET_BYTES: usize = 900 * 1024;
+/// Keys shorter than this are refused: a short key can be guessed through the sidecar.
+pub const MIN_KEY_BYTES: usize = 16;
+/// Label on every ConfigMap the operator writes, naming its policy.
+pub const POLICY_LABEL: &str = "keylimit.dev/policy";
+
+/// Name of a policy's main ConfigMap (the one holding `policy.json`).
+pub fn main_config_map(policy: &str) -> String {
+    format!("keylimit-{policy}")
+}
+
+/// Name of a policy's n-th key shard ConfigMap (1-based) and its data key.
+pub fn shard_names(policy: &str, n: usize) -> (String, String) {
+    (
+        format!("keylimit-{policy}-keys-{n:04}"),
+        format!("keys-{n:04}.json"),
+    )
+}
+
+/// Default name of the Secret the operator generates for an ApiKey without `secretRef`.
+pub fn generated_secret_name(apikey: &str) -> String {
+    format!("{apikey}-key")
+}
+
+/// Why an ApiKey cannot be served. Each variant is a `Ready=False` reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyProblem {
+    #[error("RateLimitPolicy {0:?} not found in this namespace")]
+    PolicyNotFound(String),
+    #[error("Secret {0:?} not found")]
+    SecretNotFound(String),
+    #[error("Secret {secret:?} has no data key {key:?}")]
+    SecretKeyMissing { secret: String, key: String },
+    #[error("the key in Secret {secret:?} is shorter than {min} bytes")]
+    KeyTooShort { secret: String, min: usize },
+    #[error("expiresAt {0:?} is not an RFC 3339 timestamp")]
+    InvalidExpiry(String),
+}
+
+impl KeyProblem {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            KeyProblem::PolicyNotFound(_) => "PolicyNotFound",
+            KeyProblem::SecretNotFound(_) => "SecretNotFound",
+            KeyProblem::SecretKeyMissing { .. } => "SecretKeyMissing",
+            KeyProblem::KeyTooShort { .. } => "KeyTooShort",
+            KeyProblem::InvalidExpiry(_) => "InvalidExpiry",
+        }
+    }
+}
+
+/// An ApiKey resolved against its Secret: what the data plane needs, and nothing secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BoundKey {
+    pub name: String,
+    pub sha256: String,
+    pub disabled: bool,
+    pub expires_at: Option<i64>,
+    pub overrides: Option<dp::Limits>,
+}
+
+impl BoundKey {
+    /// The key's public fingerprint: a hash prefix, enough to tell keys apart.
+    pub fn fingerprint(&self) -> String {
+        self.sha256[..12].to_string()
+    }
+}
+
+/// The Secret an ApiKey reads, and the data key in it.
+pub fn secret_ref(key: &ApiKey) -> (String, String) {
+    let name = key.metadata.name.clone().unwrap_or_default();
+    match &key.spec.secret_ref {
+        Some(r) => (r.name.clone(), r.key.clone()),
+        None => (
+            generated_secret_name(&name),
+            crate::crd::default_secret_key(),
+        ),
+    }
+}
+
+/// Resolves an ApiKey against its Secret. The plaintext is hashed here and dropped.
+pub fn bind_key(key: &ApiKey, secret: Option<&Secret>) -> Result<BoundKey, KeyProblem> {
+    let (secret_name, data_key) = secret_ref(key);
+    let secret = secret.ok_or_else(|| KeyProblem::SecretNotFound(secret_name.clone()))?;
+    let material = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(&data_key))
+        .map(|b| b.0.as_slice())
+        .or_else(|| {
+            secret
+                .string_data
+                .as_ref()
+                .and_then(|d| d.get(&data_key))
+                .map(|s| s.as_bytes())
+        })
+        .ok_or_else(|| KeyProblem::SecretKeyMissing {
+            secret: secret_name.clone(),
+            key: data_key.clone(),
+        })?;
+    // Trailing newlines come from `kubectl create secret --from-file` and are never meant.
+    let material = trim_newline(material);
+    if material.len() < MIN_KEY_BYTES {
+        return Err(KeyProblem::KeyTooShort {
+            secret: secret_name,
+            min: MIN_KEY_BYTES,
+        });
+    }
+    let expires_at = key
+        .spec
+        .expires_at
+        .as_ref()
+        .map(|s| {
+            s.parse::<k8s_openapi::jiff::Timestamp>()
+                .map(|t| t.as_second())
+                .map_err(|_| KeyProblem::InvalidExpiry(s.clone()))
+        })
+        .transpose()?;
+    Ok(BoundKey {
+        name: key.metadata.name.clone().unwrap_or_default(),
+        sha256: dp::hash_key(material),
+        disabled: key.spec.disabled,
+        expires_at,
+        overrides: key.spec.overrides.as_ref().map(limits_from_spec),
+    })
+}
+
+fn trim_newline(b: &[u8]) -> &[u8] {
+    let mut end = b.len();
+    while end > 0 && (b[end - 1] == b'\n' || b[end - 1] == b'\r') {
+        end -= 1;
+    }
+    &b[..end]
+}
+
+pub fn limits_from_spec(spec: &LimitsSpec) -> dp::Limits {
+    dp::Limits {
+        rates: spec
+            .rates
+            .iter()
+            .flatten()
+            .map(|r| dp::RateWindow {
+                name: r.name.clone(),
+                requests: r.requests,
+                period_seconds: r.per.seconds(),
+                burst: r.burst,
+            })
+            .collect(),
+        quotas: spec
+            .quotas
+            .iter()
+            .flatten()
+            .map(|q| dp::QuotaWindow {
+                name: q.name.clone(),
+                requests: q.requests,
+                period: match q.period {
+                    QuotaPeriodSpec::Hour => dp::QuotaPeriod::Hour,
+                    QuotaPeriodSpec::Day => dp::QuotaPeriod::Day,
+                    QuotaPeriodSpec::Week => dp::QuotaPeriod::Week,
+                    QuotaPeriodSpec::Month => dp::QuotaPeriod::Month,
+                },
+                alignment: match q.alignment {
+                    QuotaAlignmentSpec::Calendar => dp::QuotaAlignment::Calendar,
+                    QuotaAlignmentSpec::Rolling => dp::QuotaAlignment::Rolling,
+                },
+            })
+            .collect(),
+        concurrency: spec.concurrency,
+    }
+}
+
+/// The data-plane view of a policy spec.
+pub fn policy_config(
+    name: &str,
+    namespace: &str,
+    generation: i64,
+    spec: &RateLimitPolicySpec,
+) -> dp::PolicyConfig {
+    let key_source = match &spec.key_source {
+        None => dp::KeySource::default(),
+        Some(ks) => dp::KeySource {
+            // The header is always read (default `X-API-Key`): it costs nothing and keeps
+            // a policy that only adds bearer or query lookup from locking out header users.
+            header: Some(
+                ks.header
+                    .clone()
+                    .unwrap_or_else(|| dp::DEFAULT_KEY_HEADER.to_string()),
+            ),
+            bearer: ks.bearer,
+            query_param: ks.query_param.clone(),
+            strip: ks.strip,
+            identity_header: dp::DEFAULT_IDENTITY_HEADER.to_string(),
+        },
+    };
+    dp::PolicyConfig {
+        name: name.to_string(),
+        namespace: namespace.to_string(),
+        generation,
+        mode: match spec.mode {
+            PolicyMode::Enforce => dp::Mode::Enforce,
+            PolicyMode::DryRun => dp::Mode::DryRun,
+        },
+        key_source,
+        limits: spec
+            .limits
+            .as_ref()
+            .map(limits_from_spec)
+            .unwrap_or_default(),
+        policy_limits: spec.policy_limits.as_ref().map(limits_from_spec),
+        throttle: spec.throttle.as_ref().map(|t| dp::Throttle {
+            max_delay_ms: t.max_delay_millis,
+            max_queue: t.max_queue,
+        }),
+        routes: spec
+            .routes
+            .iter()
+            .flatten()
+            .map(|r| dp::Route {
+                name: r.name.clone(),
+                path_prefix: r.path_prefix.clone(),
+                methods: r.methods.clone().unwrap_or_default(),
+                cost: r.cost,
+                limits: r.limits.as_ref().map(limits_from_spec),
+            })
+            .collect(),
+        response: spec
+            .response
+            .as_ref()
+            .map(|r| dp::ResponseConfig {
+                message: r.message.clone(),
+            })
+            .unwrap_or_default(),
+        store: dp::Store::Local,
+    }
+}
+
+/// One ConfigMap's worth of output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigMapData {
+    pub name: String,
+    pub data: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    /// The main ConfigMap first, then the shards in order.
+    pub config_maps: Vec<ConfigMapData>,
+    pub keys: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    #[error("policy has no name")]
+    NoName,
+    #[error("serialising the data-plane document: {0}")]
+    Serialize(#[from] serde_json::Error),
+    #[error("one key entry ({0}) is larger than a ConfigMap shard")]
+    EntryTooLarge(String),
+}
+
+/// Renders a policy and its bound keys into ConfigMaps. Deterministic: the same inputs give
+/// byte-identical output regardless of the order keys arrive in.
+pub fn render(policy: &RateLimitPolicy, keys: &[BoundKey]) -> Result<Rendered, RenderError> {
+    let name = policy.metadata.name.as_deref().ok_or(RenderError::NoName)?;
+    let namespace = policy.metadata.namespace.as_deref().unwrap_or_default();
+    let generation = policy.metadata.generation.unwrap_or_default();
+    render_config(
+        policy_config(name, namespace, generation, &policy.spec),
+        keys,
+        SHARD_BUDGET_BYTES,
+    )
+}
+
+pub fn render_config(
+    config: dp::PolicyConfig,
+    keys: &[BoundKey],
+    budget: usize,
+) -> Result<Rendered, RenderError> {
+    let mut entries: Vec<dp::KeyEntry> = keys
+        .iter()
+        .map(|k| dp::KeyEntry {
+            name: k.name.clone(),
+            sha256: k.sha256.clone(),
+            disabled: k.disabled,
+            expires_at: k.expires_at,
+            overrides: k.overrides.clone(),
+        })
+        .collect();
+    entries.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.sha256.cmp(&b.sha256)));
+    let policy_name = config.name.clone();
+    let main = main_config_map(&policy_name);
+
+    let mut doc = dp::PolicyDocument {
+        api_version: dp::API_VERSION.to_string(),
+        policy: config,
+        keys: entries,
+        shards: vec![],
+    };
+    let inline = serde_json::to_string(&doc)?;
+    if inline.len() <= budget {
+        return Ok(Rendered {
+            keys: doc.keys.len(),
+            config_maps: vec![ConfigMapData {
+                name: main,
+                data: BTreeMap::from([(dp::POLICY_FILE.to_string(), inline)]),
+            }],
+        });
+    }
+
+    // Too large for one ConfigMap: move every key into shards packed up to the budget.
+    let entries = std::mem::take(&mut doc.keys);
+    let total = entries.len();
+    let mut shards: Vec<Vec<dp::KeyEntry>> = vec![];
+    let mut current: Vec<dp::KeyEntry> = vec![];
+    // The shard envelope (apiVersion, policy name, index) costs a fixed few hundred bytes.
+    let envelope = 256 + policy_name.len();
+    let mut size = envelope;
+    for e in entries {
+        let len = serde_json::to_string(&e)?.len() + 1;
+        if len + envelope > budget {
+            return Err(RenderError::EntryTooLarge(e.name));
+        }
+        if size + len > budget && !current.is_empty() {
+            shards.push(std::mem::take(&mut current));
+            size = envelope;
+        }
+        size += len;
+        current.push(e);
+    }
+    if !current.is_empty() {
+        shards.push(current);
+    }
+
+    let mut config_maps = vec![];
+    for (i, keys) in shards.into_iter().enumerate() {
+        let n = i + 1;
+        let (cm, file) = shard_names(&policy_name, n);
+        let count = keys.len();
+        let body = serde_json::to_string(&dp::KeyShard {
+            api_version: dp::API_VERSION.to_string(),
+            policy: policy_name.clone(),
+            index: n as u32,
+            keys,
+        })?;
+        doc.shards.push(dp::ShardRef {
+            file: file.clone(),
+            config_map: cm.clone(),
+            sha256: dp::digest(body.as_bytes()),
+            keys: count,
+        });
+        config_maps.push(ConfigMapData {
+            name: cm,
+            data: BTreeMap::from([(file, body)]),
+        });
+    }
+    let main_body = serde_json::to_string(&doc)?;
+    config_maps.insert(
+        0,
+        ConfigMapData {
+            name: main,
+            data: BTreeMap::from([(dp::POLICY_FILE.to_string(), main_body)]),
+        },
+    );
+    Ok(Rendered {
+        config_maps,
+        keys: total,
+    })
+}
+
+/// Seconds until an expiry, if it lies ahead: the operator requeues then to flip Ready.
+pub fn seconds_until(expires_at: Option<i64>, now: i64) -> Option<i64> {
+    expires_at.map(|t| t - now).filter(|d| *d > 0)
+}
+
+#[cfg(test)]
+pub mod tests {
+    use super::*;
+    use crate::crd::{ApiKeySpec, PolicyRef, RateSpec, RateUnit, SecretKeyRef};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+    use k8s_openapi::ByteString;
+    use kube::api::ObjectMeta;
+
+    pub fn mk_policy(name: &str) -> RateLimitPolicy {
+        let mut p = RateLimitPolicy::new(
+            name,
+            RateLimitPolicySpec {
+                selector: LabelSelector {
+                    match_labels: Some(BTreeMap::from([("app".into(), "api".into())])),
+                    ..Default::default()
+                },
+                key_source: None,
+                limits: Some(LimitsSpec {
+                    rates: Some(vec![RateSpec {
+                        name: "per-minute".into(),
+                        requests: 10,
+                        per: RateUnit::Minute,
+                        burst: 2,
+                    }]),
+                    quotas: None,
+                    concurrency: None,
+                }),
+                policy_limits: None,
+                throttle: None,
+                routes: None,
+                mode: PolicyMode::Enforce,
+                response: None,
+            },
+        );
+        p.metadata.namespace = Some("ns".into());
+        p.metadata.generation = Some(3);
+        p
+    }
+
+    pub fn mk_apikey(name: &str, policy: &str) -> ApiKey {
+        let mut k = ApiKey::new(
+            name,
+            ApiKeySpec {
+                policy_ref: PolicyRef {
+                    name: policy.into(),
+                },
+                display_name: None,
+                owner: None,
+                disabled: false,
+                expires_at: None,
+                secret_ref: None,
+                overrides: None,
+            },
+        );
+        k.metadata.namespace = Some("ns".into());
+        k
+    }
+
+    pub fn mk_secret(name: &str, key: &str, value: &[u8]) -> Secret {
+        Secret {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("ns".into()),
+                ..Default::default()
+            },
+            data: Some(BTreeMap::from([(key.into(), ByteString(value.to_vec()))])),
+            ..Default::default()
+        }
+    }
+
+    fn mk_bound(name: &str) -> BoundKey {
+        BoundKey {
+            name: name.into(),
+            sha256: dp::hash_key(format!("kl_{name}_0123456789abcdef").as_bytes()),
+            disabled: false,
+            expires_at: None,
+            overrides: None,
+        }
+    }
+
+    #[test]
+    fn bind_hashes_the_key_and_trims_newline() {
+        let k = mk_apikey("a", "p");
+        let s = mk_secret("a-key", "key", b"kl_0123456789abcdef\n");
+        let b = bind_key(&k, Some(&s)).unwrap();
+        assert_eq!(b.sha256, dp::hash_key(b"kl_0123456789abcdef"));
+        assert_eq!(b.fingerprint().len(), 12);
+        assert!(b.sha256.starts_with(&b.fingerprint()));
+    }
+
+    #[test]
+    fn bind_reports_each_problem() {
+        let mut k = mk_apikey("a", "p");
+        assert_eq!(
+            bind_key(&k, None),
+            Err(KeyProblem::SecretNotFound("a-key".into()))
+        );
+        k.spec.secret_ref = Some(SecretKeyRef {
+            name: "mine".into(),
+            key: "token".into(),
+        });
+        let s = mk_secret("mine", "other", b"kl_0123456789abcdef");
+        assert_eq!(
+            bind_key(&k, Some(&s)),
+            Err(KeyProblem::SecretKeyMissing {
+                secret: "mine".into(),
+                key: "token".into()
+            })
+        );
+        let s = mk_secret("mine", "token", b"short");
+        assert!(matches!(
+            bind_key(&k, Some(&s)),
+            Err(KeyProblem::KeyTooShort { .. })
+        ));
+        let s = mk_secret("mine", "token", b"kl_0123456789abcdef");
+        k.spec.expires_at = Some("tomorrow".into());
+        assert_eq!(
+            bind_key(&k, Some(&s)),
+            Err(KeyProblem::InvalidExpiry("tomorrow".into()))
+        );
+        k.spec.expires_at = Some("2027-01-01T00:00:00Z".into());
+        assert_eq!(
+            bind_key(&k, Some(&s)).unwrap().expires_at,
+            Some(1_798_761_600)
+        );
+        assert_eq!(
+            KeyProblem::PolicyNotFound("p".into()).reason(),
+            "PolicyNotFound"
+        );
+    }
+
+    #[test]
+    fn plaintext_never_reaches_the_configmap() {
+        let k = mk_apikey("a", "p");
+        let s = mk_secret("a-key", "key", b"kl_supersecretvalue123");
+        let b = bind_key(&k, Some(&s)).unwrap();
+        let r = render(&mk_policy("p"), &[b]).unwrap();
+        for cm in &r.config_maps {
+            for v in cm.data.values() {
+                assert!(!v.contains("supersecret"));
+            }
+        }
+    }
+
+    #[test]
+    fn small_policy_is_one_configmap_and_parses() {
+        let r = render(&mk_policy("p"), &[mk_bound("b"), mk_bound("a")]).unwrap();
+        assert_eq!(r.config_maps.len(), 1);
+        assert_eq!(r.config_maps[0].name, "keylimit-p");
+        let doc =
+            dp::PolicyDocument::parse(r.config_maps[0].data["policy.json"].as_bytes()).unwrap();
+        assert_eq!(
+            doc.keys.iter().map(|k| k.name.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        assert_eq!(doc.policy.limits.rates[0].period_seconds, 60);
+        assert_eq!(doc.policy.generation, 3);
+        assert_eq!(doc.policy.response.message, "Keys Temporarily Exhausted");
+    }
+
+    #[test]
+    fn output_is_deterministic_whatever_the_input_order() {
+        let keys: Vec<BoundKey> = (0..500).map(|i| mk_bound(&format!("k{i}"))).collect();
+        let mut reversed = keys.clone();
+        reversed.reverse();
+        let p = mk_policy("p");
+        let a = render_config(policy_config("p", "ns", 1, &p.spec), &keys, 8 * 1024).unwrap();
+        let b = render_config(policy_config("p", "ns", 1, &p.spec), &reversed, 8 * 1024).unwrap();
+        assert!(a.config_maps.len() > 2);
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn shards_at_the_budget_and_round_trips() {
+        let p = mk_policy("p");
+        let keys: Vec<BoundKey> = (0..300).map(|i| mk_bound(&format!("k{i:04}"))).collect();
+        let budget = 10 * 1024;
+        let r = render_config(policy_config("p", "ns", 1, &p.spec), &keys, budget).unwrap();
+        assert!(
+            r.config_maps.len() > 2,
+            "expected shards, got {}",
+            r.config_maps.len()
+        );
+        for cm in &r.config_maps {
+            let size: usize = cm.data.values().map(|v| v.len()).sum();
+            assert!(size <= budget, "{} is {size} bytes", cm.name);
+        }
+        let files: BTreeMap<String, String> = r
+            .config_maps
+            .iter()
+            .flat_map(|cm| cm.data.clone())
+            .collect();
+        let doc = dp::PolicyDocument::parse(files["policy.json"].as_bytes()).unwrap();
+        assert!(doc.keys.is_empty());
+        let back = doc
+            .resolve_keys(|f| files.get(f).map(|s| s.as_bytes().to_vec()))
+            .unwrap();
+        assert_eq!(back.len(), 300);
+        assert_eq!(r.keys, 300);
+    }
+
+    #[test]
+    fn exactly_at_the_budget_stays_inline() {
+        let p = mk_policy("p");
+        let keys: Vec<BoundKey> = (0..10).map(|i| mk_bound(&format!("k{i}"))).collect();
+        let one = render_config(policy_config("p", "ns", 1, &p.spec), &keys, usize::MAX).unwrap();
+        let len = one.config_maps[0].data["policy.json"].len();
+        let at = render_config(policy_config("p", "ns", 1, &p.spec), &keys, len).unwrap();
+        assert_eq!(at.config_maps.len(), 1);
+        let over = render_config(policy_config("p", "ns", 1, &p.spec), &keys, len - 1).unwrap();
+        assert!(over.config_maps.len() >= 2);
+    }
+
+    #[test]
+    fn hundred_thousand_keys_fit_real_configmaps() {
+        let keys: Vec<BoundKey> = (0..100_000)
+            .map(|i| mk_bound(&format!("customer-{i:06}")))
+            .collect();
+        let r = render(&mk_policy("p"), &keys).unwrap();
+        for cm in &r.config_maps {
+            let size: usize = cm.data.iter().map(|(k, v)| k.len() + v.len()).sum();
+            assert!(size < 1024 * 1024, "{} is {size} bytes", cm.name);
+        }
+        assert_eq!(r.keys, 100_000);
+        assert!(
+            r.config_maps.len() < 32,
+            "{} ConfigMaps",
+            r.config_maps.len()
+        );
+    }
+
+    #[test]
+    fn overrides_and_routes_reach_the_document() {
+        let mut p = mk_policy("p");
+        p.spec.routes = Some(vec![crate::crd::RouteSpec {
+            name: "search".into(),
+            path_prefix: "/search".into(),
+            methods: Some(vec!["GET".into()]),
+            cost: 5,
+            limits: None,
+        }]);
+        p.spec.mode = PolicyMode::DryRun;
+        let mut k = mk_bound("a");
+        k.overrides = Some(dp::Limits {
+            concurrency: Some(4),
+            ..Default::default()
+        });
+        let r = render(&p, &[k]).unwrap();
+        let doc =
+            dp::PolicyDocument::parse(r.config_maps[0].data["policy.json"].as_bytes()).unwrap();
+        assert_eq!(doc.policy.mode, dp::Mode::DryRun);
+        assert_eq!(doc.policy.routes[0].cost, 5);
+        assert_eq!(doc.keys[0].overrides.as_ref().unwrap().concurrency, Some(4));
+    }
+
+    #[test]
+    fn seconds_until_only_counts_the_future() {
+        let now = 1_000;
+        assert_eq!(seconds_until(Some(1_060), now), Some(60));
+        assert_eq!(seconds_until(Some(900), now), None);
+        assert_eq!(seconds_until(None, now), None);
+    }
+}
