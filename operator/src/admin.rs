@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 use tracing::{debug, info};
 
 use crate::metrics::Metrics;
+use crate::reports::Reports;
 use crate::Error;
 
 #[derive(Default)]
@@ -37,7 +38,45 @@ async fn handle(
     req: Request<Incoming>,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
+    reports: Arc<Reports>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.uri().path() == "/v1/reports" {
+        if req.method() != http::Method::POST {
+            return Ok(respond(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                "POST only\n".into(),
+            ));
+        }
+        // Only the leader may turn reports into status; a standby sends the sidecar elsewhere.
+        if !health.ready.load(Ordering::Relaxed) {
+            return Ok(respond(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "not the leader\n".into(),
+            ));
+        }
+        let auth = req
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .map(String::from);
+        let body = match http_body_util::Limited::new(req.into_body(), 8 * 1024 * 1024)
+            .collect()
+            .await
+        {
+            Ok(b) => b.to_bytes(),
+            Err(_) => {
+                return Ok(respond(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "text/plain",
+                    "report too large\n".into(),
+                ))
+            }
+        };
+        let (status, text) = reports.receive(auth.as_deref(), body).await;
+        return Ok(respond(status, "text/plain", text));
+    }
     Ok(match req.uri().path() {
         "/healthz" | "/livez" => respond(StatusCode::OK, "text/plain", "ok\n".into()),
         "/readyz" if health.ready.load(Ordering::Relaxed) => {
@@ -62,6 +101,7 @@ pub async fn serve(
     addr: SocketAddr,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
+    reports: Arc<Reports>,
 ) -> Result<SocketAddr, Error> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
@@ -75,9 +115,9 @@ pub async fn serve(
                     continue;
                 }
             };
-            let (h, m) = (health.clone(), metrics.clone());
+            let (h, m, r) = (health.clone(), metrics.clone(), reports.clone());
             tokio::spawn(async move {
-                let svc = service_fn(move |req| handle(req, h.clone(), m.clone()));
+                let svc = service_fn(move |req| handle(req, h.clone(), m.clone(), r.clone()));
                 let conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                 if let Err(e) = conn.serve_connection(TokioIo::new(stream), svc).await {
                     debug!(error = %e, "admin connection ended");

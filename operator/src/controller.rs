@@ -53,7 +53,9 @@ pub struct Context {
 /// Starts the caches, then runs both controllers until `shutdown` resolves.
 pub async fn run(
     client: Client,
+    namespace: Option<String>,
     metrics: Arc<Metrics>,
+    reports: Arc<crate::reports::Reports>,
     instance: String,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
     ready: impl FnOnce(),
@@ -63,10 +65,28 @@ pub async fn run(
     let (policies, policies_w) = reflector::store::<RateLimitPolicy>();
     let (config_maps, config_maps_w) = reflector::store::<ConfigMap>();
 
-    let secret_api: Api<Secret> = Api::all(client.clone());
-    let apikey_api: Api<ApiKey> = Api::all(client.clone());
-    let policy_api: Api<RateLimitPolicy> = Api::all(client.clone());
-    let cm_api: Api<ConfigMap> = Api::all(client.clone());
+    let scoped = |c: &Client| -> (
+        Api<Secret>,
+        Api<ApiKey>,
+        Api<RateLimitPolicy>,
+        Api<ConfigMap>,
+    ) {
+        match namespace.as_deref() {
+            Some(ns) => (
+                Api::namespaced(c.clone(), ns),
+                Api::namespaced(c.clone(), ns),
+                Api::namespaced(c.clone(), ns),
+                Api::namespaced(c.clone(), ns),
+            ),
+            None => (
+                Api::all(c.clone()),
+                Api::all(c.clone()),
+                Api::all(c.clone()),
+                Api::all(c.clone()),
+            ),
+        }
+    };
+    let (secret_api, apikey_api, policy_api, cm_api) = scoped(&client);
     let cm_cfg = watcher::Config::default().labels(POLICY_LABEL);
 
     // Reflectors feed the caches; their streams must be polled to make progress.
@@ -123,6 +143,11 @@ pub async fn run(
     });
 
     let shutdown = futures::future::FutureExt::shared(Box::pin(shutdown));
+    let status_writer = tokio::spawn(crate::reports::write_status(
+        reports,
+        ctx.clone(),
+        shutdown.clone(),
+    ));
 
     // A Secret event re-reconciles the ApiKeys that read it.
     let keys_for_secret = apikeys.clone();
@@ -159,6 +184,7 @@ pub async fn run(
         .for_each(|_| async {});
 
     futures::future::join(apikey_ctl, policy_ctl).await;
+    status_writer.abort();
     caches.abort();
     Ok(())
 }
@@ -229,7 +255,7 @@ async fn ensure_generated_secret(key: &ApiKey, ctx: &Context) -> Result<Option<S
     }
 }
 
-async fn publish(
+pub async fn publish(
     ctx: &Context,
     obj: &impl Resource<DynamicType = ()>,
     type_: EventType,

@@ -6,9 +6,11 @@ pub mod admin;
 pub mod conditions;
 pub mod controller;
 pub mod crd;
+pub mod exhaustion;
 pub mod leader;
 pub mod metrics;
 pub mod render;
+pub mod reports;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -82,6 +84,9 @@ pub struct RunArgs {
     /// Skip leader election (a single replica, e.g. local development).
     #[arg(long)]
     pub no_leader_election: bool,
+    /// Watch only this namespace (namespace-scoped install); all namespaces when unset.
+    #[arg(long, env = "KEYLIMIT_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
     /// Log as JSON lines.
     #[arg(long, env = "KEYLIMIT_LOG_JSON")]
     pub log_json: bool,
@@ -154,7 +159,14 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
     let client = kube::Client::try_default().await?;
     let metrics = Arc::new(metrics::Metrics::default());
     let health = Arc::new(admin::Health::default());
-    admin::serve(args.admin_addr, health.clone(), metrics.clone()).await?;
+    let reports = Arc::new(reports::Reports::new(client.clone()));
+    admin::serve(
+        args.admin_addr,
+        health.clone(),
+        metrics.clone(),
+        reports.clone(),
+    )
+    .await?;
 
     let identity = args.identity.clone().unwrap_or_else(|| {
         std::env::var("HOSTNAME").unwrap_or_else(|_| format!("keylimit-{}", std::process::id()))
@@ -171,13 +183,12 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
         )
     });
     if let Some(lock) = &lock {
-        // A standby is healthy and ready to take over; it just does not write.
-        health.ready.store(true, Ordering::Relaxed);
+        // A standby is live but not ready: the Service then routes webhook calls and sidecar
+        // reports only to the leader, the one replica that may act on them.
         tokio::select! {
             r = lock.acquire() => r?,
             _ = shutdown.clone() => return Ok(()),
         }
-        health.ready.store(false, Ordering::Relaxed);
     }
     metrics.leader.set(1);
 
@@ -202,9 +213,15 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
         }
     };
     let h = health.clone();
-    controller::run(client, metrics.clone(), identity, stop, move || {
-        h.ready.store(true, Ordering::Relaxed)
-    })
+    controller::run(
+        client,
+        args.watch_namespace.clone(),
+        metrics.clone(),
+        reports,
+        identity,
+        stop,
+        move || h.ready.store(true, Ordering::Relaxed),
+    )
     .await?;
     if let Some(h) = holder {
         h.abort();
