@@ -105,16 +105,40 @@ pub fn init_tracing(json: bool) {
 
 /// The CRDs as YAML, one document per file name.
 pub fn crd_manifests() -> Result<Vec<(String, String)>, Error> {
-    Ok(vec![
+    let mut out = vec![];
+    for (file, crd) in [
         (
-            "keylimit.dev_apikeys.yaml".into(),
-            serde_yaml::to_string(&crd::ApiKey::crd())?,
+            "keylimit.dev_apikeys.yaml",
+            serde_json::to_value(crd::ApiKey::crd())?,
         ),
         (
-            "keylimit.dev_ratelimitpolicies.yaml".into(),
-            serde_yaml::to_string(&crd::RateLimitPolicy::crd())?,
+            "keylimit.dev_ratelimitpolicies.yaml",
+            serde_json::to_value(crd::RateLimitPolicy::crd())?,
         ),
-    ])
+    ] {
+        let mut crd = crd;
+        strip_unsigned_formats(&mut crd);
+        out.push((file.to_string(), serde_yaml::to_string(&crd)?));
+    }
+    Ok(out)
+}
+
+/// schemars marks Rust's unsigned integers `format: uint32/uint64`, which the apiserver does
+/// not know and warns about on every apply; the `minimum` bounds already say it.
+fn strip_unsigned_formats(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(m) => {
+            if matches!(
+                m.get("format").and_then(|f| f.as_str()),
+                Some("uint32" | "uint64" | "uint16" | "uint8")
+            ) {
+                m.remove("format");
+            }
+            m.values_mut().for_each(strip_unsigned_formats);
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(strip_unsigned_formats),
+        _ => {}
+    }
 }
 
 pub const CRD_HEADER: &str =

@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# Side-by-side load test on loopback: upstream direct, through keylimit-sidecar, and through
+# nginx doing the same job (map of valid keys + limit_req per key). Bounded: DURATION per run.
+#
+#   hack/loadtest/run.sh            # needs wrk and nginx (apt-get install -y wrk nginx-light)
+#   DURATION=10s CONNS=32 KEYS=1000 hack/loadtest/run.sh
+#
+# CPU split on a 2-core machine: core 0 runs the proxy under test and the upstream, core 1 runs
+# wrk, so each proxy gets the same single core (sidecar: one tokio worker; nginx: one worker).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+DURATION="${DURATION:-10s}"
+CONNS="${CONNS:-32}"
+KEYS="${KEYS:-1000}"
+UP_PORT=18081 SIDECAR_PORT=18080 ADMIN_PORT=18090 NGINX_PORT=18082
+WORK="$(mktemp -d /tmp/keylimit-load.XXXXXX)"
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+command -v wrk >/dev/null || { echo "wrk missing: apt-get install -y wrk" >&2; exit 1; }
+NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
+[ -x "$NGINX" ] || { echo "nginx missing: apt-get install -y nginx-light" >&2; exit 1; }
+
+echo "building the sidecar (release)..." >&2
+cargo build --release -q -p keylimit-sidecar --manifest-path "$ROOT/Cargo.toml"
+BIN="$ROOT/target/release/keylimit-sidecar"
+
+# Keys: key-N with material "loadtest-key-N-0123456789abcdef"; the tested key is key-0.
+KEY="loadtest-key-0-0123456789abcdef"
+mkdir -p "$WORK/config"
+python3 - "$WORK" "$KEYS" <<'PY'
+import hashlib, json, sys
+work, n = sys.argv[1], int(sys.argv[2])
+keys = []
+for i in range(n):
+    m = f"loadtest-key-{i}-0123456789abcdef"
+    keys.append({"name": f"key-{i}", "sha256": hashlib.sha256(m.encode()).hexdigest()})
+doc = {"apiVersion": "dataplane.keylimit.dev/v1",
+       "policy": {"name": "load", "namespace": "bench", "generation": 1,
+                  "limits": {"rates": [{"name": "second", "requests": 1000000,
+                                        "periodSeconds": 1, "burst": 1000000}]}},
+       "keys": sorted(keys, key=lambda k: k["name"])}
+json.dump(doc, open(f"{work}/config/policy.json", "w"))
+with open(f"{work}/keys.map", "w") as f:
+    for i in range(n):
+        f.write(f'    "loadtest-key-{i}-0123456789abcdef" 1;\n')
+PY
+
+# Upstream: nginx answering 200 from memory.
+cat > "$WORK/upstream.conf" <<CONF
+daemon off; worker_processes 1; pid $WORK/upstream.pid; error_log $WORK/upstream.err;
+events { worker_connections 4096; }
+http { access_log off;
+  server { listen 127.0.0.1:$UP_PORT; keepalive_requests 1000000;
+    location / { return 200 "ok\n"; } } }
+CONF
+# nginx doing the sidecar's job: unknown key -> 401, limit_req per key, proxy with keepalive.
+cat > "$WORK/proxy.conf" <<CONF
+daemon off; worker_processes 1; pid $WORK/proxy.pid; error_log $WORK/proxy.err;
+events { worker_connections 4096; }
+http { access_log off; map_hash_max_size 65536; map_hash_bucket_size 128;
+  map \$http_x_api_key \$key_ok {
+    default 0;
+$(cat "$WORK/keys.map")
+  }
+  limit_req_zone \$http_x_api_key zone=perkey:16m rate=1000000r/s;
+  upstream app { server 127.0.0.1:$UP_PORT; keepalive 64; }
+  server { listen 127.0.0.1:$NGINX_PORT; keepalive_requests 1000000;
+    location / {
+      if (\$key_ok = 0) { return 401 '{"error":"invalid_key"}'; }
+      limit_req zone=perkey burst=1000000 nodelay;
+      proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_set_header X-KeyLimit-Key \$http_x_api_key;
+      proxy_pass http://app; } } }
+CONF
+
+taskset -c 0 "$NGINX" -c "$WORK/upstream.conf" -p "$WORK" & PIDS+=($!)
+taskset -c 0 "$NGINX" -c "$WORK/proxy.conf" -p "$WORK" & PIDS+=($!)
+TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c 0 "$BIN" --listen 127.0.0.1:$SIDECAR_PORT \
+  --admin-listen 127.0.0.1:$ADMIN_PORT --upstream http://127.0.0.1:$UP_PORT \
+  --config-dir "$WORK/config" --log-format text & PIDS+=($!)
+
+wait_ok() { # bounded wait for a port to answer
+  for _ in $(seq 1 100); do
+    if curl -s -o /dev/null -H "X-API-Key: $KEY" "http://127.0.0.1:$1/"; then return 0; fi
+    sleep 0.1
+  done
+  echo "port $1 did not come up" >&2; exit 1
+}
+wait_ok $UP_PORT; wait_ok $NGINX_PORT; wait_ok $SIDECAR_PORT
+[ "$(curl -s -o /dev/null -w '%{http_code}' -H "X-API-Key: $KEY" http://127.0.0.1:$SIDECAR_PORT/)" = 200 ]
+[ "$(curl -s -o /dev/null -w '%{http_code}' -H 'X-API-Key: wrong' http://127.0.0.1:$SIDECAR_PORT/)" = 401 ]
+[ "$(curl -s -o /dev/null -w '%{http_code}' -H 'X-API-Key: wrong' http://127.0.0.1:$NGINX_PORT/)" = 401 ]
+
+# wrk --latency prints the percentile table; report 50% and 99% and Requests/sec.
+run() {
+  local name=$1 port=$2 out
+  out="$(taskset -c 1 wrk -t1 -c"$CONNS" -d"$DURATION" --latency -H "X-API-Key: $KEY" "http://127.0.0.1:$port/")"
+  local rps p50 p99 non2xx
+  rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+  p50=$(awk '$1=="50%" {print $2}' <<<"$out")
+  p99=$(awk '$1=="99%" {print $2}' <<<"$out")
+  non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
+  printf '%-10s %12s %10s %10s %8s\n' "$name" "$rps" "$p50" "$p99" "${non2xx:-0}"
+  echo "$name $rps" >>"$WORK/rps"
+}
+printf '%-10s %12s %10s %10s %8s\n' target req/s p50 p99 non2xx
+run direct $UP_PORT
+run sidecar $SIDECAR_PORT
+run nginx $NGINX_PORT
+awk '{r[$1]=$2} END {printf "sidecar/nginx = %.2fx   sidecar/direct = %.2fx   nginx/direct = %.2fx\n", r["sidecar"]/r["nginx"], r["sidecar"]/r["direct"], r["nginx"]/r["direct"]}' "$WORK/rps"
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); duration $DURATION, $CONNS connections, $KEYS keys"

@@ -1,0 +1,187 @@
+//! The decision path: key lookup + limiter, at 1 key, 1M keys, and contended across threads.
+//! Also prints limiter bytes per key after 1M keys have state.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use keylimit_dataplane::{
+    hash_key, KeyEntry, KeySource, Limits, Mode, PolicyConfig, PolicyDocument, RateWindow,
+    ResponseConfig, Store, API_VERSION,
+};
+use keylimit_sidecar::clock::SystemClock;
+use keylimit_sidecar::config::{hash_presented, Snapshot};
+use keylimit_sidecar::limiter::{Check, Decision, Limiter};
+use keylimit_sidecar::metrics::Metrics;
+
+const MANY: usize = 1_000_000;
+
+fn material(i: usize) -> String {
+    format!("bench-key-{i:08}-padding-to-32b")
+}
+
+fn snapshot(n: usize) -> Snapshot {
+    let keys: Vec<KeyEntry> = (0..n)
+        .map(|i| KeyEntry {
+            name: format!("key-{i}"),
+            sha256: hash_key(material(i).as_bytes()),
+            disabled: false,
+            expires_at: None,
+            overrides: None,
+        })
+        .collect();
+    let doc = PolicyDocument {
+        api_version: API_VERSION.into(),
+        policy: PolicyConfig {
+            name: "bench".into(),
+            namespace: "ns".into(),
+            generation: 1,
+            mode: Mode::Enforce,
+            key_source: KeySource::default(),
+            // Generous, so every decision admits and writes state (the common, costlier case).
+            limits: Limits {
+                rates: vec![RateWindow {
+                    name: "second".into(),
+                    requests: 1_000_000_000,
+                    period_seconds: 1,
+                    burst: 1_000_000_000,
+                }],
+                ..Limits::default()
+            },
+            policy_limits: None,
+            throttle: None,
+            routes: vec![],
+            response: ResponseConfig::default(),
+            store: Store::Local,
+        },
+        keys: vec![],
+        shards: vec![],
+    };
+    Snapshot::build(doc, keys, [0; 32], 1, &Metrics::new(false)).expect("bench config")
+}
+
+/// Index lookup by hash + limiter decision: everything after the sha256.
+fn decide(snap: &Snapshot, limiter: &Limiter, hash: &[u8; 32]) -> bool {
+    let Some(key) = snap.index.lookup(hash) else {
+        return false;
+    };
+    matches!(
+        limiter.decide(&Check {
+            key_id: key.id,
+            key_limits: &key.limits,
+            route_limits: None,
+            policy_limits: snap.policy_limits.as_ref(),
+            cost: 1,
+            throttle: snap.throttle,
+            dry_run: snap.dry_run,
+        }),
+        Decision::Allow(_)
+    )
+}
+
+fn benches(c: &mut Criterion) {
+    let mut g = c.benchmark_group("decision");
+    g.throughput(Throughput::Elements(1));
+    g.measurement_time(Duration::from_secs(4));
+    g.sample_size(30);
+
+    let one = snapshot(1);
+    let limiter = Limiter::new(Arc::new(SystemClock));
+    let h0 = hash_presented(material(0).as_bytes());
+    g.bench_function("single_key", |b| {
+        b.iter(|| decide(&one, &limiter, black_box(&h0)))
+    });
+    g.bench_function("sha256_of_32B_key", |b| {
+        let m = material(0);
+        b.iter(|| hash_presented(black_box(m.as_bytes())))
+    });
+
+    let many = snapshot(MANY);
+    let hashes: Vec<[u8; 32]> = (0..MANY)
+        .map(|i| hash_presented(material(i).as_bytes()))
+        .collect();
+    // Random order, so each decision misses the cache as traffic from many keys would.
+    let mut order: Vec<u32> = (0..MANY as u32).collect();
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    for i in (1..order.len()).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        order.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    let limiter = Limiter::new(Arc::new(SystemClock));
+    for h in &hashes {
+        decide(&many, &limiter, h);
+    }
+    let slots = limiter.slots();
+    let bytes = limiter.state_bytes();
+    eprintln!(
+        "limiter state: {slots} slots for {MANY} keys, {bytes} bytes = {:.1} B/key",
+        bytes as f64 / MANY as f64
+    );
+    // The presented key is in cache in a real request (it was just parsed), so the hashes are
+    // laid out in the random visiting order and read sequentially.
+    let shuffled: Vec<[u8; 32]> = order.iter().map(|&i| hashes[i as usize]).collect();
+    let mut i = 0usize;
+    g.bench_function("1M_keys_random", |b| {
+        b.iter(|| {
+            i = (i + 1) % MANY;
+            decide(&many, &limiter, black_box(&shuffled[i]))
+        })
+    });
+    // The memory-latency floor of this machine: one random read of a 1M-entry hash map.
+    let floor: std::collections::HashMap<u64, u64> = (0..MANY as u64)
+        .map(|k| (k.wrapping_mul(0x9E37_79B9_7F4A_7C15), k))
+        .collect();
+    let mut i = 0usize;
+    g.bench_function("baseline_std_hashmap_1M_random_get", |b| {
+        b.iter(|| {
+            i = (i + 1) % MANY;
+            let k = u64::from(order[i]).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            black_box(floor.get(&k).copied())
+        })
+    });
+    let mut i = 0usize;
+    g.bench_function("1M_keys_random_with_sha256", |b| {
+        b.iter(|| {
+            i = (i + 1) % MANY;
+            let h = hash_presented(material(order[i] as usize).as_bytes());
+            decide(&many, &limiter, &h)
+        })
+    });
+
+    // Two threads (the machine has two cores): same key, then distinct keys.
+    for (name, same) in [
+        ("contended_2threads_same_key", true),
+        ("contended_2threads_1M_keys", false),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                std::thread::scope(|s| {
+                    for t in 0..2usize {
+                        let (many, limiter, hashes, shuffled) =
+                            (&many, &limiter, &hashes, &shuffled);
+                        s.spawn(move || {
+                            for n in 0..iters as usize {
+                                let h = if same {
+                                    &hashes[0]
+                                } else {
+                                    &shuffled[(n * 2 + t) % MANY]
+                                };
+                                black_box(decide(many, limiter, h));
+                            }
+                        });
+                    }
+                });
+                // Per decision: both threads' decisions completed in this wall time.
+                start.elapsed() / 2
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(decision, benches);
+criterion_main!(decision);

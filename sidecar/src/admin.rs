@@ -1,0 +1,125 @@
+//! The admin port: health, readiness, metrics and the usage report the operator polls.
+
+use std::sync::Arc;
+
+use http::header::CONTENT_TYPE;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use keylimit_dataplane::{KeyUsage, QuotaUsage, UsageReport};
+
+use crate::clock::NANOS_PER_SEC;
+use crate::config::{ConfigStore, Snapshot};
+use crate::limiter::Limiter;
+use crate::metrics::Metrics;
+use crate::response::{self, ProxyBody};
+
+pub struct Admin {
+    pub config: Arc<ConfigStore>,
+    pub limiter: Limiter,
+    pub metrics: Arc<Metrics>,
+    pub sidecar_name: String,
+}
+
+impl Admin {
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<ProxyBody>, std::convert::Infallible> {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return Ok(response::error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "admin endpoints are read-only",
+            ));
+        }
+        let resp = match req.uri().path() {
+            "/healthz" => text(StatusCode::OK, "ok\n", "text/plain"),
+            "/readyz" => match self.config.current() {
+                Some(s) => text(
+                    StatusCode::OK,
+                    &format!("ready: generation {}\n", s.generation),
+                    "text/plain",
+                ),
+                None => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: no configuration loaded\n",
+                    "text/plain",
+                ),
+            },
+            "/metrics" => {
+                self.metrics.limiter_slots.set(self.limiter.slots() as i64);
+                text(
+                    StatusCode::OK,
+                    &self.metrics.encode(),
+                    "text/plain; version=0.0.4; charset=utf-8",
+                )
+            }
+            "/v1/usage" => {
+                let report = usage_report(
+                    &self.sidecar_name,
+                    self.config.current().as_deref(),
+                    &self.limiter,
+                );
+                let body = serde_json::to_vec(&report).unwrap_or_default();
+                let mut r = Response::new(response::full(body));
+                r.headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                r
+            }
+            _ => response::error(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint"),
+        };
+        Ok(resp)
+    }
+}
+
+fn text(status: StatusCode, body: &str, content_type: &'static str) -> Response<ProxyBody> {
+    let mut r = Response::new(response::full(body.to_string()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+/// The dataplane `UsageReport`: every key with live limiter state, its current exhaustion (if
+/// its reset is still ahead) and its quota usage, sorted by name.
+pub fn usage_report(sidecar: &str, snap: Option<&Snapshot>, limiter: &Limiter) -> UsageReport {
+    let now_ns = limiter.now_ns();
+    let mut report = UsageReport {
+        sidecar: sidecar.to_string(),
+        now: i64::try_from(now_ns / NANOS_PER_SEC).unwrap_or(i64::MAX),
+        ..UsageReport::default()
+    };
+    let Some(snap) = snap else {
+        return report;
+    };
+    report.policy_namespace = snap.policy.namespace.clone();
+    report.policy_name = snap.policy.name.clone();
+    report.policy_generation = snap.policy.generation;
+    for id in limiter.active_keys() {
+        // State of a key that left the config is not reported: the operator has nothing to
+        // attach it to, and eviction will drop it.
+        let Some(key) = snap.index.by_id(id) else {
+            continue;
+        };
+        let quotas = key
+            .limits
+            .quotas
+            .iter()
+            .filter_map(|q| {
+                limiter.quota_usage(id, q).map(|(used, end)| QuotaUsage {
+                    name: q.name.to_string(),
+                    used,
+                    limit: q.requests,
+                    reset_at: i64::try_from(end.div_ceil(NANOS_PER_SEC)).unwrap_or(i64::MAX),
+                })
+            })
+            .collect();
+        report.keys.push(KeyUsage {
+            name: key.name.to_string(),
+            exhaustion: limiter.current_refusal(id).map(|r| r.to_exhaustion()),
+            quotas,
+        });
+    }
+    report.keys.sort_by(|a, b| a.name.cmp(&b.name));
+    report
+}

@@ -1,0 +1,101 @@
+//! Command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::clock::SystemClock;
+use crate::config::ConfigSource;
+use crate::server::{serve_until_signal, Settings};
+use crate::Error;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "keylimit-sidecar",
+    version,
+    about = "API-key rate-limiting sidecar proxy"
+)]
+pub struct Args {
+    /// Traffic address (clients connect here).
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    /// Admin address: /healthz, /readyz, /metrics, /v1/usage.
+    #[arg(long, default_value = "0.0.0.0:9090")]
+    pub admin_listen: SocketAddr,
+    /// The application, on localhost.
+    #[arg(long, default_value = "http://127.0.0.1:8081")]
+    pub upstream: String,
+    /// Mounted ConfigMap directory holding policy.json (and key shards).
+    #[arg(long, default_value = "/etc/keylimit")]
+    pub config_dir: PathBuf,
+    /// Fallback re-read interval in case a filesystem event is missed.
+    #[arg(long, default_value_t = 30)]
+    pub reload_interval_secs: u64,
+    /// Forward requests unchecked until the first config loads (default: 503).
+    #[arg(long)]
+    pub fail_open_before_config: bool,
+    /// How long to wait for in-flight requests on SIGTERM.
+    #[arg(long, default_value_t = 20)]
+    pub drain_timeout_secs: u64,
+    /// Time allowed for the application's response headers.
+    #[arg(long, default_value_t = 30)]
+    pub upstream_timeout_secs: u64,
+    /// Name reported in /v1/usage (defaults to $HOSTNAME, the pod name).
+    #[arg(long, env = "HOSTNAME", default_value = "keylimit-sidecar")]
+    pub sidecar_name: String,
+    #[arg(long, value_enum, default_value = "json")]
+    pub log_format: LogFormat,
+    /// Add a per-key label to request metrics (one series per key: opt-in).
+    #[arg(long)]
+    pub metrics_per_key: bool,
+    /// How often idle limiter state is swept.
+    #[arg(long, default_value_t = 30)]
+    pub eviction_interval_secs: u64,
+}
+
+impl Args {
+    pub fn settings(&self) -> Settings {
+        Settings {
+            listen: self.listen,
+            admin_listen: self.admin_listen,
+            upstream: self.upstream.clone(),
+            source: ConfigSource::Directory(self.config_dir.clone()),
+            reload_interval: Duration::from_secs(self.reload_interval_secs),
+            fail_open_before_config: self.fail_open_before_config,
+            drain_timeout: Duration::from_secs(self.drain_timeout_secs),
+            upstream_timeout: Duration::from_secs(self.upstream_timeout_secs),
+            sidecar_name: self.sidecar_name.clone(),
+            metrics_per_key: self.metrics_per_key,
+            eviction_interval: Duration::from_secs(self.eviction_interval_secs),
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) -> Result<(), Error> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let result = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+    result.map_err(|e| Error::Logging(e.to_string()))
+}
+
+/// The binary's whole job: logging, a runtime, serve until SIGTERM.
+pub fn run(args: Args) -> Result<(), Error> {
+    init_logging(args.log_format)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(serve_until_signal(args.settings(), Arc::new(SystemClock)))
+}

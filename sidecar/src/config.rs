@@ -1,0 +1,383 @@
+//! Config snapshots: the immutable, per-request view of one loaded policy document, where it
+//! comes from, and how a reload swaps it in.
+//!
+//! A [`Snapshot`] is built once per reload and shared behind an `Arc`; each request loads the
+//! current one at its start (so a reload reaches already-open connections) and keeps it to the
+//! end (so in-flight requests finish on the config they started with).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+use http::{HeaderName, HeaderValue, Method};
+use keylimit_dataplane::{self as dp, KeyEntry, Mode, PolicyConfig, PolicyDocument};
+use sha2::{Digest, Sha256};
+
+use crate::limiter::{BuildMix, LimitSet, ThrottleRule, POLICY_SCOPE_ID};
+use crate::metrics::{Metrics, PolicyCounters};
+use crate::Error;
+
+/// One key as the request path needs it.
+#[derive(Debug)]
+pub struct KeyPolicy {
+    pub name: Arc<str>,
+    hash: [u8; 32],
+    pub id: u64,
+    pub disabled: bool,
+    /// Unix seconds after which the key is refused.
+    pub expires_at: Option<i64>,
+    pub limits: Arc<LimitSet>,
+    /// The ApiKey name as a header value; `None` if the name cannot be one.
+    pub identity: Option<HeaderValue>,
+}
+
+/// The first 8 bytes of the key's sha256: the id its limiter state is stored under.
+pub fn key_id(hash: &[u8; 32]) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&hash[..8]);
+    u64::from_le_bytes(b)
+}
+
+/// Hashes presented key material the way the operator did (`dataplane::hash_key`), raw.
+pub fn hash_presented(key: &[u8]) -> [u8; 32] {
+    Sha256::digest(key).into()
+}
+
+/// Immutable map from key hash to key policy. Only keys in here ever get limiter state, so
+/// spraying random keys costs a hash and a failed lookup, never memory.
+#[derive(Debug, Default)]
+pub struct KeyIndex {
+    by_id: HashMap<u64, KeyPolicy, BuildMix>,
+}
+
+impl KeyIndex {
+    pub fn build(
+        keys: &[KeyEntry],
+        defaults: &Arc<LimitSet>,
+        base: &dp::Limits,
+    ) -> Result<Self, Error> {
+        let mut by_id = HashMap::with_capacity_and_hasher(keys.len(), BuildMix);
+        for k in keys {
+            let mut hash = [0u8; 32];
+            // validate() already checked 64 hex digits; decoding once here keeps hex off the
+            // request path.
+            hex::decode_to_slice(&k.sha256, &mut hash).map_err(|_| {
+                Error::Document(dp::Error::Invalid(format!(
+                    "key {}: sha256 is not hex",
+                    k.name
+                )))
+            })?;
+            let id = key_id(&hash);
+            if id == POLICY_SCOPE_ID {
+                return Err(Error::KeyIdCollision {
+                    first: k.name.clone(),
+                    second: "(policy scope)".into(),
+                });
+            }
+            let limits = match &k.overrides {
+                Some(o) => Arc::new(LimitSet::compile(&base.with_overrides(o), "key")),
+                None => defaults.clone(),
+            };
+            let policy = KeyPolicy {
+                name: Arc::from(k.name.as_str()),
+                hash,
+                id,
+                disabled: k.disabled,
+                expires_at: k.expires_at,
+                limits,
+                identity: HeaderValue::from_str(&k.name).ok(),
+            };
+            if let Some(prev) = by_id.insert(id, policy) {
+                return Err(Error::KeyIdCollision {
+                    first: prev.name.to_string(),
+                    second: k.name.clone(),
+                });
+            }
+        }
+        Ok(Self { by_id })
+    }
+
+    pub fn lookup(&self, hash: &[u8; 32]) -> Option<&KeyPolicy> {
+        self.by_id.get(&key_id(hash)).filter(|k| k.hash == *hash)
+    }
+
+    pub fn by_id(&self, id: u64) -> Option<&KeyPolicy> {
+        self.by_id.get(&id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+}
+
+#[derive(Debug)]
+pub struct RouteRule {
+    pub name: Arc<str>,
+    pub prefix: String,
+    pub methods: Vec<Method>,
+    pub cost: u64,
+    pub limits: Option<LimitSet>,
+}
+
+/// Where the key is read from, with header names parsed once.
+#[derive(Debug)]
+pub struct KeySourceRule {
+    pub header: Option<HeaderName>,
+    pub bearer: bool,
+    pub query_param: Option<String>,
+    pub strip: bool,
+    pub identity_header: HeaderName,
+}
+
+/// One loaded config, immutable.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Local load counter (1 for the first config), not the policy's generation.
+    pub generation: u64,
+    /// sha256 of `policy.json`; shards are covered by the digests inside it.
+    pub digest: [u8; 32],
+    pub policy: PolicyConfig,
+    pub index: KeyIndex,
+    pub policy_limits: Option<LimitSet>,
+    pub routes: Vec<RouteRule>,
+    pub throttle: Option<ThrottleRule>,
+    pub source: KeySourceRule,
+    pub dry_run: bool,
+    pub counters: PolicyCounters,
+}
+
+fn header_name(name: &str, what: &str) -> Result<HeaderName, Error> {
+    HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+        Error::Document(dp::Error::Invalid(format!(
+            "{what} {name:?} is not a valid header name"
+        )))
+    })
+}
+
+impl Snapshot {
+    pub fn build(
+        doc: PolicyDocument,
+        keys: Vec<KeyEntry>,
+        digest: [u8; 32],
+        generation: u64,
+        metrics: &Metrics,
+    ) -> Result<Self, Error> {
+        let policy = doc.policy;
+        let defaults = Arc::new(LimitSet::compile(&policy.limits, "key"));
+        let index = KeyIndex::build(&keys, &defaults, &policy.limits)?;
+        let routes = policy
+            .routes
+            .iter()
+            .map(|r| {
+                let methods = r
+                    .methods
+                    .iter()
+                    .map(|m| {
+                        Method::from_bytes(m.to_ascii_uppercase().as_bytes()).map_err(|_| {
+                            Error::Document(dp::Error::Invalid(format!(
+                                "route {}: bad method {m:?}",
+                                r.name
+                            )))
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(RouteRule {
+                    name: Arc::from(r.name.as_str()),
+                    prefix: r.path_prefix.clone(),
+                    methods,
+                    cost: r.cost.max(1),
+                    limits: r
+                        .limits
+                        .as_ref()
+                        .map(|l| LimitSet::compile(l, &format!("route/{}", r.name))),
+                })
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        let ks = &policy.key_source;
+        let source = KeySourceRule {
+            header: ks
+                .header
+                .as_deref()
+                .map(|h| header_name(h, "keySource.header"))
+                .transpose()?,
+            bearer: ks.bearer,
+            query_param: ks.query_param.clone(),
+            strip: ks.strip,
+            identity_header: header_name(&ks.identity_header, "keySource.identityHeader")?,
+        };
+        let policy_limits = policy
+            .policy_limits
+            .as_ref()
+            .map(|l| LimitSet::compile(l, "policy"))
+            .filter(|l| !l.is_empty());
+        let throttle = policy.throttle.as_ref().map(|t| ThrottleRule {
+            max_delay_ns: t.max_delay_ms.saturating_mul(1_000_000),
+            max_queue: t.max_queue,
+        });
+        let counters = metrics.policy_counters(&format!("{}/{}", policy.namespace, policy.name));
+        Ok(Snapshot {
+            generation,
+            digest,
+            dry_run: policy.mode == Mode::DryRun,
+            policy,
+            index,
+            policy_limits,
+            routes,
+            throttle,
+            source,
+            counters,
+        })
+    }
+
+    /// The longest matching route prefix wins, so rule order in the document does not matter.
+    pub fn route(&self, method: &Method, path: &str) -> Option<&RouteRule> {
+        self.routes
+            .iter()
+            .filter(|r| path.starts_with(r.prefix.as_str()))
+            .filter(|r| r.methods.is_empty() || r.methods.contains(method))
+            .max_by_key(|r| r.prefix.len())
+    }
+
+    pub fn policy_label(&self) -> String {
+        format!("{}/{}", self.policy.namespace, self.policy.name)
+    }
+}
+
+/// Where configs come from. Only the mounted ConfigMap directory exists today; an API-watch
+/// source (`--configmap ns/name`) would be another variant feeding the same [`ConfigStore`].
+#[derive(Debug, Clone)]
+pub enum ConfigSource {
+    Directory(PathBuf),
+}
+
+/// The raw bytes of one config, read consistently.
+#[derive(Debug)]
+pub struct RawConfig {
+    pub digest: [u8; 32],
+    pub doc: PolicyDocument,
+    pub keys: Vec<KeyEntry>,
+}
+
+impl ConfigSource {
+    /// Reads through the visible paths (`policy.json -> ..data/policy.json`), so a kubelet
+    /// swap in progress yields either the old or the new file, never a mix; a shard that does
+    /// not match the document's digest means the swap is mid-way and the read is rejected.
+    pub fn read(&self) -> Result<RawConfig, Error> {
+        match self {
+            ConfigSource::Directory(dir) => read_dir_config(dir),
+        }
+    }
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>, Error> {
+    std::fs::read(path).map_err(|source| Error::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn read_dir_config(dir: &Path) -> Result<RawConfig, Error> {
+    let bytes = read_file(&dir.join(dp::POLICY_FILE))?;
+    let digest: [u8; 32] = Sha256::digest(&bytes).into();
+    let doc = PolicyDocument::parse(&bytes)?;
+    let keys = doc.resolve_keys(|file| {
+        // Shard names come from the document; refuse anything that could leave the directory.
+        if file.contains('/') || file.starts_with("..") {
+            return None;
+        }
+        std::fs::read(dir.join(file)).ok()
+    })?;
+    Ok(RawConfig { digest, doc, keys })
+}
+
+/// What a reload attempt did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadOutcome {
+    Loaded { generation: u64 },
+    Unchanged,
+}
+
+/// Holds the current snapshot and swaps in new ones.
+#[derive(Debug)]
+pub struct ConfigStore {
+    current: ArcSwapOption<Snapshot>,
+    loads: AtomicU64,
+    /// Serialises reloads (watcher and manual triggers) so generations stay in order.
+    reloading: std::sync::Mutex<()>,
+    metrics: Arc<Metrics>,
+}
+
+impl ConfigStore {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self {
+            current: ArcSwapOption::empty(),
+            loads: AtomicU64::new(0),
+            reloading: std::sync::Mutex::new(()),
+            metrics,
+        }
+    }
+
+    pub fn current(&self) -> Option<Arc<Snapshot>> {
+        self.current.load_full()
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.loads.load(Ordering::Acquire)
+    }
+
+    /// Reads, validates and swaps in the source's config. On any error the current snapshot
+    /// stays, and the failure is counted and logged with its reason.
+    pub fn reload(&self, source: &ConfigSource) -> Result<ReloadOutcome, Error> {
+        let _serial = self
+            .reloading
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let result = source.read().and_then(|raw| {
+            if self
+                .current
+                .load()
+                .as_ref()
+                .is_some_and(|cur| cur.digest == raw.digest)
+            {
+                return Ok(None);
+            }
+            let generation = self.loads.load(Ordering::Acquire) + 1;
+            let snap = Snapshot::build(raw.doc, raw.keys, raw.digest, generation, &self.metrics)?;
+            Ok(Some(snap))
+        });
+        match result {
+            Ok(None) => Ok(ReloadOutcome::Unchanged),
+            Ok(Some(snap)) => {
+                let generation = snap.generation;
+                tracing::info!(
+                    generation,
+                    policy = %snap.policy_label(),
+                    policy_generation = snap.policy.generation,
+                    keys = snap.index.len(),
+                    "config loaded"
+                );
+                self.current.store(Some(Arc::new(snap)));
+                self.loads.store(generation, Ordering::Release);
+                self.metrics.config_generation.set(generation as i64);
+                self.metrics.reload(Ok(()));
+                Ok(ReloadOutcome::Loaded { generation })
+            }
+            Err(e) => {
+                let serving = self.current.load().as_ref().map(|s| s.generation);
+                tracing::warn!(error = %e, reason = e.reason(), serving_generation = ?serving,
+                    "config rejected; keeping the last good config");
+                self.metrics.reload(Err(e.reason()));
+                Err(e)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

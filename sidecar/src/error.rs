@@ -1,0 +1,55 @@
+//! The crate's one error type.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid policy document: {0}")]
+    Document(#[from] keylimit_dataplane::Error),
+    #[error("keys {first:?} and {second:?} share a 64-bit key id; rename or rotate one of them")]
+    KeyIdCollision { first: String, second: String },
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("watching config directory {path}: {source}")]
+    Watch {
+        path: PathBuf,
+        #[source]
+        source: notify::Error,
+    },
+    #[error("invalid argument: {0}")]
+    Argument(String),
+    #[error("logging setup failed: {0}")]
+    Logging(String),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Error {
+    /// A short, bounded label for the reload-failure metric (never includes file content).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Read { .. } => "read",
+            Error::Document(keylimit_dataplane::Error::Json(_)) => "json",
+            Error::Document(keylimit_dataplane::Error::ApiVersion { .. }) => "api_version",
+            Error::Document(keylimit_dataplane::Error::MissingShard { .. }) => "missing_shard",
+            Error::Document(keylimit_dataplane::Error::ShardDigest { .. }) => "shard_digest",
+            Error::Document(keylimit_dataplane::Error::Invalid(_)) => "invalid",
+            Error::KeyIdCollision { .. } => "key_id_collision",
+            Error::Bind { .. } => "bind",
+            Error::Watch { .. } => "watch",
+            Error::Argument(_) => "argument",
+            Error::Logging(_) => "logging",
+            Error::Io(_) => "io",
+        }
+    }
+}

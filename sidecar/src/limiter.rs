@@ -1,0 +1,834 @@
+//! The decision engine: rate windows (GCRA), quotas, concurrency and throttling, all per key
+//! and optionally per policy, evaluated together against one sharded state store.
+//!
+//! State is keyed by `(key id, limit id)`. A limit's id is a fingerprint of its scope, name and
+//! parameters, so after a config reload every limit that did not change finds its old counters
+//! and every limit that did starts fresh, without any migration step.
+//!
+//! Each slot is two `u64`s and carries its own expiry (`until`): once `until <= now` the slot is
+//! indistinguishable from a fresh one, which is what lets idle state be evicted without changing
+//! any decision.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use keylimit_dataplane::{Exhaustion, ExhaustionReason, Limits, QuotaAlignment, QuotaPeriod};
+
+use crate::clock::{Clock, NANOS_PER_SEC};
+use crate::window;
+
+/// Key id under which policy-wide limits keep their state. Real key ids are the first 8 bytes
+/// of a sha256, and the index refuses a key whose id equals this one.
+pub const POLICY_SCOPE_ID: u64 = 0;
+
+const SHARDS: usize = 128;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitKind {
+    Rate,
+    Quota,
+    Concurrency,
+}
+
+impl LimitKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitKind::Rate => "rate",
+            LimitKind::Quota => "quota",
+            LimitKind::Concurrency => "concurrency",
+        }
+    }
+}
+
+/// A compiled GCRA window: one request every `interval_ns`, up to `burst + 1` at once.
+#[derive(Debug, Clone)]
+pub struct RateRule {
+    pub name: Arc<str>,
+    pub requests: u64,
+    pub period_s: u64,
+    pub burst: u64,
+    id: u64,
+    interval_ns: u64,
+    /// How far the theoretical arrival time may run ahead of now: `(burst + 1) * interval`.
+    tolerance_ns: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct QuotaRule {
+    pub name: Arc<str>,
+    pub requests: u64,
+    pub period: QuotaPeriod,
+    pub alignment: QuotaAlignment,
+    id: u64,
+}
+
+impl QuotaRule {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ConcurrencyRule {
+    pub max: u32,
+    id: u64,
+}
+
+/// The limits of one scope (a key, a route for a key, or the policy as a whole), compiled.
+#[derive(Debug, Clone, Default)]
+pub struct LimitSet {
+    pub rates: Vec<RateRule>,
+    pub quotas: Vec<QuotaRule>,
+    pub concurrency: Option<ConcurrencyRule>,
+}
+
+fn fingerprint(scope: &str, kind: LimitKind, name: &str, params: &[u64]) -> u64 {
+    // SipHash with fixed keys: deterministic within the process, which is all the state
+    // store needs (state never outlives the process).
+    let mut h = DefaultHasher::new();
+    scope.hash(&mut h);
+    kind.as_str().hash(&mut h);
+    name.hash(&mut h);
+    params.hash(&mut h);
+    h.finish()
+}
+
+fn period_code(p: QuotaPeriod) -> u64 {
+    match p {
+        QuotaPeriod::Minute => 1,
+        QuotaPeriod::Hour => 2,
+        QuotaPeriod::Day => 3,
+        QuotaPeriod::Week => 4,
+        QuotaPeriod::Month => 5,
+    }
+}
+
+impl LimitSet {
+    /// `scope` separates otherwise identical limits of different scopes (key vs route).
+    pub fn compile(limits: &Limits, scope: &str) -> Self {
+        let rates = limits
+            .rates
+            .iter()
+            .map(|r| {
+                let period_ns = r.period_seconds.saturating_mul(NANOS_PER_SEC);
+                // Rounded up so that `requests` intervals never fit inside one period: the
+                // window then admits at most requests + burst, never one more.
+                let interval_ns = period_ns.div_ceil(r.requests.max(1)).max(1);
+                RateRule {
+                    name: Arc::from(r.name.as_str()),
+                    requests: r.requests,
+                    period_s: r.period_seconds,
+                    burst: r.burst,
+                    id: fingerprint(
+                        scope,
+                        LimitKind::Rate,
+                        &r.name,
+                        &[r.requests, r.period_seconds, r.burst],
+                    ),
+                    interval_ns,
+                    tolerance_ns: interval_ns.saturating_mul(r.burst.saturating_add(1)),
+                }
+            })
+            .collect();
+        let quotas = limits
+            .quotas
+            .iter()
+            .map(|q| QuotaRule {
+                name: Arc::from(q.name.as_str()),
+                requests: q.requests,
+                period: q.period,
+                alignment: q.alignment,
+                id: fingerprint(
+                    scope,
+                    LimitKind::Quota,
+                    &q.name,
+                    &[
+                        q.requests,
+                        period_code(q.period),
+                        matches!(q.alignment, QuotaAlignment::Rolling) as u64,
+                    ],
+                ),
+            })
+            .collect();
+        let concurrency = limits.concurrency.map(|max| ConcurrencyRule {
+            max,
+            id: fingerprint(scope, LimitKind::Concurrency, "", &[u64::from(max)]),
+        });
+        LimitSet {
+            rates,
+            quotas,
+            concurrency,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rates.is_empty() && self.quotas.is_empty() && self.concurrency.is_none()
+    }
+}
+
+/// Why a request was (or in dry-run would have been) refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: ExhaustionReason,
+    pub kind: LimitKind,
+    pub name: Arc<str>,
+    pub limit: u64,
+    pub window_s: u64,
+    pub now_ns: u64,
+    /// When the refused request would be admitted (rate), the window resets (quota), or a
+    /// retry is worth trying (concurrency, throttle queue).
+    pub reset_at_ns: u64,
+    pub dry_run: bool,
+}
+
+impl Refusal {
+    /// Delta-seconds for `Retry-After`: rounded up, at least 1 so clients never spin.
+    pub fn retry_after_secs(&self) -> u64 {
+        self.reset_at_ns
+            .saturating_sub(self.now_ns)
+            .div_ceil(NANOS_PER_SEC)
+            .max(1)
+    }
+
+    pub fn reset_at_secs(&self) -> i64 {
+        i64::try_from(self.reset_at_ns.div_ceil(NANOS_PER_SEC)).unwrap_or(i64::MAX)
+    }
+
+    pub fn message(&self) -> String {
+        match self.reason {
+            ExhaustionReason::RateLimited => format!(
+                "rate {} {}/{}s exceeded",
+                self.name, self.limit, self.window_s
+            ),
+            ExhaustionReason::QuotaExceeded => {
+                format!("quota {} {} exceeded", self.name, self.limit)
+            }
+            ExhaustionReason::ConcurrencyLimited => {
+                format!("concurrency {} in flight exceeded", self.limit)
+            }
+            ExhaustionReason::Throttled => {
+                format!("throttle queue of {} requests is full", self.limit)
+            }
+        }
+    }
+
+    pub fn to_exhaustion(&self) -> Exhaustion {
+        Exhaustion {
+            reason: self.reason,
+            limit: self.name.to_string(),
+            message: self.message(),
+            reset_at: self.reset_at_secs(),
+            dry_run: self.dry_run,
+        }
+    }
+}
+
+/// The most restrictive limit after an admitted request, for the response headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitStatus {
+    pub kind: LimitKind,
+    pub name: Arc<str>,
+    pub limit: u64,
+    pub window_s: u64,
+    pub remaining: u64,
+    /// Seconds until the limit is fully available again.
+    pub reset_secs: u64,
+}
+
+impl LimitStatus {
+    fn more_restrictive_than(&self, other: &LimitStatus) -> bool {
+        (self.remaining, std::cmp::Reverse(self.reset_secs))
+            < (other.remaining, std::cmp::Reverse(other.reset_secs))
+    }
+}
+
+/// Everything the limiter needs to decide one request.
+#[derive(Debug, Clone, Copy)]
+pub struct Check<'a> {
+    pub key_id: u64,
+    pub key_limits: &'a LimitSet,
+    pub route_limits: Option<&'a LimitSet>,
+    pub policy_limits: Option<&'a LimitSet>,
+    pub cost: u64,
+    pub throttle: Option<ThrottleRule>,
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThrottleRule {
+    pub max_delay_ns: u64,
+    pub max_queue: u32,
+}
+
+#[derive(Debug)]
+pub enum Decision {
+    Allow(Admission),
+    Refuse(Refusal),
+}
+
+#[derive(Debug, Default)]
+pub struct Admission {
+    /// How long to hold the request before forwarding it (throttle); 0 almost always.
+    pub delay_ns: u64,
+    pub status: Option<LimitStatus>,
+    /// Concurrency slots; released when dropped.
+    pub permit: Option<Permit>,
+    /// A slot in the throttle queue, held only while the request waits.
+    pub queued: Option<QueueSlot>,
+    /// Set in DryRun when the request would have been refused.
+    pub dry_run_refusal: Option<Refusal>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct SlotId {
+    key: u64,
+    limit: u64,
+}
+
+/// `until`: the slot is equivalent to a fresh one once `until <= now` (GCRA: the theoretical
+/// arrival time; quota: the window end; concurrency: MAX while anything is in flight).
+#[derive(Debug, Clone, Copy, Default)]
+struct Slot {
+    until: u64,
+    count: u64,
+}
+
+/// Key ids are already uniformly distributed (sha256 bytes) and only keys from the index get
+/// state, so an attacker cannot choose them: a multiply-mix is enough and keeps the lookup
+/// cheap compared with SipHash.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct MixHasher(u64);
+
+impl Hasher for MixHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(26) ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0 ^ (self.0 >> 31)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct BuildMix;
+
+impl BuildHasher for BuildMix {
+    type Hasher = MixHasher;
+    fn build_hasher(&self) -> MixHasher {
+        MixHasher(0)
+    }
+}
+
+#[derive(Debug, Default)]
+struct ShardState {
+    slots: HashMap<SlotId, Slot, BuildMix>,
+    /// Last refusal per key, while its reset is in the future (for `/v1/usage`).
+    refusals: HashMap<u64, Refusal, BuildMix>,
+}
+
+/// Aligned to a cache line so two cores hammering neighbouring shards do not false-share.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct Shard(Mutex<ShardState>);
+
+#[derive(Debug)]
+struct Store {
+    shards: Box<[Shard]>,
+}
+
+impl Store {
+    fn shard(&self, key_id: u64) -> MutexGuard<'_, ShardState> {
+        // High bits pick the shard; the table inside uses the mixed hash, so the two do not
+        // correlate.
+        let i = (key_id >> 57) as usize % self.shards.len();
+        // A panic while holding a shard lock cannot leave a slot half-written (each write is a
+        // whole Copy value), so a poisoned lock is safe to keep using.
+        self.shards[i]
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Concurrency slots held by one admitted request.
+#[derive(Debug)]
+pub struct Permit {
+    store: Arc<Store>,
+    key_id: u64,
+    key_slots: [Option<u64>; 2],
+    policy_slot: Option<u64>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if self.key_slots.iter().any(Option::is_some) {
+            let mut st = self.store.shard(self.key_id);
+            for limit in self.key_slots.iter().flatten() {
+                release(&mut st, self.key_id, *limit);
+            }
+        }
+        if let Some(limit) = self.policy_slot {
+            let mut st = self.store.shard(POLICY_SCOPE_ID);
+            release(&mut st, POLICY_SCOPE_ID, limit);
+        }
+    }
+}
+
+fn release(st: &mut ShardState, key: u64, limit: u64) {
+    if let Some(s) = st.slots.get_mut(&SlotId { key, limit }) {
+        s.count = s.count.saturating_sub(1);
+        if s.count == 0 {
+            s.until = 0;
+        }
+    }
+}
+
+/// A place in the throttle queue; the count drops when the held request is released.
+#[derive(Debug)]
+pub struct QueueSlot(Arc<AtomicU32>);
+
+impl Drop for QueueSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Shared limiter state. Cheap to clone; survives config reloads.
+#[derive(Clone)]
+pub struct Limiter {
+    store: Arc<Store>,
+    clock: Arc<dyn Clock>,
+    queue: Arc<AtomicU32>,
+}
+
+impl std::fmt::Debug for Limiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Limiter").finish_non_exhaustive()
+    }
+}
+
+type Sets<'a> = [Option<&'a LimitSet>; 2];
+
+impl Limiter {
+    pub fn new(clock: Arc<dyn Clock>) -> Self {
+        Self {
+            store: Arc::new(Store {
+                shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+            }),
+            clock,
+            queue: Arc::new(AtomicU32::new(0)),
+        }
+    }
+
+    pub fn now_ns(&self) -> u64 {
+        self.clock.now_ns()
+    }
+
+    pub fn decide(&self, c: &Check<'_>) -> Decision {
+        let now = self.clock.now_ns();
+        let max_delay = match (c.dry_run, c.throttle) {
+            (false, Some(t)) => Some(t.max_delay_ns),
+            _ => None,
+        };
+        let cost = c.cost.max(1);
+        let key_sets: Sets<'_> = [Some(c.key_limits), c.route_limits];
+        let mut status: Option<LimitStatus> = None;
+
+        let mut delay = {
+            let mut st = self.store.shard(c.key_id);
+            match check_group(&st, c.key_id, &key_sets, cost, now, max_delay) {
+                Ok(d) => {
+                    commit_group(&mut st, c.key_id, &key_sets, cost, now, &mut status);
+                    d
+                }
+                Err(mut r) => {
+                    r.dry_run = c.dry_run;
+                    st.refusals.insert(c.key_id, r.clone());
+                    return refused(r);
+                }
+            }
+        };
+
+        let policy_sets: Sets<'_> = [c.policy_limits.filter(|p| !p.is_empty()), None];
+        if policy_sets[0].is_some() {
+            let mut st = self.store.shard(POLICY_SCOPE_ID);
+            match check_group(&st, POLICY_SCOPE_ID, &policy_sets, cost, now, max_delay) {
+                Ok(d) => {
+                    commit_group(
+                        &mut st,
+                        POLICY_SCOPE_ID,
+                        &policy_sets,
+                        cost,
+                        now,
+                        &mut status,
+                    );
+                    delay = delay.max(d);
+                }
+                Err(mut r) => {
+                    drop(st);
+                    r.dry_run = c.dry_run;
+                    let mut st = self.store.shard(c.key_id);
+                    rollback_group(&mut st, c.key_id, &key_sets, cost);
+                    st.refusals.insert(c.key_id, r.clone());
+                    return refused(r);
+                }
+            }
+        }
+
+        let mut queued = None;
+        if delay > 0 {
+            let max_queue = c.throttle.map_or(0, |t| t.max_queue);
+            match self.enqueue(max_queue) {
+                Some(slot) => queued = Some(slot),
+                None => {
+                    self.rollback(c, &key_sets, &policy_sets, cost);
+                    let r = Refusal {
+                        reason: ExhaustionReason::Throttled,
+                        kind: LimitKind::Rate,
+                        name: Arc::from("throttle"),
+                        limit: u64::from(max_queue),
+                        window_s: 0,
+                        now_ns: now,
+                        reset_at_ns: now.saturating_add(delay),
+                        dry_run: false,
+                    };
+                    self.store
+                        .shard(c.key_id)
+                        .refusals
+                        .insert(c.key_id, r.clone());
+                    return Decision::Refuse(r);
+                }
+            }
+        }
+
+        let key_slots = [
+            c.key_limits.concurrency.as_ref().map(|r| r.id),
+            c.route_limits
+                .and_then(|s| s.concurrency.as_ref())
+                .map(|r| r.id),
+        ];
+        let policy_slot = policy_sets[0]
+            .and_then(|s| s.concurrency.as_ref())
+            .map(|r| r.id);
+        let permit =
+            (key_slots.iter().any(Option::is_some) || policy_slot.is_some()).then(|| Permit {
+                store: self.store.clone(),
+                key_id: c.key_id,
+                key_slots,
+                policy_slot,
+            });
+
+        Decision::Allow(Admission {
+            delay_ns: delay,
+            status,
+            permit,
+            queued,
+            dry_run_refusal: None,
+        })
+    }
+
+    fn rollback(&self, c: &Check<'_>, key_sets: &Sets<'_>, policy_sets: &Sets<'_>, cost: u64) {
+        rollback_group(&mut self.store.shard(c.key_id), c.key_id, key_sets, cost);
+        if policy_sets[0].is_some() {
+            rollback_group(
+                &mut self.store.shard(POLICY_SCOPE_ID),
+                POLICY_SCOPE_ID,
+                policy_sets,
+                cost,
+            );
+        }
+    }
+
+    fn enqueue(&self, max: u32) -> Option<QueueSlot> {
+        self.queue
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| QueueSlot(self.queue.clone()))
+    }
+
+    /// Requests currently held by the throttle.
+    pub fn queued(&self) -> u32 {
+        self.queue.load(Ordering::Acquire)
+    }
+
+    /// The key's last refusal, if its reset is still in the future.
+    pub fn current_refusal(&self, key_id: u64) -> Option<Refusal> {
+        let now = self.clock.now_ns();
+        let st = self.store.shard(key_id);
+        st.refusals
+            .get(&key_id)
+            .filter(|r| r.reset_at_ns > now)
+            .cloned()
+    }
+
+    /// `(used, window end ns)` of a quota while its window is open.
+    pub fn quota_usage(&self, key_id: u64, quota: &QuotaRule) -> Option<(u64, u64)> {
+        let now = self.clock.now_ns();
+        let st = self.store.shard(key_id);
+        st.slots
+            .get(&SlotId {
+                key: key_id,
+                limit: quota.id,
+            })
+            .filter(|s| s.until > now)
+            .map(|s| (s.count, s.until))
+    }
+
+    /// Key ids (excluding the policy scope) that hold live state or a live refusal.
+    pub fn active_keys(&self) -> Vec<u64> {
+        let now = self.clock.now_ns();
+        let mut keys = Vec::new();
+        for shard in self.store.shards.iter() {
+            let st = shard.0.lock().unwrap_or_else(PoisonError::into_inner);
+            keys.extend(
+                st.slots
+                    .iter()
+                    .filter(|(id, s)| s.until > now && id.key != POLICY_SCOPE_ID)
+                    .map(|(id, _)| id.key),
+            );
+            keys.extend(
+                st.refusals
+                    .iter()
+                    .filter(|(_, r)| r.reset_at_ns > now)
+                    .map(|(k, _)| *k),
+            );
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        keys
+    }
+
+    /// Drops every slot that is equivalent to a fresh one, so idle keys cost nothing, and
+    /// gives memory back once a shard is mostly empty. Returns the number of slots dropped.
+    pub fn evict_idle(&self) -> usize {
+        let now = self.clock.now_ns();
+        let mut dropped = 0;
+        for shard in self.store.shards.iter() {
+            let mut st = shard.0.lock().unwrap_or_else(PoisonError::into_inner);
+            let before = st.slots.len();
+            st.slots.retain(|_, s| s.until > now);
+            st.refusals.retain(|_, r| r.reset_at_ns > now);
+            dropped += before - st.slots.len();
+            if st.slots.capacity() > 64 && st.slots.capacity() > 4 * st.slots.len() {
+                st.slots.shrink_to_fit();
+            }
+            if st.refusals.capacity() > 64 && st.refusals.capacity() > 4 * st.refusals.len() {
+                st.refusals.shrink_to_fit();
+            }
+        }
+        dropped
+    }
+
+    /// Number of live limiter slots.
+    pub fn slots(&self) -> usize {
+        self.store
+            .shards
+            .iter()
+            .map(|s| {
+                s.0.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .slots
+                    .len()
+            })
+            .sum()
+    }
+
+    /// Heap bytes held by the slot tables: buckets (entry + one control byte each) at their
+    /// current capacity, plus the fixed shard array.
+    pub fn state_bytes(&self) -> usize {
+        let entry = std::mem::size_of::<(SlotId, Slot)>() + 1;
+        let refusal = std::mem::size_of::<(u64, Refusal)>() + 1;
+        let tables: usize = self
+            .store
+            .shards
+            .iter()
+            .map(|s| {
+                let st = s.0.lock().unwrap_or_else(PoisonError::into_inner);
+                st.slots.capacity() * entry + st.refusals.capacity() * refusal
+            })
+            .sum();
+        tables + std::mem::size_of_val(&*self.store.shards)
+    }
+}
+
+/// DryRun forwards what it would refuse, without charging it: the counters then show what
+/// enforcement would have let through.
+fn refused(r: Refusal) -> Decision {
+    if r.dry_run {
+        Decision::Allow(Admission {
+            dry_run_refusal: Some(r),
+            ..Admission::default()
+        })
+    } else {
+        Decision::Refuse(r)
+    }
+}
+
+fn check_group(
+    st: &ShardState,
+    key: u64,
+    sets: &Sets<'_>,
+    cost: u64,
+    now: u64,
+    max_delay: Option<u64>,
+) -> Result<u64, Refusal> {
+    let mut delay = 0;
+    let slot = |limit: u64| st.slots.get(&SlotId { key, limit }).copied();
+    for set in sets.iter().flatten() {
+        // Quotas first: when both a quota and a rate window are exhausted, the quota's later
+        // reset is the more useful answer.
+        for q in &set.quotas {
+            let (used, end) = match slot(q.id) {
+                Some(s) if s.until > now => (s.count, s.until),
+                _ => (0, window::window_end_ns(q.period, q.alignment, now)),
+            };
+            if used.saturating_add(cost) > q.requests {
+                return Err(Refusal {
+                    reason: ExhaustionReason::QuotaExceeded,
+                    kind: LimitKind::Quota,
+                    name: q.name.clone(),
+                    limit: q.requests,
+                    window_s: window::nominal_secs(q.period),
+                    now_ns: now,
+                    reset_at_ns: end,
+                    dry_run: false,
+                });
+            }
+        }
+        for r in &set.rates {
+            let tat = slot(r.id).map_or(0, |s| s.until).max(now);
+            let increment = r.interval_ns.saturating_mul(cost);
+            // A request costlier than the whole bucket is admitted only into a full bucket
+            // instead of never.
+            let capacity = r.tolerance_ns.max(increment);
+            let admit_at = tat.saturating_add(increment).saturating_sub(capacity);
+            if admit_at > now {
+                let wait = admit_at - now;
+                match max_delay {
+                    Some(max) if wait <= max => delay = delay.max(wait),
+                    _ => {
+                        return Err(Refusal {
+                            reason: ExhaustionReason::RateLimited,
+                            kind: LimitKind::Rate,
+                            name: r.name.clone(),
+                            limit: r.requests,
+                            window_s: r.period_s,
+                            now_ns: now,
+                            reset_at_ns: admit_at,
+                            dry_run: false,
+                        })
+                    }
+                }
+            }
+        }
+        if let Some(c) = &set.concurrency {
+            let in_flight = slot(c.id).map_or(0, |s| s.count);
+            if in_flight >= u64::from(c.max) {
+                return Err(Refusal {
+                    reason: ExhaustionReason::ConcurrencyLimited,
+                    kind: LimitKind::Concurrency,
+                    name: Arc::from("concurrency"),
+                    limit: u64::from(c.max),
+                    window_s: 0,
+                    now_ns: now,
+                    // A slot frees when any in-flight response ends; one second is a hint.
+                    reset_at_ns: now.saturating_add(NANOS_PER_SEC),
+                    dry_run: false,
+                });
+            }
+        }
+    }
+    Ok(delay)
+}
+
+fn commit_group(
+    st: &mut ShardState,
+    key: u64,
+    sets: &Sets<'_>,
+    cost: u64,
+    now: u64,
+    status: &mut Option<LimitStatus>,
+) {
+    let mut offer = |s: LimitStatus| {
+        if status
+            .as_ref()
+            .is_none_or(|cur| s.more_restrictive_than(cur))
+        {
+            *status = Some(s);
+        }
+    };
+    for set in sets.iter().flatten() {
+        for q in &set.quotas {
+            let s = st.slots.entry(SlotId { key, limit: q.id }).or_default();
+            if s.until <= now {
+                s.until = window::window_end_ns(q.period, q.alignment, now);
+                s.count = 0;
+            }
+            s.count = s.count.saturating_add(cost);
+            offer(LimitStatus {
+                kind: LimitKind::Quota,
+                name: q.name.clone(),
+                limit: q.requests,
+                window_s: window::nominal_secs(q.period),
+                remaining: q.requests.saturating_sub(s.count),
+                reset_secs: (s.until - now).div_ceil(NANOS_PER_SEC),
+            });
+        }
+        for r in &set.rates {
+            let s = st.slots.entry(SlotId { key, limit: r.id }).or_default();
+            let tat = s
+                .until
+                .max(now)
+                .saturating_add(r.interval_ns.saturating_mul(cost));
+            s.until = tat;
+            let ahead = tat - now;
+            offer(LimitStatus {
+                kind: LimitKind::Rate,
+                name: r.name.clone(),
+                limit: r.requests,
+                window_s: r.period_s,
+                remaining: r.tolerance_ns.saturating_sub(ahead) / r.interval_ns,
+                reset_secs: ahead.div_ceil(NANOS_PER_SEC),
+            });
+        }
+        if let Some(c) = &set.concurrency {
+            let s = st.slots.entry(SlotId { key, limit: c.id }).or_default();
+            s.count += 1;
+            s.until = u64::MAX;
+        }
+    }
+}
+
+fn rollback_group(st: &mut ShardState, key: u64, sets: &Sets<'_>, cost: u64) {
+    for set in sets.iter().flatten() {
+        for q in &set.quotas {
+            if let Some(s) = st.slots.get_mut(&SlotId { key, limit: q.id }) {
+                s.count = s.count.saturating_sub(cost);
+            }
+        }
+        for r in &set.rates {
+            if let Some(s) = st.slots.get_mut(&SlotId { key, limit: r.id }) {
+                // Not necessarily the old value (that was lost if it lay in the past), but
+                // an equivalent one: any TAT at or before now means "full bucket".
+                s.until = s.until.saturating_sub(r.interval_ns.saturating_mul(cost));
+            }
+        }
+        if let Some(c) = &set.concurrency {
+            release(st, key, c.id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

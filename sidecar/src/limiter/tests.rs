@@ -1,0 +1,539 @@
+use super::*;
+use crate::clock::FakeClock;
+use chrono::{TimeZone, Utc};
+use keylimit_dataplane::{QuotaWindow, RateWindow};
+use proptest::prelude::*;
+
+const S: u64 = NANOS_PER_SEC;
+const KEY: u64 = 0xdead_beef_0000_0001;
+
+fn rate(name: &str, requests: u64, period_seconds: u64, burst: u64) -> RateWindow {
+    RateWindow {
+        name: name.into(),
+        requests,
+        period_seconds,
+        burst,
+    }
+}
+
+fn quota(name: &str, requests: u64, period: QuotaPeriod, alignment: QuotaAlignment) -> QuotaWindow {
+    QuotaWindow {
+        name: name.into(),
+        requests,
+        period,
+        alignment,
+    }
+}
+
+fn rates(windows: Vec<RateWindow>) -> LimitSet {
+    LimitSet::compile(
+        &Limits {
+            rates: windows,
+            ..Limits::default()
+        },
+        "key",
+    )
+}
+
+fn setup(now_s: u64) -> (Arc<FakeClock>, Limiter) {
+    let clock = Arc::new(FakeClock::at_secs(now_s));
+    let limiter = Limiter::new(clock.clone());
+    (clock, limiter)
+}
+
+fn check(set: &LimitSet) -> Check<'_> {
+    Check {
+        key_id: KEY,
+        key_limits: set,
+        route_limits: None,
+        policy_limits: None,
+        cost: 1,
+        throttle: None,
+        dry_run: false,
+    }
+}
+
+fn admits(l: &Limiter, c: &Check<'_>) -> bool {
+    matches!(l.decide(c), Decision::Allow(a) if a.dry_run_refusal.is_none())
+}
+
+fn count_admitted(l: &Limiter, c: &Check<'_>, tries: usize) -> usize {
+    (0..tries).filter(|_| admits(l, c)).count()
+}
+
+fn refusal(d: Decision) -> Refusal {
+    match d {
+        Decision::Refuse(r) => r,
+        Decision::Allow(a) => panic!("expected refusal, got {a:?}"),
+    }
+}
+
+fn utc(y: i32, mo: u32, d: u32, h: u32, mi: u32, s: u32) -> u64 {
+    Utc.with_ymd_and_hms(y, mo, d, h, mi, s)
+        .unwrap()
+        .timestamp() as u64
+}
+
+#[test]
+fn gcra_without_burst_spaces_requests_one_interval_apart() {
+    let (clock, l) = setup(1_000);
+    let set = rates(vec![rate("minute", 10, 60, 0)]);
+    let c = check(&set);
+    assert_eq!(count_admitted(&l, &c, 5), 1);
+    let r = refusal(l.decide(&c));
+    assert_eq!(r.reason, ExhaustionReason::RateLimited);
+    assert_eq!(&*r.name, "minute");
+    assert_eq!(r.retry_after_secs(), 6);
+    clock.advance_ns(6 * S - 1);
+    assert!(!admits(&l, &c), "one nanosecond before the interval ends");
+    clock.advance_ns(1);
+    assert!(admits(&l, &c), "exactly at the interval edge");
+}
+
+#[test]
+fn gcra_burst_admits_burst_plus_one_at_once_then_the_rate() {
+    let (clock, l) = setup(1_000);
+    let set = rates(vec![rate("minute", 10, 60, 4)]);
+    let c = check(&set);
+    let mut admitted = count_admitted(&l, &c, 20);
+    assert_eq!(admitted, 5);
+    // Ten tries a second for the rest of the period: one more every 6 s interval.
+    for _ in 1..60 {
+        clock.advance_secs(1);
+        admitted += count_admitted(&l, &c, 10);
+    }
+    assert_eq!(admitted, 14, "requests + burst within one period");
+}
+
+#[test]
+fn window_edge_with_uneven_interval_never_admits_an_extra_request() {
+    // 3 per 10 s: the interval is rounded up to 3_333_333_334 ns.
+    let (clock, l) = setup(50);
+    let set = rates(vec![rate("ten", 3, 10, 0)]);
+    let c = check(&set);
+    let start = clock.now_ns();
+    let mut admitted = 0;
+    let mut t = start;
+    while t < start + 10 * S {
+        clock.set_ns(t);
+        admitted += count_admitted(&l, &c, 1);
+        t += S / 100;
+    }
+    assert_eq!(admitted, 3);
+    clock.set_ns(start + 11 * S);
+    assert!(admits(&l, &c));
+}
+
+#[test]
+fn all_rate_windows_apply_at_once() {
+    let (clock, l) = setup(1_000);
+    let set = rates(vec![rate("second", 2, 1, 1), rate("minute", 5, 60, 0)]);
+    let c = check(&set);
+    // The minute window (burst 0) lets one through, then one every 12 s.
+    assert_eq!(count_admitted(&l, &c, 10), 1);
+    clock.advance_secs(1);
+    assert_eq!(count_admitted(&l, &c, 10), 0);
+    clock.advance_secs(11);
+    assert_eq!(count_admitted(&l, &c, 10), 1);
+}
+
+#[test]
+fn success_status_reports_most_restrictive_window() {
+    let (_clock, l) = setup(1_000);
+    let set = rates(vec![rate("second", 100, 1, 99), rate("minute", 10, 60, 9)]);
+    let c = check(&set);
+    let Decision::Allow(a) = l.decide(&c) else {
+        panic!("refused")
+    };
+    let s = a.status.unwrap();
+    assert_eq!(&*s.name, "minute");
+    assert_eq!(s.remaining, 9);
+    assert_eq!(s.limit, 10);
+    assert_eq!(s.reset_secs, 6);
+}
+
+#[test]
+fn calendar_day_quota_resets_at_utc_midnight() {
+    let (clock, l) = setup(utc(2026, 11, 28, 23, 59, 58));
+    let set = LimitSet::compile(
+        &Limits {
+            quotas: vec![quota(
+                "daily",
+                3,
+                QuotaPeriod::Day,
+                QuotaAlignment::Calendar,
+            )],
+            ..Limits::default()
+        },
+        "key",
+    );
+    let c = check(&set);
+    assert_eq!(count_admitted(&l, &c, 3), 3);
+    let r = refusal(l.decide(&c));
+    assert_eq!(r.reason, ExhaustionReason::QuotaExceeded);
+    assert_eq!(r.reset_at_secs(), utc(2026, 11, 29, 0, 0, 0) as i64);
+    assert_eq!(r.retry_after_secs(), 2);
+    clock.set_ns(utc(2026, 11, 29, 0, 0, 0) * S - 1);
+    assert!(!admits(&l, &c));
+    clock.set_ns(utc(2026, 11, 29, 0, 0, 0) * S);
+    assert_eq!(count_admitted(&l, &c, 5), 3);
+}
+
+#[test]
+fn calendar_month_quota_crosses_month_ends_and_leap_day() {
+    for (last, next) in [
+        (utc(2026, 1, 31, 23, 59, 59), utc(2026, 2, 1, 0, 0, 0)),
+        (utc(2028, 2, 29, 23, 59, 59), utc(2028, 3, 1, 0, 0, 0)),
+        (utc(2026, 12, 31, 23, 59, 59), utc(2027, 1, 1, 0, 0, 0)),
+    ] {
+        let (clock, l) = setup(last);
+        let set = LimitSet::compile(
+            &Limits {
+                quotas: vec![quota(
+                    "monthly",
+                    2,
+                    QuotaPeriod::Month,
+                    QuotaAlignment::Calendar,
+                )],
+                ..Limits::default()
+            },
+            "key",
+        );
+        let c = check(&set);
+        assert_eq!(count_admitted(&l, &c, 4), 2);
+        assert_eq!(refusal(l.decide(&c)).reset_at_secs(), next as i64);
+        clock.set_ns(next * S);
+        assert_eq!(count_admitted(&l, &c, 4), 2);
+    }
+}
+
+#[test]
+fn week_quota_resets_monday_and_rolling_quota_from_first_request() {
+    // 2026-11-29 is a Sunday.
+    let (clock, l) = setup(utc(2026, 11, 29, 12, 0, 0));
+    let set = LimitSet::compile(
+        &Limits {
+            quotas: vec![
+                quota("weekly", 1, QuotaPeriod::Week, QuotaAlignment::Calendar),
+                quota("rolling", 2, QuotaPeriod::Hour, QuotaAlignment::Rolling),
+            ],
+            ..Limits::default()
+        },
+        "key",
+    );
+    let c = check(&set);
+    assert!(admits(&l, &c));
+    let r = refusal(l.decide(&c));
+    assert_eq!(&*r.name, "weekly");
+    assert_eq!(r.reset_at_secs(), utc(2026, 11, 30, 0, 0, 0) as i64);
+    clock.set_ns(utc(2026, 11, 30, 0, 0, 0) * S);
+    assert!(admits(&l, &c));
+    // Rolling hour opened at 12:00 Sunday with two requests now used.
+    let r = refusal(l.decide(&c));
+    assert!(r.reason == ExhaustionReason::QuotaExceeded);
+    clock.set_ns(utc(2026, 11, 29, 13, 0, 0) * S);
+    let (clock2, l2) = setup(utc(2026, 11, 29, 12, 30, 0));
+    let rolling = LimitSet::compile(
+        &Limits {
+            quotas: vec![quota(
+                "rolling",
+                2,
+                QuotaPeriod::Hour,
+                QuotaAlignment::Rolling,
+            )],
+            ..Limits::default()
+        },
+        "key",
+    );
+    let c2 = check(&rolling);
+    assert_eq!(count_admitted(&l2, &c2, 3), 2);
+    assert_eq!(
+        refusal(l2.decide(&c2)).reset_at_secs(),
+        utc(2026, 11, 29, 13, 30, 0) as i64
+    );
+    clock2.set_ns(utc(2026, 11, 29, 13, 30, 0) * S);
+    assert_eq!(count_admitted(&l2, &c2, 3), 2);
+}
+
+#[test]
+fn concurrency_is_released_when_the_permit_drops() {
+    let (_clock, l) = setup(1_000);
+    let set = LimitSet::compile(
+        &Limits {
+            concurrency: Some(2),
+            ..Limits::default()
+        },
+        "key",
+    );
+    let c = check(&set);
+    let Decision::Allow(a) = l.decide(&c) else {
+        panic!()
+    };
+    let Decision::Allow(b) = l.decide(&c) else {
+        panic!()
+    };
+    assert!(a.permit.is_some() && b.permit.is_some());
+    let r = refusal(l.decide(&c));
+    assert_eq!(r.reason, ExhaustionReason::ConcurrencyLimited);
+    assert_eq!(r.limit, 2);
+    drop(a);
+    let Decision::Allow(_c) = l.decide(&c) else {
+        panic!("slot not released")
+    };
+    drop(b);
+    drop(_c);
+    assert_eq!(l.evict_idle(), 1, "an idle concurrency slot is evictable");
+}
+
+#[test]
+fn route_cost_and_route_limits_apply_per_key() {
+    let (_clock, l) = setup(1_000);
+    let key = LimitSet::compile(
+        &Limits {
+            quotas: vec![quota(
+                "daily",
+                10,
+                QuotaPeriod::Day,
+                QuotaAlignment::Calendar,
+            )],
+            ..Limits::default()
+        },
+        "key",
+    );
+    let route = rates(vec![rate("search", 1, 60, 0)]);
+    let mut c = check(&key);
+    c.cost = 4;
+    assert_eq!(count_admitted(&l, &c, 5), 2, "4 + 4 of 10");
+    c.cost = 2;
+    c.route_limits = Some(&route);
+    assert!(admits(&l, &c), "8 + 2 of 10, first search");
+    let mut c3 = check(&key);
+    c3.route_limits = Some(&route);
+    let r = refusal(l.decide(&c3));
+    assert_eq!(r.reason, ExhaustionReason::QuotaExceeded);
+}
+
+#[test]
+fn policy_limits_are_shared_and_refusal_rolls_back_the_key() {
+    let (_clock, l) = setup(1_000);
+    let key = LimitSet::compile(
+        &Limits {
+            quotas: vec![quota(
+                "daily",
+                100,
+                QuotaPeriod::Day,
+                QuotaAlignment::Calendar,
+            )],
+            ..Limits::default()
+        },
+        "key",
+    );
+    let policy = rates(vec![rate("all", 3, 60, 2)]);
+    let mk = |id| Check {
+        key_id: id,
+        policy_limits: Some(&policy),
+        ..check(&key)
+    };
+    assert!(admits(&l, &mk(1)));
+    assert!(admits(&l, &mk(2)));
+    assert!(admits(&l, &mk(3)));
+    let r = refusal(l.decide(&mk(4)));
+    assert_eq!(&*r.name, "all");
+    let daily = &key.quotas[0];
+    assert_eq!(l.quota_usage(1, daily).map(|u| u.0), Some(1));
+    assert_eq!(l.quota_usage(4, daily).map(|u| u.0), Some(0), "rolled back");
+    assert_eq!(
+        l.current_refusal(4).map(|r| r.reason),
+        Some(ExhaustionReason::RateLimited)
+    );
+}
+
+#[test]
+fn throttle_holds_within_delay_and_queue_then_rejects() {
+    let (clock, l) = setup(1_000);
+    let set = rates(vec![rate("second", 1, 1, 0)]);
+    let mut c = check(&set);
+    c.throttle = Some(ThrottleRule {
+        max_delay_ns: 2_500_000_000,
+        max_queue: 1,
+    });
+    let Decision::Allow(first) = l.decide(&c) else {
+        panic!()
+    };
+    assert_eq!(first.delay_ns, 0);
+    let Decision::Allow(second) = l.decide(&c) else {
+        panic!()
+    };
+    assert_eq!(second.delay_ns, S, "held until its slot one interval later");
+    assert_eq!(l.queued(), 1);
+    let r = refusal(l.decide(&c));
+    assert_eq!(
+        r.reason,
+        ExhaustionReason::Throttled,
+        "queue of one is full"
+    );
+    drop(second);
+    let Decision::Allow(third) = l.decide(&c) else {
+        panic!()
+    };
+    assert_eq!(third.delay_ns, 2 * S, "the throttled try was rolled back");
+    drop(third);
+    let r = refusal(l.decide(&c));
+    assert_eq!(
+        r.reason,
+        ExhaustionReason::RateLimited,
+        "3 s is past the max delay"
+    );
+    clock.advance_ns(S / 2);
+    let Decision::Allow(fourth) = l.decide(&c) else {
+        panic!()
+    };
+    assert_eq!(fourth.delay_ns, 5 * S / 2);
+}
+
+#[test]
+fn dry_run_reports_but_neither_refuses_nor_charges() {
+    let (_clock, l) = setup(1_000);
+    let set = LimitSet::compile(
+        &Limits {
+            quotas: vec![quota(
+                "daily",
+                1,
+                QuotaPeriod::Day,
+                QuotaAlignment::Calendar,
+            )],
+            ..Limits::default()
+        },
+        "key",
+    );
+    let mut c = check(&set);
+    c.dry_run = true;
+    assert!(admits(&l, &c));
+    let Decision::Allow(a) = l.decide(&c) else {
+        panic!("dry run refused")
+    };
+    let r = a.dry_run_refusal.unwrap();
+    assert!(r.dry_run);
+    assert_eq!(l.quota_usage(KEY, &set.quotas[0]).map(|u| u.0), Some(1));
+    let ex = l.current_refusal(KEY).unwrap().to_exhaustion();
+    assert!(ex.dry_run);
+    assert_eq!(ex.reason, ExhaustionReason::QuotaExceeded);
+}
+
+#[test]
+fn unchanged_limits_keep_counters_across_recompilation() {
+    let (_clock, l) = setup(1_000);
+    let limits = Limits {
+        rates: vec![rate("minute", 10, 60, 2)],
+        quotas: vec![quota(
+            "daily",
+            100,
+            QuotaPeriod::Day,
+            QuotaAlignment::Calendar,
+        )],
+        concurrency: None,
+    };
+    let before = LimitSet::compile(&limits, "key");
+    assert_eq!(count_admitted(&l, &check(&before), 10), 3);
+    // A reload compiles the same limits again: same ids, same state.
+    let after = LimitSet::compile(&limits.clone(), "key");
+    assert_eq!(count_admitted(&l, &check(&after), 10), 0);
+    assert_eq!(l.quota_usage(KEY, &after.quotas[0]).map(|u| u.0), Some(3));
+    // A changed limit starts fresh.
+    let mut raised = limits.clone();
+    raised.rates[0].requests = 20;
+    let changed = LimitSet::compile(&raised, "key");
+    assert_eq!(count_admitted(&l, &check(&changed), 10), 3);
+    assert_eq!(l.quota_usage(KEY, &changed.quotas[0]).map(|u| u.0), Some(6));
+}
+
+#[test]
+fn idle_state_is_evicted_without_changing_decisions() {
+    let (clock, l) = setup(1_000);
+    let set = rates(vec![rate("minute", 10, 60, 9)]);
+    for key_id in 1..=1_000u64 {
+        let c = Check {
+            key_id: key_id << 20,
+            ..check(&set)
+        };
+        assert!(admits(&l, &c));
+    }
+    assert_eq!(l.slots(), 1_000);
+    let busy = l.state_bytes();
+    clock.advance_secs(61);
+    assert_eq!(l.evict_idle(), 1_000);
+    assert_eq!(l.slots(), 0);
+    assert!(l.state_bytes() < busy);
+    assert_eq!(count_admitted(&l, &check(&set), 20), 10);
+}
+
+#[test]
+fn refusal_is_reported_only_until_its_reset() {
+    let (clock, l) = setup(1_000);
+    let set = rates(vec![rate("minute", 1, 60, 0)]);
+    let c = check(&set);
+    assert!(admits(&l, &c));
+    assert!(!admits(&l, &c));
+    let r = l.current_refusal(KEY).unwrap();
+    assert_eq!(r.reset_at_secs(), 1_060);
+    assert_eq!(l.active_keys(), vec![KEY]);
+    clock.advance_secs(60);
+    assert!(l.current_refusal(KEY).is_none());
+    assert!(l.active_keys().is_empty());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// No half-open window of one period ever admits more than requests + burst.
+    #[test]
+    fn rate_window_never_exceeds_limit_plus_burst(
+        requests in 1u64..20,
+        period in 1u64..10,
+        burst in 0u64..10,
+        gaps in proptest::collection::vec(0u64..2_000_000_000, 1..300),
+    ) {
+        let (clock, l) = setup(10_000);
+        let set = rates(vec![rate("w", requests, period, burst)]);
+        let c = check(&set);
+        let mut admitted = Vec::new();
+        for gap in gaps {
+            clock.advance_ns(gap % (period * S));
+            if admits(&l, &c) {
+                admitted.push(clock.now_ns());
+            }
+        }
+        let span = period * S;
+        for (i, start) in admitted.iter().enumerate() {
+            let in_window = admitted[i..].iter().take_while(|t| **t < start + span).count();
+            prop_assert!(in_window as u64 <= requests + burst,
+                "{in_window} admitted in one window of {requests}/{period}s burst {burst}");
+        }
+    }
+
+    /// A calendar quota never admits more than its limit inside one calendar period.
+    #[test]
+    fn quota_never_exceeds_limit_per_period(
+        requests in 1u64..10,
+        cost in 1u64..4,
+        gaps in proptest::collection::vec(0u64..20_000, 1..200),
+    ) {
+        let (clock, l) = setup(utc(2026, 1, 30, 0, 0, 0));
+        let set = LimitSet::compile(&Limits {
+            quotas: vec![quota("h", requests, QuotaPeriod::Hour, QuotaAlignment::Calendar)],
+            ..Limits::default()
+        }, "key");
+        let mut c = check(&set);
+        c.cost = cost;
+        let mut used: HashMap<u64, u64> = HashMap::new();
+        for gap in gaps {
+            clock.advance_ns(gap * S / 10);
+            if admits(&l, &c) {
+                *used.entry(clock.now_ns() / S / 3600).or_default() += cost;
+            }
+        }
+        for (_, u) in used {
+            prop_assert!(u <= requests);
+        }
+    }
+}

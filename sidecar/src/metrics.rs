@@ -1,0 +1,263 @@
+//! Prometheus metrics (text exposition via prometheus-client).
+//!
+//! Per-request counters are resolved to plain `Counter` handles once per config snapshot, so
+//! the hot path is one atomic increment, not a label-set hash and a lock.
+
+use std::fmt::Write as _;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// What happened to a request; the `decision` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    Allowed,
+    DryRunRefused,
+    RateLimited,
+    QuotaExceeded,
+    ConcurrencyLimited,
+    Throttled,
+    MissingKey,
+    InvalidKey,
+    KeyDisabled,
+    KeyExpired,
+    NotReady,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 11] = [
+        Outcome::Allowed,
+        Outcome::DryRunRefused,
+        Outcome::RateLimited,
+        Outcome::QuotaExceeded,
+        Outcome::ConcurrencyLimited,
+        Outcome::Throttled,
+        Outcome::MissingKey,
+        Outcome::InvalidKey,
+        Outcome::KeyDisabled,
+        Outcome::KeyExpired,
+        Outcome::NotReady,
+    ];
+
+    /// Also the machine-readable `error` code of the JSON body for refusals.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Allowed => "allowed",
+            Outcome::DryRunRefused => "dry_run_refused",
+            Outcome::RateLimited => "rate_limited",
+            Outcome::QuotaExceeded => "quota_exceeded",
+            Outcome::ConcurrencyLimited => "concurrency_limited",
+            Outcome::Throttled => "throttled",
+            Outcome::MissingKey => "missing_key",
+            Outcome::InvalidKey => "invalid_key",
+            Outcome::KeyDisabled => "key_disabled",
+            Outcome::KeyExpired => "key_expired",
+            Outcome::NotReady => "not_ready",
+        }
+    }
+
+    pub fn from_reason(reason: keylimit_dataplane::ExhaustionReason) -> Self {
+        use keylimit_dataplane::ExhaustionReason as R;
+        match reason {
+            R::RateLimited => Outcome::RateLimited,
+            R::QuotaExceeded => Outcome::QuotaExceeded,
+            R::ConcurrencyLimited => Outcome::ConcurrencyLimited,
+            R::Throttled => Outcome::Throttled,
+        }
+    }
+}
+
+impl EncodeLabelValue for Outcome {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> std::fmt::Result {
+        encoder.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RequestLabels {
+    policy: String,
+    decision: Outcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct KeyRequestLabels {
+    policy: String,
+    key: String,
+    decision: Outcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReloadLabels {
+    result: String,
+    reason: String,
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    requests_by_key: Option<Family<KeyRequestLabels, Counter>>,
+    exhaustions: Family<ReasonLabels, Counter>,
+    reloads: Family<ReloadLabels, Counter>,
+    pub config_generation: Gauge,
+    pub in_flight: Gauge,
+    pub limiter_slots: Gauge,
+    pub decision_seconds: Histogram,
+    pub upstream_errors: Counter,
+}
+
+/// Counter handles for one policy, one per [`Outcome`].
+#[derive(Debug, Clone)]
+pub struct PolicyCounters {
+    by_outcome: Vec<Counter>,
+}
+
+impl PolicyCounters {
+    pub fn inc(&self, o: Outcome) {
+        if let Some(c) = self.by_outcome.get(o as usize) {
+            c.inc();
+        }
+    }
+}
+
+impl Metrics {
+    pub fn new(per_key: bool) -> Self {
+        let mut registry = Registry::with_prefix("keylimit");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests by policy and decision",
+            requests.clone(),
+        );
+        let requests_by_key = per_key.then(|| {
+            let f = Family::<KeyRequestLabels, Counter>::default();
+            registry.register(
+                "key_requests",
+                "Requests by policy, key and decision (opt-in: one series per key)",
+                f.clone(),
+            );
+            f
+        });
+        let exhaustions = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "exhaustions",
+            "Refusals (or dry-run would-be refusals) by reason",
+            exhaustions.clone(),
+        );
+        let reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Config reload attempts that changed something, by result",
+            reloads.clone(),
+        );
+        let config_generation = Gauge::default();
+        registry.register(
+            "config_generation",
+            "Number of configs loaded by this sidecar (0 = none yet)",
+            config_generation.clone(),
+        );
+        let in_flight = Gauge::default();
+        registry.register(
+            "in_flight_requests",
+            "Requests being handled",
+            in_flight.clone(),
+        );
+        let limiter_slots = Gauge::default();
+        registry.register(
+            "limiter_slots",
+            "Live limiter state slots after the last eviction sweep",
+            limiter_slots.clone(),
+        );
+        let decision_seconds = Histogram::new(exponential_buckets(1e-7, 2.0, 18));
+        registry.register(
+            "decision_duration_seconds",
+            "Time from request arrival to the limit decision (auth, lookup, limiter)",
+            decision_seconds.clone(),
+        );
+        let upstream_errors = Counter::default();
+        registry.register(
+            "upstream_errors",
+            "Forwarded requests that failed to reach the app or timed out",
+            upstream_errors.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            requests_by_key,
+            exhaustions,
+            reloads,
+            config_generation,
+            in_flight,
+            limiter_slots,
+            decision_seconds,
+            upstream_errors,
+        }
+    }
+
+    pub fn policy_counters(&self, policy: &str) -> PolicyCounters {
+        PolicyCounters {
+            by_outcome: Outcome::ALL
+                .iter()
+                .map(|o| {
+                    self.requests
+                        .get_or_create(&RequestLabels {
+                            policy: policy.to_string(),
+                            decision: *o,
+                        })
+                        .clone()
+                })
+                .collect(),
+        }
+    }
+
+    pub fn per_key(&self, policy: &str, key: &str, decision: Outcome) {
+        if let Some(f) = &self.requests_by_key {
+            f.get_or_create(&KeyRequestLabels {
+                policy: policy.to_string(),
+                key: key.to_string(),
+                decision,
+            })
+            .inc();
+        }
+    }
+
+    pub fn exhaustion(&self, reason: keylimit_dataplane::ExhaustionReason) {
+        self.exhaustions
+            .get_or_create(&ReasonLabels {
+                reason: format!("{reason:?}"),
+            })
+            .inc();
+    }
+
+    pub fn reload(&self, result: Result<(), &'static str>) {
+        let (result, reason) = match result {
+            Ok(()) => ("success", ""),
+            Err(reason) => ("failure", reason),
+        };
+        self.reloads
+            .get_or_create(&ReloadLabels {
+                result: result.to_string(),
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail; an error here would be a bug in an encoder, and
+        // an empty scrape is the right degraded answer.
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}

@@ -1,0 +1,324 @@
+//! Wiring: listeners, the config watcher, the eviction sweep and graceful shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use notify::{RecursiveMode, Watcher};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+
+use crate::admin::Admin;
+use crate::clock::Clock;
+use crate::config::{ConfigSource, ConfigStore, ReloadOutcome};
+use crate::limiter::Limiter;
+use crate::metrics::Metrics;
+use crate::proxy::{Proxy, Upstream};
+use crate::Error;
+
+/// Everything the sidecar is configured with (the CLI maps onto this).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub upstream: String,
+    pub source: ConfigSource,
+    pub reload_interval: Duration,
+    pub fail_open_before_config: bool,
+    pub drain_timeout: Duration,
+    pub upstream_timeout: Duration,
+    pub sidecar_name: String,
+    pub metrics_per_key: bool,
+    pub eviction_interval: Duration,
+}
+
+impl Settings {
+    /// Loopback listeners on free ports: what tests and benchmarks want.
+    pub fn local(config_dir: PathBuf, upstream: String) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            upstream,
+            source: ConfigSource::Directory(config_dir),
+            reload_interval: Duration::from_secs(30),
+            fail_open_before_config: false,
+            drain_timeout: Duration::from_secs(10),
+            upstream_timeout: Duration::from_secs(30),
+            sidecar_name: "sidecar".into(),
+            metrics_per_key: false,
+            eviction_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A running sidecar.
+pub struct Sidecar {
+    pub traffic_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub config: Arc<ConfigStore>,
+    pub limiter: Limiter,
+    pub metrics: Arc<Metrics>,
+    source: ConfigSource,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    // Dropping the watcher stops the inotify thread, so it lives as long as the sidecar.
+    _watcher: Option<notify::RecommendedWatcher>,
+}
+
+impl Sidecar {
+    pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Sidecar, Error> {
+        let upstream = Upstream::parse(&settings.upstream)?;
+        let metrics = Arc::new(Metrics::new(settings.metrics_per_key));
+        let config = Arc::new(ConfigStore::new(metrics.clone()));
+        let limiter = Limiter::new(clock);
+
+        // A config that is not there yet (or invalid) is not fatal: the sidecar serves 503
+        // (or fails open) and the watcher picks the config up when it appears.
+        let _ = reload_blocking(&config, &settings.source).await;
+
+        let traffic = bind(settings.listen).await?;
+        let admin = bind(settings.admin_listen).await?;
+        let traffic_addr = traffic.local_addr()?;
+        let admin_addr = admin.local_addr()?;
+        let (shutdown, _) = watch::channel(false);
+
+        let proxy = Arc::new(Proxy::new(
+            config.clone(),
+            limiter.clone(),
+            metrics.clone(),
+            upstream,
+            settings.upstream_timeout,
+            settings.fail_open_before_config,
+            settings.metrics_per_key,
+        ));
+        let admin_svc = Arc::new(Admin {
+            config: config.clone(),
+            limiter: limiter.clone(),
+            metrics: metrics.clone(),
+            sidecar_name: settings.sidecar_name.clone(),
+        });
+
+        let changed = Arc::new(Notify::new());
+        let watcher = watch_source(&settings.source, changed.clone())?;
+        let tasks = vec![
+            tokio::spawn(serve(
+                traffic,
+                false,
+                shutdown.subscribe(),
+                settings.drain_timeout,
+                move |peer, req| proxy.clone().handle(peer, req),
+            )),
+            tokio::spawn(serve(
+                admin,
+                true,
+                shutdown.subscribe(),
+                settings.drain_timeout,
+                move |_, req| admin_svc.clone().handle(req),
+            )),
+            tokio::spawn(reload_loop(
+                config.clone(),
+                settings.source.clone(),
+                changed,
+                settings.reload_interval,
+                shutdown.subscribe(),
+            )),
+            tokio::spawn(evict_loop(
+                limiter.clone(),
+                metrics.clone(),
+                settings.eviction_interval,
+                shutdown.subscribe(),
+            )),
+        ];
+        tracing::info!(%traffic_addr, %admin_addr, upstream = %settings.upstream, "sidecar listening");
+        Ok(Sidecar {
+            traffic_addr,
+            admin_addr,
+            config,
+            limiter,
+            metrics,
+            source: settings.source,
+            shutdown,
+            tasks,
+            _watcher: watcher,
+        })
+    }
+
+    /// Reloads now instead of waiting for the watcher (used by tests and on startup).
+    pub async fn reload_now(&self) -> Result<ReloadOutcome, Error> {
+        reload_blocking(&self.config, &self.source).await
+    }
+
+    /// Stops accepting, drains in-flight requests up to the drain timeout, then returns.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { addr, source })
+}
+
+async fn reload_blocking(
+    config: &Arc<ConfigStore>,
+    source: &ConfigSource,
+) -> Result<ReloadOutcome, Error> {
+    let (config, source) = (config.clone(), source.clone());
+    // Parsing a large sharded key set takes a while; keep it off the request workers.
+    tokio::task::spawn_blocking(move || config.reload(&source))
+        .await
+        .map_err(|e| Error::Io(std::io::Error::other(e)))?
+}
+
+/// Watches the directory itself, not the file: kubelet replaces `..data` with a rename, which
+/// a watch on `policy.json` (a symlink into the old directory) would never see.
+fn watch_source(
+    source: &ConfigSource,
+    changed: Arc<Notify>,
+) -> Result<Option<notify::RecommendedWatcher>, Error> {
+    match source {
+        ConfigSource::Directory(dir) => {
+            let mut watcher =
+                notify::recommended_watcher(move |_event: notify::Result<notify::Event>| {
+                    changed.notify_one();
+                })
+                .map_err(|source| Error::Watch {
+                    path: dir.clone(),
+                    source,
+                })?;
+            // A directory that does not exist yet is covered by the periodic re-read.
+            if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
+                tracing::warn!(dir = %dir.display(), error = %e,
+                    "cannot watch the config directory; relying on the periodic re-read");
+            }
+            Ok(Some(watcher))
+        }
+    }
+}
+
+async fn reload_loop(
+    config: Arc<ConfigStore>,
+    source: ConfigSource,
+    changed: Arc<Notify>,
+    interval: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(interval.max(Duration::from_millis(100)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = changed.notified() => {}
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        // Errors are logged and counted inside reload; the last good config keeps serving.
+        let _ = reload_blocking(&config, &source).await;
+    }
+}
+
+async fn evict_loop(
+    limiter: Limiter,
+    metrics: Arc<Metrics>,
+    interval: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(interval.max(Duration::from_millis(100)));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let dropped = limiter.evict_idle();
+        let slots = limiter.slots();
+        metrics.limiter_slots.set(slots as i64);
+        tracing::debug!(dropped, slots, "evicted idle limiter state");
+    }
+}
+
+async fn serve<F, Fut>(
+    listener: TcpListener,
+    http1_only: bool,
+    mut shutdown: watch::Receiver<bool>,
+    drain: Duration,
+    handler: F,
+) where
+    F: Fn(SocketAddr, http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<
+            Output = Result<http::Response<crate::response::ProxyBody>, std::convert::Infallible>,
+        > + Send
+        + 'static,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    if http1_only {
+        builder = builder.http1_only();
+    }
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning on accept.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        let svc = service_fn(move |req| handler(peer, req));
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(?drain, "drain timeout; closing remaining connections");
+    }
+}
+
+/// Runs until SIGTERM or Ctrl-C, then drains.
+pub async fn serve_until_signal(settings: Settings, clock: Arc<dyn Clock>) -> Result<(), Error> {
+    let sidecar = Sidecar::start(settings, clock).await?;
+    shutdown_signal().await?;
+    tracing::info!("shutting down: draining in-flight requests");
+    sidecar.stop().await;
+    Ok(())
+}
+
+async fn shutdown_signal() -> Result<(), Error> {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = term.recv() => Ok(()),
+            r = tokio::signal::ctrl_c() => r.map_err(Error::from),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c().await.map_err(Error::from)
+    }
+}
