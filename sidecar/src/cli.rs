@@ -57,14 +57,33 @@ pub struct Args {
     /// Add a per-key label to request metrics (one series per key: opt-in).
     #[arg(long)]
     pub metrics_per_key: bool,
+    /// Operator endpoint for usage reports, e.g. http://keylimit.keylimit-system.svc:8080/v1/reports.
+    #[arg(long)]
+    pub report_url: Option<String>,
+    /// Projected ServiceAccount token (audience `keylimit`) sent with each report.
+    #[arg(long)]
+    pub report_token_file: Option<PathBuf>,
+    /// How often a report is pushed (and at most every second more when keys are refused).
+    #[arg(long, default_value_t = 2000)]
+    pub report_interval_ms: u64,
     /// How often idle limiter state is swept.
     #[arg(long, default_value_t = 30)]
     pub eviction_interval_secs: u64,
 }
 
 impl Args {
-    pub fn settings(&self) -> Settings {
-        Settings {
+    pub fn settings(&self) -> Result<Settings, Error> {
+        let report = match &self.report_url {
+            None => None,
+            Some(u) => Some(crate::report::ReportSettings {
+                url: u
+                    .parse()
+                    .map_err(|e| Error::Argument(format!("--report-url {u:?}: {e}")))?,
+                token_file: self.report_token_file.clone(),
+                interval: Duration::from_millis(self.report_interval_ms),
+            }),
+        };
+        Ok(Settings {
             listen: self.listen,
             admin_listen: self.admin_listen,
             upstream: self.upstream.clone(),
@@ -76,7 +95,8 @@ impl Args {
             sidecar_name: self.sidecar_name.clone(),
             metrics_per_key: self.metrics_per_key,
             eviction_interval: Duration::from_secs(self.eviction_interval_secs),
-        }
+            report,
+        })
     }
 }
 
@@ -97,5 +117,5 @@ pub fn run(args: Args) -> Result<(), Error> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(serve_until_signal(args.settings(), Arc::new(SystemClock)))
+    runtime.block_on(serve_until_signal(args.settings()?, Arc::new(SystemClock)))
 }

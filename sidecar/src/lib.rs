@@ -14,6 +14,7 @@ pub mod error;
 pub mod limiter;
 pub mod metrics;
 pub mod proxy;
+pub mod report;
 pub mod response;
 pub mod server;
 pub mod window;

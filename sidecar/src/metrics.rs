@@ -113,6 +113,14 @@ pub struct Metrics {
     pub limiter_slots: Gauge,
     pub decision_seconds: Histogram,
     pub upstream_errors: Counter,
+    reports: Family<ReportLabels, Counter>,
+    /// Refusals so far, readable without touching the registry (the reporter polls it).
+    exhaustions_seen: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReportLabels {
+    result: &'static str,
 }
 
 /// Counter handles for one policy, one per [`Outcome`].
@@ -183,6 +191,12 @@ impl Metrics {
             "Time from request arrival to the limit decision (auth, lookup, limiter)",
             decision_seconds.clone(),
         );
+        let reports = Family::<ReportLabels, Counter>::default();
+        registry.register(
+            "usage_reports",
+            "Usage reports pushed to the operator, by result",
+            reports.clone(),
+        );
         let upstream_errors = Counter::default();
         registry.register(
             "upstream_errors",
@@ -190,6 +204,8 @@ impl Metrics {
             upstream_errors.clone(),
         );
         Self {
+            reports,
+            exhaustions_seen: std::sync::atomic::AtomicU64::new(0),
             registry,
             requests,
             requests_by_key,
@@ -231,9 +247,24 @@ impl Metrics {
     }
 
     pub fn exhaustion(&self, reason: keylimit_dataplane::ExhaustionReason) {
+        self.exhaustions_seen
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.exhaustions
             .get_or_create(&ReasonLabels {
                 reason: format!("{reason:?}"),
+            })
+            .inc();
+    }
+
+    pub fn exhaustions_seen(&self) -> u64 {
+        self.exhaustions_seen
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn report(&self, delivered: bool) {
+        self.reports
+            .get_or_create(&ReportLabels {
+                result: if delivered { "delivered" } else { "failed" },
             })
             .inc();
     }

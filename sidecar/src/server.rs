@@ -37,6 +37,8 @@ pub struct Settings {
     pub sidecar_name: String,
     pub metrics_per_key: bool,
     pub eviction_interval: Duration,
+    /// Where to push usage reports (the operator); none disables pushing.
+    pub report: Option<crate::report::ReportSettings>,
 }
 
 impl Settings {
@@ -54,6 +56,7 @@ impl Settings {
             sidecar_name: "sidecar".into(),
             metrics_per_key: false,
             eviction_interval: Duration::from_secs(30),
+            report: None,
         }
     }
 }
@@ -107,7 +110,7 @@ impl Sidecar {
 
         let changed = Arc::new(Notify::new());
         let watcher = watch_source(&settings.source, changed.clone())?;
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(serve(
                 traffic,
                 false,
@@ -136,6 +139,16 @@ impl Sidecar {
                 shutdown.subscribe(),
             )),
         ];
+        if let Some(report) = settings.report.clone() {
+            tasks.push(tokio::spawn(crate::report::report_loop(
+                report,
+                settings.sidecar_name.clone(),
+                config.clone(),
+                limiter.clone(),
+                metrics.clone(),
+                shutdown.subscribe(),
+            )));
+        }
         tracing::info!(%traffic_addr, %admin_addr, upstream = %settings.upstream, "sidecar listening");
         Ok(Sidecar {
             traffic_addr,

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::runtime::{reflector, watcher, WatchStreamExt};
+
 use kube::{Api, Client};
 
 /// Writes `files` into `dir` as one atomic AtomicWriter update. Returns false when the
@@ -77,12 +78,14 @@ pub async fn project(client: Client, ns: &str, policy: &str, dir: PathBuf) -> an
         .default_backoff()
         .boxed();
     while let Some(ev) = stream.next().await {
-        if let Err(e) = ev {
-            tracing::warn!(error = %e, "projection watch error");
-            continue;
-        }
-        if store.wait_until_ready().await.is_err() {
-            continue;
+        match ev {
+            Err(e) => {
+                tracing::warn!(error = %e, "projection watch error");
+                continue;
+            }
+            // During the initial list the store is incomplete; kubelet would not write then.
+            Ok(watcher::Event::Init) | Ok(watcher::Event::InitApply(_)) => continue,
+            Ok(_) => {}
         }
         let mut files = BTreeMap::new();
         for cm in store.state() {
