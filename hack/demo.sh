@@ -79,7 +79,7 @@ PIDS+=($!)
 wait_http "http://127.0.0.1:$SC_ADMIN/readyz" "the sidecar"
 
 KEY=$(kubectl get secret acme-key -n "$NS" -o jsonpath='{.data.key}' | base64 -d)
-say "Calling the API with acme's key (policy: 5/minute + burst 2)"
+say "Calling the API with acme's key (policy: 5 a minute, all 5 at once allowed)"
 for i in $(seq 1 9); do
   code=$(curl -s -o /dev/null -w '%{http_code}' -H "X-API-Key: $KEY" "http://127.0.0.1:$SC_PORT/")
   echo "request $i -> $code"

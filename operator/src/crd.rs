@@ -278,12 +278,14 @@ pub struct RateSpec {
     #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("name must be lowercase alphanumerics and '-'"))]
     #[schemars(length(min = 1, max = 63))]
     pub name: String,
-    /// Requests admitted per `per`.
+    /// Requests admitted per `per`, paced evenly (GCRA): one every `per / requests`.
     #[schemars(range(min = 1, max = 1000000000))]
     pub requests: u64,
     /// The window unit.
     pub per: RateUnit,
-    /// Extra requests admitted at once on top of the steady rate (default 0).
+    /// Extra requests that may arrive at once on top of that pace (default 0): up to
+    /// `burst + 1` back to back. No window of one `per` ever admits more than
+    /// `requests + burst`; `burst: requests - 1` lets a whole window's worth arrive at once.
     #[serde(default)]
     #[schemars(range(min = 0, max = 1000000000))]
     pub burst: u64,
