@@ -286,9 +286,40 @@ impl Default for ResponseConfig {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", tag = "type")]
 pub enum Store {
-    /// In memory, per sidecar.
+    /// In memory, per sidecar: exact per replica, not across replicas; quotas do not survive
+    /// a restart.
     #[default]
     Local,
+    /// In Redis: exact across every sidecar of the policy, quotas survive restarts.
+    Redis(RedisStore),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RedisStore {
+    /// `redis://host:port/db` or `rediss://…` for TLS. Never carries a password: the sidecar
+    /// reads that from its environment (`KEYLIMIT_REDIS_PASSWORD`), filled from a Secret.
+    pub url: String,
+    /// Prefix of every Redis key this policy writes.
+    pub key_prefix: String,
+    /// Longest a decision may wait for Redis before the fail mode applies.
+    pub timeout_ms: u64,
+    pub fail_mode: FailMode,
+    /// Sidecars the operator last saw for this policy: `LocalFallback` divides each limit by
+    /// it, so the fleet as a whole stays near the declared limit while Redis is away.
+    pub replicas: u32,
+}
+
+/// What a decision does when Redis cannot answer within the timeout.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FailMode {
+    /// Admit: availability over accuracy.
+    FailOpen,
+    /// Refuse with 503: accuracy over availability.
+    FailClosed,
+    /// Enforce in memory, each limit divided by `replicas`, until Redis is back.
+    #[default]
+    LocalFallback,
 }
 
 /// One key as the data plane sees it: its hash, never the key.

@@ -219,6 +219,65 @@ pub struct RateLimitPolicySpec {
     /// The 429 response.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response: Option<ResponseSpec>,
+    /// Where counters live: `Local` (default, in each sidecar's memory) or `Redis` (exact
+    /// across replicas, durable quotas).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<StoreSpec>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.type != 'Redis' || has(self.redis)").message("store type Redis needs the redis settings"))]
+pub struct StoreSpec {
+    #[serde(rename = "type")]
+    pub type_: StoreType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<RedisSpec>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum StoreType {
+    Local,
+    Redis,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RedisSpec {
+    /// `redis://host:port/db`, or `rediss://` for TLS. Put no password here: name a Secret.
+    #[x_kube(validation = Rule::new("self.startsWith('redis://') || self.startsWith('rediss://')").message("url must start with redis:// or rediss://"))]
+    #[x_kube(validation = Rule::new("!self.contains('@')").message("put credentials in passwordSecretRef, not in the url"))]
+    #[schemars(length(min = 9, max = 1024))]
+    pub url: String,
+    /// Secret (same namespace) and data key holding the Redis password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_secret_ref: Option<SecretKeyRef>,
+    /// Prefix of this policy's Redis keys (default `keylimit:<namespace>:<policy>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub key_prefix: Option<String>,
+    /// Longest a request waits for Redis before the fail mode applies (default 50 ms).
+    #[serde(default = "default_redis_timeout")]
+    #[schemars(range(min = 1, max = 5000))]
+    pub timeout_millis: u64,
+    /// What happens when Redis is unreachable or slow.
+    #[serde(default)]
+    pub fail_mode: FailModeSpec,
+}
+
+fn default_redis_timeout() -> u64 {
+    50
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum FailModeSpec {
+    /// Admit while Redis is away.
+    FailOpen,
+    /// Refuse with 503 while Redis is away.
+    FailClosed,
+    /// Enforce in memory, each limit divided by the sidecar count, until Redis is back.
+    #[default]
+    LocalFallback,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]

@@ -9,8 +9,8 @@ use k8s_openapi::api::core::v1::Secret;
 use keylimit_dataplane as dp;
 
 use crate::crd::{
-    ApiKey, LimitsSpec, PolicyMode, QuotaAlignmentSpec, QuotaPeriodSpec, RateLimitPolicy,
-    RateLimitPolicySpec,
+    ApiKey, FailModeSpec, LimitsSpec, PolicyMode, QuotaAlignmentSpec, QuotaPeriodSpec,
+    RateLimitPolicy, RateLimitPolicySpec, StoreSpec, StoreType,
 };
 
 /// A ConfigMap may hold 1 MiB of data. Shards stay well below it so that metadata, the
@@ -186,6 +186,35 @@ pub fn limits_from_spec(spec: &LimitsSpec) -> dp::Limits {
     }
 }
 
+/// The data-plane store. `replicas` is the operator's latest count of the policy's sidecars.
+pub fn store_config(
+    name: &str,
+    namespace: &str,
+    spec: &RateLimitPolicySpec,
+    replicas: u32,
+) -> dp::Store {
+    match spec.store.as_ref() {
+        Some(StoreSpec {
+            type_: StoreType::Redis,
+            redis: Some(r),
+        }) => dp::Store::Redis(dp::RedisStore {
+            url: r.url.clone(),
+            key_prefix: r
+                .key_prefix
+                .clone()
+                .unwrap_or_else(|| format!("keylimit:{namespace}:{name}")),
+            timeout_ms: r.timeout_millis,
+            fail_mode: match r.fail_mode {
+                FailModeSpec::FailOpen => dp::FailMode::FailOpen,
+                FailModeSpec::FailClosed => dp::FailMode::FailClosed,
+                FailModeSpec::LocalFallback => dp::FailMode::LocalFallback,
+            },
+            replicas: replicas.max(1),
+        }),
+        _ => dp::Store::Local,
+    }
+}
+
 /// The data-plane view of a policy spec.
 pub fn policy_config(
     name: &str,
@@ -247,7 +276,7 @@ pub fn policy_config(
                 message: r.message.clone(),
             })
             .unwrap_or_default(),
-        store: dp::Store::Local,
+        store: store_config(name, namespace, spec, 1),
     }
 }
 
@@ -281,11 +310,13 @@ pub fn render(policy: &RateLimitPolicy, keys: &[BoundKey]) -> Result<Rendered, R
     let name = policy.metadata.name.as_deref().ok_or(RenderError::NoName)?;
     let namespace = policy.metadata.namespace.as_deref().unwrap_or_default();
     let generation = policy.metadata.generation.unwrap_or_default();
-    render_config(
-        policy_config(name, namespace, generation, &policy.spec),
-        keys,
-        SHARD_BUDGET_BYTES,
-    )
+    let mut config = policy_config(name, namespace, generation, &policy.spec);
+    let replicas = policy
+        .status
+        .as_ref()
+        .map_or(1, |s| u32::try_from(s.sidecars_reporting).unwrap_or(1));
+    config.store = store_config(name, namespace, &policy.spec, replicas);
+    render_config(config, keys, SHARD_BUDGET_BYTES)
 }
 
 pub fn render_config(
@@ -421,6 +452,7 @@ pub mod tests {
                 routes: None,
                 mode: PolicyMode::Enforce,
                 response: None,
+                store: None,
             },
         );
         p.metadata.namespace = Some("ns".into());
@@ -642,6 +674,37 @@ pub mod tests {
         assert_eq!(doc.policy.mode, dp::Mode::DryRun);
         assert_eq!(doc.policy.routes[0].cost, 5);
         assert_eq!(doc.keys[0].overrides.as_ref().unwrap().concurrency, Some(4));
+    }
+
+    #[test]
+    fn redis_store_reaches_the_document_with_the_replica_count() {
+        let mut p = mk_policy("p");
+        p.spec.store = Some(StoreSpec {
+            type_: StoreType::Redis,
+            redis: Some(crate::crd::RedisSpec {
+                url: "redis://127.0.0.1:6379/0".into(),
+                password_secret_ref: None,
+                key_prefix: None,
+                timeout_millis: 50,
+                fail_mode: FailModeSpec::FailClosed,
+            }),
+        });
+        p.status = Some(crate::crd::RateLimitPolicyStatus {
+            sidecars_reporting: 3,
+            ..Default::default()
+        });
+        let r = render(&p, &[]).unwrap();
+        let doc =
+            dp::PolicyDocument::parse(r.config_maps[0].data["policy.json"].as_bytes()).unwrap();
+        match doc.policy.store {
+            dp::Store::Redis(r) => {
+                assert_eq!(r.key_prefix, "keylimit:ns:p");
+                assert_eq!(r.replicas, 3);
+                assert_eq!(r.fail_mode, dp::FailMode::FailClosed);
+            }
+            other => panic!("expected Redis, got {other:?}"),
+        }
+        assert!(!r.config_maps[0].data["policy.json"].contains("password"));
     }
 
     #[test]
