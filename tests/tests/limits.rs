@@ -79,7 +79,7 @@ async fn stack(
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let sidecar = env.start_sidecar("sc", &dir, upstream.addr, &argv).await?;
     Ok(Stack {
-        operator: operator,
+        operator,
         sidecar,
         upstream,
         _projection: projection,
