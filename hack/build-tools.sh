@@ -164,7 +164,9 @@ build_k8s
 build_helm
 
 log "all tools ready in ${BIN_DIR} (total $(elapsed "${total_start}"))"
-"${BIN_DIR}/etcd" --version | head -1 >&2
+# sed reads all of etcd's output: `head -1` would close the pipe early and, under
+# pipefail, fail the script with SIGPIPE (exit 141) when etcd writes its second line.
+"${BIN_DIR}/etcd" --version | sed -n 1p >&2
 "${BIN_DIR}/kube-apiserver" --version >&2
 "${BIN_DIR}/kube-controller-manager" --version >&2
 "${BIN_DIR}/helm" version --short >&2
