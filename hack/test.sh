@@ -17,8 +17,11 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 
 step "CRDs are generated from the Rust types"
-cargo run -q -p keylimit-operator -- crd --out crds
-git diff --exit-code -- crds || { echo "crds/ is stale: run 'cargo run -p keylimit-operator -- crd'" >&2; exit 1; }
+cargo run -q -p keylimit-operator -- crd --out crds --out charts/keylimit/crds
+git diff --exit-code -- crds charts/keylimit/crds || {
+  echo "crds/ is stale: run 'cargo run -p keylimit-operator -- crd --out crds --out charts/keylimit/crds'" >&2
+  exit 1
+}
 
 step "unit and integration tests"
 cargo test --workspace

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod certs;
 pub mod conditions;
 pub mod controller;
 pub mod crd;
@@ -11,6 +12,7 @@ pub mod leader;
 pub mod metrics;
 pub mod render;
 pub mod reports;
+pub mod webhook;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -42,6 +44,8 @@ pub enum Error {
     LeaseLost,
     #[error("{0}")]
     Config(String),
+    #[error("webhook certificate: {0}")]
+    Certificate(String),
 }
 
 #[derive(Parser, Debug)]
@@ -90,6 +94,80 @@ pub struct RunArgs {
     /// Log as JSON lines.
     #[arg(long, env = "KEYLIMIT_LOG_JSON")]
     pub log_json: bool,
+    /// Boxed: the webhook's many flags would make `Command::Run` far larger than `Crd`.
+    #[command(flatten)]
+    pub webhook: Box<WebhookArgs>,
+}
+
+/// The sidecar-injecting admission webhook (operator/src/webhook.rs, certs.rs).
+#[derive(clap::Args, Debug, Clone)]
+pub struct WebhookArgs {
+    /// Serve the webhook (TLS) here; no webhook when unset.
+    #[arg(long, env = "KEYLIMIT_WEBHOOK_ADDR")]
+    pub webhook_addr: Option<SocketAddr>,
+    /// The webhook's Service; its `<name>.<namespace>.svc` names go into the certificate.
+    #[arg(long, default_value = "keylimit-webhook")]
+    pub webhook_service: String,
+    /// The operator's own namespace: the Service's and the certificate Secret's.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "keylimit-system")]
+    pub webhook_namespace: String,
+    /// MutatingWebhookConfiguration whose caBundle the operator keeps current; unset: leave
+    /// it alone (cert-manager's CA injector, or a caBundle managed by hand).
+    #[arg(long)]
+    pub webhook_config_name: Option<String>,
+    /// Secret (in --webhook-namespace) holding the generated CA and serving certificate.
+    #[arg(long, default_value = "keylimit-webhook-cert")]
+    pub webhook_cert_secret: String,
+    #[arg(long, default_value_t = 365)]
+    pub webhook_cert_validity_days: u64,
+    /// Read tls.crt/tls.key from this directory (e.g. a cert-manager Secret) instead of
+    /// generating a certificate; the caBundle is then not patched.
+    #[arg(long)]
+    pub webhook_cert_dir: Option<PathBuf>,
+    /// More names (DNS or IP) for the generated certificate, e.g. 127.0.0.1 for a webhook
+    /// registered by URL during development.
+    #[arg(long, value_delimiter = ',')]
+    pub webhook_extra_san: Vec<String>,
+    #[command(flatten)]
+    pub sidecar: webhook::SidecarSettings,
+}
+
+impl WebhookArgs {
+    /// The serving certificate's names: the Service's in-cluster DNS names plus extras.
+    pub fn cert_names(&self) -> Vec<String> {
+        let (svc, ns) = (&self.webhook_service, &self.webhook_namespace);
+        let mut names = vec![
+            format!("{svc}.{ns}.svc"),
+            format!("{svc}.{ns}.svc.cluster.local"),
+            format!("{svc}.{ns}"),
+        ];
+        names.extend(self.webhook_extra_san.iter().cloned());
+        names
+    }
+
+    /// Starts the webhook if configured. Runs on every replica, before leader election:
+    /// admission is stateless, so standbys answer too.
+    pub async fn start(&self, client: &kube::Client) -> Result<Option<SocketAddr>, Error> {
+        let Some(addr) = self.webhook_addr else {
+            return Ok(None);
+        };
+        let source = match &self.webhook_cert_dir {
+            Some(dir) => certs::Source::Directory(dir.clone()),
+            None => certs::Source::Generated {
+                client: client.clone(),
+                namespace: self.webhook_namespace.clone(),
+                secret: self.webhook_cert_secret.clone(),
+                webhook_config: self.webhook_config_name.clone(),
+                names: self.cert_names(),
+                validity: Duration::from_secs(self.webhook_cert_validity_days.max(1) * 86400),
+            },
+        };
+        let store = Arc::new(certs::CertStore::default());
+        certs::start(source, store.clone()).await?;
+        Ok(Some(
+            webhook::serve(addr, store, self.sidecar.clone()).await?,
+        ))
+    }
 }
 
 pub fn init_tracing(json: bool) {
@@ -191,6 +269,7 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
         reports.clone(),
     )
     .await?;
+    args.webhook.start(&client).await?;
 
     let identity = args.identity.clone().unwrap_or_else(|| {
         std::env::var("HOSTNAME").unwrap_or_else(|_| format!("keylimit-{}", std::process::id()))

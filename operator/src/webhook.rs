@@ -1,0 +1,1206 @@
+//! Sidecar injection: a mutating admission webhook for Pods.
+//!
+//! The decision and the mutation are a pure function ([`inject`]: pod + settings → decision),
+//! unit-tested without a cluster; [`serve`] only wraps it in AdmissionReview over TLS.
+//!
+//! Which pods arrive here is decided by the MutatingWebhookConfiguration's selectors (chart:
+//! namespace label or pod label `keylimit.dev/inject: enabled`). Here a pod is injected when it
+//! names its RateLimitPolicy in `keylimit.dev/policy`; it is left alone when it carries
+//! `keylimit.dev/inject: disabled`, already has the sidecar (reinvocation, re-admission), or
+//! names no policy (a namespace-wide opt-in also sends Jobs and debug pods that never serve
+//! API traffic: they get a warning, not a rejection). A pod that names a policy but cannot be
+//! injected correctly (no port to take over, a bad override) is rejected with the reason,
+//! because admitting it would silently run the API without its limits.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMapProjection, Container, ContainerPort, EnvVar, EnvVarSource,
+    HTTPGetAction, ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource, ResourceRequirements,
+    SeccompProfile, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount,
+    VolumeProjection,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
+use kube::core::DynamicObject;
+use tokio::net::TcpListener;
+use tracing::{debug, info, warn};
+
+use crate::certs::CertStore;
+use crate::render;
+use crate::reports::AUDIENCE;
+use crate::Error;
+
+pub const INJECT_LABEL: &str = "keylimit.dev/inject";
+pub const POLICY_ANNOTATION: &str = "keylimit.dev/policy";
+pub const PORT_ANNOTATION: &str = "keylimit.dev/port";
+pub const CPU_ANNOTATION: &str = "keylimit.dev/sidecar-cpu";
+pub const MEMORY_ANNOTATION: &str = "keylimit.dev/sidecar-memory";
+pub const FAIL_MODE_ANNOTATION: &str = "keylimit.dev/fail-mode";
+pub const LOG_LEVEL_ANNOTATION: &str = "keylimit.dev/log-level";
+/// Set on injected pods: which policy and that keylimit changed the pod (for humans and for
+/// `kubectl get pods -l`... annotations are not selectable, so this is informational).
+pub const INJECTED_ANNOTATION: &str = "keylimit.dev/injected";
+
+pub const SIDECAR_NAME: &str = "keylimit-sidecar";
+/// The new name of the app's port the sidecar takes over.
+pub const APP_PORT_RENAME: &str = "kl-app";
+pub const ADMIN_PORT_NAME: &str = "kl-admin";
+pub const CONFIG_VOLUME: &str = "keylimit-config";
+pub const TOKEN_VOLUME: &str = "keylimit-token";
+pub const CONFIG_DIR: &str = "/etc/keylimit";
+pub const TOKEN_DIR: &str = "/var/run/secrets/keylimit";
+pub const TOKEN_FILE: &str = "token";
+/// Key shards the projected volume lists (all optional): render.rs never writes more.
+pub const MAX_SHARDS: usize = 32;
+/// Short-lived and audience-bound: a leaked token is only good for reporting usage to the
+/// operator, for an hour. Kubelet refreshes it well before it expires.
+pub const TOKEN_EXPIRATION_SECONDS: i64 = 3600;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FailMode {
+    /// Forward requests unchecked until the sidecar has loaded its policy.
+    Open,
+    /// Answer 503 until the sidecar has loaded its policy.
+    Closed,
+}
+
+impl FailMode {
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "open" => Some(Self::Open),
+            "closed" => Some(Self::Closed),
+            _ => None,
+        }
+    }
+}
+
+/// What the webhook injects, from the operator's flags (the chart's `sidecar.*` values).
+#[derive(clap::Args, Debug, Clone)]
+pub struct SidecarSettings {
+    #[arg(long, env = "KEYLIMIT_SIDECAR_IMAGE", default_value = concat!("keylimit/sidecar:", env!("CARGO_PKG_VERSION")))]
+    pub sidecar_image: String,
+    #[arg(long, default_value = "IfNotPresent")]
+    pub sidecar_image_pull_policy: String,
+    /// The sidecar's traffic port; it gets the name of the app port it takes over.
+    #[arg(long, default_value_t = 4143)]
+    pub sidecar_port: u16,
+    /// The sidecar's admin port (/healthz, /readyz, /metrics).
+    #[arg(long, default_value_t = 4191)]
+    pub sidecar_admin_port: u16,
+    /// The app container port the sidecar takes over unless `keylimit.dev/port` names another.
+    #[arg(long, default_value = "http")]
+    pub sidecar_app_port_name: String,
+    #[arg(long, value_enum, default_value = "closed")]
+    pub sidecar_fail_mode: FailMode,
+    /// RUST_LOG of the sidecar.
+    #[arg(long, default_value = "info")]
+    pub sidecar_log_level: String,
+    #[arg(long, default_value_t = 65532)]
+    pub sidecar_run_as_user: i64,
+    #[arg(long)]
+    pub sidecar_cpu_request: Option<String>,
+    #[arg(long)]
+    pub sidecar_cpu_limit: Option<String>,
+    #[arg(long)]
+    pub sidecar_memory_request: Option<String>,
+    #[arg(long)]
+    pub sidecar_memory_limit: Option<String>,
+    /// Where sidecars push usage reports (the operator's admin Service); none: no reporting.
+    #[arg(long)]
+    pub sidecar_report_url: Option<String>,
+}
+
+impl Default for SidecarSettings {
+    fn default() -> Self {
+        Self {
+            sidecar_image: concat!("keylimit/sidecar:", env!("CARGO_PKG_VERSION")).into(),
+            sidecar_image_pull_policy: "IfNotPresent".into(),
+            sidecar_port: 4143,
+            sidecar_admin_port: 4191,
+            sidecar_app_port_name: "http".into(),
+            sidecar_fail_mode: FailMode::Closed,
+            sidecar_log_level: "info".into(),
+            sidecar_run_as_user: 65532,
+            sidecar_cpu_request: None,
+            sidecar_cpu_limit: None,
+            sidecar_memory_request: None,
+            sidecar_memory_limit: None,
+            sidecar_report_url: None,
+        }
+    }
+}
+
+/// What to do with a pod.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Admit unchanged; the reason is logged and, when the user should know, sent as a warning.
+    Skip { reason: String, warn: bool },
+    /// Admit this pod instead.
+    Inject(Box<Pod>),
+    /// Reject the pod with this message.
+    Deny(String),
+}
+
+fn skip(reason: impl Into<String>, warn: bool) -> Decision {
+    Decision::Skip {
+        reason: reason.into(),
+        warn,
+    }
+}
+
+/// A Kubernetes quantity as the apiserver accepts it (`100m`, `1.5`, `64Mi`, `1e3`).
+fn valid_quantity(s: &str) -> bool {
+    let s = s.strip_prefix(['+', '-']).unwrap_or(s);
+    let digits = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, suffix) = s.split_at(digits);
+    let num_ok = !num.is_empty() && num.matches('.').count() <= 1 && num != ".";
+    let suffix_ok = matches!(
+        suffix,
+        "" | "m" | "k" | "M" | "G" | "T" | "P" | "E" | "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei"
+    ) || (suffix.len() > 1
+        && suffix.starts_with(['e', 'E'])
+        && suffix[1..]
+            .strip_prefix(['+', '-'])
+            .unwrap_or(&suffix[1..])
+            .chars()
+            .all(|c| c.is_ascii_digit()));
+    num_ok && suffix_ok
+}
+
+/// A DNS-1123 label (port names, policy names are subdomains but we keep them simple).
+fn valid_name(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && !s.starts_with(['-', '.'])
+        && !s.ends_with(['-', '.'])
+}
+
+fn valid_log_filter(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 256
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_=,:.-".contains(c))
+}
+
+struct Overrides {
+    policy: String,
+    port_name: String,
+    cpu: Option<String>,
+    memory: Option<String>,
+    fail_mode: FailMode,
+    log_level: String,
+}
+
+fn overrides(
+    annotations: &BTreeMap<String, String>,
+    policy: &str,
+    s: &SidecarSettings,
+) -> Result<Overrides, String> {
+    // The longest name derived from the policy must still be a valid ConfigMap name.
+    let (longest, _) = render::shard_names(policy, MAX_SHARDS);
+    if !valid_name(policy, 253) || longest.len() > 253 {
+        return Err(format!(
+            "{POLICY_ANNOTATION}: {policy:?} is not a valid RateLimitPolicy name"
+        ));
+    }
+    let get = |k: &str| annotations.get(k).map(|v| v.trim().to_string());
+    let port_name = get(PORT_ANNOTATION).unwrap_or_else(|| s.sidecar_app_port_name.clone());
+    // Port names are IANA service names: at most 15 characters, with a letter.
+    if !valid_name(&port_name, 15)
+        || port_name.contains('.')
+        || !port_name.chars().any(|c| c.is_ascii_lowercase())
+    {
+        return Err(format!(
+            "{PORT_ANNOTATION}: {port_name:?} is not a port name (the name of the app's \
+             containerPort, e.g. \"http\")"
+        ));
+    }
+    let cpu = get(CPU_ANNOTATION);
+    if let Some(c) = &cpu {
+        if !valid_quantity(c) {
+            return Err(format!(
+                "{CPU_ANNOTATION}: {c:?} is not a quantity (e.g. 100m)"
+            ));
+        }
+    }
+    let memory = get(MEMORY_ANNOTATION);
+    if let Some(m) = &memory {
+        if !valid_quantity(m) {
+            return Err(format!(
+                "{MEMORY_ANNOTATION}: {m:?} is not a quantity (e.g. 64Mi)"
+            ));
+        }
+    }
+    let fail_mode = match get(FAIL_MODE_ANNOTATION) {
+        None => s.sidecar_fail_mode,
+        Some(v) => FailMode::parse(&v).ok_or_else(|| {
+            format!("{FAIL_MODE_ANNOTATION}: {v:?} is not \"open\" or \"closed\"")
+        })?,
+    };
+    let log_level = get(LOG_LEVEL_ANNOTATION).unwrap_or_else(|| s.sidecar_log_level.clone());
+    if !valid_log_filter(&log_level) {
+        return Err(format!(
+            "{LOG_LEVEL_ANNOTATION}: {log_level:?} is not a log filter (e.g. info, debug)"
+        ));
+    }
+    Ok(Overrides {
+        policy: policy.to_string(),
+        port_name,
+        cpu,
+        memory,
+        fail_mode,
+        log_level,
+    })
+}
+
+fn already_injected(pod: &Pod) -> bool {
+    let Some(spec) = &pod.spec else { return false };
+    spec.containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .any(|c| c.name == SIDECAR_NAME)
+}
+
+/// The decision for one pod. Pure: the same pod and settings always give the same answer, and
+/// an injected pod is always skipped, so reinvocation and re-admission change nothing.
+pub fn inject(pod: &Pod, s: &SidecarSettings) -> Decision {
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+    if labels.get(INJECT_LABEL).map(String::as_str) == Some("disabled") {
+        return skip(format!("{INJECT_LABEL}=disabled"), false);
+    }
+    if already_injected(pod) {
+        return skip("already has the sidecar", false);
+    }
+    let Some(policy) = annotations
+        .get(POLICY_ANNOTATION)
+        .map(|p| p.trim())
+        .filter(|p| !p.is_empty())
+    else {
+        return skip(
+            format!(
+                "keylimit: opted in but no {POLICY_ANNOTATION} annotation; sidecar not injected"
+            ),
+            true,
+        );
+    };
+    let o = match overrides(&annotations, policy, s) {
+        Ok(o) => o,
+        Err(e) => return Decision::Deny(format!("keylimit: {e}")),
+    };
+    let Some(spec) = &pod.spec else {
+        return Decision::Deny("keylimit: pod has no spec".into());
+    };
+    let mut spec = spec.clone();
+
+    // Ports share the pod's network namespace: nothing may already listen where the sidecar will.
+    let all_ports = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .flat_map(|c| c.ports.iter().flatten());
+    for p in all_ports {
+        if p.container_port == i32::from(s.sidecar_port)
+            || p.container_port == i32::from(s.sidecar_admin_port)
+        {
+            return Decision::Deny(format!(
+                "keylimit: containerPort {} is the sidecar's; the app must use another port",
+                p.container_port
+            ));
+        }
+        if p.name.as_deref() == Some(APP_PORT_RENAME) || p.name.as_deref() == Some(ADMIN_PORT_NAME)
+        {
+            return Decision::Deny(format!(
+                "keylimit: port name {:?} is reserved for the sidecar",
+                p.name.as_deref().unwrap_or_default()
+            ));
+        }
+    }
+
+    // Take over the app's port: the sidecar gets its name, so `targetPort: <name>` in a Service
+    // lands on the limiter, which forwards to the app's original port on localhost.
+    let mut upstream_port = None;
+    for c in spec.containers.iter_mut() {
+        let Some(port) = c
+            .ports
+            .iter_mut()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some(o.port_name.as_str()))
+        else {
+            continue;
+        };
+        port.name = Some(APP_PORT_RENAME.into());
+        upstream_port = Some(port.container_port);
+        // Kubelet resolves a probe's named port in the probe's own container: keep the app's
+        // probes pointing at the app, not at a name that now belongs to the sidecar.
+        for probe in [
+            c.liveness_probe.as_mut(),
+            c.readiness_probe.as_mut(),
+            c.startup_probe.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            rename_probe_port(probe, &o.port_name);
+        }
+        break;
+    }
+    let Some(upstream_port) = upstream_port else {
+        return Decision::Deny(format!(
+            "keylimit: no container has a port named {:?} for the sidecar to take over; name \
+             the app's containerPort {:?} or set the {PORT_ANNOTATION} annotation",
+            o.port_name, o.port_name
+        ));
+    };
+
+    let volumes = spec.volumes.get_or_insert_with(Vec::new);
+    if volumes
+        .iter()
+        .any(|v| v.name == CONFIG_VOLUME || v.name == TOKEN_VOLUME)
+    {
+        return Decision::Deny(format!(
+            "keylimit: volume names {CONFIG_VOLUME} and {TOKEN_VOLUME} are reserved for the sidecar"
+        ));
+    }
+    volumes.push(config_volume(&o.policy));
+    volumes.push(token_volume());
+    spec.init_containers
+        .get_or_insert_with(Vec::new)
+        .push(sidecar_container(s, &o, upstream_port));
+
+    let mut out = pod.clone();
+    out.spec = Some(spec);
+    out.metadata
+        .annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(INJECTED_ANNOTATION.into(), o.policy.clone());
+    Decision::Inject(Box::new(out))
+}
+
+fn rename_probe_port(probe: &mut Probe, old: &str) {
+    let named = |p: &IntOrString| matches!(p, IntOrString::String(n) if n == old);
+    if let Some(h) = probe.http_get.as_mut() {
+        if named(&h.port) {
+            h.port = IntOrString::String(APP_PORT_RENAME.into());
+        }
+    }
+    if let Some(t) = probe.tcp_socket.as_mut() {
+        if named(&t.port) {
+            t.port = IntOrString::String(APP_PORT_RENAME.into());
+        }
+    }
+}
+
+/// The policy's ConfigMaps through ONE projected volume: kubelet updates it in place when the
+/// operator rewrites them, and the optional shards appear as the key set grows.
+fn config_volume(policy: &str) -> Volume {
+    let main = VolumeProjection {
+        config_map: Some(ConfigMapProjection {
+            name: render::main_config_map(policy),
+            // Not optional: a misspelt policy keeps the pod from starting, with an event that
+            // names the missing ConfigMap, instead of a sidecar that never becomes ready.
+            optional: Some(false),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let shards = (1..=MAX_SHARDS).map(|n| VolumeProjection {
+        config_map: Some(ConfigMapProjection {
+            name: render::shard_names(policy, n).0,
+            optional: Some(true),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    Volume {
+        name: CONFIG_VOLUME.into(),
+        projected: Some(ProjectedVolumeSource {
+            // Read-only for everyone: the sidecar only reads.
+            default_mode: Some(0o444),
+            sources: Some(std::iter::once(main).chain(shards).collect()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn token_volume() -> Volume {
+    Volume {
+        name: TOKEN_VOLUME.into(),
+        projected: Some(ProjectedVolumeSource {
+            default_mode: Some(0o444),
+            sources: Some(vec![VolumeProjection {
+                service_account_token: Some(ServiceAccountTokenProjection {
+                    audience: Some(AUDIENCE.into()),
+                    expiration_seconds: Some(TOKEN_EXPIRATION_SECONDS),
+                    path: TOKEN_FILE.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Pod Security "restricted", whatever the pod itself says.
+fn restricted_security_context(run_as_user: i64) -> SecurityContext {
+    SecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(run_as_user),
+        run_as_group: Some(run_as_user),
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        privileged: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            add: None,
+        }),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            localhost_profile: None,
+        }),
+        ..Default::default()
+    }
+}
+
+fn resources(s: &SidecarSettings, o: &Overrides) -> Option<ResourceRequirements> {
+    let mut requests = BTreeMap::new();
+    let mut limits = BTreeMap::new();
+    if let Some(c) = o.cpu.as_ref().or(s.sidecar_cpu_request.as_ref()) {
+        requests.insert("cpu".to_string(), Quantity(c.clone()));
+    }
+    // An annotated CPU request drops the default limit, which could otherwise sit below it.
+    if o.cpu.is_none() {
+        if let Some(c) = &s.sidecar_cpu_limit {
+            limits.insert("cpu".to_string(), Quantity(c.clone()));
+        }
+    }
+    // Memory: an annotation sets request and limit alike (memory is not compressible; a
+    // limit above the request only defers the OOM kill).
+    match &o.memory {
+        Some(m) => {
+            requests.insert("memory".to_string(), Quantity(m.clone()));
+            limits.insert("memory".to_string(), Quantity(m.clone()));
+        }
+        None => {
+            if let Some(m) = &s.sidecar_memory_request {
+                requests.insert("memory".to_string(), Quantity(m.clone()));
+            }
+            if let Some(m) = &s.sidecar_memory_limit {
+                limits.insert("memory".to_string(), Quantity(m.clone()));
+            }
+        }
+    }
+    (!requests.is_empty() || !limits.is_empty()).then(|| ResourceRequirements {
+        requests: (!requests.is_empty()).then_some(requests),
+        limits: (!limits.is_empty()).then_some(limits),
+        ..Default::default()
+    })
+}
+
+/// The sidecar's command line (see sidecar/src/cli.rs).
+pub fn sidecar_args(s: &SidecarSettings, fail_mode: FailMode, upstream_port: i32) -> Vec<String> {
+    let mut args = vec![
+        "--listen".to_string(),
+        format!("0.0.0.0:{}", s.sidecar_port),
+        "--admin-listen".to_string(),
+        format!("0.0.0.0:{}", s.sidecar_admin_port),
+        "--upstream".to_string(),
+        format!("http://127.0.0.1:{upstream_port}"),
+        "--config-dir".to_string(),
+        CONFIG_DIR.to_string(),
+        "--sidecar-name".to_string(),
+        // Expanded by kubelet from the env var below.
+        "$(POD_NAME)".to_string(),
+    ];
+    if fail_mode == FailMode::Open {
+        args.push("--fail-open-before-config".into());
+    }
+    if let Some(url) = &s.sidecar_report_url {
+        args.extend([
+            "--report-url".to_string(),
+            url.clone(),
+            "--report-token-file".to_string(),
+            format!("{TOKEN_DIR}/{TOKEN_FILE}"),
+        ]);
+    }
+    args
+}
+
+fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String(ADMIN_PORT_NAME.into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        ..Default::default()
+    }
+}
+
+fn sidecar_container(s: &SidecarSettings, o: &Overrides, upstream_port: i32) -> Container {
+    Container {
+        name: SIDECAR_NAME.into(),
+        image: Some(s.sidecar_image.clone()),
+        image_pull_policy: Some(s.sidecar_image_pull_policy.clone()),
+        // A native sidecar: started before the app containers, kept running beside them, and
+        // stopped after them, so no request reaches the app unlimited and draining works.
+        restart_policy: Some("Always".into()),
+        args: Some(sidecar_args(s, o.fail_mode, upstream_port)),
+        env: Some(vec![
+            EnvVar {
+                name: "POD_NAME".into(),
+                value_from: Some(EnvVarSource {
+                    field_ref: Some(ObjectFieldSelector {
+                        field_path: "metadata.name".into(),
+                        api_version: None,
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            EnvVar {
+                name: "RUST_LOG".into(),
+                value: Some(o.log_level.clone()),
+                ..Default::default()
+            },
+        ]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some(o.port_name.clone()),
+                container_port: i32::from(s.sidecar_port),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            },
+            ContainerPort {
+                name: Some(ADMIN_PORT_NAME.into()),
+                container_port: i32::from(s.sidecar_admin_port),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            },
+        ]),
+        // Ready once the policy is loaded: the pod receives no traffic before that.
+        readiness_probe: Some(http_probe("/readyz", 5, 3)),
+        liveness_probe: Some(http_probe("/healthz", 10, 3)),
+        resources: resources(s, o),
+        security_context: Some(restricted_security_context(s.sidecar_run_as_user)),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: CONFIG_VOLUME.into(),
+                mount_path: CONFIG_DIR.into(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+            VolumeMount {
+                name: TOKEN_VOLUME.into(),
+                mount_path: TOKEN_DIR.into(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+        ]),
+        ..Default::default()
+    }
+}
+
+/// The JSON patch from `pod` to the injected pod, or `None` when nothing changes.
+pub fn patch_for(pod: &Pod, injected: &Pod) -> Result<json_patch::Patch, Error> {
+    Ok(json_patch::diff(
+        &serde_json::to_value(pod)?,
+        &serde_json::to_value(injected)?,
+    ))
+}
+
+/// The AdmissionReview answer for one request body.
+pub fn review(body: &[u8], s: &SidecarSettings) -> Result<AdmissionReview<DynamicObject>, Error> {
+    let review: AdmissionReview<Pod> = serde_json::from_slice(body)?;
+    let req: AdmissionRequest<Pod> = review
+        .try_into()
+        .map_err(|e| Error::Config(format!("AdmissionReview without request: {e}")))?;
+    let mut resp = AdmissionResponse::from(&req);
+    let who = format!(
+        "{}/{}",
+        req.namespace.as_deref().unwrap_or_default(),
+        req.object
+            .as_ref()
+            .and_then(|p| p.metadata.name.clone().or(p.metadata.generate_name.clone()))
+            .unwrap_or_default()
+    );
+    if let Some(pod) = &req.object {
+        match inject(pod, s) {
+            Decision::Skip { reason, warn } => {
+                debug!(pod = %who, %reason, "not injecting");
+                if warn {
+                    resp.warnings = Some(vec![reason]);
+                }
+            }
+            Decision::Deny(msg) => {
+                info!(pod = %who, reason = %msg, "rejecting pod");
+                resp = resp.deny(msg);
+            }
+            Decision::Inject(injected) => {
+                let patch = patch_for(pod, &injected)?;
+                resp = resp
+                    .with_patch(patch)
+                    .map_err(|e| Error::Config(format!("serializing the patch: {e}")))?;
+                info!(pod = %who, "injected the sidecar");
+            }
+        }
+    }
+    Ok(resp.into_review())
+}
+
+fn respond(status: StatusCode, content_type: &'static str, body: Vec<u8>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    r
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    settings: Arc<SidecarSettings>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    match (req.method(), req.uri().path()) {
+        (&http::Method::POST, "/mutate") => {}
+        (&http::Method::GET, "/healthz") => {
+            return Ok(respond(StatusCode::OK, "text/plain", b"ok\n".to_vec()))
+        }
+        _ => {
+            return Ok(respond(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                b"not found\n".to_vec(),
+            ))
+        }
+    }
+    // Pods are small; 4 MiB is far above any real one and bounds what a caller can make us buffer.
+    let body = match http_body_util::Limited::new(req.into_body(), 4 * 1024 * 1024)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return Ok(respond(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "text/plain",
+                b"request too large\n".to_vec(),
+            ))
+        }
+    };
+    let out = review(&body, &settings).and_then(|r| Ok(serde_json::to_vec(&r)?));
+    Ok(match out {
+        Ok(json) => respond(StatusCode::OK, "application/json", json),
+        Err(e) => {
+            warn!(error = %e, "bad admission request");
+            respond(
+                StatusCode::BAD_REQUEST,
+                "text/plain",
+                format!("{e}\n").into_bytes(),
+            )
+        }
+    })
+}
+
+/// Binds now (so a bad address fails startup) and serves TLS in the background with whatever
+/// certificate `certs` holds at handshake time.
+pub async fn serve(
+    addr: SocketAddr,
+    certs: Arc<CertStore>,
+    settings: SidecarSettings,
+) -> Result<SocketAddr, Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Certificate(e.to_string()))?
+        .with_no_client_auth()
+        .with_cert_resolver(certs);
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    info!(%local, "webhook server listening (TLS)");
+    let settings = Arc::new(settings);
+    tokio::spawn(async move {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(s) => s,
+                Err(e) => {
+                    debug!(error = %e, "webhook accept failed");
+                    continue;
+                }
+            };
+            let (acceptor, settings) = (acceptor.clone(), settings.clone());
+            tokio::spawn(async move {
+                // A handshake that stalls must not hold a task forever.
+                let tls =
+                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
+                        .await
+                    {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                let svc = service_fn(move |req| handle(req, settings.clone()));
+                let conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                if let Err(e) = conn.serve_connection(TokioIo::new(tls), svc).await {
+                    debug!(%peer, error = %e, "webhook connection ended");
+                }
+            });
+        }
+    });
+    Ok(local)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::PodSpec;
+    use kube::api::ObjectMeta;
+
+    fn app_pod(annotations: &[(&str, &str)], labels: &[(&str, &str)]) -> Pod {
+        let map = |kv: &[(&str, &str)]| {
+            Some(
+                kv.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect::<BTreeMap<_, _>>(),
+            )
+        };
+        Pod {
+            metadata: ObjectMeta {
+                name: Some("api-1".into()),
+                namespace: Some("shop".into()),
+                annotations: map(annotations),
+                labels: map(labels),
+                ..Default::default()
+            },
+            spec: Some(PodSpec {
+                containers: vec![Container {
+                    name: "app".into(),
+                    image: Some("app:1".into()),
+                    ports: Some(vec![
+                        ContainerPort {
+                            name: Some("http".into()),
+                            container_port: 8080,
+                            ..Default::default()
+                        },
+                        ContainerPort {
+                            name: Some("grpc".into()),
+                            container_port: 9000,
+                            ..Default::default()
+                        },
+                    ]),
+                    readiness_probe: Some(Probe {
+                        http_get: Some(HTTPGetAction {
+                            path: Some("/ready".into()),
+                            port: IntOrString::String("http".into()),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn settings() -> SidecarSettings {
+        SidecarSettings {
+            sidecar_cpu_request: Some("20m".into()),
+            sidecar_memory_request: Some("32Mi".into()),
+            sidecar_memory_limit: Some("128Mi".into()),
+            sidecar_report_url: Some("http://keylimit.keylimit-system.svc:8080/v1/reports".into()),
+            ..Default::default()
+        }
+    }
+
+    fn injected(pod: &Pod) -> Pod {
+        match inject(pod, &settings()) {
+            Decision::Inject(p) => *p,
+            other => panic!("expected injection, got {other:?}"),
+        }
+    }
+
+    fn sidecar(pod: &Pod) -> Container {
+        let spec = pod.spec.as_ref().expect("spec");
+        let mut side = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .filter(|c| c.name == SIDECAR_NAME);
+        let c = side.next().expect("sidecar in initContainers").clone();
+        assert!(side.next().is_none(), "exactly one sidecar");
+        c
+    }
+
+    fn arg_after(c: &Container, flag: &str) -> Option<String> {
+        let args = c.args.clone().unwrap_or_default();
+        let i = args.iter().position(|a| a == flag)?;
+        args.get(i + 1).cloned()
+    }
+
+    #[test]
+    fn injects_a_native_sidecar_with_policy_volume_and_token() {
+        let pod = app_pod(&[(POLICY_ANNOTATION, "gold")], &[]);
+        let out = injected(&pod);
+        let c = sidecar(&out);
+        assert_eq!(c.restart_policy.as_deref(), Some("Always"));
+        assert_eq!(
+            arg_after(&c, "--upstream").as_deref(),
+            Some("http://127.0.0.1:8080")
+        );
+        assert_eq!(arg_after(&c, "--listen").as_deref(), Some("0.0.0.0:4143"));
+        assert_eq!(
+            arg_after(&c, "--admin-listen").as_deref(),
+            Some("0.0.0.0:4191")
+        );
+        assert_eq!(
+            arg_after(&c, "--config-dir").as_deref(),
+            Some("/etc/keylimit")
+        );
+        assert_eq!(
+            arg_after(&c, "--sidecar-name").as_deref(),
+            Some("$(POD_NAME)")
+        );
+        assert_eq!(
+            arg_after(&c, "--report-token-file").as_deref(),
+            Some("/var/run/secrets/keylimit/token")
+        );
+        assert!(arg_after(&c, "--report-url").is_some());
+        assert!(!c
+            .args
+            .clone()
+            .unwrap_or_default()
+            .contains(&"--fail-open-before-config".into()));
+        let env = c.env.clone().unwrap_or_default();
+        assert!(env.iter().any(|e| e.name == "POD_NAME"
+            && e.value_from
+                .as_ref()
+                .and_then(|v| v.field_ref.as_ref())
+                .map(|f| f.field_path.as_str())
+                == Some("metadata.name")));
+        assert!(env
+            .iter()
+            .any(|e| e.name == "RUST_LOG" && e.value.as_deref() == Some("info")));
+        assert_eq!(
+            c.readiness_probe
+                .as_ref()
+                .and_then(|p| p.http_get.as_ref())
+                .and_then(|h| h.path.as_deref()),
+            Some("/readyz")
+        );
+        assert_eq!(
+            c.liveness_probe
+                .as_ref()
+                .and_then(|p| p.http_get.as_ref())
+                .and_then(|h| h.path.as_deref()),
+            Some("/healthz")
+        );
+
+        let vols = out
+            .spec
+            .as_ref()
+            .and_then(|s| s.volumes.clone())
+            .unwrap_or_default();
+        let cfg = vols
+            .iter()
+            .find(|v| v.name == CONFIG_VOLUME)
+            .expect("config volume");
+        let sources = cfg
+            .projected
+            .as_ref()
+            .and_then(|p| p.sources.clone())
+            .unwrap_or_default();
+        assert_eq!(sources.len(), 1 + MAX_SHARDS);
+        let names: Vec<(String, Option<bool>)> = sources
+            .iter()
+            .filter_map(|s| s.config_map.as_ref().map(|c| (c.name.clone(), c.optional)))
+            .collect();
+        assert_eq!(names[0], ("keylimit-gold".to_string(), Some(false)));
+        assert_eq!(
+            names[1],
+            ("keylimit-gold-keys-0001".to_string(), Some(true))
+        );
+        assert_eq!(
+            names[32],
+            ("keylimit-gold-keys-0032".to_string(), Some(true))
+        );
+        let tok = vols
+            .iter()
+            .find(|v| v.name == TOKEN_VOLUME)
+            .expect("token volume");
+        let sat = tok
+            .projected
+            .as_ref()
+            .and_then(|p| p.sources.as_ref())
+            .and_then(|s| s[0].service_account_token.clone())
+            .expect("token projection");
+        assert_eq!(sat.audience.as_deref(), Some("keylimit"));
+        assert_eq!(sat.expiration_seconds, Some(3600));
+        let mounts = c.volume_mounts.clone().unwrap_or_default();
+        assert!(mounts.iter().all(|m| m.read_only == Some(true)));
+        assert!(mounts.iter().any(|m| m.mount_path == "/etc/keylimit"));
+        assert!(mounts
+            .iter()
+            .any(|m| m.mount_path == "/var/run/secrets/keylimit"));
+        assert_eq!(
+            out.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(INJECTED_ANNOTATION))
+                .map(String::as_str),
+            Some("gold")
+        );
+    }
+
+    #[test]
+    fn takes_over_the_http_port_and_keeps_app_probes_on_the_app() {
+        let out = injected(&app_pod(&[(POLICY_ANNOTATION, "gold")], &[]));
+        let spec = out.spec.as_ref().expect("spec");
+        let app = &spec.containers[0];
+        let ports = app.ports.clone().unwrap_or_default();
+        assert_eq!(ports[0].name.as_deref(), Some(APP_PORT_RENAME));
+        assert_eq!(ports[0].container_port, 8080);
+        assert_eq!(
+            ports[1].name.as_deref(),
+            Some("grpc"),
+            "other ports untouched"
+        );
+        assert_eq!(
+            app.readiness_probe
+                .as_ref()
+                .and_then(|p| p.http_get.as_ref())
+                .map(|h| h.port.clone()),
+            Some(IntOrString::String(APP_PORT_RENAME.into()))
+        );
+        let c = sidecar(&out);
+        let sp = c.ports.clone().unwrap_or_default();
+        assert_eq!(sp[0].name.as_deref(), Some("http"));
+        assert_eq!(sp[0].container_port, 4143);
+    }
+
+    #[test]
+    fn port_annotation_selects_another_port() {
+        let out = injected(&app_pod(
+            &[(POLICY_ANNOTATION, "gold"), (PORT_ANNOTATION, "grpc")],
+            &[],
+        ));
+        let c = sidecar(&out);
+        assert_eq!(
+            arg_after(&c, "--upstream").as_deref(),
+            Some("http://127.0.0.1:9000")
+        );
+        assert_eq!(
+            c.ports.clone().unwrap_or_default()[0].name.as_deref(),
+            Some("grpc")
+        );
+        let app_ports = out.spec.as_ref().expect("spec").containers[0]
+            .ports
+            .clone()
+            .unwrap_or_default();
+        assert_eq!(app_ports[0].name.as_deref(), Some("http"));
+        assert_eq!(app_ports[1].name.as_deref(), Some(APP_PORT_RENAME));
+    }
+
+    #[test]
+    fn sidecar_is_restricted() {
+        let c = sidecar(&injected(&app_pod(&[(POLICY_ANNOTATION, "gold")], &[])));
+        let sc = c.security_context.expect("securityContext");
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(
+            sc.capabilities.and_then(|c| c.drop),
+            Some(vec!["ALL".to_string()])
+        );
+        assert_eq!(
+            sc.seccomp_profile.map(|s| s.type_),
+            Some("RuntimeDefault".to_string())
+        );
+        assert!(sc.run_as_user.is_some_and(|u| u > 0));
+    }
+
+    #[test]
+    fn annotations_override_resources_fail_mode_and_log_level() {
+        let out = injected(&app_pod(
+            &[
+                (POLICY_ANNOTATION, "gold"),
+                (CPU_ANNOTATION, "250m"),
+                (MEMORY_ANNOTATION, "256Mi"),
+                (FAIL_MODE_ANNOTATION, "open"),
+                (LOG_LEVEL_ANNOTATION, "debug,hyper=info"),
+            ],
+            &[],
+        ));
+        let c = sidecar(&out);
+        let r = c.resources.clone().expect("resources");
+        let q = |m: &Option<BTreeMap<String, Quantity>>, k: &str| {
+            m.as_ref().and_then(|m| m.get(k)).map(|q| q.0.clone())
+        };
+        assert_eq!(q(&r.requests, "cpu").as_deref(), Some("250m"));
+        assert_eq!(q(&r.requests, "memory").as_deref(), Some("256Mi"));
+        assert_eq!(q(&r.limits, "memory").as_deref(), Some("256Mi"));
+        assert!(c
+            .args
+            .clone()
+            .unwrap_or_default()
+            .contains(&"--fail-open-before-config".into()));
+        let env = c.env.clone().unwrap_or_default();
+        assert!(env
+            .iter()
+            .any(|e| e.name == "RUST_LOG" && e.value.as_deref() == Some("debug,hyper=info")));
+
+        // Defaults when not annotated.
+        let d = sidecar(&injected(&app_pod(&[(POLICY_ANNOTATION, "gold")], &[])));
+        let r = d.resources.expect("resources");
+        assert_eq!(q(&r.requests, "cpu").as_deref(), Some("20m"));
+        assert_eq!(q(&r.limits, "memory").as_deref(), Some("128Mi"));
+    }
+
+    #[test]
+    fn bad_overrides_are_rejected_with_the_reason() {
+        for (k, v) in [
+            (CPU_ANNOTATION, "lots"),
+            (MEMORY_ANNOTATION, "1 GB"),
+            (FAIL_MODE_ANNOTATION, "sometimes"),
+            (LOG_LEVEL_ANNOTATION, "debug; rm -rf"),
+            (PORT_ANNOTATION, "8080"),
+        ] {
+            match inject(
+                &app_pod(&[(POLICY_ANNOTATION, "gold"), (k, v)], &[]),
+                &settings(),
+            ) {
+                Decision::Deny(msg) => assert!(msg.contains(k), "{msg}"),
+                other => panic!("{k}={v}: expected a denial, got {other:?}"),
+            }
+        }
+        match inject(
+            &app_pod(&[(POLICY_ANNOTATION, "Not_A_Name")], &[]),
+            &settings(),
+        ) {
+            Decision::Deny(msg) => assert!(msg.contains(POLICY_ANNOTATION)),
+            other => panic!("expected a denial, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn missing_port_or_port_conflicts_are_rejected() {
+        let mut pod = app_pod(
+            &[(POLICY_ANNOTATION, "gold"), (PORT_ANNOTATION, "web")],
+            &[],
+        );
+        assert!(matches!(inject(&pod, &settings()), Decision::Deny(m) if m.contains("\"web\"")));
+        pod = app_pod(&[(POLICY_ANNOTATION, "gold")], &[]);
+        if let Some(spec) = pod.spec.as_mut() {
+            spec.containers[0]
+                .ports
+                .get_or_insert_with(Vec::new)
+                .push(ContainerPort {
+                    container_port: 4191,
+                    ..Default::default()
+                });
+        }
+        assert!(matches!(inject(&pod, &settings()), Decision::Deny(m) if m.contains("4191")));
+    }
+
+    #[test]
+    fn opt_outs_are_left_alone() {
+        let disabled = app_pod(
+            &[(POLICY_ANNOTATION, "gold")],
+            &[(INJECT_LABEL, "disabled")],
+        );
+        assert!(matches!(
+            inject(&disabled, &settings()),
+            Decision::Skip { warn: false, .. }
+        ));
+        let no_policy = app_pod(&[], &[(INJECT_LABEL, "enabled")]);
+        assert!(matches!(
+            inject(&no_policy, &settings()),
+            Decision::Skip { warn: true, .. }
+        ));
+        let blank = app_pod(&[(POLICY_ANNOTATION, "  ")], &[]);
+        assert!(matches!(inject(&blank, &settings()), Decision::Skip { .. }));
+    }
+
+    #[test]
+    fn injection_is_idempotent() {
+        let once = injected(&app_pod(&[(POLICY_ANNOTATION, "gold")], &[]));
+        assert!(matches!(
+            inject(&once, &settings()),
+            Decision::Skip { warn: false, .. }
+        ));
+        // The patch applied to the original gives exactly the injected pod.
+        let original = app_pod(&[(POLICY_ANNOTATION, "gold")], &[]);
+        let patch = patch_for(&original, &once).expect("patch");
+        let mut doc = serde_json::to_value(&original).expect("json");
+        json_patch::patch(&mut doc, &patch).expect("apply");
+        assert_eq!(doc, serde_json::to_value(&once).expect("json"));
+    }
+
+    #[test]
+    fn review_round_trip() {
+        let pod = app_pod(&[(POLICY_ANNOTATION, "gold")], &[]);
+        let body = serde_json::json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": "0d3d2f5c-1111-2222-3333-444455556666",
+                "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
+                "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
+                "requestResource": {"group": "", "version": "v1", "resource": "pods"},
+                "namespace": "shop",
+                "operation": "CREATE",
+                "userInfo": {"username": "alice"},
+                "object": pod,
+                "dryRun": false,
+            }
+        });
+        let out = review(&serde_json::to_vec(&body).expect("json"), &settings()).expect("review");
+        let resp = out.response.expect("response");
+        assert!(resp.allowed);
+        assert_eq!(resp.uid, "0d3d2f5c-1111-2222-3333-444455556666");
+        assert!(resp.patch.is_some());
+        assert!(review(b"{}", &settings()).is_err());
+    }
+
+    #[test]
+    fn quantities() {
+        for ok in ["100m", "1", "0.5", "64Mi", "1Gi", "1e3", "2k"] {
+            assert!(valid_quantity(ok), "{ok}");
+        }
+        for bad in ["", "m", "lots", "1 GB", "1.2.3", "64MB"] {
+            assert!(!valid_quantity(bad), "{bad}");
+        }
+    }
+}
