@@ -476,3 +476,48 @@ pub async fn read_key(env: &Env, secret: &str) -> anyhow::Result<String> {
         .ok_or_else(|| anyhow!("Secret {secret} has no data key 'key'"))?;
     Ok(String::from_utf8(v.0.clone())?)
 }
+
+/// The chart under test.
+pub fn chart_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/keylimit")
+}
+
+/// `$HELM`, else the pinned helm from hack/build-tools.sh.
+pub fn helm_bin() -> PathBuf {
+    if let Ok(h) = std::env::var("HELM") {
+        return PathBuf::from(h);
+    }
+    let cache = std::env::var("KEYLIMIT_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/keylimit")
+        });
+    cache.join("bin/helm")
+}
+
+/// Runs helm; stdout on success, an error carrying stderr otherwise.
+pub async fn helm(args: &[&str]) -> anyhow::Result<String> {
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new(helm_bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .output(),
+    )
+    .await
+    .map_err(|_| anyhow!("helm {} hung", args.join(" ")))?
+    .with_context(|| {
+        format!(
+            "running {} (build it: hack/build-tools.sh)",
+            helm_bin().display()
+        )
+    })?;
+    if !out.status.success() {
+        bail!(
+            "helm {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+}

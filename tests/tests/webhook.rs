@@ -4,7 +4,6 @@
 //! the caBundle itself, and the apiserver calls it over TLS for every Pod it admits. Run by
 //! `hack/test.sh`; ignored by a plain `cargo test`.
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, ensure, Context as _};
@@ -16,49 +15,6 @@ use kube::Api;
 use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(60);
-
-fn chart_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/keylimit")
-}
-
-/// `$HELM`, else the pinned helm from hack/build-tools.sh.
-fn helm_bin() -> PathBuf {
-    if let Ok(h) = std::env::var("HELM") {
-        return PathBuf::from(h);
-    }
-    let cache = std::env::var("KEYLIMIT_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/keylimit")
-        });
-    cache.join("bin/helm")
-}
-
-async fn helm(args: &[&str]) -> anyhow::Result<String> {
-    let out = tokio::time::timeout(
-        Duration::from_secs(120),
-        tokio::process::Command::new(helm_bin())
-            .args(args)
-            .stdin(std::process::Stdio::null())
-            .output(),
-    )
-    .await
-    .map_err(|_| anyhow!("helm {} hung", args.join(" ")))?
-    .with_context(|| {
-        format!(
-            "running {} (build it: hack/build-tools.sh)",
-            helm_bin().display()
-        )
-    })?;
-    if !out.status.success() {
-        bail!(
-            "helm {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).to_string())
-}
 
 /// The chart's MutatingWebhookConfiguration, rendered by helm, retargeted for this test: named
 /// `name`, calling `url` instead of the in-cluster Service, and matching only `namespaces` (so
