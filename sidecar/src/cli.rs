@@ -69,6 +69,10 @@ pub struct Args {
     /// How often idle limiter state is swept.
     #[arg(long, default_value_t = 30)]
     pub eviction_interval_secs: u64,
+    /// Redis store only: how long a concurrency slot of a crashed sidecar stays taken (live
+    /// slots are renewed every third of it).
+    #[arg(long, default_value_t = 30)]
+    pub redis_lease_ttl_secs: u64,
 }
 
 impl Args {
@@ -96,6 +100,10 @@ impl Args {
             metrics_per_key: self.metrics_per_key,
             eviction_interval: Duration::from_secs(self.eviction_interval_secs),
             report,
+            redis: crate::store::RedisSettings {
+                lease_ttl: Duration::from_secs(self.redis_lease_ttl_secs.max(1)),
+                ..crate::store::RedisSettings::default()
+            },
         })
     }
 }

@@ -32,6 +32,18 @@ pub enum Error {
     Logging(String),
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
+    /// The Redis store is misconfigured (bad URL) or did not answer.
+    #[error("redis store: {0}")]
+    Redis(String),
+    /// The Redis store did not answer within the policy's timeout.
+    #[error("redis store did not answer within {0:?}")]
+    RedisTimeout(std::time::Duration),
+}
+
+impl From<redis::RedisError> for Error {
+    fn from(e: redis::RedisError) -> Self {
+        Error::Redis(e.to_string())
+    }
 }
 
 impl Error {
@@ -50,6 +62,8 @@ impl Error {
             Error::Argument(_) => "argument",
             Error::Logging(_) => "logging",
             Error::Io(_) => "io",
+            Error::Redis(_) => "redis",
+            Error::RedisTimeout(_) => "redis_timeout",
         }
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! Layout: [`config`] turns the operator's document into an immutable [`config::Snapshot`]
 //! (with its [`config::KeyIndex`]); [`limiter`] decides; [`proxy`] and [`admin`] are the two
-//! ports; [`server`] wires them with the config watcher and graceful shutdown.
+//! ports; [`store`] makes the same decisions in Redis when the policy asks for a shared
+//! store; [`server`] wires them with the config watcher and graceful shutdown.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -17,6 +18,7 @@ pub mod proxy;
 pub mod report;
 pub mod response;
 pub mod server;
+pub mod store;
 pub mod window;
 
 pub use cli::{run, Args};

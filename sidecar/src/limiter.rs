@@ -9,13 +9,13 @@
 //! indistinguishable from a fresh one, which is what lets idle state be evicted without changing
 //! any decision.
 
-use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use keylimit_dataplane::{Exhaustion, ExhaustionReason, Limits, QuotaAlignment, QuotaPeriod};
+use sha2::{Digest, Sha256};
 
 use crate::clock::{Clock, NANOS_PER_SEC};
 use crate::window;
@@ -51,9 +51,31 @@ pub struct RateRule {
     pub period_s: u64,
     pub burst: u64,
     id: u64,
-    interval_ns: u64,
+    pub(crate) interval_ns: u64,
     /// How far the theoretical arrival time may run ahead of now: `(burst + 1) * interval`.
-    tolerance_ns: u64,
+    pub(crate) tolerance_ns: u64,
+}
+
+impl RateRule {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn new(name: Arc<str>, requests: u64, period_s: u64, burst: u64, id: u64) -> Self {
+        let period_ns = period_s.saturating_mul(NANOS_PER_SEC);
+        // Rounded up so that `requests` intervals never fit inside one period: the
+        // window then admits at most requests + burst, never one more.
+        let interval_ns = period_ns.div_ceil(requests.max(1)).max(1);
+        RateRule {
+            name,
+            requests,
+            period_s,
+            burst,
+            id,
+            interval_ns,
+            tolerance_ns: interval_ns.saturating_mul(burst.saturating_add(1)),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -77,6 +99,12 @@ pub struct ConcurrencyRule {
     id: u64,
 }
 
+impl ConcurrencyRule {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+}
+
 /// The limits of one scope (a key, a route for a key, or the policy as a whole), compiled.
 #[derive(Debug, Clone, Default)]
 pub struct LimitSet {
@@ -86,14 +114,22 @@ pub struct LimitSet {
 }
 
 fn fingerprint(scope: &str, kind: LimitKind, name: &str, params: &[u64]) -> u64 {
-    // SipHash with fixed keys: deterministic within the process, which is all the state
-    // store needs (state never outlives the process).
-    let mut h = DefaultHasher::new();
-    scope.hash(&mut h);
-    kind.as_str().hash(&mut h);
-    name.hash(&mut h);
-    params.hash(&mut h);
-    h.finish()
+    // sha256 rather than std's SipHash: the id names Redis keys, so it must be the same in
+    // every sidecar of the fleet and across releases (std documents no such guarantee).
+    // Only computed when a config is compiled, never per request. Strings are
+    // length-prefixed so ("ab","c") and ("a","bc") cannot collide.
+    let mut h = Sha256::new();
+    for part in [scope, kind.as_str(), name] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    for p in params {
+        h.update(p.to_le_bytes());
+    }
+    let d = h.finalize();
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d[..8]);
+    u64::from_le_bytes(b)
 }
 
 fn period_code(p: QuotaPeriod) -> u64 {
@@ -113,24 +149,18 @@ impl LimitSet {
             .rates
             .iter()
             .map(|r| {
-                let period_ns = r.period_seconds.saturating_mul(NANOS_PER_SEC);
-                // Rounded up so that `requests` intervals never fit inside one period: the
-                // window then admits at most requests + burst, never one more.
-                let interval_ns = period_ns.div_ceil(r.requests.max(1)).max(1);
-                RateRule {
-                    name: Arc::from(r.name.as_str()),
-                    requests: r.requests,
-                    period_s: r.period_seconds,
-                    burst: r.burst,
-                    id: fingerprint(
+                RateRule::new(
+                    Arc::from(r.name.as_str()),
+                    r.requests,
+                    r.period_seconds,
+                    r.burst,
+                    fingerprint(
                         scope,
                         LimitKind::Rate,
                         &r.name,
                         &[r.requests, r.period_seconds, r.burst],
                     ),
-                    interval_ns,
-                    tolerance_ns: interval_ns.saturating_mul(r.burst.saturating_add(1)),
-                }
+                )
             })
             .collect();
         let quotas = limits
@@ -166,6 +196,41 @@ impl LimitSet {
 
     pub fn is_empty(&self) -> bool {
         self.rates.is_empty() && self.quotas.is_empty() && self.concurrency.is_none()
+    }
+
+    /// This set with every count divided by `n` (at least 1 each): what one of `n` sidecars
+    /// may admit on its own while the shared store is away. Rounded down so the fleet stays
+    /// at or under the declared limit; ids are kept (the copy lives in its own limiter).
+    pub fn divided(&self, n: u32) -> LimitSet {
+        let n = u64::from(n.max(1));
+        let share = |v: u64| (v / n).max(1);
+        LimitSet {
+            rates: self
+                .rates
+                .iter()
+                .map(|r| {
+                    RateRule::new(
+                        r.name.clone(),
+                        share(r.requests),
+                        r.period_s,
+                        r.burst / n,
+                        r.id,
+                    )
+                })
+                .collect(),
+            quotas: self
+                .quotas
+                .iter()
+                .map(|q| QuotaRule {
+                    requests: share(q.requests),
+                    ..q.clone()
+                })
+                .collect(),
+            concurrency: self.concurrency.as_ref().map(|c| ConcurrencyRule {
+                max: u32::try_from(share(u64::from(c.max))).unwrap_or(u32::MAX),
+                id: c.id,
+            }),
+        }
     }
 }
 
@@ -239,7 +304,7 @@ pub struct LimitStatus {
 }
 
 impl LimitStatus {
-    fn more_restrictive_than(&self, other: &LimitStatus) -> bool {
+    pub(crate) fn more_restrictive_than(&self, other: &LimitStatus) -> bool {
         (self.remaining, std::cmp::Reverse(self.reset_secs))
             < (other.remaining, std::cmp::Reverse(other.reset_secs))
     }
@@ -359,16 +424,24 @@ impl Store {
     }
 }
 
-/// Concurrency slots held by one admitted request.
+/// Concurrency slots held by one admitted request; released when dropped (response end or
+/// client abort).
 #[derive(Debug)]
-pub struct Permit {
+pub enum Permit {
+    Local(LocalPermit),
+    /// Leases in Redis: released in the background on drop, expire on their own otherwise.
+    Redis(crate::store::Lease),
+}
+
+#[derive(Debug)]
+pub struct LocalPermit {
     store: Arc<Store>,
     key_id: u64,
     key_slots: [Option<u64>; 2],
     policy_slot: Option<u64>,
 }
 
-impl Drop for Permit {
+impl Drop for LocalPermit {
     fn drop(&mut self) {
         if self.key_slots.iter().any(Option::is_some) {
             let mut st = self.store.shard(self.key_id);
@@ -519,13 +592,14 @@ impl Limiter {
         let policy_slot = policy_sets[0]
             .and_then(|s| s.concurrency.as_ref())
             .map(|r| r.id);
-        let permit =
-            (key_slots.iter().any(Option::is_some) || policy_slot.is_some()).then(|| Permit {
+        let permit = (key_slots.iter().any(Option::is_some) || policy_slot.is_some()).then(|| {
+            Permit::Local(LocalPermit {
                 store: self.store.clone(),
                 key_id: c.key_id,
                 key_slots,
                 policy_slot,
-            });
+            })
+        });
 
         Decision::Allow(Admission {
             delay_ns: delay,
@@ -555,6 +629,34 @@ impl Limiter {
             })
             .ok()
             .map(|_| QueueSlot(self.queue.clone()))
+    }
+
+    /// A throttle-queue place for a request another store decided to delay.
+    pub(crate) fn try_enqueue(&self, max: u32) -> Option<QueueSlot> {
+        self.enqueue(max)
+    }
+
+    /// Records a refusal decided elsewhere (Redis), so `/v1/usage` and the operator report
+    /// see it exactly as they see local ones.
+    pub fn note_refusal(&self, key_id: u64, r: Refusal) {
+        self.store.shard(key_id).refusals.insert(key_id, r);
+    }
+
+    /// Mirrors a quota count decided elsewhere (Redis) into this limiter's view, which only
+    /// `/v1/usage` reads in that mode. Never moves a newer count backwards.
+    pub fn note_quota(&self, key_id: u64, quota_id: u64, used: u64, until_ns: u64) {
+        let mut st = self.store.shard(key_id);
+        let s = st
+            .slots
+            .entry(SlotId {
+                key: key_id,
+                limit: quota_id,
+            })
+            .or_default();
+        if s.until != until_ns || s.count < used {
+            s.until = until_ns;
+            s.count = used;
+        }
     }
 
     /// Requests currently held by the throttle.

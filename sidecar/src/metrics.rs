@@ -26,10 +26,12 @@ pub enum Outcome {
     KeyDisabled,
     KeyExpired,
     NotReady,
+    /// FailClosed and the shared store (Redis) could not decide in time.
+    StoreUnavailable,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 11] = [
+    pub const ALL: [Outcome; 12] = [
         Outcome::Allowed,
         Outcome::DryRunRefused,
         Outcome::RateLimited,
@@ -41,6 +43,7 @@ impl Outcome {
         Outcome::KeyDisabled,
         Outcome::KeyExpired,
         Outcome::NotReady,
+        Outcome::StoreUnavailable,
     ];
 
     /// Also the machine-readable `error` code of the JSON body for refusals.
@@ -57,6 +60,7 @@ impl Outcome {
             Outcome::KeyDisabled => "key_disabled",
             Outcome::KeyExpired => "key_expired",
             Outcome::NotReady => "not_ready",
+            Outcome::StoreUnavailable => "store_unavailable",
         }
     }
 
@@ -96,6 +100,16 @@ struct ReasonLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ModeLabels {
+    mode: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ReloadLabels {
     result: String,
     reason: String,
@@ -110,6 +124,10 @@ pub struct Metrics {
     reloads: Family<ReloadLabels, Counter>,
     pub config_generation: Gauge,
     pub in_flight: Gauge,
+    /// 1 while the shared store (Redis) answers, 0 while decisions use the fail mode.
+    pub store_up: Gauge,
+    store_fallbacks: Family<ModeLabels, Counter>,
+    store_errors: Family<KindLabels, Counter>,
     pub limiter_slots: Gauge,
     pub decision_seconds: Histogram,
     pub upstream_errors: Counter,
@@ -203,7 +221,28 @@ impl Metrics {
             "Forwarded requests that failed to reach the app or timed out",
             upstream_errors.clone(),
         );
+        let store_up = Gauge::default();
+        registry.register(
+            "store_up",
+            "1 while the shared limit store (Redis) answers; 0 while its fail mode applies",
+            store_up.clone(),
+        );
+        let store_fallbacks = Family::<ModeLabels, Counter>::default();
+        registry.register(
+            "store_fallbacks",
+            "Decisions made by the fail mode because the shared store was unreachable or slow",
+            store_fallbacks.clone(),
+        );
+        let store_errors = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "store_errors",
+            "Shared store calls that failed, by kind (timeout, error)",
+            store_errors.clone(),
+        );
         Self {
+            store_up,
+            store_fallbacks,
+            store_errors,
             reports,
             exhaustions_seen: std::sync::atomic::AtomicU64::new(0),
             registry,
@@ -254,6 +293,18 @@ impl Metrics {
                 reason: format!("{reason:?}"),
             })
             .inc();
+    }
+
+    /// `mode`: fail_open, fail_closed or local_fallback.
+    pub fn store_fallback(&self, mode: &'static str) {
+        self.store_fallbacks
+            .get_or_create(&ModeLabels { mode })
+            .inc();
+    }
+
+    /// `kind`: timeout or error.
+    pub fn store_error(&self, kind: &'static str) {
+        self.store_errors.get_or_create(&KindLabels { kind }).inc();
     }
 
     pub fn exhaustions_seen(&self) -> u64 {

@@ -17,10 +17,12 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use crate::config::{hash_presented, ConfigStore, KeyPolicy, Snapshot};
-use crate::limiter::{Check, Decision, Limiter, Permit};
+use crate::limiter::{Admission, Check, Decision, Limiter, Permit};
 use crate::metrics::{Metrics, Outcome};
 use crate::response::{self, ProxyBody};
+use crate::store::RedisBackends;
 use crate::Error;
+use keylimit_dataplane::Store;
 
 /// Where allowed requests go.
 #[derive(Debug, Clone)]
@@ -52,6 +54,7 @@ impl Upstream {
 pub struct Proxy {
     pub config: Arc<ConfigStore>,
     pub limiter: Limiter,
+    pub redis: Arc<RedisBackends>,
     pub metrics: Arc<Metrics>,
     pub upstream: Upstream,
     pub upstream_timeout: Duration,
@@ -61,9 +64,12 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    // Each argument is a separate piece of shared state wired once in `Sidecar::start`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: Arc<ConfigStore>,
         limiter: Limiter,
+        redis: Arc<RedisBackends>,
         metrics: Arc<Metrics>,
         upstream: Upstream,
         upstream_timeout: Duration,
@@ -80,6 +86,7 @@ impl Proxy {
         Self {
             config,
             limiter,
+            redis,
             metrics,
             upstream,
             upstream_timeout,
@@ -138,7 +145,7 @@ impl Proxy {
             return self.auth_refused(&snap, Some(key), Outcome::KeyExpired);
         }
         let route = snap.route(req.method(), req.uri().path());
-        let decision = self.limiter.decide(&Check {
+        let check = Check {
             key_id: key.id,
             key_limits: &key.limits,
             route_limits: route.and_then(|r| r.limits.as_ref()),
@@ -146,7 +153,31 @@ impl Proxy {
             cost: route.map_or(1, |r| r.cost),
             throttle: snap.throttle,
             dry_run: snap.dry_run,
-        });
+        };
+        let decision = match &snap.policy.store {
+            Store::Local => self.limiter.decide(&check),
+            Store::Redis(cfg) => {
+                let store = self.redis.get(cfg);
+                match store.decide(cfg, &check, &self.limiter).await {
+                    Some(d) => {
+                        if let Decision::Refuse(r)
+                        | Decision::Allow(Admission {
+                            dry_run_refusal: Some(r),
+                            ..
+                        }) = &d
+                        {
+                            // The local view feeds /v1/usage and the operator's report.
+                            self.limiter.note_refusal(key.id, r.clone());
+                        }
+                        d
+                    }
+                    None => {
+                        self.count(&snap, Some(key), Outcome::StoreUnavailable);
+                        return response::store_unavailable();
+                    }
+                }
+            }
+        };
         self.metrics
             .decision_seconds
             .observe(started.elapsed().as_secs_f64());

@@ -60,6 +60,19 @@ pub fn auth_failure(outcome: Outcome) -> Response<ProxyBody> {
     resp
 }
 
+/// FailClosed with the shared store away: 503 (the client did nothing wrong, unlike a 429),
+/// with `Retry-After` because the probe usually brings the store back within seconds.
+pub fn store_unavailable() -> Response<ProxyBody> {
+    let mut resp = error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        Outcome::StoreUnavailable.as_str(),
+        "the rate-limit store is unavailable and this policy fails closed; retry shortly",
+    );
+    resp.headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    resp
+}
+
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct LimitBody<'a> {

@@ -21,6 +21,7 @@ use crate::config::{ConfigSource, ConfigStore, ReloadOutcome};
 use crate::limiter::Limiter;
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, Upstream};
+use crate::store::{RedisBackends, RedisSettings};
 use crate::Error;
 
 /// Everything the sidecar is configured with (the CLI maps onto this).
@@ -39,6 +40,8 @@ pub struct Settings {
     pub eviction_interval: Duration,
     /// Where to push usage reports (the operator); none disables pushing.
     pub report: Option<crate::report::ReportSettings>,
+    /// Lease TTL and probe interval of the Redis store (used only by `store: Redis` policies).
+    pub redis: RedisSettings,
 }
 
 impl Settings {
@@ -57,6 +60,7 @@ impl Settings {
             metrics_per_key: false,
             eviction_interval: Duration::from_secs(30),
             report: None,
+            redis: RedisSettings::default(),
         }
     }
 }
@@ -67,6 +71,8 @@ pub struct Sidecar {
     pub admin_addr: SocketAddr,
     pub config: Arc<ConfigStore>,
     pub limiter: Limiter,
+    /// The Redis store, created when a config first asks for it.
+    pub redis: Arc<RedisBackends>,
     pub metrics: Arc<Metrics>,
     source: ConfigSource,
     shutdown: watch::Sender<bool>,
@@ -80,7 +86,12 @@ impl Sidecar {
         let upstream = Upstream::parse(&settings.upstream)?;
         let metrics = Arc::new(Metrics::new(settings.metrics_per_key));
         let config = Arc::new(ConfigStore::new(metrics.clone()));
-        let limiter = Limiter::new(clock);
+        let limiter = Limiter::new(clock.clone());
+        let redis = Arc::new(RedisBackends::new(
+            clock,
+            metrics.clone(),
+            settings.redis.clone(),
+        ));
 
         // A config that is not there yet (or invalid) is not fatal: the sidecar serves 503
         // (or fails open) and the watcher picks the config up when it appears.
@@ -95,6 +106,7 @@ impl Sidecar {
         let proxy = Arc::new(Proxy::new(
             config.clone(),
             limiter.clone(),
+            redis.clone(),
             metrics.clone(),
             upstream,
             settings.upstream_timeout,
@@ -155,6 +167,7 @@ impl Sidecar {
             admin_addr,
             config,
             limiter,
+            redis,
             metrics,
             source: settings.source,
             shutdown,
