@@ -37,6 +37,12 @@ pub struct Args {
     /// Mounted ConfigMap directory holding policy.json (and key shards).
     #[arg(long, default_value = "/etc/keylimit")]
     pub config_dir: PathBuf,
+    /// API-watch mode: read the policy's ConfigMaps through the Kubernetes API
+    /// (`<namespace>/<policy>`) instead of a kubelet volume, mirroring them into --config-dir
+    /// (which must then be writable, e.g. an emptyDir). Needs get/list/watch on configmaps.
+    #[cfg(feature = "api-watch")]
+    #[arg(long)]
+    pub configmap: Option<String>,
     /// Fallback re-read interval in case a filesystem event is missed.
     #[arg(long, default_value_t = 30)]
     pub reload_interval_secs: u64,
@@ -125,5 +131,23 @@ pub fn run(args: Args) -> Result<(), Error> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(serve_until_signal(args.settings()?, Arc::new(SystemClock)))
+    let settings = args.settings()?;
+    runtime.block_on(async {
+        #[cfg(feature = "api-watch")]
+        if let Some(target) = &args.configmap {
+            let target = crate::apiwatch::parse_target(target)?;
+            let dir = args.config_dir.clone();
+            // The directory must exist before the sidecar starts watching it, or inotify has
+            // nothing to watch and updates wait for the periodic re-read.
+            std::fs::create_dir_all(&dir)?;
+            // The mirror feeds the same directory the reload path watches; if it fails the
+            // last good config keeps serving and the error is logged, as with a bad file.
+            tokio::spawn(async move {
+                if let Err(e) = crate::apiwatch::run(target, dir).await {
+                    tracing::error!(error = %e, "configmap watch stopped");
+                }
+            });
+        }
+        serve_until_signal(settings, Arc::new(SystemClock)).await
+    })
 }

@@ -8,6 +8,8 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+#[cfg(feature = "api-watch")]
+pub mod apiwatch;
 pub mod cli;
 pub mod clock;
 pub mod config;

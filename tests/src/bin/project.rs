@@ -20,5 +20,6 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     let client = kube::Client::try_default().await?;
-    keylimit_e2e::project::project(client, &args.namespace, &args.policy, args.dir).await
+    keylimit_e2e::project::project(client, &args.namespace, &args.policy, args.dir).await?;
+    Ok(())
 }
