@@ -530,8 +530,10 @@ async fn reconcile_policy(
         .iter()
         .map(|c| c.name.clone())
         .collect();
+    let quotas = quota_scope(&policy.spec, old.sidecars_reporting);
     let unchanged = conditions::is_current(&old.conditions, &accepted, generation)
         && conditions::is_current(&old.conditions, &ready, generation)
+        && conditions::is_current(&old.conditions, &quotas, generation)
         && old.observed_generation == generation
         && old.keys == rendered.keys as i64
         && old.config_maps == cms;
@@ -543,12 +545,25 @@ async fn reconcile_policy(
                 "conditions": [
                     conditions::merge(&old.conditions, &accepted, generation, now),
                     conditions::merge(&old.conditions, &ready, generation, now),
+                    conditions::merge(&old.conditions, &quotas, generation, now),
                 ],
                 "observedGeneration": generation,
                 "keys": rendered.keys,
                 "configMaps": cms,
             }
         });
+        let was_exact =
+            conditions::find(&old.conditions, condition::QUOTAS_EXACT).map(|c| c.status == "True");
+        if !quotas.status && was_exact != Some(false) {
+            publish(
+                &ctx,
+                policy.as_ref(),
+                EventType::Warning,
+                &quotas.reason,
+                quotas.message.clone(),
+            )
+            .await;
+        }
         let papi: Api<RateLimitPolicy> = Api::namespaced(ctx.client.clone(), &ns);
         papi.patch_status(
             &name,
@@ -559,6 +574,42 @@ async fn reconcile_policy(
         ctx.metrics.status_writes.inc();
     }
     Ok(Action::requeue(RESYNC))
+}
+
+/// `QuotasExact`: whether a declared quota means one count for the whole workload. With the
+/// Local store each sidecar counts on its own (and forgets on restart), so with more than one
+/// sidecar the workload admits up to N x the quota: say so where users look.
+pub fn quota_scope(spec: &crate::crd::RateLimitPolicySpec, sidecars: i64) -> Desired {
+    let has_quota = |l: &Option<crate::crd::LimitsSpec>| {
+        l.as_ref()
+            .and_then(|l| l.quotas.as_ref())
+            .is_some_and(|q| !q.is_empty())
+    };
+    let declared = has_quota(&spec.limits)
+        || has_quota(&spec.policy_limits)
+        || spec.routes.iter().flatten().any(|r| has_quota(&r.limits));
+    let redis = spec
+        .store
+        .as_ref()
+        .is_some_and(|s| s.type_ == crate::crd::StoreType::Redis);
+    match (declared, redis, sidecars > 1) {
+        (false, _, _) => Desired::new(condition::QUOTAS_EXACT, true, "NoQuotas", "the policy declares no quota"),
+        (true, true, _) => Desired::new(condition::QUOTAS_EXACT, true, "RedisStore", "quotas are counted once in Redis and survive restarts"),
+        (true, false, false) => Desired::new(
+            condition::QUOTAS_EXACT,
+            true,
+            "SingleSidecar",
+            "quotas are counted in the one reporting sidecar's memory and reset when it restarts",
+        ),
+        (true, false, true) => Desired::new(
+            condition::QUOTAS_EXACT,
+            false,
+            "LocalStoreWithReplicas",
+            format!(
+                "quotas are counted per sidecar with store Local: {sidecars} sidecars may each admit the full quota, and a restart forgets it; use store: Redis for one durable count"
+            ),
+        ),
+    }
 }
 
 fn backoff(ctx: &Context, controller: &'static str, err: &Error) -> Action {
@@ -588,6 +639,28 @@ mod tests {
         assert!(a.starts_with("kl_"));
         assert_eq!(a.len(), 3 + 64);
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn local_quotas_with_replicas_are_flagged() {
+        let mut p = crate::render::tests::mk_policy("p");
+        assert_eq!(quota_scope(&p.spec, 3).reason, "NoQuotas");
+        p.spec.limits.as_mut().unwrap().quotas = Some(vec![crate::crd::QuotaSpec {
+            name: "monthly".into(),
+            requests: 10,
+            period: crate::crd::QuotaPeriodSpec::Month,
+            alignment: crate::crd::QuotaAlignmentSpec::Calendar,
+        }]);
+        assert_eq!(quota_scope(&p.spec, 1).reason, "SingleSidecar");
+        let d = quota_scope(&p.spec, 3);
+        assert!(!d.status);
+        assert_eq!(d.reason, "LocalStoreWithReplicas");
+        assert!(d.message.contains("3 sidecars"));
+        p.spec.store = Some(crate::crd::StoreSpec {
+            type_: crate::crd::StoreType::Redis,
+            redis: None,
+        });
+        assert_eq!(quota_scope(&p.spec, 3).reason, "RedisStore");
     }
 
     #[test]

@@ -19,6 +19,8 @@ pub mod condition {
     pub const READY: &str = "Ready";
     pub const ACCEPTED: &str = "Accepted";
     pub const EXHAUSTED: &str = "Exhausted";
+    /// On a RateLimitPolicy: False when quotas are counted per sidecar across replicas.
+    pub const QUOTAS_EXACT: &str = "QuotasExact";
 }
 
 // ---------------------------------------------------------------------------------------------

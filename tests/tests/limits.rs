@@ -456,6 +456,26 @@ async fn two_sidecars_aggregate_and_stale_reports_expire() {
             })
             .await?;
 
+            // A quota on the Local store with two sidecars is two quotas: the policy says so.
+            let p = await_object(
+                &pol,
+                "p",
+                "QuotasExact=False",
+                T,
+                has_condition("QuotasExact", "False"),
+            )
+            .await?;
+            let c = p
+                .status
+                .context("status")?
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "QuotasExact")
+                .context("QuotasExact")?;
+            ensure!(
+                c.reason == "LocalStoreWithReplicas" && c.message.contains("2 sidecars"),
+                "{c:?}"
+            );
             ensure!(call(&s, &key).await?.status == 200);
             ensure!(call(&s, &key).await?.status == 429);
             let ak = apikeys(&env);
