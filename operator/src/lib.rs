@@ -165,7 +165,7 @@ impl WebhookArgs {
         let store = Arc::new(certs::CertStore::default());
         certs::start(source, store.clone()).await?;
         Ok(Some(
-            webhook::serve(addr, store, self.sidecar.clone()).await?,
+            webhook::serve(addr, store, self.sidecar.clone(), Some(client.clone())).await?,
         ))
     }
 }

@@ -120,6 +120,10 @@ pub struct SidecarSettings {
     /// Where sidecars push usage reports (the operator's admin Service); none: no reporting.
     #[arg(long)]
     pub sidecar_report_url: Option<String>,
+    /// Per request, not a flag: the (Secret, key) holding the Redis password of the pod's
+    /// policy, which the sidecar gets as `KEYLIMIT_REDIS_PASSWORD` (never via a ConfigMap).
+    #[arg(skip)]
+    pub redis_password: Option<(String, String)>,
 }
 
 impl Default for SidecarSettings {
@@ -138,6 +142,7 @@ impl Default for SidecarSettings {
             sidecar_memory_request: None,
             sidecar_memory_limit: None,
             sidecar_report_url: None,
+            redis_password: None,
         }
     }
 }
@@ -567,24 +572,40 @@ fn sidecar_container(s: &SidecarSettings, o: &Overrides, upstream_port: i32) -> 
         // stopped after them, so no request reaches the app unlimited and draining works.
         restart_policy: Some("Always".into()),
         args: Some(sidecar_args(s, o.fail_mode, upstream_port)),
-        env: Some(vec![
-            EnvVar {
-                name: "POD_NAME".into(),
+        env: Some(
+            vec![
+                EnvVar {
+                    name: "POD_NAME".into(),
+                    value_from: Some(EnvVarSource {
+                        field_ref: Some(ObjectFieldSelector {
+                            field_path: "metadata.name".into(),
+                            api_version: None,
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                EnvVar {
+                    name: "RUST_LOG".into(),
+                    value: Some(o.log_level.clone()),
+                    ..Default::default()
+                },
+            ]
+            .into_iter()
+            .chain(s.redis_password.as_ref().map(|(name, key)| EnvVar {
+                name: "KEYLIMIT_REDIS_PASSWORD".into(),
                 value_from: Some(EnvVarSource {
-                    field_ref: Some(ObjectFieldSelector {
-                        field_path: "metadata.name".into(),
-                        api_version: None,
+                    secret_key_ref: Some(k8s_openapi::api::core::v1::SecretKeySelector {
+                        name: name.clone(),
+                        key: key.clone(),
+                        optional: Some(false),
                     }),
                     ..Default::default()
                 }),
                 ..Default::default()
-            },
-            EnvVar {
-                name: "RUST_LOG".into(),
-                value: Some(o.log_level.clone()),
-                ..Default::default()
-            },
-        ]),
+            }))
+            .collect(),
+        ),
         ports: Some(vec![
             ContainerPort {
                 name: Some(o.port_name.clone()),
@@ -679,9 +700,36 @@ fn respond(status: StatusCode, content_type: &'static str, body: Vec<u8>) -> Res
     r
 }
 
+/// The Secret holding the Redis password of the policy a pod names, if the policy uses Redis.
+/// Looked up per admission (a GET): every replica serves the webhook, not only the leader
+/// whose caches are warm. A failed lookup injects without it; the sidecar then logs Redis
+/// authentication errors and applies the policy's fail mode.
+async fn redis_password_ref(client: &kube::Client, body: &[u8]) -> Option<(String, String)> {
+    let review: AdmissionReview<Pod> = serde_json::from_slice(body).ok()?;
+    let req: AdmissionRequest<Pod> = review.try_into().ok()?;
+    let ns = req.namespace.clone()?;
+    let policy = req
+        .object
+        .as_ref()?
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(POLICY_ANNOTATION)?
+        .clone();
+    let api: kube::Api<crate::crd::RateLimitPolicy> = kube::Api::namespaced(client.clone(), &ns);
+    let p = tokio::time::timeout(Duration::from_secs(2), api.get_opt(&policy))
+        .await
+        .ok()?
+        .ok()??;
+    let store = p.spec.store?;
+    let r = store.redis?.password_secret_ref?;
+    Some((r.name, r.key))
+}
+
 async fn handle(
     req: Request<Incoming>,
     settings: Arc<SidecarSettings>,
+    client: Option<kube::Client>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     match (req.method(), req.uri().path()) {
         (&http::Method::POST, "/mutate") => {}
@@ -710,6 +758,17 @@ async fn handle(
             ))
         }
     };
+    let redis = match &client {
+        Some(c) => redis_password_ref(c, &body).await,
+        None => None,
+    };
+    let settings = match redis {
+        Some(r) => Arc::new(SidecarSettings {
+            redis_password: Some(r),
+            ..(*settings).clone()
+        }),
+        None => settings,
+    };
     let out = review(&body, &settings).and_then(|r| Ok(serde_json::to_vec(&r)?));
     Ok(match out {
         Ok(json) => respond(StatusCode::OK, "application/json", json),
@@ -730,6 +789,7 @@ pub async fn serve(
     addr: SocketAddr,
     certs: Arc<CertStore>,
     settings: SidecarSettings,
+    client: Option<kube::Client>,
 ) -> Result<SocketAddr, Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
@@ -752,7 +812,7 @@ pub async fn serve(
                     continue;
                 }
             };
-            let (acceptor, settings) = (acceptor.clone(), settings.clone());
+            let (acceptor, settings, client) = (acceptor.clone(), settings.clone(), client.clone());
             tokio::spawn(async move {
                 // A handshake that stalls must not hold a task forever.
                 let tls =
@@ -769,7 +829,7 @@ pub async fn serve(
                             return;
                         }
                     };
-                let svc = service_fn(move |req| handle(req, settings.clone()));
+                let svc = service_fn(move |req| handle(req, settings.clone(), client.clone()));
                 let conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                 if let Err(e) = conn.serve_connection(TokioIo::new(tls), svc).await {
                     debug!(%peer, error = %e, "webhook connection ended");
@@ -842,6 +902,38 @@ mod tests {
             sidecar_report_url: Some("http://keylimit.keylimit-system.svc:8080/v1/reports".into()),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn redis_password_comes_from_the_secret() {
+        let pod = app_pod(
+            &[("keylimit.dev/policy", "orders")],
+            &[("keylimit.dev/inject", "enabled")],
+        );
+        let s = SidecarSettings {
+            redis_password: Some(("redis-auth".into(), "password".into())),
+            ..settings()
+        };
+        let Decision::Inject(p) = inject(&pod, &s) else {
+            panic!("expected injection");
+        };
+        let env = sidecar(&p).env.unwrap_or_default();
+        let e = env
+            .iter()
+            .find(|e| e.name == "KEYLIMIT_REDIS_PASSWORD")
+            .expect("env");
+        let r = e
+            .value_from
+            .as_ref()
+            .and_then(|v| v.secret_key_ref.as_ref())
+            .expect("secretKeyRef");
+        assert_eq!(
+            (r.name.as_str(), r.key.as_str()),
+            ("redis-auth", "password")
+        );
+        assert!(e.value.is_none(), "the password is never inlined");
+        let plain = sidecar(&injected(&pod)).env.unwrap_or_default();
+        assert!(plain.iter().all(|e| e.name != "KEYLIMIT_REDIS_PASSWORD"));
     }
 
     fn injected(pod: &Pod) -> Pod {
