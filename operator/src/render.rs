@@ -645,11 +645,13 @@ pub mod tests {
             assert!(size < 1024 * 1024, "{} is {size} bytes", cm.name);
         }
         assert_eq!(r.keys, 100_000);
+        // The webhook mounts shards 1..=32 optionally, so this bounds a policy's key count.
         assert!(
-            r.config_maps.len() < 32,
+            r.config_maps.len() <= 33,
             "{} ConfigMaps",
             r.config_maps.len()
         );
+        eprintln!("MEASURED 100k keys -> {} ConfigMaps", r.config_maps.len());
     }
 
     #[test]
