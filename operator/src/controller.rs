@@ -8,7 +8,9 @@
 //! Both read Secrets, ApiKeys and policies from shared reflector caches, so a reconcile of a
 //! policy with 100k keys costs no API reads.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,6 +50,51 @@ pub struct Context {
     pub apikeys: Store<ApiKey>,
     pub policies: Store<RateLimitPolicy>,
     pub config_maps: Store<ConfigMap>,
+    pub render_memo: RenderMemo,
+}
+
+/// What each policy's last successful render was made from. Every ApiKey change wakes its
+/// policy, status writes included (kube-runtime has no stable predicate for `watches`), and a
+/// render hashes and serialises every key: without this, binding N keys costs O(N^2).
+#[derive(Default)]
+pub struct RenderMemo(std::sync::Mutex<HashMap<(String, String), Rendered>>);
+
+#[derive(Clone)]
+struct Rendered {
+    inputs: u64,
+    keys: usize,
+    config_maps: Vec<String>,
+}
+
+fn hash_of(v: impl Hash) -> u64 {
+    let mut h = DefaultHasher::new();
+    v.hash(&mut h);
+    h.finish()
+}
+
+/// A digest of everything a policy's render depends on, cheap to compute: object identities
+/// and versions, no key material. Sums of per-object hashes make it independent of the
+/// caches' iteration order.
+fn render_inputs(
+    policy: &RateLimitPolicy,
+    keys: &[(Arc<ApiKey>, Option<Arc<Secret>>)],
+    owned: &[Arc<ConfigMap>],
+) -> u64 {
+    let sidecars = policy.status.as_ref().map_or(0, |s| s.sidecars_reporting);
+    let mut sum = hash_of((&policy.metadata.uid, policy.metadata.generation, sidecars));
+    for (k, s) in keys {
+        sum = sum.wrapping_add(hash_of((
+            &k.metadata.name,
+            &k.metadata.uid,
+            k.metadata.generation,
+            s.as_ref()
+                .map(|s| (&s.metadata.uid, &s.metadata.resource_version)),
+        )));
+    }
+    for cm in owned {
+        sum = sum.wrapping_add(hash_of((&cm.metadata.name, &cm.metadata.resource_version)));
+    }
+    sum
 }
 
 /// Starts the caches, then runs both controllers until `shutdown` resolves.
@@ -140,6 +187,7 @@ pub async fn run(
         apikeys: apikeys.clone(),
         policies,
         config_maps: config_maps.clone(),
+        render_memo: RenderMemo::default(),
     });
 
     let shutdown = futures::future::FutureExt::shared(Box::pin(shutdown));
@@ -402,30 +450,24 @@ async fn reconcile_apikey(key: Arc<ApiKey>, ctx: Arc<Context>) -> Result<Action,
     Ok(Action::requeue(requeue))
 }
 
-async fn reconcile_policy(
-    policy: Arc<RateLimitPolicy>,
-    ctx: Arc<Context>,
-) -> Result<Action, Error> {
-    let _timer = ctx.metrics.reconcile_timer("ratelimitpolicy");
-    let ns = policy
-        .namespace()
-        .ok_or(Error::MissingField("metadata.namespace"))?;
-    let name = policy.name_any();
-    let now = Timestamp::now();
-
+/// Renders the policy and writes what changed. Returns the summary and how many writes
+/// (including deletions of stale shards) it made.
+async fn write_config_maps(
+    policy: &Arc<RateLimitPolicy>,
+    keys: &[(Arc<ApiKey>, Option<Arc<Secret>>)],
+    ns: &str,
+    name: &str,
+    ctx: &Arc<Context>,
+) -> Result<(Rendered, usize), Error> {
+    let (ns, name) = (ns.to_string(), name.to_string());
     let mut bound = vec![];
-    for key in ctx.apikeys.state() {
-        if key.namespace().as_deref() != Some(ns.as_str()) || key.spec.policy_ref.name != name {
-            continue;
-        }
-        let (sname, _) = render::secret_ref(&key);
-        let secret = ctx.secrets.get(&ObjectRef::new(&sname).within(&ns));
+    for (key, secret) in keys {
         // Unusable keys are left out; their own status says why.
-        if let Ok(b) = render::bind_key(&key, secret.as_deref()) {
+        if let Ok(b) = render::bind_key(key, secret.as_deref()) {
             bound.push(b);
         }
     }
-    let rendered = render::render(&policy, &bound)?;
+    let rendered = render::render(policy, &bound)?;
 
     let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
     let owner = policy
@@ -499,7 +541,7 @@ async fn reconcile_policy(
     if changed > 0 || !stale.is_empty() {
         info!(policy = %name, namespace = %ns, changed, removed = stale.len(), keys = rendered.keys, "data-plane config updated");
         publish(
-            &ctx,
+            ctx,
             policy.as_ref(),
             EventType::Normal,
             "ConfigUpdated",
@@ -512,6 +554,84 @@ async fn reconcile_policy(
         .await;
     }
 
+    Ok((
+        Rendered {
+            inputs: 0,
+            keys: rendered.keys,
+            config_maps: rendered
+                .config_maps
+                .iter()
+                .map(|c| c.name.clone())
+                .collect(),
+        },
+        changed + stale.len(),
+    ))
+}
+
+async fn reconcile_policy(
+    policy: Arc<RateLimitPolicy>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile_timer("ratelimitpolicy");
+    let ns = policy
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let name = policy.name_any();
+    let now = Timestamp::now();
+
+    let keys: Vec<(Arc<ApiKey>, Option<Arc<Secret>>)> = ctx
+        .apikeys
+        .state()
+        .into_iter()
+        .filter(|k| k.namespace().as_deref() == Some(ns.as_str()) && k.spec.policy_ref.name == name)
+        .map(|k| {
+            let (sname, _) = render::secret_ref(&k);
+            let secret = ctx.secrets.get(&ObjectRef::new(&sname).within(&ns));
+            (k, secret)
+        })
+        .collect();
+    let owned: Vec<Arc<ConfigMap>> = ctx
+        .config_maps
+        .state()
+        .into_iter()
+        .filter(|c| {
+            c.namespace().as_deref() == Some(ns.as_str())
+                && c.labels().get(POLICY_LABEL) == Some(&name)
+        })
+        .collect();
+    let inputs = render_inputs(&policy, &keys, &owned);
+    let memo_key = (ns.clone(), name.clone());
+    let memo = ctx
+        .render_memo
+        .0
+        .lock()
+        .ok()
+        .and_then(|m| m.get(&memo_key).cloned())
+        .filter(|m| m.inputs == inputs);
+    let rendered_summary = match memo {
+        Some(m) => m,
+        None => {
+            let summary = write_config_maps(&policy, &keys, &ns, &name, &ctx).await?;
+            // The memo must describe the ConfigMaps as they are now, including our own writes,
+            // which the cache may not have seen yet: store it only when nothing was written.
+            if summary.1 == 0 {
+                if let Ok(mut m) = ctx.render_memo.0.lock() {
+                    m.insert(
+                        memo_key,
+                        Rendered {
+                            inputs,
+                            keys: summary.0.keys,
+                            config_maps: summary.0.config_maps.clone(),
+                        },
+                    );
+                }
+            }
+            summary.0
+        }
+    };
+    let rendered_keys = rendered_summary.keys;
+    let cms = rendered_summary.config_maps;
+
     let generation = policy.metadata.generation;
     let old = policy.status.clone().unwrap_or_default();
     let accepted = Desired::new(condition::ACCEPTED, true, "Accepted", "spec is valid");
@@ -521,21 +641,16 @@ async fn reconcile_policy(
         "ConfigMapsWritten",
         format!(
             "{} key(s) published in {} ConfigMap(s)",
-            rendered.keys,
-            rendered.config_maps.len()
+            rendered_keys,
+            cms.len()
         ),
     );
-    let cms: Vec<String> = rendered
-        .config_maps
-        .iter()
-        .map(|c| c.name.clone())
-        .collect();
     let quotas = quota_scope(&policy.spec, old.sidecars_reporting);
     let unchanged = conditions::is_current(&old.conditions, &accepted, generation)
         && conditions::is_current(&old.conditions, &ready, generation)
         && conditions::is_current(&old.conditions, &quotas, generation)
         && old.observed_generation == generation
-        && old.keys == rendered.keys as i64
+        && old.keys == rendered_keys as i64
         && old.config_maps == cms;
     if !unchanged {
         let status = json!({
@@ -548,7 +663,7 @@ async fn reconcile_policy(
                     conditions::merge(&old.conditions, &quotas, generation, now),
                 ],
                 "observedGeneration": generation,
-                "keys": rendered.keys,
+                "keys": rendered_keys,
                 "configMaps": cms,
             }
         });
@@ -631,6 +746,43 @@ fn error_policy_policy(_p: Arc<RateLimitPolicy>, err: &Error, ctx: Arc<Context>)
 mod tests {
     use super::*;
     use crate::render::tests::{mk_apikey, mk_secret};
+
+    #[test]
+    fn render_inputs_ignore_order_and_status_but_see_real_changes() {
+        let p = crate::render::tests::mk_policy("p");
+        let mk = |n: &str, gen: i64, rv: &str| {
+            let mut k = mk_apikey(n, "p");
+            k.metadata.generation = Some(gen);
+            let mut s = mk_secret(&format!("{n}-key"), "key", b"kl_0123456789abcdef0123");
+            s.metadata.resource_version = Some(rv.into());
+            (Arc::new(k), Some(Arc::new(s)))
+        };
+        let a = vec![mk("a", 1, "10"), mk("b", 1, "11")];
+        let reversed = vec![mk("b", 1, "11"), mk("a", 1, "10")];
+        assert_eq!(
+            render_inputs(&p, &a, &[]),
+            render_inputs(&p, &reversed, &[])
+        );
+        // A status write changes resourceVersion, not generation: same inputs.
+        let mut with_status = a.clone();
+        let mut k = (*with_status[0].0).clone();
+        k.metadata.resource_version = Some("999".into());
+        with_status[0].0 = Arc::new(k);
+        assert_eq!(
+            render_inputs(&p, &a, &[]),
+            render_inputs(&p, &with_status, &[])
+        );
+        // A rotated Secret, a spec change, a removed key: different inputs.
+        assert_ne!(
+            render_inputs(&p, &a, &[]),
+            render_inputs(&p, &[mk("a", 1, "12"), mk("b", 1, "11")], &[])
+        );
+        assert_ne!(
+            render_inputs(&p, &a, &[]),
+            render_inputs(&p, &[mk("a", 2, "10"), mk("b", 1, "11")], &[])
+        );
+        assert_ne!(render_inputs(&p, &a, &[]), render_inputs(&p, &a[..1], &[]));
+    }
 
     #[test]
     fn generated_keys_are_long_and_distinct() {
