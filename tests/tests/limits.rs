@@ -551,3 +551,61 @@ async fn api_watch_mode_enforces_and_reloads() {
     })
     .await;
 }
+
+/// Scenario 8 for concurrency: while callers keep hitting a key at its in-flight limit it is
+/// `Exhausted=True ConcurrencyLimited`; once the slot frees it recovers.
+#[tokio::test]
+#[ignore = "needs a control plane: run hack/test.sh"]
+async fn concurrency_exhaustion_becomes_a_condition() {
+    scenario("conc-status", |mut env| async move {
+        let r = async {
+            let p = policy("p", "    concurrency: 1\n");
+            let s = stack(&mut env, "p", &p, &["acme"], &["--report"]).await?;
+            let key = read_key(&env, "acme-key").await?;
+            let url = s.sidecar.url("/hold");
+            let k2 = key.clone();
+            let held = tokio::spawn(async move { get(&url, &[("X-API-Key", &k2)]).await });
+            eventually(T, "the held request to reach the upstream", || async {
+                (s.upstream
+                    .requests
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    >= 1)
+                    .then_some(())
+            })
+            .await?;
+            let ak = apikeys(&env);
+            // Callers retrying against the full slot keep the refusal fresh (each one resets
+            // its one-second hint), as real clients do.
+            let k = eventually(
+                Duration::from_secs(15),
+                "Exhausted=True ConcurrencyLimited",
+                || async {
+                    let r = call(&s, &key).await.ok()?;
+                    if r.status != 429 {
+                        return None;
+                    }
+                    let k = ak.get("acme").await.ok()?;
+                    let (status, reason, _) = exhausted(&k)?;
+                    (status == "True" && reason == "ConcurrencyLimited").then_some(k)
+                },
+            )
+            .await?;
+            let (_, _, message) = exhausted(&k).context("condition")?;
+            ensure!(message.contains("concurrency"), "message {message}");
+            s.upstream.release_all();
+            ensure!(held.await??.status == 200, "held request");
+            await_object(
+                &ak,
+                "acme",
+                "Exhausted=False once the slot is free",
+                T,
+                has_condition("Exhausted", "False"),
+            )
+            .await?;
+            Ok(())
+        }
+        .await;
+        (env, r)
+    })
+    .await;
+}
