@@ -37,6 +37,10 @@ pub const AUDIENCE: &str = "keylimit";
 pub const STALE_AFTER_SECS: i64 = 10;
 /// Quota usage moves with every request; refresh it in status at most this often per key.
 const USAGE_REFRESH_SECS: i64 = 30;
+/// After (re)starting, wait this long for every sidecar's next report before writing: an
+/// empty book would otherwise clear every Exhausted condition a previous leader wrote, and
+/// the next reports would set them again (two needless writes and two false Events per key).
+const STARTUP_GRACE: Duration = Duration::from_secs(5);
 /// Upper bound on status writes per second, so a mass exhaustion cannot flood the apiserver.
 const MAX_WRITES_PER_TICK: usize = 100;
 const TOKEN_CACHE_SECS: i64 = 60;
@@ -173,11 +177,15 @@ pub async fn write_status(
 ) {
     let mut stop = std::pin::pin!(stop);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let started = tokio::time::Instant::now();
     let mut usage_written: HashMap<(String, String), i64> = HashMap::new();
     loop {
         tokio::select! {
             _ = &mut stop => return,
             _ = tick.tick() => {}
+        }
+        if started.elapsed() < STARTUP_GRACE {
+            continue;
         }
         let now = Timestamp::now();
         let views = reports.views(now.as_second());

@@ -609,3 +609,94 @@ async fn concurrency_exhaustion_becomes_a_condition() {
     })
     .await;
 }
+
+/// Status survives an operator restart: the new leader rebuilds it from the sidecars' next
+/// reports instead of clearing it (no false `Recovered`).
+#[tokio::test]
+#[ignore = "needs a control plane: run hack/test.sh"]
+async fn exhaustion_survives_operator_restart() {
+    scenario("restart-status", |mut env| async move {
+        let r = async {
+            let p = policy(
+                "p",
+                "    quotas: [{name: hourly, requests: 1, period: Hour}]\n",
+            );
+            let mut s = stack(&mut env, "p", &p, &["acme"], &["--report"]).await?;
+            let key = read_key(&env, "acme-key").await?;
+            ensure!(call(&s, &key).await?.status == 200);
+            ensure!(call(&s, &key).await?.status == 429);
+            let ak = apikeys(&env);
+            await_object(
+                &ak,
+                "acme",
+                "Exhausted=True",
+                Duration::from_secs(10),
+                has_condition("Exhausted", "True"),
+            )
+            .await?;
+
+            // The sidecar keeps reporting to the same address: the new operator takes it over.
+            let port = s.operator.admin_port.context("admin port")?;
+            s.operator.terminate(Duration::from_secs(20)).await?;
+            let ns = env.ns.clone();
+            let admin = format!("127.0.0.1:{port}");
+            let op2 = env
+                .spawn(
+                    "operator-op2",
+                    &bin("keylimit-operator"),
+                    &[
+                        "run",
+                        "--watch-namespace",
+                        &ns,
+                        "--lease-namespace",
+                        &ns,
+                        "--identity",
+                        "op2",
+                        "--lease-seconds",
+                        "6",
+                        "--admin-addr",
+                        &admin,
+                    ],
+                )
+                .await?;
+            let ready = format!("http://{admin}/readyz");
+            eventually(T, "the new operator to lead", || async {
+                (get(&ready, &[]).await.ok()?.status == 200).then_some(())
+            })
+            .await?;
+            // Watch the condition through the new leader's startup grace and first writes.
+            let until = Instant::now() + Duration::from_secs(10);
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            while Instant::now() < until {
+                tick.tick().await;
+                let k = ak.get("acme").await?;
+                let (status, reason, _) = exhausted(&k).context("condition")?;
+                ensure!(
+                    status == "True" && reason == "QuotaExceeded",
+                    "cleared across the restart: {status} {reason}"
+                );
+            }
+            let events = kubectl(
+                &[
+                    "get",
+                    "events",
+                    "-n",
+                    &env.ns,
+                    "--field-selector",
+                    "involvedObject.name=acme,reason=Recovered",
+                ],
+                None,
+            )
+            .await?;
+            ensure!(
+                !events.contains("Recovered"),
+                "a false Recovered event: {events}"
+            );
+            drop(op2);
+            Ok(())
+        }
+        .await;
+        (env, r)
+    })
+    .await;
+}
