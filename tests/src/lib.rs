@@ -202,10 +202,9 @@ impl Env {
 
 /// Runs one scenario in its own namespace; dumps the state if it fails, and always deletes
 /// the namespace.
-pub async fn scenario<F, Fut>(name: &str, body: F)
+pub async fn scenario<F>(name: &str, body: F)
 where
-    F: FnOnce(Env) -> Fut,
-    Fut: Future<Output = (Env, anyhow::Result<()>)>,
+    F: AsyncFnOnce(&mut Env) -> anyhow::Result<()>,
 {
     let _ = tracing_subscriber::fmt().with_test_writer().try_init();
     let client = match Client::try_default().await {
@@ -225,7 +224,7 @@ where
     if let Err(e) = nsapi.create(&PostParams::default(), &obj).await {
         panic!("creating namespace {ns}: {e}");
     }
-    let env = Env {
+    let mut env = Env {
         client: client.clone(),
         ns: ns.clone(),
         dir: match tempfile::tempdir() {
@@ -234,7 +233,7 @@ where
         },
         procs: vec![],
     };
-    let (env, result) = body(env).await;
+    let result = body(&mut env).await;
     if let Err(e) = &result {
         env.dump().await;
         eprintln!("scenario {name} failed: {e:#}");

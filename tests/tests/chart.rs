@@ -109,121 +109,117 @@ async fn objects(manifest: &str) -> anyhow::Result<Vec<Value>> {
 #[tokio::test]
 #[ignore = "needs a control plane: run hack/test.sh"]
 async fn chart_lints_and_renders_objects_the_apiserver_accepts() {
-    scenario("chart-render", |env| async move {
-        let r = async {
-            let chart = chart_dir();
-            let chart = chart.to_string_lossy();
-            let lint = helm(&["lint", "--strict", &chart]).await?;
-            ensure!(lint.contains("0 chart(s) failed"), "helm lint: {lint}");
+    scenario("chart-render", async |env: &mut Env| {
+        let chart = chart_dir();
+        let chart = chart.to_string_lossy();
+        let lint = helm(&["lint", "--strict", &chart]).await?;
+        ensure!(lint.contains("0 chart(s) failed"), "helm lint: {lint}");
 
-            let release = release_for(&env.ns);
-            for extra in [
-                vec![],
-                vec![
-                    "--set",
-                    "replicaCount=1",
-                    "--set",
-                    "leaderElection.enabled=false",
-                ],
-                vec![
-                    "--set",
-                    "webhook.failurePolicy=Fail",
-                    "--set",
-                    "webhook.excludeNamespaces={a,b}",
-                ],
-                vec!["--set", "webhook.enabled=false"],
-            ] {
-                let mut args = vec!["template", &release, &chart, "--namespace", &env.ns];
-                args.extend(extra.iter().copied());
-                let manifest = helm(&args).await?;
-                let out = kubectl(
-                    &["apply", "--dry-run=server", "--validate=strict", "-f", "-"],
-                    Some(&manifest),
-                )
-                .await
-                .with_context(|| format!("server-side dry run of helm template {extra:?}"))?;
-                ensure!(out.contains("deployment.apps"), "dry run output: {out}");
-            }
-
-            // Optional integrations render (their CRDs are not in this cluster, so no dry run).
-            let manifest = helm(&[
-                "template",
-                &release,
-                &chart,
-                "--namespace",
-                &env.ns,
+        let release = release_for(&env.ns);
+        for extra in [
+            vec![],
+            vec![
                 "--set",
-                "serviceMonitor.enabled=true",
+                "replicaCount=1",
                 "--set",
-                "webhook.certManager.enabled=true",
-            ])
-            .await?;
-            for want in ["kind: ServiceMonitor", "kind: Certificate", "kind: Issuer"] {
-                ensure!(manifest.contains(want), "no {want} rendered");
-            }
-            ensure!(manifest.contains("--webhook-cert-dir=/var/run/keylimit/webhook-certs"));
-            ensure!(manifest.contains("cert-manager.io/inject-ca-from"));
-
-            // The operator pod passes Pod Security "restricted" (enforced on Pods, so the
-            // Deployment's template is dry-run as a Pod in an enforcing namespace).
-            kubectl(
-                &[
-                    "label",
-                    "namespace",
-                    &env.ns,
-                    "pod-security.kubernetes.io/enforce=restricted",
-                ],
-                None,
-            )
-            .await?;
-            let manifest = helm(&["template", &release, &chart, "--namespace", &env.ns]).await?;
-            let deploy = objects(&manifest)
-                .await?
-                .into_iter()
-                .find(|o| o["kind"] == "Deployment")
-                .ok_or_else(|| anyhow!("no Deployment rendered"))?;
-            let pod = serde_json::json!({
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "metadata": {"name": "operator-template", "namespace": env.ns},
-                "spec": deploy["spec"]["template"]["spec"],
-            });
-            // The ServiceAccount may not exist: it is not created here, so allow for it by
-            // using the namespace's default one (the security context is what is checked).
-            let mut pod = pod;
-            pod["spec"]["serviceAccountName"] = Value::String("default".into());
-            let api: Api<k8s_openapi::api::core::v1::ServiceAccount> = env.api();
-            eventually(T, "the default ServiceAccount", || async {
-                api.get_opt("default").await.ok().flatten()
-            })
-            .await?;
-            kubectl(
-                &["create", "--dry-run=server", "-f", "-"],
-                Some(&pod.to_string()),
+                "leaderElection.enabled=false",
+            ],
+            vec![
+                "--set",
+                "webhook.failurePolicy=Fail",
+                "--set",
+                "webhook.excludeNamespaces={a,b}",
+            ],
+            vec!["--set", "webhook.enabled=false"],
+        ] {
+            let mut args = vec!["template", &release, &chart, "--namespace", &env.ns];
+            args.extend(extra.iter().copied());
+            let manifest = helm(&args).await?;
+            let out = kubectl(
+                &["apply", "--dry-run=server", "--validate=strict", "-f", "-"],
+                Some(&manifest),
             )
             .await
-            .context("the operator's pod template under Pod Security restricted")?;
-
-            // Strict schema: wrong values fail at render time and say which value is wrong.
-            for (set, expect) in [
-                ("replicas=2", "additional properties 'replicas' not allowed"),
-                ("webhook.failurePolicy=Never", "/webhook/failurePolicy"),
-                ("sidecar.failMode=sometimes", "/sidecar/failMode"),
-                ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
-                ("webhook.timeoutSeconds=60", "/webhook/timeoutSeconds"),
-            ] {
-                match helm(&["template", &release, &chart, "--set", set]).await {
-                    Ok(_) => bail!("--set {set} was accepted"),
-                    Err(e) => ensure!(
-                        e.to_string().contains(expect),
-                        "--set {set}: error does not mention {expect:?}: {e}"
-                    ),
-                }
-            }
-            Ok(())
+            .with_context(|| format!("server-side dry run of helm template {extra:?}"))?;
+            ensure!(out.contains("deployment.apps"), "dry run output: {out}");
         }
-        .await;
-        (env, r)
+
+        // Optional integrations render (their CRDs are not in this cluster, so no dry run).
+        let manifest = helm(&[
+            "template",
+            &release,
+            &chart,
+            "--namespace",
+            &env.ns,
+            "--set",
+            "serviceMonitor.enabled=true",
+            "--set",
+            "webhook.certManager.enabled=true",
+        ])
+        .await?;
+        for want in ["kind: ServiceMonitor", "kind: Certificate", "kind: Issuer"] {
+            ensure!(manifest.contains(want), "no {want} rendered");
+        }
+        ensure!(manifest.contains("--webhook-cert-dir=/var/run/keylimit/webhook-certs"));
+        ensure!(manifest.contains("cert-manager.io/inject-ca-from"));
+
+        // The operator pod passes Pod Security "restricted" (enforced on Pods, so the
+        // Deployment's template is dry-run as a Pod in an enforcing namespace).
+        kubectl(
+            &[
+                "label",
+                "namespace",
+                &env.ns,
+                "pod-security.kubernetes.io/enforce=restricted",
+            ],
+            None,
+        )
+        .await?;
+        let manifest = helm(&["template", &release, &chart, "--namespace", &env.ns]).await?;
+        let deploy = objects(&manifest)
+            .await?
+            .into_iter()
+            .find(|o| o["kind"] == "Deployment")
+            .ok_or_else(|| anyhow!("no Deployment rendered"))?;
+        let pod = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "operator-template", "namespace": env.ns},
+            "spec": deploy["spec"]["template"]["spec"],
+        });
+        // The ServiceAccount may not exist: it is not created here, so allow for it by
+        // using the namespace's default one (the security context is what is checked).
+        let mut pod = pod;
+        pod["spec"]["serviceAccountName"] = Value::String("default".into());
+        let api: Api<k8s_openapi::api::core::v1::ServiceAccount> = env.api();
+        eventually(T, "the default ServiceAccount", || async {
+            api.get_opt("default").await.ok().flatten()
+        })
+        .await?;
+        kubectl(
+            &["create", "--dry-run=server", "-f", "-"],
+            Some(&pod.to_string()),
+        )
+        .await
+        .context("the operator's pod template under Pod Security restricted")?;
+
+        // Strict schema: wrong values fail at render time and say which value is wrong.
+        for (set, expect) in [
+            ("replicas=2", "additional properties 'replicas' not allowed"),
+            ("webhook.failurePolicy=Never", "/webhook/failurePolicy"),
+            ("sidecar.failMode=sometimes", "/sidecar/failMode"),
+            ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
+            ("webhook.timeoutSeconds=60", "/webhook/timeoutSeconds"),
+        ] {
+            match helm(&["template", &release, &chart, "--set", set]).await {
+                Ok(_) => bail!("--set {set} was accepted"),
+                Err(e) => ensure!(
+                    e.to_string().contains(expect),
+                    "--set {set}: error does not mention {expect:?}: {e}"
+                ),
+            }
+        }
+        Ok(())
     })
     .await;
 }
@@ -234,7 +230,7 @@ async fn chart_lints_and_renders_objects_the_apiserver_accepts() {
 #[tokio::test]
 #[ignore = "needs a control plane: run hack/test.sh"]
 async fn helm_install_upgrade_uninstall() {
-    scenario("chart-install", |env| async move {
+    scenario("chart-install", async |env: &mut Env| {
         let r = async {
             let chart = chart_dir();
             let chart = chart.to_string_lossy().to_string();
@@ -341,7 +337,7 @@ async fn helm_install_upgrade_uninstall() {
             // Cluster-scoped objects outlive the namespace.
             let _ = helm(&["uninstall", &release_for(&env.ns), "--namespace", &env.ns]).await;
         }
-        (env, r)
+        r
     })
     .await;
 }
@@ -394,7 +390,7 @@ async fn token_kubeconfig(env: &Env, token: &str) -> anyhow::Result<PathBuf> {
 #[tokio::test]
 #[ignore = "needs a control plane: run hack/test.sh"]
 async fn operator_does_its_job_with_only_the_charts_rbac() {
-    scenario("chart-rbac", |mut env| async move {
+    scenario("chart-rbac", async |env: &mut Env| {
         let app_ns = format!("{}-app", env.ns);
         let r = async {
             let chart = chart_dir();
@@ -402,14 +398,14 @@ async fn operator_does_its_job_with_only_the_charts_rbac() {
             let release = release_for(&env.ns);
             let name = fullname(&release);
             helm(&["install", &release, &chart, "--namespace", &env.ns]).await?;
-            create_namespace(&env, &app_ns).await?;
+            create_namespace(env, &app_ns).await?;
 
             let token = kubectl(
                 &["create", "token", &name, "-n", &env.ns, "--duration", "1h"],
                 None,
             )
             .await?;
-            let kubeconfig = token_kubeconfig(&env, token.trim()).await?;
+            let kubeconfig = token_kubeconfig(env, token.trim()).await?;
             // Sanity: the token really is the ServiceAccount and not the admin.
             let who = kubectl(
                 &["--kubeconfig", &kubeconfig.to_string_lossy(), "auth", "whoami", "-o", "jsonpath={.status.userInfo.username}"],
@@ -557,11 +553,11 @@ async fn operator_does_its_job_with_only_the_charts_rbac() {
             Ok(())
         }
         .await;
-        delete_namespace(&env, &app_ns).await;
+        delete_namespace(env, &app_ns).await;
         if r.is_err() {
             let _ = helm(&["uninstall", &release_for(&env.ns), "--namespace", &env.ns]).await;
         }
-        (env, r)
+        r
     })
     .await;
 }

@@ -102,102 +102,98 @@ async fn call(s: &Stack, key: &str) -> anyhow::Result<Reply> {
 #[tokio::test]
 #[ignore = "needs a control plane: run hack/test.sh"]
 async fn rate_limit_429_with_headers_then_recovers() {
-    scenario("rate", |mut env| async move {
-        let r = async {
-            // 60/minute, burst 2: three at once, then one a second.
-            let p = policy(
-                "p",
-                "    rates: [{name: per-minute, requests: 60, per: Minute, burst: 2}]\n",
-            );
-            let s = stack(&mut env, "p", &p, &["acme"], &[]).await?;
-            let key = read_key(&env, "acme-key").await?;
+    scenario("rate", async |env: &mut Env| {
+        // 60/minute, burst 2: three at once, then one a second.
+        let p = policy(
+            "p",
+            "    rates: [{name: per-minute, requests: 60, per: Minute, burst: 2}]\n",
+        );
+        let s = stack(env, "p", &p, &["acme"], &[]).await?;
+        let key = read_key(env, "acme-key").await?;
 
-            let ok = call(&s, &key).await?;
-            ensure!(ok.status == 200, "valid key got {}", ok.status);
-            ensure!(
-                ok.header("x-upstream-saw-identity").as_deref() == Some("acme"),
-                "identity header not forwarded"
-            );
-            ensure!(
-                ok.header("ratelimit-policy").is_some(),
-                "success lacks RateLimit-Policy"
-            );
-            let bad = call(&s, "kl_wrong_wrong_wrong_wrong_wrong").await?;
-            ensure!(
-                bad.status == 401 && bad.json()?["error"] == "invalid_key",
-                "wrong key: {} {:?}",
-                bad.status,
-                bad.body
-            );
-            let missing = get(&s.sidecar.url("/"), &[]).await?;
-            ensure!(
-                missing.status == 401 && missing.json()?["error"] == "missing_key",
-                "missing key: {}",
-                missing.status
-            );
-            ensure!(
-                !String::from_utf8_lossy(&bad.body).contains("kl_wrong"),
-                "the key was echoed"
-            );
+        let ok = call(&s, &key).await?;
+        ensure!(ok.status == 200, "valid key got {}", ok.status);
+        ensure!(
+            ok.header("x-upstream-saw-identity").as_deref() == Some("acme"),
+            "identity header not forwarded"
+        );
+        ensure!(
+            ok.header("ratelimit-policy").is_some(),
+            "success lacks RateLimit-Policy"
+        );
+        let bad = call(&s, "kl_wrong_wrong_wrong_wrong_wrong").await?;
+        ensure!(
+            bad.status == 401 && bad.json()?["error"] == "invalid_key",
+            "wrong key: {} {:?}",
+            bad.status,
+            bad.body
+        );
+        let missing = get(&s.sidecar.url("/"), &[]).await?;
+        ensure!(
+            missing.status == 401 && missing.json()?["error"] == "missing_key",
+            "missing key: {}",
+            missing.status
+        );
+        ensure!(
+            !String::from_utf8_lossy(&bad.body).contains("kl_wrong"),
+            "the key was echoed"
+        );
 
-            let mut statuses = vec![];
-            let mut refused = None;
-            for _ in 0..5 {
-                let r = call(&s, &key).await?;
-                statuses.push(r.status);
-                if r.status == 429 && refused.is_none() {
-                    refused = Some(r);
-                }
+        let mut statuses = vec![];
+        let mut refused = None;
+        for _ in 0..5 {
+            let r = call(&s, &key).await?;
+            statuses.push(r.status);
+            if r.status == 429 && refused.is_none() {
+                refused = Some(r);
             }
-            let r429 = refused.with_context(|| format!("no 429 after the burst: {statuses:?}"))?;
-            let body = r429.json()?;
-            ensure!(
-                body["message"] == "Keys Temporarily Exhausted",
-                "body {body}"
-            );
-            ensure!(body["error"] == "rate_limited", "body {body}");
-            ensure!(body["limit"]["name"] == "per-minute", "body {body}");
-            let retry: u64 = r429.header("retry-after").context("Retry-After")?.parse()?;
-            ensure!((1..=2).contains(&retry), "Retry-After {retry}");
-            let pol = r429
-                .header("ratelimit-policy")
-                .context("RateLimit-Policy")?;
-            ensure!(
-                pol.contains("\"per-minute\";q=60;w=60"),
-                "RateLimit-Policy {pol}"
-            );
-            let rl = r429.header("ratelimit").context("RateLimit")?;
-            ensure!(rl.contains("\"per-minute\";r=0;t="), "RateLimit {rl}");
-            ensure!(
-                r429.header("x-ratelimit-remaining").as_deref() == Some("0"),
-                "X-RateLimit-Remaining"
-            );
-            ensure!(r429
-                .header("content-type")
-                .unwrap_or_default()
-                .contains("json"));
-
-            let before = s
-                .upstream
-                .requests
-                .load(std::sync::atomic::Ordering::Relaxed);
-            eventually(
-                Duration::from_secs(5),
-                "the key to be admitted again after Retry-After",
-                || async { (call(&s, &key).await.ok()?.status == 200).then_some(()) },
-            )
-            .await?;
-            ensure!(
-                s.upstream
-                    .requests
-                    .load(std::sync::atomic::Ordering::Relaxed)
-                    == before + 1,
-                "refused requests must not reach the app"
-            );
-            Ok(())
         }
-        .await;
-        (env, r)
+        let r429 = refused.with_context(|| format!("no 429 after the burst: {statuses:?}"))?;
+        let body = r429.json()?;
+        ensure!(
+            body["message"] == "Keys Temporarily Exhausted",
+            "body {body}"
+        );
+        ensure!(body["error"] == "rate_limited", "body {body}");
+        ensure!(body["limit"]["name"] == "per-minute", "body {body}");
+        let retry: u64 = r429.header("retry-after").context("Retry-After")?.parse()?;
+        ensure!((1..=2).contains(&retry), "Retry-After {retry}");
+        let pol = r429
+            .header("ratelimit-policy")
+            .context("RateLimit-Policy")?;
+        ensure!(
+            pol.contains("\"per-minute\";q=60;w=60"),
+            "RateLimit-Policy {pol}"
+        );
+        let rl = r429.header("ratelimit").context("RateLimit")?;
+        ensure!(rl.contains("\"per-minute\";r=0;t="), "RateLimit {rl}");
+        ensure!(
+            r429.header("x-ratelimit-remaining").as_deref() == Some("0"),
+            "X-RateLimit-Remaining"
+        );
+        ensure!(r429
+            .header("content-type")
+            .unwrap_or_default()
+            .contains("json"));
+
+        let before = s
+            .upstream
+            .requests
+            .load(std::sync::atomic::Ordering::Relaxed);
+        eventually(
+            Duration::from_secs(5),
+            "the key to be admitted again after Retry-After",
+            || async { (call(&s, &key).await.ok()?.status == 200).then_some(()) },
+        )
+        .await?;
+        ensure!(
+            s.upstream
+                .requests
+                .load(std::sync::atomic::Ordering::Relaxed)
+                == before + 1,
+            "refused requests must not reach the app"
+        );
+        Ok(())
     })
     .await;
 }
@@ -206,55 +202,51 @@ async fn rate_limit_429_with_headers_then_recovers() {
 #[tokio::test]
 #[ignore = "needs a control plane: run hack/test.sh"]
 async fn quota_and_concurrency_limits() {
-    scenario("quota", |mut env| async move {
-        let r = async {
-            let p = policy(
-                "p",
-                "    quotas: [{name: hourly, requests: 3, period: Hour}]\n    concurrency: 1\n",
-            );
-            let s = stack(&mut env, "p", &p, &["acme"], &[]).await?;
-            let key = read_key(&env, "acme-key").await?;
+    scenario("quota", async |env: &mut Env| {
+        let p = policy(
+            "p",
+            "    quotas: [{name: hourly, requests: 3, period: Hour}]\n    concurrency: 1\n",
+        );
+        let s = stack(env, "p", &p, &["acme"], &[]).await?;
+        let key = read_key(env, "acme-key").await?;
 
-            // Concurrency: one request parked in the app holds the only slot.
-            let url = s.sidecar.url("/hold");
-            let k2 = key.clone();
-            let held = tokio::spawn(async move { get(&url, &[("X-API-Key", &k2)]).await });
-            eventually(T, "the held request to reach the upstream", || async {
-                (s.upstream
-                    .requests
-                    .load(std::sync::atomic::Ordering::Relaxed)
-                    >= 1)
-                    .then_some(())
-            })
-            .await?;
-            let r = call(&s, &key).await?;
-            ensure!(r.status == 429, "second in-flight request got {}", r.status);
-            ensure!(r.json()?["error"] == "concurrency_limited", "{:?}", r.body);
-            s.upstream.release_all();
-            let h = held.await??;
-            ensure!(h.status == 200, "held request got {}", h.status);
+        // Concurrency: one request parked in the app holds the only slot.
+        let url = s.sidecar.url("/hold");
+        let k2 = key.clone();
+        let held = tokio::spawn(async move { get(&url, &[("X-API-Key", &k2)]).await });
+        eventually(T, "the held request to reach the upstream", || async {
+            (s.upstream
+                .requests
+                .load(std::sync::atomic::Ordering::Relaxed)
+                >= 1)
+                .then_some(())
+        })
+        .await?;
+        let r = call(&s, &key).await?;
+        ensure!(r.status == 429, "second in-flight request got {}", r.status);
+        ensure!(r.json()?["error"] == "concurrency_limited", "{:?}", r.body);
+        s.upstream.release_all();
+        let h = held.await??;
+        ensure!(h.status == 200, "held request got {}", h.status);
 
-            // Quota: 3 an hour; the held request used one, so two more, then QuotaExceeded.
-            for i in 0..2 {
-                let r = call(&s, &key).await?;
-                ensure!(r.status == 200, "request {i} within quota got {}", r.status);
-            }
+        // Quota: 3 an hour; the held request used one, so two more, then QuotaExceeded.
+        for i in 0..2 {
             let r = call(&s, &key).await?;
-            ensure!(r.status == 429, "over quota got {}", r.status);
-            let body = r.json()?;
-            ensure!(
-                body["error"] == "quota_exceeded" && body["limit"]["name"] == "hourly",
-                "{body}"
-            );
-            let reset = body["resetAt"].as_str().context("resetAt")?;
-            ensure!(
-                reset.ends_with(":00:00Z"),
-                "an hourly calendar quota resets on the hour, not {reset}"
-            );
-            Ok(())
+            ensure!(r.status == 200, "request {i} within quota got {}", r.status);
         }
-        .await;
-        (env, r)
+        let r = call(&s, &key).await?;
+        ensure!(r.status == 429, "over quota got {}", r.status);
+        let body = r.json()?;
+        ensure!(
+            body["error"] == "quota_exceeded" && body["limit"]["name"] == "hourly",
+            "{body}"
+        );
+        let reset = body["resetAt"].as_str().context("resetAt")?;
+        ensure!(
+            reset.ends_with(":00:00Z"),
+            "an hourly calendar quota resets on the hour, not {reset}"
+        );
+        Ok(())
     })
     .await;
 }
@@ -265,16 +257,15 @@ async fn quota_and_concurrency_limits() {
 #[tokio::test]
 #[ignore = "needs a control plane: run hack/test.sh"]
 async fn policy_change_reload_keeps_counters_and_key_changes_apply() {
-    scenario("reload", |mut env| async move {
-        let r = async {
+    scenario("reload", async |env: &mut Env| {
             let limits = |per_min: u64, burst: u64| {
                 format!(
                     "    rates:\n      - {{name: per-minute, requests: {per_min}, per: Minute, burst: {burst}}}\n      - {{name: per-hour, requests: 4, per: Hour, burst: 3}}\n"
                 )
             };
-            let s = stack(&mut env, "p", &policy("p", &limits(2, 1)), &["acme", "steady"], &[]).await?;
-            let key = read_key(&env, "acme-key").await?;
-            let steady = read_key(&env, "steady-key").await?;
+            let s = stack(env, "p", &policy("p", &limits(2, 1)), &["acme", "steady"], &[]).await?;
+            let key = read_key(env, "acme-key").await?;
+            let steady = read_key(env, "steady-key").await?;
 
             // Steady traffic on another key through the whole reload: nothing may fail.
             let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -314,7 +305,7 @@ async fn policy_change_reload_keeps_counters_and_key_changes_apply() {
             ensure!(ok > 0, "no steady traffic was sent");
 
             // Disable → 403; delete → 401.
-            let ak = apikeys(&env);
+            let ak = apikeys(env);
             ak.patch("steady", &PatchParams::default(), &Patch::Merge(&serde_json::json!({"spec": {"disabled": true}}))).await?;
             let r = eventually(T, "the disabled key to get 403", || async {
                 let r = call(&s, &steady).await.ok()?;
@@ -329,9 +320,6 @@ async fn policy_change_reload_keeps_counters_and_key_changes_apply() {
             })
             .await?;
             Ok(())
-        }
-        .await;
-        (env, r)
     })
     .await;
 }
@@ -347,13 +335,12 @@ fn exhausted(k: &ApiKey) -> Option<(String, String, String)> {
 #[tokio::test]
 #[ignore = "needs a control plane: run hack/test.sh"]
 async fn exhaustion_becomes_a_condition_and_clears() {
-    scenario("exhausted", |mut env| async move {
-        let r = async {
+    scenario("exhausted", async |env: &mut Env| {
             // 6/minute, no burst: one request, then refused for ~10 s.
             let p = policy("p", "    rates: [{name: per-minute, requests: 6, per: Minute}]\n    quotas: [{name: hourly, requests: 1000, period: Hour}]\n");
-            let s = stack(&mut env, "p", &p, &["acme"], &["--report"]).await?;
-            let key = read_key(&env, "acme-key").await?;
-            let ak = apikeys(&env);
+            let s = stack(env, "p", &p, &["acme"], &["--report"]).await?;
+            let key = read_key(env, "acme-key").await?;
+            let ak = apikeys(env);
             await_object(&ak, "acme", "Exhausted=False before any traffic", T, has_condition("Exhausted", "False")).await?;
 
             ensure!(call(&s, &key).await?.status == 200);
@@ -389,9 +376,6 @@ async fn exhaustion_becomes_a_condition_and_clears() {
             let pol = kubectl(&["get", "ratelimitpolicy", "p", "-n", &env.ns, "-o", "jsonpath={.status.sidecarsReporting}"], None).await?;
             ensure!(pol.trim() == "1", "sidecarsReporting {pol}");
             Ok(())
-        }
-        .await;
-        (env, r)
     })
     .await;
 }
@@ -401,113 +385,109 @@ async fn exhaustion_becomes_a_condition_and_clears() {
 #[tokio::test]
 #[ignore = "needs a control plane: run hack/test.sh"]
 async fn two_sidecars_aggregate_and_stale_reports_expire() {
-    scenario("aggregate", |mut env| async move {
-        let r = async {
-            let p = policy(
-                "p",
-                "    quotas: [{name: hourly, requests: 1, period: Hour}]\n",
-            );
-            let mut s = stack(&mut env, "p", &p, &["acme"], &["--report"]).await?;
-            let key = read_key(&env, "acme-key").await?;
-            // A second sidecar on the same projected config and operator.
-            let token = kubectl(
-                &[
-                    "create",
-                    "token",
-                    "default",
-                    "-n",
-                    &env.ns,
-                    "--audience",
-                    "keylimit",
-                ],
-                None,
-            )
-            .await?;
-            let token_file = env.dir.path().join("token-b");
-            std::fs::write(&token_file, token.trim())?;
-            let config_dir = std::fs::read_dir(env.dir.path())?
-                .filter_map(|e| e.ok())
-                .map(|e| e.path())
-                .find(|p| {
-                    p.file_name()
-                        .is_some_and(|n| n.to_string_lossy().starts_with("config-p-"))
-                })
-                .context("projected dir")?;
-            let report_url = s.operator.admin_url("/v1/reports");
-            let b = env
-                .start_sidecar(
-                    "sc-b",
-                    &config_dir,
-                    s.upstream.addr,
-                    &[
-                        "--report-url",
-                        &report_url,
-                        "--report-token-file",
-                        &token_file.display().to_string(),
-                        "--report-interval-ms",
-                        "1000",
-                    ],
-                )
-                .await?;
-            let pol = policies(&env);
-            eventually(T, "two sidecars reporting", || async {
-                let p = pol.get("p").await.ok()?;
-                (p.status?.sidecars_reporting == 2).then_some(())
+    scenario("aggregate", async |env: &mut Env| {
+        let p = policy(
+            "p",
+            "    quotas: [{name: hourly, requests: 1, period: Hour}]\n",
+        );
+        let mut s = stack(env, "p", &p, &["acme"], &["--report"]).await?;
+        let key = read_key(env, "acme-key").await?;
+        // A second sidecar on the same projected config and operator.
+        let token = kubectl(
+            &[
+                "create",
+                "token",
+                "default",
+                "-n",
+                &env.ns,
+                "--audience",
+                "keylimit",
+            ],
+            None,
+        )
+        .await?;
+        let token_file = env.dir.path().join("token-b");
+        std::fs::write(&token_file, token.trim())?;
+        let config_dir = std::fs::read_dir(env.dir.path())?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("config-p-"))
             })
+            .context("projected dir")?;
+        let report_url = s.operator.admin_url("/v1/reports");
+        let b = env
+            .start_sidecar(
+                "sc-b",
+                &config_dir,
+                s.upstream.addr,
+                &[
+                    "--report-url",
+                    &report_url,
+                    "--report-token-file",
+                    &token_file.display().to_string(),
+                    "--report-interval-ms",
+                    "1000",
+                ],
+            )
             .await?;
+        let pol = policies(env);
+        eventually(T, "two sidecars reporting", || async {
+            let p = pol.get("p").await.ok()?;
+            (p.status?.sidecars_reporting == 2).then_some(())
+        })
+        .await?;
 
-            // A quota on the Local store with two sidecars is two quotas: the policy says so.
-            let p = await_object(
-                &pol,
-                "p",
-                "QuotasExact=False",
-                T,
-                has_condition("QuotasExact", "False"),
-            )
-            .await?;
-            let c = p
-                .status
-                .context("status")?
-                .conditions
-                .into_iter()
-                .find(|c| c.type_ == "QuotasExact")
-                .context("QuotasExact")?;
-            ensure!(
-                c.reason == "LocalStoreWithReplicas" && c.message.contains("2 sidecars"),
-                "{c:?}"
-            );
-            ensure!(call(&s, &key).await?.status == 200);
-            ensure!(call(&s, &key).await?.status == 429);
-            let ak = apikeys(&env);
-            let k = await_object(
-                &ak,
-                "acme",
-                "Exhausted=True",
-                Duration::from_secs(10),
-                has_condition("Exhausted", "True"),
-            )
-            .await?;
-            let (_, reason, message) = exhausted(&k).context("condition")?;
-            ensure!(reason == "QuotaExceeded", "reason {reason}");
-            ensure!(message.contains("on 1 of 2 sidecars"), "message {message}");
-            // The other replica still admits (local counters): exactly what the message says.
-            ensure!(get(&b.url("/"), &[("X-API-Key", &key)]).await?.status == 200);
+        // A quota on the Local store with two sidecars is two quotas: the policy says so.
+        let p = await_object(
+            &pol,
+            "p",
+            "QuotasExact=False",
+            T,
+            has_condition("QuotasExact", "False"),
+        )
+        .await?;
+        let c = p
+            .status
+            .context("status")?
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "QuotasExact")
+            .context("QuotasExact")?;
+        ensure!(
+            c.reason == "LocalStoreWithReplicas" && c.message.contains("2 sidecars"),
+            "{c:?}"
+        );
+        ensure!(call(&s, &key).await?.status == 200);
+        ensure!(call(&s, &key).await?.status == 429);
+        let ak = apikeys(env);
+        let k = await_object(
+            &ak,
+            "acme",
+            "Exhausted=True",
+            Duration::from_secs(10),
+            has_condition("Exhausted", "True"),
+        )
+        .await?;
+        let (_, reason, message) = exhausted(&k).context("condition")?;
+        ensure!(reason == "QuotaExceeded", "reason {reason}");
+        ensure!(message.contains("on 1 of 2 sidecars"), "message {message}");
+        // The other replica still admits (local counters): exactly what the message says.
+        ensure!(get(&b.url("/"), &[("X-API-Key", &key)]).await?.status == 200);
 
-            // Stop the exhausted sidecar: its report goes stale and the key recovers, even
-            // though its quota would only reset at the top of the hour.
-            s.sidecar.terminate(Duration::from_secs(20)).await?;
-            await_object(
-                &ak,
-                "acme",
-                "Exhausted=False once the stopped sidecar is stale",
-                Duration::from_secs(30),
-                has_condition("Exhausted", "False"),
-            )
-            .await?;
-            Ok(())
-        }
-        .await;
-        (env, r)
+        // Stop the exhausted sidecar: its report goes stale and the key recovers, even
+        // though its quota would only reset at the top of the hour.
+        s.sidecar.terminate(Duration::from_secs(20)).await?;
+        await_object(
+            &ak,
+            "acme",
+            "Exhausted=False once the stopped sidecar is stale",
+            Duration::from_secs(30),
+            has_condition("Exhausted", "False"),
+        )
+        .await?;
+        Ok(())
     })
     .await;
 }
@@ -517,14 +497,13 @@ async fn two_sidecars_aggregate_and_stale_reports_expire() {
 #[tokio::test]
 #[ignore = "needs a control plane: run hack/test.sh"]
 async fn api_watch_mode_enforces_and_reloads() {
-    scenario("apiwatch", |mut env| async move {
-        let r = async {
+    scenario("apiwatch", async |env: &mut Env| {
             let _op = env.start_operator("op").await?;
             env.apply_yaml(&policy("p", "    rates: [{name: per-minute, requests: 2, per: Minute, burst: 1}]\n")).await?;
             env.apply_yaml("apiVersion: keylimit.dev/v1alpha1\nkind: ApiKey\nmetadata: {name: acme}\nspec: {policyRef: {name: p}}\n").await?;
-            let ak = apikeys(&env);
+            let ak = apikeys(env);
             await_object(&ak, "acme", "Ready=True", T, has_condition("Ready", "True")).await?;
-            let key = read_key(&env, "acme-key").await?;
+            let key = read_key(env, "acme-key").await?;
             let upstream = Upstream::start().await?;
             let dir = env.dir.path().join("apiwatch");
             let target = format!("{}/p", env.ns);
@@ -545,9 +524,6 @@ async fn api_watch_mode_enforces_and_reloads() {
             eprintln!("MEASURED policy apply -> enforced in API-watch mode: {:?}", applied.elapsed());
             ensure!(dir.join("..data").exists(), "the mirror writes kubelet's layout");
             Ok(())
-        }
-        .await;
-        (env, r)
     })
     .await;
 }
@@ -557,55 +533,51 @@ async fn api_watch_mode_enforces_and_reloads() {
 #[tokio::test]
 #[ignore = "needs a control plane: run hack/test.sh"]
 async fn concurrency_exhaustion_becomes_a_condition() {
-    scenario("conc-status", |mut env| async move {
-        let r = async {
-            let p = policy("p", "    concurrency: 1\n");
-            let s = stack(&mut env, "p", &p, &["acme"], &["--report"]).await?;
-            let key = read_key(&env, "acme-key").await?;
-            let url = s.sidecar.url("/hold");
-            let k2 = key.clone();
-            let held = tokio::spawn(async move { get(&url, &[("X-API-Key", &k2)]).await });
-            eventually(T, "the held request to reach the upstream", || async {
-                (s.upstream
-                    .requests
-                    .load(std::sync::atomic::Ordering::Relaxed)
-                    >= 1)
-                    .then_some(())
-            })
-            .await?;
-            let ak = apikeys(&env);
-            // Callers retrying against the full slot keep the refusal fresh (each one resets
-            // its one-second hint), as real clients do.
-            let k = eventually(
-                Duration::from_secs(15),
-                "Exhausted=True ConcurrencyLimited",
-                || async {
-                    let r = call(&s, &key).await.ok()?;
-                    if r.status != 429 {
-                        return None;
-                    }
-                    let k = ak.get("acme").await.ok()?;
-                    let (status, reason, _) = exhausted(&k)?;
-                    (status == "True" && reason == "ConcurrencyLimited").then_some(k)
-                },
-            )
-            .await?;
-            let (_, _, message) = exhausted(&k).context("condition")?;
-            ensure!(message.contains("concurrency"), "message {message}");
-            s.upstream.release_all();
-            ensure!(held.await??.status == 200, "held request");
-            await_object(
-                &ak,
-                "acme",
-                "Exhausted=False once the slot is free",
-                T,
-                has_condition("Exhausted", "False"),
-            )
-            .await?;
-            Ok(())
-        }
-        .await;
-        (env, r)
+    scenario("conc-status", async |env: &mut Env| {
+        let p = policy("p", "    concurrency: 1\n");
+        let s = stack(env, "p", &p, &["acme"], &["--report"]).await?;
+        let key = read_key(env, "acme-key").await?;
+        let url = s.sidecar.url("/hold");
+        let k2 = key.clone();
+        let held = tokio::spawn(async move { get(&url, &[("X-API-Key", &k2)]).await });
+        eventually(T, "the held request to reach the upstream", || async {
+            (s.upstream
+                .requests
+                .load(std::sync::atomic::Ordering::Relaxed)
+                >= 1)
+                .then_some(())
+        })
+        .await?;
+        let ak = apikeys(env);
+        // Callers retrying against the full slot keep the refusal fresh (each one resets
+        // its one-second hint), as real clients do.
+        let k = eventually(
+            Duration::from_secs(15),
+            "Exhausted=True ConcurrencyLimited",
+            || async {
+                let r = call(&s, &key).await.ok()?;
+                if r.status != 429 {
+                    return None;
+                }
+                let k = ak.get("acme").await.ok()?;
+                let (status, reason, _) = exhausted(&k)?;
+                (status == "True" && reason == "ConcurrencyLimited").then_some(k)
+            },
+        )
+        .await?;
+        let (_, _, message) = exhausted(&k).context("condition")?;
+        ensure!(message.contains("concurrency"), "message {message}");
+        s.upstream.release_all();
+        ensure!(held.await??.status == 200, "held request");
+        await_object(
+            &ak,
+            "acme",
+            "Exhausted=False once the slot is free",
+            T,
+            has_condition("Exhausted", "False"),
+        )
+        .await?;
+        Ok(())
     })
     .await;
 }
@@ -615,88 +587,84 @@ async fn concurrency_exhaustion_becomes_a_condition() {
 #[tokio::test]
 #[ignore = "needs a control plane: run hack/test.sh"]
 async fn exhaustion_survives_operator_restart() {
-    scenario("restart-status", |mut env| async move {
-        let r = async {
-            let p = policy(
-                "p",
-                "    quotas: [{name: hourly, requests: 1, period: Hour}]\n",
-            );
-            let mut s = stack(&mut env, "p", &p, &["acme"], &["--report"]).await?;
-            let key = read_key(&env, "acme-key").await?;
-            ensure!(call(&s, &key).await?.status == 200);
-            ensure!(call(&s, &key).await?.status == 429);
-            let ak = apikeys(&env);
-            await_object(
-                &ak,
-                "acme",
-                "Exhausted=True",
-                Duration::from_secs(10),
-                has_condition("Exhausted", "True"),
-            )
-            .await?;
+    scenario("restart-status", async |env: &mut Env| {
+        let p = policy(
+            "p",
+            "    quotas: [{name: hourly, requests: 1, period: Hour}]\n",
+        );
+        let mut s = stack(env, "p", &p, &["acme"], &["--report"]).await?;
+        let key = read_key(env, "acme-key").await?;
+        ensure!(call(&s, &key).await?.status == 200);
+        ensure!(call(&s, &key).await?.status == 429);
+        let ak = apikeys(env);
+        await_object(
+            &ak,
+            "acme",
+            "Exhausted=True",
+            Duration::from_secs(10),
+            has_condition("Exhausted", "True"),
+        )
+        .await?;
 
-            // The sidecar keeps reporting to the same address: the new operator takes it over.
-            let port = s.operator.admin_port.context("admin port")?;
-            s.operator.terminate(Duration::from_secs(20)).await?;
-            let ns = env.ns.clone();
-            let admin = format!("127.0.0.1:{port}");
-            let op2 = env
-                .spawn(
-                    "operator-op2",
-                    &bin("keylimit-operator"),
-                    &[
-                        "run",
-                        "--watch-namespace",
-                        &ns,
-                        "--lease-namespace",
-                        &ns,
-                        "--identity",
-                        "op2",
-                        "--lease-seconds",
-                        "6",
-                        "--admin-addr",
-                        &admin,
-                    ],
-                )
-                .await?;
-            let ready = format!("http://{admin}/readyz");
-            eventually(T, "the new operator to lead", || async {
-                (get(&ready, &[]).await.ok()?.status == 200).then_some(())
-            })
-            .await?;
-            // Watch the condition through the new leader's startup grace and first writes.
-            let until = Instant::now() + Duration::from_secs(10);
-            let mut tick = tokio::time::interval(Duration::from_millis(200));
-            while Instant::now() < until {
-                tick.tick().await;
-                let k = ak.get("acme").await?;
-                let (status, reason, _) = exhausted(&k).context("condition")?;
-                ensure!(
-                    status == "True" && reason == "QuotaExceeded",
-                    "cleared across the restart: {status} {reason}"
-                );
-            }
-            let events = kubectl(
+        // The sidecar keeps reporting to the same address: the new operator takes it over.
+        let port = s.operator.admin_port.context("admin port")?;
+        s.operator.terminate(Duration::from_secs(20)).await?;
+        let ns = env.ns.clone();
+        let admin = format!("127.0.0.1:{port}");
+        let op2 = env
+            .spawn(
+                "operator-op2",
+                &bin("keylimit-operator"),
                 &[
-                    "get",
-                    "events",
-                    "-n",
-                    &env.ns,
-                    "--field-selector",
-                    "involvedObject.name=acme,reason=Recovered",
+                    "run",
+                    "--watch-namespace",
+                    &ns,
+                    "--lease-namespace",
+                    &ns,
+                    "--identity",
+                    "op2",
+                    "--lease-seconds",
+                    "6",
+                    "--admin-addr",
+                    &admin,
                 ],
-                None,
             )
             .await?;
+        let ready = format!("http://{admin}/readyz");
+        eventually(T, "the new operator to lead", || async {
+            (get(&ready, &[]).await.ok()?.status == 200).then_some(())
+        })
+        .await?;
+        // Watch the condition through the new leader's startup grace and first writes.
+        let until = Instant::now() + Duration::from_secs(10);
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        while Instant::now() < until {
+            tick.tick().await;
+            let k = ak.get("acme").await?;
+            let (status, reason, _) = exhausted(&k).context("condition")?;
             ensure!(
-                !events.contains("Recovered"),
-                "a false Recovered event: {events}"
+                status == "True" && reason == "QuotaExceeded",
+                "cleared across the restart: {status} {reason}"
             );
-            drop(op2);
-            Ok(())
         }
-        .await;
-        (env, r)
+        let events = kubectl(
+            &[
+                "get",
+                "events",
+                "-n",
+                &env.ns,
+                "--field-selector",
+                "involvedObject.name=acme,reason=Recovered",
+            ],
+            None,
+        )
+        .await?;
+        ensure!(
+            !events.contains("Recovered"),
+            "a false Recovered event: {events}"
+        );
+        drop(op2);
+        Ok(())
     })
     .await;
 }

@@ -54,8 +54,7 @@ spec:
 #[tokio::test]
 #[ignore = "needs a control plane: run hack/test.sh"]
 async fn crds_install_and_reject_bad_manifests() {
-    scenario("crds", |env| async move {
-        let r = async {
+    scenario("crds", async |env: &mut Env| {
             let explain = kubectl(&["explain", "ratelimitpolicies.spec.limits.rates"], None).await?;
             ensure!(explain.contains("requests"), "kubectl explain lacks fields: {explain}");
             let explain = kubectl(&["explain", "apikeys.spec.policyRef"], None).await?;
@@ -108,9 +107,6 @@ async fn crds_install_and_reject_bad_manifests() {
                 }
             }
             Ok(())
-        }
-        .await;
-        (env, r)
     })
     .await;
 }
@@ -121,105 +117,101 @@ async fn crds_install_and_reject_bad_manifests() {
 #[tokio::test]
 #[ignore = "needs a control plane: run hack/test.sh"]
 async fn apikey_to_configmap_holds_only_the_hash() {
-    scenario("render", |mut env| async move {
-        let r = async {
-            let _op = env.start_operator("op-a").await?;
-            // Key first, policy missing: Ready=False with the exact reason.
-            env.apply_yaml(&apikey_yaml("acme", "gold")).await?;
-            let keys = apikeys(&env);
-            let k = await_object(
-                &keys,
-                "acme",
-                "Ready=False",
-                T,
-                has_condition("Ready", "False"),
-            )
-            .await?;
-            let st = k.status.context("status")?;
-            let ready = st
-                .conditions
-                .iter()
-                .find(|c| c.type_ == "Ready")
-                .context("Ready")?;
-            ensure!(ready.reason == "PolicyNotFound", "reason {}", ready.reason);
-            ensure!(
-                ready.message.contains("\"gold\""),
-                "message {}",
-                ready.message
-            );
+    scenario("render", async |env: &mut Env| {
+        let _op = env.start_operator("op-a").await?;
+        // Key first, policy missing: Ready=False with the exact reason.
+        env.apply_yaml(&apikey_yaml("acme", "gold")).await?;
+        let keys = apikeys(env);
+        let k = await_object(
+            &keys,
+            "acme",
+            "Ready=False",
+            T,
+            has_condition("Ready", "False"),
+        )
+        .await?;
+        let st = k.status.context("status")?;
+        let ready = st
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .context("Ready")?;
+        ensure!(ready.reason == "PolicyNotFound", "reason {}", ready.reason);
+        ensure!(
+            ready.message.contains("\"gold\""),
+            "message {}",
+            ready.message
+        );
 
-            env.apply_yaml(&policy_yaml("gold", 10)).await?;
-            let k = await_object(
-                &keys,
-                "acme",
-                "Ready=True",
-                T,
-                has_condition("Ready", "True"),
-            )
-            .await?;
-            let key = read_key(&env, "acme-key").await?;
-            ensure!(
-                key.starts_with("kl_") && key.len() == 67,
-                "generated key shape"
-            );
-            let fp = k
-                .status
-                .and_then(|s| s.fingerprint)
-                .context("fingerprint")?;
-            ensure!(
-                dp::hash_key(key.as_bytes()).starts_with(&fp),
-                "fingerprint is a hash prefix"
-            );
+        env.apply_yaml(&policy_yaml("gold", 10)).await?;
+        let k = await_object(
+            &keys,
+            "acme",
+            "Ready=True",
+            T,
+            has_condition("Ready", "True"),
+        )
+        .await?;
+        let key = read_key(env, "acme-key").await?;
+        ensure!(
+            key.starts_with("kl_") && key.len() == 67,
+            "generated key shape"
+        );
+        let fp = k
+            .status
+            .and_then(|s| s.fingerprint)
+            .context("fingerprint")?;
+        ensure!(
+            dp::hash_key(key.as_bytes()).starts_with(&fp),
+            "fingerprint is a hash prefix"
+        );
 
-            let cms = configmaps(&env);
-            let cm = eventually(T, "ConfigMap keylimit-gold with the key", || async {
-                let cm = cms.get_opt("keylimit-gold").await.ok().flatten()?;
-                let doc = cm.data.as_ref()?.get("policy.json")?.clone();
-                doc.contains("acme").then_some(doc)
-            })
-            .await?;
-            ensure!(
-                !cm.contains(&key),
-                "plaintext key leaked into the ConfigMap"
-            );
-            ensure!(
-                cm.contains(&dp::hash_key(key.as_bytes())),
-                "hash missing from ConfigMap"
-            );
-            let doc = dp::PolicyDocument::parse(cm.as_bytes())?;
-            ensure!(doc.policy.limits.rates[0].requests == 10);
+        let cms = configmaps(env);
+        let cm = eventually(T, "ConfigMap keylimit-gold with the key", || async {
+            let cm = cms.get_opt("keylimit-gold").await.ok().flatten()?;
+            let doc = cm.data.as_ref()?.get("policy.json")?.clone();
+            doc.contains("acme").then_some(doc)
+        })
+        .await?;
+        ensure!(
+            !cm.contains(&key),
+            "plaintext key leaked into the ConfigMap"
+        );
+        ensure!(
+            cm.contains(&dp::hash_key(key.as_bytes())),
+            "hash missing from ConfigMap"
+        );
+        let doc = dp::PolicyDocument::parse(cm.as_bytes())?;
+        ensure!(doc.policy.limits.rates[0].requests == 10);
 
-            let pol = policies(&env);
-            await_object(
-                &pol,
-                "gold",
-                "Ready=True",
-                T,
-                has_condition("Ready", "True"),
-            )
-            .await?;
+        let pol = policies(env);
+        await_object(
+            &pol,
+            "gold",
+            "Ready=True",
+            T,
+            has_condition("Ready", "True"),
+        )
+        .await?;
 
-            // Deleting the policy: the garbage collector removes the owned ConfigMap.
-            pol.delete("gold", &DeleteParams::default()).await?;
-            eventually(T, "garbage collection of keylimit-gold", || async {
-                cms.get_opt("keylimit-gold")
-                    .await
-                    .ok()
-                    .and_then(|o| o.is_none().then_some(()))
-            })
-            .await?;
-            await_object(
-                &keys,
-                "acme",
-                "Ready=False after policy deletion",
-                T,
-                has_condition("Ready", "False"),
-            )
-            .await?;
-            Ok(())
-        }
-        .await;
-        (env, r)
+        // Deleting the policy: the garbage collector removes the owned ConfigMap.
+        pol.delete("gold", &DeleteParams::default()).await?;
+        eventually(T, "garbage collection of keylimit-gold", || async {
+            cms.get_opt("keylimit-gold")
+                .await
+                .ok()
+                .and_then(|o| o.is_none().then_some(()))
+        })
+        .await?;
+        await_object(
+            &keys,
+            "acme",
+            "Ready=False after policy deletion",
+            T,
+            has_condition("Ready", "False"),
+        )
+        .await?;
+        Ok(())
     })
     .await;
 }
@@ -229,15 +221,14 @@ async fn apikey_to_configmap_holds_only_the_hash() {
 #[tokio::test]
 #[ignore = "needs a control plane: run hack/test.sh"]
 async fn user_secret_problems_are_reported() {
-    scenario("secret", |mut env| async move {
-        let r = async {
+    scenario("secret", async |env: &mut Env| {
             let _op = env.start_operator("op-a").await?;
             env.apply_yaml(&policy_yaml("p", 10)).await?;
             env.apply_yaml(
                 "apiVersion: keylimit.dev/v1alpha1\nkind: ApiKey\nmetadata: {name: mine}\nspec:\n  policyRef: {name: p}\n  secretRef: {name: my-secret, key: token}\n",
             )
             .await?;
-            let keys = apikeys(&env);
+            let keys = apikeys(env);
             let reason = |want: &'static str| {
                 let keys = keys.clone();
                 async move {
@@ -256,7 +247,7 @@ async fn user_secret_problems_are_reported() {
             reason("KeyTooShort").await?;
             env.apply_yaml("apiVersion: v1\nkind: Secret\nmetadata: {name: my-secret}\nstringData: {token: a-long-enough-customer-key}\n").await?;
             reason("Bound").await?;
-            let cms = configmaps(&env);
+            let cms = configmaps(env);
             let h = dp::hash_key(b"a-long-enough-customer-key");
             eventually(T, "the user key's hash in the ConfigMap", || async {
                 let cm = cms.get_opt("keylimit-p").await.ok().flatten()?;
@@ -264,9 +255,6 @@ async fn user_secret_problems_are_reported() {
             })
             .await?;
             Ok(())
-        }
-        .await;
-        (env, r)
     })
     .await;
 }
@@ -276,111 +264,106 @@ async fn user_secret_problems_are_reported() {
 #[tokio::test]
 #[ignore = "needs a control plane: run hack/test.sh"]
 async fn leader_election_and_restart_converge_without_rewrites() {
-    scenario("leader", |mut env| async move {
-        let r = async {
-            let mut a = env.start_operator("op-a").await?;
-            a.await_ready(T).await?;
-            let b = env.start_operator("op-b").await?;
-            env.apply_yaml(&policy_yaml("p", 10)).await?;
-            env.apply_yaml(&apikey_yaml("k1", "p")).await?;
-            let keys = apikeys(&env);
-            await_object(&keys, "k1", "Ready=True", T, has_condition("Ready", "True")).await?;
-            let cms = configmaps(&env);
-            let before = eventually(T, "ConfigMap with k1", || async {
-                let cm = cms.get_opt("keylimit-p").await.ok().flatten()?;
-                cm.data
-                    .as_ref()?
-                    .get("policy.json")?
-                    .contains("k1")
-                    .then_some(cm)
-            })
-            .await?;
+    scenario("leader", async |env: &mut Env| {
+        let mut a = env.start_operator("op-a").await?;
+        a.await_ready(T).await?;
+        let b = env.start_operator("op-b").await?;
+        env.apply_yaml(&policy_yaml("p", 10)).await?;
+        env.apply_yaml(&apikey_yaml("k1", "p")).await?;
+        let keys = apikeys(env);
+        await_object(&keys, "k1", "Ready=True", T, has_condition("Ready", "True")).await?;
+        let cms = configmaps(env);
+        let before = eventually(T, "ConfigMap with k1", || async {
+            let cm = cms.get_opt("keylimit-p").await.ok().flatten()?;
+            cm.data
+                .as_ref()?
+                .get("policy.json")?
+                .contains("k1")
+                .then_some(cm)
+        })
+        .await?;
 
-            let leases: Api<Lease> = env.api();
-            let holder = |l: Lease| l.spec.and_then(|s| s.holder_identity).unwrap_or_default();
-            ensure!(
-                holder(leases.get("keylimit-operator").await?) == "op-a",
-                "op-a should lead"
-            );
-            let standby = get(&b.admin_url("/readyz"), &[]).await?;
-            ensure!(
-                standby.status == 503,
-                "standby must not be ready, got {}",
-                standby.status
-            );
-            let metrics = get(&a.admin_url("/metrics"), &[]).await?;
-            ensure!(
-                String::from_utf8_lossy(&metrics.body).contains("keylimit_operator_leader 1"),
-                "leader gauge"
-            );
+        let leases: Api<Lease> = env.api();
+        let holder = |l: Lease| l.spec.and_then(|s| s.holder_identity).unwrap_or_default();
+        ensure!(
+            holder(leases.get("keylimit-operator").await?) == "op-a",
+            "op-a should lead"
+        );
+        let standby = get(&b.admin_url("/readyz"), &[]).await?;
+        ensure!(
+            standby.status == 503,
+            "standby must not be ready, got {}",
+            standby.status
+        );
+        let metrics = get(&a.admin_url("/metrics"), &[]).await?;
+        ensure!(
+            String::from_utf8_lossy(&metrics.body).contains("keylimit_operator_leader 1"),
+            "leader gauge"
+        );
 
-            let status = a.terminate(Duration::from_secs(20)).await?;
-            ensure!(status.success(), "operator exited with {status} on SIGTERM");
-            b.await_ready(T).await?;
-            eventually(T, "op-b to hold the lease", || async {
-                let l = leases.get("keylimit-operator").await.ok()?;
-                (holder(l) == "op-b").then_some(())
-            })
-            .await?;
-            // The new leader must do real work...
-            env.apply_yaml(&apikey_yaml("k2", "p")).await?;
-            await_object(&keys, "k2", "Ready=True", T, has_condition("Ready", "True")).await?;
-            eventually(T, "ConfigMap with k2", || async {
-                let cm = cms.get_opt("keylimit-p").await.ok().flatten()?;
-                cm.data?.get("policy.json")?.contains("k2").then_some(())
-            })
-            .await?;
-            // ...and a restart with unchanged inputs writes nothing.
-            let settled = cms.get("keylimit-p").await?;
-            ensure!(settled.metadata.resource_version != before.metadata.resource_version);
-            let mut b = b;
-            b.terminate(Duration::from_secs(20)).await?;
-            let c = env.start_operator("op-c").await?;
-            c.await_ready(T).await?;
-            let pol = policies(&env);
-            await_object(&pol, "p", "Ready=True", T, has_condition("Ready", "True")).await?;
-            // Give op-c a full reconcile of everything it owns, observed through its metrics.
-            eventually(T, "op-c to reconcile the policy", || async {
-                let m = get(&c.admin_url("/metrics"), &[]).await.ok()?;
-                let text = String::from_utf8_lossy(&m.body).to_string();
-                text.lines()
-                    .any(|l| {
-                        l.starts_with(
-                            "keylimit_operator_reconciles_total{controller=\"ratelimitpolicy\"}",
-                        ) && !l.ends_with(" 0")
-                    })
-                    .then_some(())
-            })
-            .await?;
-            let after = cms.get("keylimit-p").await?;
-            ensure!(
-                after.metadata.resource_version == settled.metadata.resource_version,
-                "restart rewrote an unchanged ConfigMap"
-            );
-            let m = get(&c.admin_url("/metrics"), &[]).await?;
+        let status = a.terminate(Duration::from_secs(20)).await?;
+        ensure!(status.success(), "operator exited with {status} on SIGTERM");
+        b.await_ready(T).await?;
+        eventually(T, "op-b to hold the lease", || async {
+            let l = leases.get("keylimit-operator").await.ok()?;
+            (holder(l) == "op-b").then_some(())
+        })
+        .await?;
+        // The new leader must do real work...
+        env.apply_yaml(&apikey_yaml("k2", "p")).await?;
+        await_object(&keys, "k2", "Ready=True", T, has_condition("Ready", "True")).await?;
+        eventually(T, "ConfigMap with k2", || async {
+            let cm = cms.get_opt("keylimit-p").await.ok().flatten()?;
+            cm.data?.get("policy.json")?.contains("k2").then_some(())
+        })
+        .await?;
+        // ...and a restart with unchanged inputs writes nothing.
+        let settled = cms.get("keylimit-p").await?;
+        ensure!(settled.metadata.resource_version != before.metadata.resource_version);
+        let mut b = b;
+        b.terminate(Duration::from_secs(20)).await?;
+        let c = env.start_operator("op-c").await?;
+        c.await_ready(T).await?;
+        let pol = policies(env);
+        await_object(&pol, "p", "Ready=True", T, has_condition("Ready", "True")).await?;
+        // Give op-c a full reconcile of everything it owns, observed through its metrics.
+        eventually(T, "op-c to reconcile the policy", || async {
+            let m = get(&c.admin_url("/metrics"), &[]).await.ok()?;
             let text = String::from_utf8_lossy(&m.body).to_string();
-            ensure!(
-                text.lines()
-                    .any(|l| l == "keylimit_operator_configmap_writes_total 0"),
-                "op-c wrote ConfigMaps it did not need to:\n{text}"
-            );
-            // A Secret change re-renders: rotate k1's key by hand.
-            let secrets: Api<Secret> = env.api();
-            let patch =
-                serde_json::json!({"stringData": {"key": "kl_rotated_key_0123456789abcdef"}});
-            secrets
-                .patch("k1-key", &PatchParams::default(), &Patch::Merge(&patch))
-                .await?;
-            let h = dp::hash_key(b"kl_rotated_key_0123456789abcdef");
-            eventually(T, "the rotated key's hash in the ConfigMap", || async {
-                let cm = cms.get_opt("keylimit-p").await.ok().flatten()?;
-                cm.data?.get("policy.json")?.contains(&h).then_some(())
-            })
+            text.lines()
+                .any(|l| {
+                    l.starts_with(
+                        "keylimit_operator_reconciles_total{controller=\"ratelimitpolicy\"}",
+                    ) && !l.ends_with(" 0")
+                })
+                .then_some(())
+        })
+        .await?;
+        let after = cms.get("keylimit-p").await?;
+        ensure!(
+            after.metadata.resource_version == settled.metadata.resource_version,
+            "restart rewrote an unchanged ConfigMap"
+        );
+        let m = get(&c.admin_url("/metrics"), &[]).await?;
+        let text = String::from_utf8_lossy(&m.body).to_string();
+        ensure!(
+            text.lines()
+                .any(|l| l == "keylimit_operator_configmap_writes_total 0"),
+            "op-c wrote ConfigMaps it did not need to:\n{text}"
+        );
+        // A Secret change re-renders: rotate k1's key by hand.
+        let secrets: Api<Secret> = env.api();
+        let patch = serde_json::json!({"stringData": {"key": "kl_rotated_key_0123456789abcdef"}});
+        secrets
+            .patch("k1-key", &PatchParams::default(), &Patch::Merge(&patch))
             .await?;
-            Ok(())
-        }
-        .await;
-        (env, r)
+        let h = dp::hash_key(b"kl_rotated_key_0123456789abcdef");
+        eventually(T, "the rotated key's hash in the ConfigMap", || async {
+            let cm = cms.get_opt("keylimit-p").await.ok().flatten()?;
+            cm.data?.get("policy.json")?.contains(&h).then_some(())
+        })
+        .await?;
+        Ok(())
     })
     .await;
 }

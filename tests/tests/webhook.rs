@@ -155,7 +155,7 @@ async fn create_pod(env: &Env, ns: &str, pod: &Pod) -> anyhow::Result<Pod> {
 #[tokio::test]
 #[ignore = "needs a control plane: run hack/test.sh"]
 async fn webhook_injects_opted_in_pods_over_tls() {
-    scenario("webhook", |mut env| async move {
+    scenario("webhook", async |env: &mut Env| {
         let plain_ns = format!("{}-plain", env.ns);
         let cfg_name = format!("keylimit-{}", env.ns);
         let r = async {
@@ -169,7 +169,7 @@ async fn webhook_injects_opted_in_pods_over_tls() {
                 None,
             )
             .await?;
-            create_namespace(&env, &plain_ns, &[("pod-security.kubernetes.io/enforce", "restricted")]).await?;
+            create_namespace(env, &plain_ns, &[("pod-security.kubernetes.io/enforce", "restricted")]).await?;
 
             // Register first (no caBundle yet), so the operator's first refresh patches it.
             let port = free_port()?;
@@ -221,7 +221,7 @@ async fn webhook_injects_opted_in_pods_over_tls() {
 
             // Namespace opt-in, under Pod Security "restricted".
             let pod = create_pod(
-                &env,
+                env,
                 &opted_ns,
                 &app_pod(
                     "api",
@@ -257,7 +257,7 @@ async fn webhook_injects_opted_in_pods_over_tls() {
             // A Redis policy: the sidecar gets the password from the policy's Secret, by
             // reference (the policy need not exist before the pod; here it does).
             env.apply_yaml("apiVersion: keylimit.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {name: orders}\nspec:\n  selector: {matchLabels: {app: orders}}\n  limits: {concurrency: 5}\n  store:\n    type: Redis\n    redis: {url: 'redis://127.0.0.1:6379/0', passwordSecretRef: {name: redis-auth, key: password}}\n").await?;
-            let redis_pod = create_pod(&env, &opted_ns, &app_pod("redis-user", json!({}), json!({"keylimit.dev/policy": "orders"}))?).await?;
+            let redis_pod = create_pod(env, &opted_ns, &app_pod("redis-user", json!({}), json!({"keylimit.dev/policy": "orders"}))?).await?;
             let side = sidecar_of(&redis_pod).context("no sidecar on the Redis policy's pod")?;
             let pw = side.env.unwrap_or_default().into_iter().find(|e| e.name == "KEYLIMIT_REDIS_PASSWORD").context("no KEYLIMIT_REDIS_PASSWORD")?;
             let sref = pw.value_from.and_then(|v| v.secret_key_ref).context("password not from a Secret")?;
@@ -265,22 +265,22 @@ async fn webhook_injects_opted_in_pods_over_tls() {
 
             // Pod-label opt-in in a namespace that did not opt in; and the opt-outs.
             let labelled = create_pod(
-                &env,
+                env,
                 &plain_ns,
                 &app_pod("labelled", json!({"keylimit.dev/inject": "enabled"}), json!({"keylimit.dev/policy": "gold"}))?,
             )
             .await?;
             ensure!(sidecar_of(&labelled).is_some(), "pod-label opt-in not injected");
-            let plain = create_pod(&env, &plain_ns, &app_pod("plain", json!({}), json!({"keylimit.dev/policy": "gold"}))?).await?;
+            let plain = create_pod(env, &plain_ns, &app_pod("plain", json!({}), json!({"keylimit.dev/policy": "gold"}))?).await?;
             ensure!(untouched(&plain), "a pod that did not opt in was changed: {plain:?}");
             let disabled = create_pod(
-                &env,
+                env,
                 &opted_ns,
                 &app_pod("disabled", json!({"keylimit.dev/inject": "disabled"}), json!({"keylimit.dev/policy": "gold"}))?,
             )
             .await?;
             ensure!(untouched(&disabled), "an opted-out pod was changed: {disabled:?}");
-            let no_policy = create_pod(&env, &opted_ns, &app_pod("no-policy", json!({}), json!({}))?).await?;
+            let no_policy = create_pod(env, &opted_ns, &app_pod("no-policy", json!({}), json!({}))?).await?;
             ensure!(untouched(&no_policy), "a pod without a policy was changed");
 
             // A pod that names a policy but cannot be injected correctly is refused, loudly.
@@ -289,14 +289,14 @@ async fn webhook_injects_opted_in_pods_over_tls() {
                 s.containers[0].ports = None;
                 s.containers[0].readiness_probe = None;
             }
-            match create_pod(&env, &opted_ns, &bad).await {
+            match create_pod(env, &opted_ns, &bad).await {
                 Ok(p) => bail!("pod without an http port was admitted: {p:?}"),
                 Err(e) => ensure!(e.to_string().contains("no container has a port named"), "denial: {e}"),
             }
 
             // The webhook down: failurePolicy Ignore (the chart's default) admits the pod as is.
             op.terminate(Duration::from_secs(20)).await?;
-            let down = create_pod(&env, &opted_ns, &app_pod("while-down", json!({}), json!({"keylimit.dev/policy": "gold"}))?)
+            let down = create_pod(env, &opted_ns, &app_pod("while-down", json!({}), json!({"keylimit.dev/policy": "gold"}))?)
                 .await
                 .context("failurePolicy Ignore must admit pods while the webhook is down")?;
             ensure!(untouched(&down), "pod changed while the webhook was down");
@@ -318,10 +318,10 @@ async fn webhook_injects_opted_in_pods_over_tls() {
             Ok(())
         }
         .await;
-        let _ = mwcs_delete(&env, &cfg_name).await;
+        let _ = mwcs_delete(env, &cfg_name).await;
         let nsapi: Api<Namespace> = Api::all(env.client.clone());
         let _ = nsapi.delete(&plain_ns, &DeleteParams::default()).await;
-        (env, r)
+        r
     })
     .await;
 }
