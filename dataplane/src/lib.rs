@@ -474,6 +474,20 @@ pub struct UsageReport {
     pub now: i64,
     /// Only keys that have limiter state (seen since their last reset), sorted by name.
     pub keys: Vec<KeyUsage>,
+    /// Set while the sidecar rejects the config it is given and keeps serving an older one
+    /// (or none): the operator turns it into a policy condition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_failure: Option<ConfigFailure>,
+}
+
+/// A sidecar stuck on a stale config: why its latest reload failed and since when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigFailure {
+    /// A short, bounded label (`json`, `invalid`, `shard_digest`, `read`, …); never content.
+    pub reason: String,
+    /// Unix seconds of the first failed reload in the current run of failures.
+    pub since: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -189,6 +189,7 @@ mod tests {
             policy_generation: 1,
             now: 0,
             keys,
+            config_failure: None,
         }
     }
 

@@ -190,6 +190,7 @@ async fn main() -> anyhow::Result<()> {
                             }
                         })
                         .collect(),
+                    config_failure: None,
                 };
                 let body = Bytes::from(serde_json::to_vec(&report).unwrap_or_default());
                 match request(
