@@ -106,6 +106,9 @@ pub struct PolicyConfig {
     pub throttle: Option<Throttle>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<Route>,
+    /// How request paths are compared with route prefixes.
+    #[serde(default)]
+    pub path_matching: PathMatching,
     #[serde(default)]
     pub response: ResponseConfig,
     #[serde(default)]
@@ -266,6 +269,32 @@ pub struct Route {
 
 fn one() -> u64 {
     1
+}
+
+/// How the sidecar compares a request path with route prefixes. The path is always
+/// normalised first (RFC 3986 section 6: unreserved percent-escapes decoded, dot segments
+/// removed, repeated slashes merged) and prefixes match whole segments only. The defaults
+/// over-match rather than under-match: a spelling the app might treat as the same resource
+/// is limited like it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PathMatching {
+    /// Compare paths with route prefixes case-sensitively. Off by default, because many
+    /// apps and frameworks serve `/Admin` and `/admin` alike.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub case_sensitive: bool,
+    /// What `;` parameters inside path segments (`/a;v=1/b`) mean to route matching.
+    #[serde(default)]
+    pub matrix_parameters: MatrixParameters,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MatrixParameters {
+    /// Ignored when matching (`/a;v=1/b` matches the prefix `/a/b`), forwarded unchanged.
+    #[default]
+    Ignore,
+    /// A request whose path has any `;` is answered 400.
+    Reject,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -554,6 +583,7 @@ mod tests {
                 policy_limits: None,
                 throttle: None,
                 routes: vec![],
+                path_matching: PathMatching::default(),
                 response: ResponseConfig::default(),
                 store: Store::Local,
             },

@@ -269,6 +269,9 @@ pub fn policy_config(
                 limits: r.limits.as_ref().map(limits_from_spec),
             })
             .collect(),
+        // The CRD field arrives with the operator-hardening work; until then, the safe
+        // defaults (case-insensitive, matrix parameters ignored).
+        path_matching: dp::PathMatching::default(),
         response: spec
             .response
             .as_ref()

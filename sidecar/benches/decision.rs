@@ -52,6 +52,7 @@ fn snapshot(n: usize) -> Snapshot {
             policy_limits: None,
             throttle: None,
             routes: vec![],
+            path_matching: Default::default(),
             response: ResponseConfig::default(),
             store: Store::Local,
         },

@@ -32,6 +32,7 @@ fn doc(keys: Vec<KeyEntry>, routes: Vec<Route>) -> PolicyDocument {
             policy_limits: None,
             throttle: None,
             routes,
+            path_matching: Default::default(),
             response: ResponseConfig::default(),
             store: Store::Local,
         },

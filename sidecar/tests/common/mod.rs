@@ -100,6 +100,7 @@ pub fn doc(limits: Limits, keys: Vec<KeyEntry>) -> PolicyDocument {
             policy_limits: None,
             throttle: None,
             routes: vec![],
+            path_matching: Default::default(),
             response: ResponseConfig::default(),
             store: Store::Local,
         },
