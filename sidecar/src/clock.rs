@@ -1,41 +1,64 @@
-//! Time source for the limiter. Every limit decision takes `now` from a [`Clock`] so tests can
-//! drive window edges exactly instead of sleeping.
+//! Time sources for the limiter. Every limit decision takes its time from a [`Clock`] so tests
+//! can drive window edges exactly instead of sleeping.
+//!
+//! There are two timelines. Wall time (`now_ns`) places calendar quotas on UTC boundaries and
+//! becomes `resetAt` timestamps. Monotonic time (`mono_ns`) paces rate windows, so a clock
+//! step (NTP, a VM resume) never refuses requests that should pass, nor refills a bucket
+//! early. The monotonic timeline starts at the wall time of its first use, so the two read
+//! alike until the wall clock is stepped.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 pub const NANOS_PER_SEC: u64 = 1_000_000_000;
 
-/// Wall-clock time in nanoseconds since the Unix epoch. Wall time (not monotonic) because
-/// quotas align to UTC calendar boundaries and `resetAt` is reported as a timestamp.
 pub trait Clock: Send + Sync + 'static {
+    /// Wall-clock nanoseconds since the Unix epoch.
     fn now_ns(&self) -> u64;
+    /// Nanoseconds on a timeline that never goes backwards.
+    fn mono_ns(&self) -> u64;
 }
 
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SystemClock;
 
+fn wall_ns() -> u64 {
+    // A clock before 1970 is a broken host; treating it as the epoch keeps decisions
+    // defined (everything looks idle) rather than panicking on the request path.
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
 impl Clock for SystemClock {
     fn now_ns(&self) -> u64 {
-        // A clock before 1970 is a broken host; treating it as the epoch keeps decisions
-        // defined (everything looks idle) rather than panicking on the request path.
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-            .unwrap_or(0)
+        wall_ns()
+    }
+
+    fn mono_ns(&self) -> u64 {
+        static BASE: OnceLock<(Instant, u64)> = OnceLock::new();
+        let (start, wall) = BASE.get_or_init(|| (Instant::now(), wall_ns()));
+        let elapsed = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        wall.saturating_add(elapsed)
     }
 }
 
-/// A settable clock for tests and benches.
+/// A settable clock for tests and benches. `set_ns` and `advance_*` move both timelines;
+/// `step_wall_ns` moves only the wall clock, as an NTP step does.
 #[derive(Debug, Default)]
 pub struct FakeClock {
     now: AtomicU64,
+    /// Monotonic minus wall time.
+    mono_offset: AtomicI64,
 }
 
 impl FakeClock {
     pub fn new(now_ns: u64) -> Self {
         Self {
             now: AtomicU64::new(now_ns),
+            mono_offset: AtomicI64::new(0),
         }
     }
 
@@ -54,16 +77,33 @@ impl FakeClock {
     pub fn advance_secs(&self, secs: u64) {
         self.advance_ns(secs * NANOS_PER_SEC);
     }
+
+    /// Steps the wall clock by `delta` ns (negative: backwards); monotonic time stays put.
+    pub fn step_wall_ns(&self, delta: i64) {
+        let wall = self.now.load(Ordering::SeqCst);
+        self.now
+            .store(wall.saturating_add_signed(delta), Ordering::SeqCst);
+        self.mono_offset.fetch_sub(delta, Ordering::SeqCst);
+    }
 }
 
 impl Clock for FakeClock {
     fn now_ns(&self) -> u64 {
         self.now.load(Ordering::SeqCst)
     }
+
+    fn mono_ns(&self) -> u64 {
+        self.now_ns()
+            .saturating_add_signed(self.mono_offset.load(Ordering::SeqCst))
+    }
 }
 
 impl<C: Clock> Clock for std::sync::Arc<C> {
     fn now_ns(&self) -> u64 {
         (**self).now_ns()
+    }
+
+    fn mono_ns(&self) -> u64 {
+        (**self).mono_ns()
     }
 }

@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 
 use crate::limiter::{BuildMix, LimitSet, ThrottleRule, POLICY_SCOPE_ID};
 use crate::metrics::{Metrics, PolicyCounters};
+use crate::path::SegmentPrefix;
 use crate::Error;
 
 /// One key as the request path needs it.
@@ -47,56 +48,78 @@ pub fn hash_presented(key: &[u8]) -> [u8; 32] {
 
 /// Immutable map from key hash to key policy. Only keys in here ever get limiter state, so
 /// spraying random keys costs a hash and a failed lookup, never memory.
+///
+/// Buckets are chosen by the key id (the hash's first 8 bytes, which also names the key's
+/// limiter state and Redis keys); a lookup then compares the full 32-byte hash. Two entries
+/// with one id would share limiter state, so the later one is skipped and reported, like a
+/// duplicate or malformed entry: one bad entry never costs the other keys their config.
+/// (Choosing a key whose id equals a given victim's means a 64-bit second preimage of
+/// sha256; a collision between two keys one author controls only hurts that author.)
 #[derive(Debug, Default)]
 pub struct KeyIndex {
     by_id: HashMap<u64, KeyPolicy, BuildMix>,
+    skipped: Vec<SkippedKey>,
+}
+
+/// A key entry left out of the index, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedKey {
+    pub name: String,
+    pub reason: &'static str,
 }
 
 impl KeyIndex {
-    pub fn build(
-        keys: &[KeyEntry],
-        defaults: &Arc<LimitSet>,
-        base: &dp::Limits,
-    ) -> Result<Self, Error> {
-        let mut by_id = HashMap::with_capacity_and_hasher(keys.len(), BuildMix);
+    pub fn build(keys: &[KeyEntry], defaults: &Arc<LimitSet>, base: &dp::Limits) -> Self {
+        let mut by_id: HashMap<u64, KeyPolicy, BuildMix> =
+            HashMap::with_capacity_and_hasher(keys.len(), BuildMix);
+        let mut skipped = Vec::new();
         for k in keys {
             let mut hash = [0u8; 32];
-            // validate() already checked 64 hex digits; decoding once here keeps hex off the
-            // request path.
-            hex::decode_to_slice(&k.sha256, &mut hash).map_err(|_| {
-                Error::Document(dp::Error::Invalid(format!(
-                    "key {}: sha256 is not hex",
-                    k.name
-                )))
-            })?;
+            // Decoding once here keeps hex off the request path.
+            if dp::validate_key(k).is_err() || hex::decode_to_slice(&k.sha256, &mut hash).is_err() {
+                skipped.push(SkippedKey {
+                    name: k.name.clone(),
+                    reason: "invalid",
+                });
+                continue;
+            }
             let id = key_id(&hash);
             if id == POLICY_SCOPE_ID {
-                return Err(Error::KeyIdCollision {
-                    first: k.name.clone(),
-                    second: "(policy scope)".into(),
+                skipped.push(SkippedKey {
+                    name: k.name.clone(),
+                    reason: "reserved_id",
                 });
+                continue;
+            }
+            if let Some(prev) = by_id.get(&id) {
+                skipped.push(SkippedKey {
+                    name: k.name.clone(),
+                    reason: if prev.hash == hash {
+                        "duplicate"
+                    } else {
+                        "id_collision"
+                    },
+                });
+                continue;
             }
             let limits = match &k.overrides {
                 Some(o) => Arc::new(LimitSet::compile(&base.with_overrides(o), "key")),
                 None => defaults.clone(),
             };
-            let policy = KeyPolicy {
-                name: Arc::from(k.name.as_str()),
-                hash,
+            by_id.insert(
                 id,
-                disabled: k.disabled,
-                expires_at: k.expires_at,
-                limits,
-                identity: HeaderValue::from_str(&k.name).ok(),
-            };
-            if let Some(prev) = by_id.insert(id, policy) {
-                return Err(Error::KeyIdCollision {
-                    first: prev.name.to_string(),
-                    second: k.name.clone(),
-                });
-            }
+                KeyPolicy {
+                    name: Arc::from(k.name.as_str()),
+                    hash,
+                    id,
+                    disabled: k.disabled,
+                    expires_at: k.expires_at,
+                    limits,
+                    identity: HeaderValue::from_str(&k.name).ok(),
+                },
+            );
         }
-        Ok(Self { by_id })
+        Self { by_id, skipped }
     }
 
     pub fn lookup(&self, hash: &[u8; 32]) -> Option<&KeyPolicy> {
@@ -114,12 +137,17 @@ impl KeyIndex {
     pub fn is_empty(&self) -> bool {
         self.by_id.is_empty()
     }
+
+    /// Entries of the document that are not in the index.
+    pub fn skipped(&self) -> &[SkippedKey] {
+        &self.skipped
+    }
 }
 
 #[derive(Debug)]
 pub struct RouteRule {
     pub name: Arc<str>,
-    pub prefix: String,
+    pub prefix: SegmentPrefix,
     pub methods: Vec<Method>,
     pub cost: u64,
     pub limits: Option<LimitSet>,
@@ -170,7 +198,13 @@ impl Snapshot {
     ) -> Result<Self, Error> {
         let policy = doc.policy;
         let defaults = Arc::new(LimitSet::compile(&policy.limits, "key"));
-        let index = KeyIndex::build(&keys, &defaults, &policy.limits)?;
+        let index = KeyIndex::build(&keys, &defaults, &policy.limits);
+        for k in index.skipped() {
+            tracing::warn!(key = %k.name, reason = k.reason, "key entry skipped");
+        }
+        metrics
+            .config_skipped_keys
+            .set(i64::try_from(index.skipped().len()).unwrap_or(i64::MAX));
         let routes = policy
             .routes
             .iter()
@@ -187,11 +221,22 @@ impl Snapshot {
                         })
                     })
                     .collect::<Result<Vec<_>, _>>()?;
+                let prefix = SegmentPrefix::compile(&r.path_prefix, &policy.path_matching)
+                    .map_err(|e| {
+                        Error::Document(dp::Error::Invalid(format!(
+                            "route {}: pathPrefix {:?}: {}",
+                            r.name,
+                            r.path_prefix,
+                            e.message()
+                        )))
+                    })?;
                 Ok(RouteRule {
                     name: Arc::from(r.name.as_str()),
-                    prefix: r.path_prefix.clone(),
+                    prefix,
                     methods,
-                    cost: r.cost.max(1),
+                    // 0 is a free route: admitted and counted for concurrency, never charged
+                    // against a rate or quota.
+                    cost: r.cost,
                     limits: r
                         .limits
                         .as_ref()
@@ -236,10 +281,11 @@ impl Snapshot {
     }
 
     /// The longest matching route prefix wins, so rule order in the document does not matter.
+    /// `path` is in match form ([`crate::path::match_form`] of the normalised path).
     pub fn route(&self, method: &Method, path: &str) -> Option<&RouteRule> {
         self.routes
             .iter()
-            .filter(|r| path.starts_with(r.prefix.as_str()))
+            .filter(|r| r.prefix.matches(path))
             .filter(|r| r.methods.is_empty() || r.methods.contains(method))
             .max_by_key(|r| r.prefix.len())
     }

@@ -12,8 +12,6 @@ pub enum Error {
     },
     #[error("invalid policy document: {0}")]
     Document(#[from] keylimit_dataplane::Error),
-    #[error("keys {first:?} and {second:?} share a 64-bit key id; rename or rotate one of them")]
-    KeyIdCollision { first: String, second: String },
     #[error("binding {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -56,7 +54,6 @@ impl Error {
             Error::Document(keylimit_dataplane::Error::MissingShard { .. }) => "missing_shard",
             Error::Document(keylimit_dataplane::Error::ShardDigest { .. }) => "shard_digest",
             Error::Document(keylimit_dataplane::Error::Invalid(_)) => "invalid",
-            Error::KeyIdCollision { .. } => "key_id_collision",
             Error::Bind { .. } => "bind",
             Error::Watch { .. } => "watch",
             Error::Argument(_) => "argument",

@@ -16,6 +16,7 @@ pub mod config;
 pub mod error;
 pub mod limiter;
 pub mod metrics;
+pub mod path;
 pub mod proxy;
 pub mod report;
 pub mod response;

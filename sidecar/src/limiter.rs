@@ -310,6 +310,34 @@ impl LimitStatus {
     }
 }
 
+/// One reading of both timelines: quotas live on wall time (calendar boundaries), rate
+/// windows on monotonic time (a wall-clock step must not refuse or refill them).
+#[derive(Debug, Clone, Copy)]
+struct Now {
+    wall: u64,
+    mono: u64,
+}
+
+impl Now {
+    fn read(clock: &dyn Clock) -> Self {
+        Now {
+            wall: clock.now_ns(),
+            mono: clock.mono_ns(),
+        }
+    }
+
+    /// A slot whose `until` is at or before this is dead on either timeline, so eviction
+    /// never drops live state of either kind.
+    fn earliest(self) -> u64 {
+        self.wall.min(self.mono)
+    }
+
+    /// A monotonic instant as wall time, for `resetAt`.
+    fn wall_of(self, mono: u64) -> u64 {
+        self.wall.saturating_add(mono.saturating_sub(self.mono))
+    }
+}
+
 /// Everything the limiter needs to decide one request.
 #[derive(Debug, Clone, Copy)]
 pub struct Check<'a> {
@@ -507,12 +535,13 @@ impl Limiter {
     }
 
     pub fn decide(&self, c: &Check<'_>) -> Decision {
-        let now = self.clock.now_ns();
+        let now = Now::read(&*self.clock);
         let max_delay = match (c.dry_run, c.throttle) {
             (false, Some(t)) => Some(t.max_delay_ns),
             _ => None,
         };
-        let cost = c.cost.max(1);
+        // 0 is a free route: checked (a bucket is never "over" for it) but never charged.
+        let cost = c.cost;
         let key_sets: Sets<'_> = [Some(c.key_limits), c.route_limits];
         let mut status: Option<LimitStatus> = None;
 
@@ -570,8 +599,8 @@ impl Limiter {
                         name: Arc::from("throttle"),
                         limit: u64::from(max_queue),
                         window_s: 0,
-                        now_ns: now,
-                        reset_at_ns: now.saturating_add(delay),
+                        now_ns: now.wall,
+                        reset_at_ns: now.wall.saturating_add(delay),
                         dry_run: false,
                     };
                     self.store
@@ -689,20 +718,21 @@ impl Limiter {
 
     /// Key ids (excluding the policy scope) that hold live state or a live refusal.
     pub fn active_keys(&self) -> Vec<u64> {
-        let now = self.clock.now_ns();
+        let now = Now::read(&*self.clock);
+        let (live, wall) = (now.earliest(), now.wall);
         let mut keys = Vec::new();
         for shard in self.store.shards.iter() {
             let st = shard.0.lock().unwrap_or_else(PoisonError::into_inner);
             keys.extend(
                 st.slots
                     .iter()
-                    .filter(|(id, s)| s.until > now && id.key != POLICY_SCOPE_ID)
+                    .filter(|(id, s)| s.until > live && id.key != POLICY_SCOPE_ID)
                     .map(|(id, _)| id.key),
             );
             keys.extend(
                 st.refusals
                     .iter()
-                    .filter(|(_, r)| r.reset_at_ns > now)
+                    .filter(|(_, r)| r.reset_at_ns > wall)
                     .map(|(k, _)| *k),
             );
         }
@@ -714,13 +744,14 @@ impl Limiter {
     /// Drops every slot that is equivalent to a fresh one, so idle keys cost nothing, and
     /// gives memory back once a shard is mostly empty. Returns the number of slots dropped.
     pub fn evict_idle(&self) -> usize {
-        let now = self.clock.now_ns();
+        let now = Now::read(&*self.clock);
+        let (live, wall) = (now.earliest(), now.wall);
         let mut dropped = 0;
         for shard in self.store.shards.iter() {
             let mut st = shard.0.lock().unwrap_or_else(PoisonError::into_inner);
             let before = st.slots.len();
-            st.slots.retain(|_, s| s.until > now);
-            st.refusals.retain(|_, r| r.reset_at_ns > now);
+            st.slots.retain(|_, s| s.until > live);
+            st.refusals.retain(|_, r| r.reset_at_ns > wall);
             dropped += before - st.slots.len();
             if st.slots.capacity() > 64 && st.slots.capacity() > 4 * st.slots.len() {
                 st.slots.shrink_to_fit();
@@ -782,7 +813,7 @@ fn check_group(
     key: u64,
     sets: &Sets<'_>,
     cost: u64,
-    now: u64,
+    now: Now,
     max_delay: Option<u64>,
 ) -> Result<u64, Refusal> {
     let mut delay = 0;
@@ -792,8 +823,8 @@ fn check_group(
         // reset is the more useful answer.
         for q in &set.quotas {
             let (used, end) = match slot(q.id) {
-                Some(s) if s.until > now => (s.count, s.until),
-                _ => (0, window::window_end_ns(q.period, q.alignment, now)),
+                Some(s) if s.until > now.wall => (s.count, s.until),
+                _ => (0, window::window_end_ns(q.period, q.alignment, now.wall)),
             };
             if used.saturating_add(cost) > q.requests {
                 return Err(Refusal {
@@ -802,21 +833,21 @@ fn check_group(
                     name: q.name.clone(),
                     limit: q.requests,
                     window_s: window::nominal_secs(q.period),
-                    now_ns: now,
+                    now_ns: now.wall,
                     reset_at_ns: end,
                     dry_run: false,
                 });
             }
         }
         for r in &set.rates {
-            let tat = slot(r.id).map_or(0, |s| s.until).max(now);
+            let tat = slot(r.id).map_or(0, |s| s.until).max(now.mono);
             let increment = r.interval_ns.saturating_mul(cost);
             // A request costlier than the whole bucket is admitted only into a full bucket
             // instead of never.
             let capacity = r.tolerance_ns.max(increment);
             let admit_at = tat.saturating_add(increment).saturating_sub(capacity);
-            if admit_at > now {
-                let wait = admit_at - now;
+            if admit_at > now.mono {
+                let wait = admit_at - now.mono;
                 match max_delay {
                     Some(max) if wait <= max => delay = delay.max(wait),
                     _ => {
@@ -826,8 +857,8 @@ fn check_group(
                             name: r.name.clone(),
                             limit: r.requests,
                             window_s: r.period_s,
-                            now_ns: now,
-                            reset_at_ns: admit_at,
+                            now_ns: now.wall,
+                            reset_at_ns: now.wall_of(admit_at),
                             dry_run: false,
                         })
                     }
@@ -843,9 +874,9 @@ fn check_group(
                     name: Arc::from("concurrency"),
                     limit: u64::from(c.max),
                     window_s: 0,
-                    now_ns: now,
+                    now_ns: now.wall,
                     // A slot frees when any in-flight response ends; one second is a hint.
-                    reset_at_ns: now.saturating_add(NANOS_PER_SEC),
+                    reset_at_ns: now.wall.saturating_add(NANOS_PER_SEC),
                     dry_run: false,
                 });
             }
@@ -859,7 +890,7 @@ fn commit_group(
     key: u64,
     sets: &Sets<'_>,
     cost: u64,
-    now: u64,
+    now: Now,
     status: &mut Option<LimitStatus>,
 ) {
     let mut offer = |s: LimitStatus| {
@@ -871,10 +902,20 @@ fn commit_group(
         }
     };
     for set in sets.iter().flatten() {
+        if let Some(c) = &set.concurrency {
+            let s = st.slots.entry(SlotId { key, limit: c.id }).or_default();
+            s.count += 1;
+            s.until = u64::MAX;
+        }
+        if cost == 0 {
+            // A free request opens no window and moves no bucket (a rolling quota must not
+            // start its period on a request that did not count).
+            continue;
+        }
         for q in &set.quotas {
             let s = st.slots.entry(SlotId { key, limit: q.id }).or_default();
-            if s.until <= now {
-                s.until = window::window_end_ns(q.period, q.alignment, now);
+            if s.until <= now.wall {
+                s.until = window::window_end_ns(q.period, q.alignment, now.wall);
                 s.count = 0;
             }
             s.count = s.count.saturating_add(cost);
@@ -884,17 +925,17 @@ fn commit_group(
                 limit: q.requests,
                 window_s: window::nominal_secs(q.period),
                 remaining: q.requests.saturating_sub(s.count),
-                reset_secs: (s.until - now).div_ceil(NANOS_PER_SEC),
+                reset_secs: (s.until - now.wall).div_ceil(NANOS_PER_SEC),
             });
         }
         for r in &set.rates {
             let s = st.slots.entry(SlotId { key, limit: r.id }).or_default();
             let tat = s
                 .until
-                .max(now)
+                .max(now.mono)
                 .saturating_add(r.interval_ns.saturating_mul(cost));
             s.until = tat;
-            let ahead = tat - now;
+            let ahead = tat - now.mono;
             offer(LimitStatus {
                 kind: LimitKind::Rate,
                 name: r.name.clone(),
@@ -903,11 +944,6 @@ fn commit_group(
                 remaining: r.tolerance_ns.saturating_sub(ahead) / r.interval_ns,
                 reset_secs: ahead.div_ceil(NANOS_PER_SEC),
             });
-        }
-        if let Some(c) = &set.concurrency {
-            let s = st.slots.entry(SlotId { key, limit: c.id }).or_default();
-            s.count += 1;
-            s.until = u64::MAX;
         }
     }
 }

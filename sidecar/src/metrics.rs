@@ -28,10 +28,15 @@ pub enum Outcome {
     NotReady,
     /// FailClosed and the shared store (Redis) could not decide in time.
     StoreUnavailable,
+    /// A request the sidecar cannot interpret safely (unnormalisable path, two different
+    /// keys, a refused upgrade or CONNECT): 4xx before any key lookup.
+    BadRequest,
+    /// The peer used up its budget of failed key attempts (401/403): refused unchecked.
+    AuthThrottled,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 12] = [
+    pub const ALL: [Outcome; 14] = [
         Outcome::Allowed,
         Outcome::DryRunRefused,
         Outcome::RateLimited,
@@ -44,6 +49,8 @@ impl Outcome {
         Outcome::KeyExpired,
         Outcome::NotReady,
         Outcome::StoreUnavailable,
+        Outcome::BadRequest,
+        Outcome::AuthThrottled,
     ];
 
     /// Also the machine-readable `error` code of the JSON body for refusals.
@@ -61,6 +68,8 @@ impl Outcome {
             Outcome::KeyExpired => "key_expired",
             Outcome::NotReady => "not_ready",
             Outcome::StoreUnavailable => "store_unavailable",
+            Outcome::BadRequest => "bad_request",
+            Outcome::AuthThrottled => "auth_throttled",
         }
     }
 
@@ -129,6 +138,10 @@ pub struct Metrics {
     store_fallbacks: Family<ModeLabels, Counter>,
     store_errors: Family<KindLabels, Counter>,
     pub limiter_slots: Gauge,
+    /// Key entries of the current config left out of the index (duplicate or malformed).
+    pub config_skipped_keys: Gauge,
+    /// Peers whose failed-key budget is tracked (bounded by the table size).
+    pub auth_failure_peers: Gauge,
     pub decision_seconds: Histogram,
     pub upstream_errors: Counter,
     reports: Family<ReportLabels, Counter>,
@@ -203,6 +216,18 @@ impl Metrics {
             "Live limiter state slots after the last eviction sweep",
             limiter_slots.clone(),
         );
+        let config_skipped_keys = Gauge::default();
+        registry.register(
+            "config_skipped_keys",
+            "Key entries of the loaded config skipped as duplicate or malformed",
+            config_skipped_keys.clone(),
+        );
+        let auth_failure_peers = Gauge::default();
+        registry.register(
+            "auth_failure_peers",
+            "Peers with a live failed-key-attempt budget",
+            auth_failure_peers.clone(),
+        );
         let decision_seconds = Histogram::new(exponential_buckets(1e-7, 2.0, 18));
         registry.register(
             "decision_duration_seconds",
@@ -253,6 +278,8 @@ impl Metrics {
             config_generation,
             in_flight,
             limiter_slots,
+            config_skipped_keys,
+            auth_failure_peers,
             decision_seconds,
             upstream_errors,
         }

@@ -537,3 +537,89 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_wall_clock_step_back_neither_refuses_nor_refills_rate_windows() {
+    let (clock, l) = setup(1_000_000);
+    let set = rates(vec![rate("minute", 10, 60, 9)]);
+    let c = check(&set);
+    assert_eq!(count_admitted(&l, &c, 5), 5);
+    // NTP steps the wall clock back an hour: with wall-time GCRA the stored TATs would lie an
+    // hour ahead and every request would be refused for that hour.
+    clock.step_wall_ns(-3_600 * S as i64);
+    assert_eq!(count_admitted(&l, &c, 5), 5, "the other half of the burst");
+    let r = refusal(l.decide(&c));
+    assert_eq!(
+        r.retry_after_secs(),
+        6,
+        "reset is a delta on the monotonic timeline"
+    );
+    assert_eq!(r.now_ns, clock.now_ns(), "timestamps stay wall time");
+    assert_eq!(r.reset_at_ns, clock.now_ns() + 6 * S);
+    // A step forward must not refill the bucket either.
+    clock.step_wall_ns(7_200 * S as i64);
+    assert!(!admits(&l, &c));
+    clock.advance_secs(6);
+    assert!(admits(&l, &c));
+    // Eviction keeps the live bucket across the steps.
+    l.evict_idle();
+    assert!(!admits(&l, &c));
+}
+
+#[test]
+fn calendar_quotas_follow_the_wall_clock() {
+    let (clock, l) = setup(utc(2026, 11, 29, 23, 59, 0));
+    let set = LimitSet::compile(
+        &Limits {
+            quotas: vec![quota(
+                "daily",
+                1,
+                QuotaPeriod::Day,
+                QuotaAlignment::Calendar,
+            )],
+            ..Limits::default()
+        },
+        "key",
+    );
+    let c = check(&set);
+    assert!(admits(&l, &c));
+    assert!(!admits(&l, &c));
+    // The wall clock says it is the next day (monotonic time moved only a minute): the day
+    // is a calendar fact, so the quota resets.
+    clock.step_wall_ns(60 * S as i64);
+    assert!(admits(&l, &c));
+}
+
+#[test]
+fn cost_zero_is_free_but_still_holds_a_concurrency_slot() {
+    let (_clock, l) = setup(1_000);
+    let set = LimitSet::compile(
+        &Limits {
+            rates: vec![rate("minute", 1, 60, 0)],
+            quotas: vec![quota("daily", 1, QuotaPeriod::Day, QuotaAlignment::Rolling)],
+            concurrency: Some(1),
+        },
+        "key",
+    );
+    let free = Check {
+        cost: 0,
+        ..check(&set)
+    };
+    let Decision::Allow(a) = l.decide(&free) else {
+        panic!("a free request is admitted")
+    };
+    assert!(a.permit.is_some(), "free requests count as in flight");
+    assert!(
+        matches!(l.decide(&free), Decision::Refuse(r) if r.reason == ExhaustionReason::ConcurrencyLimited)
+    );
+    drop(a);
+    for _ in 0..10 {
+        assert!(
+            admits(&l, &free),
+            "free requests never use up rate or quota"
+        );
+    }
+    assert!(admits(&l, &check(&set)), "the paid budget is untouched");
+    assert!(!admits(&l, &check(&set)));
+    assert!(admits(&l, &free), "and free stays free once it is spent");
+}
