@@ -109,6 +109,10 @@ pub struct PolicyConfig {
     /// How request paths are compared with route prefixes.
     #[serde(default)]
     pub path_matching: PathMatching,
+    /// Protocols a request may switch to with `Upgrade` besides `websocket` (always allowed).
+    /// Any other upgrade is dropped and the request forwarded as a plain one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upgrade_protocols: Vec<String>,
     #[serde(default)]
     pub response: ResponseConfig,
     #[serde(default)]
@@ -581,6 +585,7 @@ mod tests {
                 throttle: None,
                 routes: vec![],
                 path_matching: PathMatching::default(),
+                upgrade_protocols: vec![],
                 response: ResponseConfig::default(),
                 store: Store::Local,
             },

@@ -272,6 +272,8 @@ pub fn policy_config(
         // The CRD field arrives with the operator-hardening work; until then, the safe
         // defaults (case-insensitive, matrix parameters ignored).
         path_matching: dp::PathMatching::default(),
+        // Set from the CRD once it declares extra upgrade protocols; websocket needs none.
+        upgrade_protocols: vec![],
         response: spec
             .response
             .as_ref()

@@ -53,6 +53,7 @@ fn snapshot(n: usize) -> Snapshot {
             throttle: None,
             routes: vec![],
             path_matching: Default::default(),
+            upgrade_protocols: vec![],
             response: ResponseConfig::default(),
             store: Store::Local,
         },

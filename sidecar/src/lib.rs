@@ -10,6 +10,7 @@
 pub mod admin;
 #[cfg(feature = "api-watch")]
 pub mod apiwatch;
+pub mod authbudget;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -534,6 +534,11 @@ impl Limiter {
         self.clock.now_ns()
     }
 
+    /// Monotonic nanoseconds, for anything paced by elapsed time.
+    pub fn mono_ns(&self) -> u64 {
+        self.clock.mono_ns()
+    }
+
     pub fn decide(&self, c: &Check<'_>) -> Decision {
         let now = Now::read(&*self.clock);
         let max_delay = match (c.dry_run, c.throttle) {

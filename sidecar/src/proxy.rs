@@ -1,5 +1,6 @@
 //! The traffic port: authenticate, decide, forward.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -9,16 +10,18 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-use crate::config::{hash_presented, ConfigStore, KeyPolicy, Snapshot};
+use crate::authbudget::{AuthFailureBudget, AuthFailureLimit};
+use crate::config::{hash_presented, ConfigStore, KeyPolicy, KeySourceRule, Snapshot};
 use crate::limiter::{Admission, Check, Decision, Limiter, Permit};
 use crate::metrics::{Metrics, Outcome};
+use crate::path;
 use crate::response::{self, ProxyBody};
 use crate::store::RedisBackends;
 use crate::Error;
@@ -60,6 +63,7 @@ pub struct Proxy {
     pub upstream_timeout: Duration,
     pub fail_open: bool,
     pub metrics_per_key: bool,
+    auth_budget: AuthFailureBudget,
     client: Client<HttpConnector, Incoming>,
 }
 
@@ -92,8 +96,15 @@ impl Proxy {
             upstream_timeout,
             fail_open,
             metrics_per_key,
+            auth_budget: AuthFailureBudget::new(AuthFailureLimit::default()),
             client,
         }
+    }
+
+    /// Replaces the failed-key budget (default: [`AuthFailureLimit::default`]).
+    pub fn with_auth_failure_limit(mut self, limit: AuthFailureLimit) -> Self {
+        self.auth_budget = AuthFailureBudget::new(limit);
+        self
     }
 
     pub async fn handle(
@@ -106,10 +117,14 @@ impl Proxy {
         let Some(snap) = self.config.current() else {
             if self.fail_open {
                 let mut req = req;
+                if req.method() == Method::CONNECT {
+                    return Ok(connect_refused());
+                }
+                let upgrade = take_upgrade(&mut req, &[]);
                 // No config means no identity to vouch for: never pass a client's own claim.
                 req.headers_mut()
                     .remove(keylimit_dataplane::DEFAULT_IDENTITY_HEADER);
-                return Ok(self.forward(req, peer, None).await);
+                return Ok(self.forward(req, peer, None, upgrade).await);
             }
             return Ok(response::error(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -127,24 +142,58 @@ impl Proxy {
         peer: SocketAddr,
         mut req: Request<Incoming>,
     ) -> Response<ProxyBody> {
-        let Some(found) = find_key(&snap, &req) else {
-            return self.auth_refused(&snap, None, Outcome::MissingKey);
+        if req.method() == Method::CONNECT {
+            snap.counters.inc(Outcome::BadRequest);
+            return connect_refused();
+        }
+        // Hop-by-hop headers go before anything reads or sets a header, so a client's
+        // `Connection: x-keylimit-key` cannot remove what the sidecar sets further down.
+        let upgrade = take_upgrade(&mut req, &snap.policy.upgrade_protocols);
+        let path = match path::normalize(req.uri().path()) {
+            Ok(p) => p,
+            Err(e) => return self.bad_request(&snap, "bad_path", e.message()),
         };
-        let hash = hash_presented(found.material(&req));
+        let match_path = match path::match_form(&path, &snap.policy.path_matching) {
+            Ok(p) => p,
+            Err(e) => return self.bad_request(&snap, "bad_path", e.message()),
+        };
+        let route = snap.route(req.method(), &match_path);
+        drop(match_path);
+        // Owned only when normalising changed the path: then the app gets the normal form.
+        let new_path = match path {
+            Cow::Owned(p) => Some(p),
+            Cow::Borrowed(_) => None,
+        };
+
+        let now_mono = self.limiter.mono_ns();
+        if let Some(retry) = self.auth_budget.throttled(peer.ip(), now_mono) {
+            snap.counters.inc(Outcome::AuthThrottled);
+            return response::auth_throttled(retry);
+        }
+        let hash = match find_key(&snap.source, &req) {
+            Ok(Some(hash)) => hash,
+            Ok(None) => return self.auth_refused(&snap, peer, None, Outcome::MissingKey),
+            Err(Ambiguous) => {
+                return self.bad_request(
+                    &snap,
+                    "ambiguous_key",
+                    "the request carries more than one API key",
+                )
+            }
+        };
         let Some(key) = snap.index.lookup(&hash) else {
-            return self.auth_refused(&snap, None, Outcome::InvalidKey);
+            return self.auth_refused(&snap, peer, None, Outcome::InvalidKey);
         };
         if key.disabled {
-            return self.auth_refused(&snap, Some(key), Outcome::KeyDisabled);
+            return self.auth_refused(&snap, peer, Some(key), Outcome::KeyDisabled);
         }
         let now_ns = self.limiter.now_ns();
         if key
             .expires_at
             .is_some_and(|t| i128::from(t) * 1_000_000_000 <= i128::from(now_ns))
         {
-            return self.auth_refused(&snap, Some(key), Outcome::KeyExpired);
+            return self.auth_refused(&snap, peer, Some(key), Outcome::KeyExpired);
         }
-        let route = snap.route(req.method(), req.uri().path());
         let check = Check {
             key_id: key.id,
             key_limits: &key.limits,
@@ -203,16 +252,48 @@ impl Proxy {
         }
         drop(admission.queued);
 
-        if snap.source.strip {
-            found.strip(&mut req, &snap);
+        let query = if snap.source.strip {
+            strip_key_sources(&mut req, &snap.source)
+        } else {
+            None
+        };
+        if new_path.is_some() || query.is_some() {
+            let path = new_path.as_deref().unwrap_or(req.uri().path());
+            let query = match &query {
+                Some(q) => (!q.is_empty()).then_some(q.as_str()),
+                None => req.uri().query(),
+            };
+            let target = match query {
+                Some(q) => format!("{path}?{q}"),
+                None => path.to_string(),
+            };
+            match PathAndQuery::try_from(target) {
+                Ok(pq) => {
+                    let mut parts = req.uri().clone().into_parts();
+                    parts.path_and_query = Some(pq);
+                    if let Ok(u) = Uri::from_parts(parts) {
+                        *req.uri_mut() = u;
+                    }
+                }
+                // Unreachable for a path the http crate parsed and we only shortened, but a
+                // request we cannot rewrite is not forwarded in its old spelling.
+                Err(_) => {
+                    return response::error(
+                        StatusCode::BAD_REQUEST,
+                        "bad_path",
+                        "invalid request target",
+                    )
+                }
+            }
         }
         let headers = req.headers_mut();
+        // Never let a client-supplied identity header through, under either name.
+        headers.remove(keylimit_dataplane::DEFAULT_IDENTITY_HEADER);
         match &key.identity {
             Some(v) => headers.insert(snap.source.identity_header.clone(), v.clone()),
-            // Never let a client-supplied identity header through.
             None => headers.remove(&snap.source.identity_header),
         };
-        let mut resp = self.forward(req, peer, admission.permit).await;
+        let mut resp = self.forward(req, peer, admission.permit, upgrade).await;
         if let Some(status) = &admission.status {
             response::limit_headers(resp.headers_mut(), status);
         }
@@ -231,21 +312,39 @@ impl Proxy {
     fn auth_refused(
         &self,
         snap: &Snapshot,
+        peer: SocketAddr,
         key: Option<&KeyPolicy>,
         outcome: Outcome,
     ) -> Response<ProxyBody> {
         self.count(snap, key, outcome);
+        self.auth_budget
+            .record_failure(peer.ip(), self.limiter.mono_ns());
         response::auth_failure(outcome)
     }
 
+    fn bad_request(&self, snap: &Snapshot, code: &str, message: &str) -> Response<ProxyBody> {
+        snap.counters.inc(Outcome::BadRequest);
+        response::error(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    /// Drops peers whose failed-key budget is full again (called by the eviction sweep).
+    pub fn evict_idle_peers(&self) {
+        let n = self.auth_budget.evict_idle(self.limiter.mono_ns());
+        self.metrics
+            .auth_failure_peers
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Sends a request whose hop-by-hop headers are already gone ([`take_upgrade`]) to the
+    /// app; `upgrade` is the allowed protocol the client asked to switch to, if any.
     async fn forward(
         &self,
         mut req: Request<Incoming>,
         peer: SocketAddr,
         permit: Option<Permit>,
+        upgrade: Option<HeaderValue>,
     ) -> Response<ProxyBody> {
-        let upgrade = is_upgrade(req.headers()) && req.version() == Version::HTTP_11;
-        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
 
         let (mut parts, body) = req.into_parts();
         let path = parts
@@ -276,11 +375,7 @@ impl Proxy {
             }
         };
         parts.version = Version::HTTP_11;
-        let upgrade_proto = upgrade
-            .then(|| parts.headers.get(header::UPGRADE).cloned())
-            .flatten();
-        strip_hop_by_hop(&mut parts.headers);
-        if let Some(proto) = upgrade_proto {
+        if let Some(proto) = upgrade {
             parts
                 .headers
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -313,22 +408,28 @@ impl Proxy {
         };
 
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            if let Some(client_upgrade) = client_upgrade {
-                let upstream_upgrade = hyper::upgrade::on(&mut resp);
-                tokio::spawn(async move {
-                    // The permit lives as long as the tunnel: a WebSocket counts as in flight.
-                    let _permit = permit;
-                    if let (Ok(client), Ok(upstream)) =
-                        tokio::join!(client_upgrade, upstream_upgrade)
-                    {
-                        let mut client = TokioIo::new(client);
-                        let mut upstream = TokioIo::new(upstream);
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-                    }
-                });
-                let (parts, _) = resp.into_parts();
-                return Response::from_parts(parts, response::full(Bytes::new()));
-            }
+            let Some(client_upgrade) = client_upgrade else {
+                // The app switched protocols on a request that did not ask to (or asked for
+                // a protocol the policy does not allow): never hand the client a tunnel.
+                self.metrics.upstream_errors.inc();
+                return response::error(
+                    StatusCode::BAD_GATEWAY,
+                    "unexpected_upgrade",
+                    "the application switched protocols without an allowed upgrade request",
+                );
+            };
+            let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                // The permit lives as long as the tunnel: a WebSocket counts as in flight.
+                let _permit = permit;
+                if let (Ok(client), Ok(upstream)) = tokio::join!(client_upgrade, upstream_upgrade) {
+                    let mut client = TokioIo::new(client);
+                    let mut upstream = TokioIo::new(upstream);
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                }
+            });
+            let (parts, _) = resp.into_parts();
+            return Response::from_parts(parts, response::full(Bytes::new()));
         }
 
         strip_hop_by_hop(resp.headers_mut());
@@ -391,61 +492,10 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// Where the presented key was found, so it can be stripped from the same place.
-enum Found {
-    Header(HeaderName),
-    Bearer,
-    Query(String),
-}
-
-impl Found {
-    fn material<'r>(&'r self, req: &'r Request<Incoming>) -> &'r [u8] {
-        match self {
-            Found::Header(h) => req.headers().get(h).map_or(&[][..], |v| v.as_bytes()),
-            Found::Bearer => req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| bearer_token(v.as_bytes()))
-                .unwrap_or(&[]),
-            Found::Query(k) => k.as_bytes(),
-        }
-    }
-
-    fn strip(&self, req: &mut Request<Incoming>, snap: &Snapshot) {
-        match self {
-            Found::Header(h) => {
-                req.headers_mut().remove(h);
-            }
-            Found::Bearer => {
-                req.headers_mut().remove(header::AUTHORIZATION);
-            }
-            Found::Query(_) => {
-                let Some(param) = snap.source.query_param.as_deref() else {
-                    return;
-                };
-                let uri = req.uri();
-                let Some(query) = uri.query() else { return };
-                let kept: String = form_urlencoded::Serializer::new(String::new())
-                    .extend_pairs(
-                        form_urlencoded::parse(query.as_bytes()).filter(|(k, _)| k != param),
-                    )
-                    .finish();
-                let pq = if kept.is_empty() {
-                    uri.path().to_string()
-                } else {
-                    format!("{}?{kept}", uri.path())
-                };
-                let mut parts = uri.clone().into_parts();
-                if let Ok(pq) = PathAndQuery::try_from(pq) {
-                    parts.path_and_query = Some(pq);
-                    if let Ok(u) = Uri::from_parts(parts) {
-                        *req.uri_mut() = u;
-                    }
-                }
-            }
-        }
-    }
-}
+/// The request carries two different keys (or one source twice): which one the app would
+/// act on is anyone's guess, so neither is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ambiguous;
 
 fn bearer_token(v: &[u8]) -> Option<&[u8]> {
     let (scheme, rest) = v.split_at_checked(7)?;
@@ -456,27 +506,141 @@ fn bearer_token(v: &[u8]) -> Option<&[u8]> {
     (!token.is_empty()).then_some(token)
 }
 
-fn find_key(snap: &Snapshot, req: &Request<Incoming>) -> Option<Found> {
-    let src = &snap.source;
-    if let Some(h) = &src.header {
-        if req.headers().get(h).is_some_and(|v| !v.is_empty()) {
-            return Some(Found::Header(h.clone()));
+/// Keeps the one key a request presents; a second, different one makes it ambiguous.
+#[derive(Default)]
+struct Presented(Option<[u8; 32]>);
+
+impl Presented {
+    fn offer(&mut self, material: &[u8]) -> Result<(), Ambiguous> {
+        let h = hash_presented(material);
+        match self.0 {
+            Some(prev) if prev != h => Err(Ambiguous),
+            _ => {
+                self.0 = Some(h);
+                Ok(())
+            }
         }
     }
-    if src.bearer
-        && req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| bearer_token(v.as_bytes()))
-            .is_some()
-    {
-        return Some(Found::Bearer);
+}
+
+/// The hash of the key the request presents in any configured source. A source that appears
+/// twice, or two sources with different keys, are [`Ambiguous`]: the app might read the copy
+/// the sidecar did not check. The same key in several sources is fine.
+pub fn find_key<B>(
+    source: &KeySourceRule,
+    req: &Request<B>,
+) -> Result<Option<[u8; 32]>, Ambiguous> {
+    let mut found = Presented::default();
+    if let Some(h) = &source.header {
+        let mut values = req.headers().get_all(h).iter().filter(|v| !v.is_empty());
+        if let Some(v) = values.next() {
+            if values.next().is_some() {
+                return Err(Ambiguous);
+            }
+            found.offer(v.as_bytes())?;
+        }
     }
-    let param = src.query_param.as_deref()?;
-    let query = req.uri().query()?;
-    form_urlencoded::parse(query.as_bytes())
-        .find(|(k, v)| k == param && !v.is_empty())
-        .map(|(_, v)| Found::Query(v.into_owned()))
+    if source.bearer {
+        let mut tokens = req
+            .headers()
+            .get_all(header::AUTHORIZATION)
+            .iter()
+            .filter_map(|v| bearer_token(v.as_bytes()));
+        if let Some(t) = tokens.next() {
+            if tokens.next().is_some() {
+                return Err(Ambiguous);
+            }
+            found.offer(t)?;
+        }
+    }
+    if let (Some(param), Some(query)) = (source.query_param.as_deref(), req.uri().query()) {
+        let mut values = form_urlencoded::parse(query.as_bytes())
+            .filter(|(k, v)| k == param && !v.is_empty())
+            .map(|(_, v)| v);
+        if let Some(v) = values.next() {
+            if values.next().is_some() {
+                return Err(Ambiguous);
+            }
+            found.offer(v.as_bytes())?;
+        }
+    }
+    Ok(found.0)
+}
+
+/// Removes the key from every configured source (`strip: true`), wherever the client put it.
+/// Returns the new query when the query parameter had to be cut out.
+fn strip_key_sources<B>(req: &mut Request<B>, source: &KeySourceRule) -> Option<String> {
+    if let Some(h) = &source.header {
+        req.headers_mut().remove(h);
+    }
+    if source.bearer {
+        let bearer = req
+            .headers()
+            .get_all(header::AUTHORIZATION)
+            .iter()
+            .any(|v| bearer_token(v.as_bytes()).is_some());
+        if bearer {
+            req.headers_mut().remove(header::AUTHORIZATION);
+        }
+    }
+    let param = source.query_param.as_deref()?;
+    cut_query_param(req.uri().query()?, param)
+}
+
+/// The raw query without any `param=…` pair; every other byte stays as the client sent it
+/// (no re-encoding: `%20` stays `%20`, `c` stays `c`, `;` stays `;`). `None` when no pair
+/// named `param` is there.
+pub fn cut_query_param(query: &str, param: &str) -> Option<String> {
+    let mut removed = false;
+    let mut kept: Vec<&str> = Vec::new();
+    for pair in query.split('&') {
+        let is_param = form_urlencoded::parse(pair.as_bytes())
+            .next()
+            .is_some_and(|(k, _)| k == param);
+        if is_param {
+            removed = true;
+        } else {
+            kept.push(pair);
+        }
+    }
+    removed.then(|| kept.join("&"))
+}
+
+/// Strips the request's hop-by-hop headers and returns the protocol it may switch to: an
+/// HTTP/1.1 `Upgrade` to `websocket` or to a protocol the policy allows. Any other upgrade is
+/// dropped with the rest of the hop-by-hop headers and the request goes on as a plain one.
+fn take_upgrade<B>(req: &mut Request<B>, allowed: &[String]) -> Option<HeaderValue> {
+    let proto = (req.version() == Version::HTTP_11 && is_upgrade(req.headers()))
+        .then(|| req.headers().get(header::UPGRADE).cloned())
+        .flatten()
+        .filter(|v| upgrade_allowed(v, allowed));
+    strip_hop_by_hop(req.headers_mut());
+    proto
+}
+
+fn upgrade_allowed(v: &HeaderValue, allowed: &[String]) -> bool {
+    let Ok(s) = v.to_str() else { return false };
+    let mut protocols = s.split(',').map(str::trim).filter(|p| !p.is_empty());
+    // Every protocol offered must be allowed: the app may pick any of them.
+    protocols.clone().next().is_some()
+        && protocols.all(|p| {
+            let name = p.split('/').next().unwrap_or(p);
+            name.eq_ignore_ascii_case("websocket")
+                || allowed.iter().any(|a| a.eq_ignore_ascii_case(name))
+        })
+}
+
+fn connect_refused() -> Response<ProxyBody> {
+    let mut resp = response::error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        Outcome::BadRequest.as_str(),
+        "CONNECT is not forwarded",
+    );
+    resp.headers_mut().insert(
+        header::ALLOW,
+        HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+    );
+    resp
 }
 
 fn is_upgrade(h: &HeaderMap) -> bool {

@@ -60,6 +60,19 @@ pub fn auth_failure(outcome: Outcome) -> Response<ProxyBody> {
     resp
 }
 
+/// The peer spent its failed-key budget: 429 before any key is checked, so the answer says
+/// nothing about whether this request's key is valid.
+pub fn auth_throttled(retry_after_secs: u64) -> Response<ProxyBody> {
+    let mut resp = error(
+        StatusCode::TOO_MANY_REQUESTS,
+        Outcome::AuthThrottled.as_str(),
+        "too many requests with a missing or invalid API key from this address",
+    );
+    resp.headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from(retry_after_secs));
+    resp
+}
+
 /// FailClosed with the shared store away: 503 (the client did nothing wrong, unlike a 429),
 /// with `Retry-After` because the probe usually brings the store back within seconds.
 pub fn store_unavailable() -> Response<ProxyBody> {

@@ -33,6 +33,7 @@ fn doc(keys: Vec<KeyEntry>, routes: Vec<Route>) -> PolicyDocument {
             throttle: None,
             routes,
             path_matching: Default::default(),
+            upgrade_protocols: vec![],
             response: ResponseConfig::default(),
             store: Store::Local,
         },

@@ -37,6 +37,26 @@ pub async fn send(addr: SocketAddr, request: &[u8]) -> RawResponse {
     parse(&buf)
 }
 
+/// Sends `request` and reads only the response head: for answers that keep the connection
+/// open (a `101` tunnel).
+pub async fn send_head(addr: SocketAddr, request: &[u8]) -> RawResponse {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request).await.expect("write");
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk))
+            .await
+            .expect("the sidecar answered within 10 s")
+            .expect("read");
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    parse(&buf)
+}
+
 pub fn parse(buf: &[u8]) -> RawResponse {
     let text = String::from_utf8_lossy(buf).to_string();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));

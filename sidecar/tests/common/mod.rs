@@ -101,6 +101,7 @@ pub fn doc(limits: Limits, keys: Vec<KeyEntry>) -> PolicyDocument {
             throttle: None,
             routes: vec![],
             path_matching: Default::default(),
+            upgrade_protocols: vec![],
             response: ResponseConfig::default(),
             store: Store::Local,
         },

@@ -1,0 +1,122 @@
+//! Header games: hop-by-hop tricks against the identity header, forged identities, upgrades
+//! and CONNECT (issue 11, items 2 and 7).
+
+use crate::common::{doc, key, material};
+use crate::raw::{get, send, send_head};
+use crate::{echoed, per_minute, setup};
+
+fn key_header() -> String {
+    format!("X-API-Key: {}", material("k"))
+}
+
+#[tokio::test]
+async fn a_client_cannot_remove_or_forge_the_identity_header() {
+    let (_d, _u, sc) = setup(doc(per_minute(1_000), vec![key("k")])).await;
+    let h = key_header();
+    for extra in [
+        vec!["Connection: x-keylimit-key"],
+        vec!["Connection: keep-alive, X-KeyLimit-Key"],
+        vec!["Connection: x-keylimit-key", "X-KeyLimit-Key: admin"],
+        vec!["X-KeyLimit-Key: admin"],
+        vec!["x-keylimit-key: admin", "X-KeyLimit-Key: root"],
+    ] {
+        let mut headers: Vec<&str> = vec![&h];
+        headers.extend(extra.iter().copied());
+        let r = send(sc.traffic_addr, &get("/", &headers)).await;
+        assert_eq!(r.status, 200, "{extra:?}: {r:?}");
+        assert_eq!(
+            echoed(&r)["x-keylimit-key"],
+            "k",
+            "{extra:?}: the app must see exactly the authenticated key's name"
+        );
+    }
+    sc.stop().await;
+}
+
+#[tokio::test]
+async fn connection_named_headers_never_reach_the_app() {
+    let (_d, _u, sc) = setup(doc(per_minute(1_000), vec![key("k")])).await;
+    let h = key_header();
+    let r = send(
+        sc.traffic_addr,
+        &get(
+            "/",
+            &[
+                &h,
+                "Connection: x-internal",
+                "X-Internal: 1",
+                "Keep-Alive: 5",
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let seen = echoed(&r);
+    assert!(seen.get("x-internal").is_none(), "{seen}");
+    assert!(seen.get("keep-alive").is_none(), "{seen}");
+    sc.stop().await;
+}
+
+#[tokio::test]
+async fn only_websocket_upgrades_become_tunnels() {
+    let (_d, _u, sc) = setup(doc(per_minute(1_000), vec![key("k")])).await;
+    let h = key_header();
+    // The app would switch protocols on `/upgrade` whatever was asked: an upgrade the policy
+    // does not allow is dropped, and an unrequested 101 is a 502, never a tunnel.
+    for proto in ["evil-tunnel", "h2c", "websocket, evil"] {
+        let up = format!("Upgrade: {proto}");
+        let r = send(
+            sc.traffic_addr,
+            &get("/upgrade", &[&h, "Connection: Upgrade", &up]),
+        )
+        .await;
+        assert_eq!(r.status, 502, "{proto}: {r:?}");
+        // On a plain path the request is served without the upgrade headers.
+        let r = send(
+            sc.traffic_addr,
+            &get("/", &[&h, "Connection: Upgrade", &up]),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{proto}: {r:?}");
+        assert!(echoed(&r).get("upgrade").is_none(), "{proto}: {r:?}");
+    }
+    // websocket still works end to end.
+    let r = send_head(
+        sc.traffic_addr,
+        &get(
+            "/upgrade",
+            &[&h, "Connection: Upgrade", "Upgrade: websocket"],
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 101, "{r:?}");
+    sc.stop().await;
+}
+
+#[tokio::test]
+async fn policy_declared_upgrade_protocols_are_allowed() {
+    let mut d = doc(per_minute(1_000), vec![key("k")]);
+    d.policy.upgrade_protocols = vec!["echo".into()];
+    let (_d, _u, sc) = setup(d).await;
+    let h = key_header();
+    let r = send_head(
+        sc.traffic_addr,
+        &get("/upgrade", &[&h, "Connection: Upgrade", "Upgrade: echo"]),
+    )
+    .await;
+    assert_eq!(r.status, 101, "{r:?}");
+    sc.stop().await;
+}
+
+#[tokio::test]
+async fn connect_is_refused_not_forwarded() {
+    let (_d, _u, sc) = setup(doc(per_minute(1_000), vec![key("k")])).await;
+    let req = format!(
+        "CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\n{}\r\nConnection: close\r\n\r\n",
+        key_header()
+    );
+    let r = send(sc.traffic_addr, req.as_bytes()).await;
+    assert_eq!(r.status, 405, "{r:?}");
+    assert!(r.header("allow").is_some(), "{r:?}");
+    sc.stop().await;
+}
