@@ -51,6 +51,45 @@ pub struct Context {
     pub policies: Store<RateLimitPolicy>,
     pub config_maps: Store<ConfigMap>,
     pub render_memo: RenderMemo,
+    pub duplicates: DuplicateBook,
+    /// Asks the ApiKey controller to look at a key again: the policy controller is the one
+    /// that finds duplicate key material, and the keys it affects get no event of their own.
+    pub recheck_apikey: futures::channel::mpsc::UnboundedSender<ObjectRef<ApiKey>>,
+}
+
+/// Per policy (namespace, name): the ApiKeys its last render left out as duplicates, each
+/// with the ApiKey that holds the key material. A policy is absent until this process has
+/// rendered it.
+#[derive(Default)]
+pub struct DuplicateBook(std::sync::Mutex<HashMap<(String, String), BTreeMap<String, String>>>);
+
+/// What the last render of a key's policy says about the key's material.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Duplication {
+    /// The policy has not been rendered by this process yet.
+    Unknown,
+    Unique,
+    HeldBy(String),
+}
+
+impl DuplicateBook {
+    pub fn lookup(&self, ns: &str, policy: &str, key: &str) -> Duplication {
+        let Ok(book) = self.0.lock() else {
+            return Duplication::Unknown;
+        };
+        match book.get(&(ns.to_string(), policy.to_string())) {
+            None => Duplication::Unknown,
+            Some(d) => d
+                .get(key)
+                .map_or(Duplication::Unique, |h| Duplication::HeldBy(h.clone())),
+        }
+    }
+
+    fn set(&self, ns: &str, policy: &str, dups: BTreeMap<String, String>) {
+        if let Ok(mut book) = self.0.lock() {
+            book.insert((ns.to_string(), policy.to_string()), dups);
+        }
+    }
 }
 
 /// What each policy's last successful render was made from. Every ApiKey change wakes its
@@ -64,6 +103,10 @@ struct Rendered {
     inputs: u64,
     keys: usize,
     config_maps: Vec<String>,
+    /// ApiKey left out -> the ApiKey holding the same key material.
+    duplicates: BTreeMap<String, String>,
+    /// Why nothing was written (the last published ConfigMaps stay), e.g. too many keys.
+    refused: Option<String>,
 }
 
 fn hash_of(v: impl Hash) -> u64 {
@@ -173,6 +216,7 @@ pub async fn run(
     info!("caches synced");
     ready();
 
+    let (recheck_apikey, recheck_rx) = futures::channel::mpsc::unbounded();
     let ctx = Arc::new(Context {
         client: client.clone(),
         recorder: Recorder::new(
@@ -188,6 +232,8 @@ pub async fn run(
         policies,
         config_maps: config_maps.clone(),
         render_memo: RenderMemo::default(),
+        duplicates: DuplicateBook::default(),
+        recheck_apikey,
     });
 
     let shutdown = futures::future::FutureExt::shared(Box::pin(shutdown));
@@ -217,6 +263,7 @@ pub async fn run(
             let keys = apikeys.clone();
             move |p: RateLimitPolicy| keys_of_policy(&keys, &p)
         })
+        .reconcile_on(recheck_rx)
         .graceful_shutdown_on(shutdown.clone())
         .run(reconcile_apikey, error_policy_apikey, ctx.clone())
         .for_each(|_| async {});
@@ -224,8 +271,7 @@ pub async fn run(
     let policy_ctl = Controller::new(policy_api, watcher::Config::default())
         .owns(cm_api, cm_cfg)
         .watches(apikey_api, watcher::Config::default(), |k: ApiKey| {
-            let ns = k.namespace().unwrap_or_default();
-            Some(ObjectRef::<RateLimitPolicy>::new(&k.spec.policy_ref.name).within(&ns))
+            policies_of_key(&k)
         })
         .graceful_shutdown_on(shutdown)
         .run(reconcile_policy, error_policy_policy, ctx)
@@ -235,6 +281,21 @@ pub async fn run(
     status_writer.abort();
     caches.abort();
     Ok(())
+}
+
+/// The policies an ApiKey event concerns: the one it names, and the one it was last bound to
+/// (`status.policy`) when that differs. When a key moves to another policy, the old policy
+/// must re-render at once, or the key stays valid there until the resync.
+pub fn policies_of_key(k: &ApiKey) -> Vec<ObjectRef<RateLimitPolicy>> {
+    let ns = k.namespace().unwrap_or_default();
+    let named = &k.spec.policy_ref.name;
+    let mut out = vec![ObjectRef::new(named).within(&ns)];
+    if let Some(old) = k.status.as_ref().and_then(|s| s.policy.as_ref()) {
+        if old != named {
+            out.push(ObjectRef::new(old).within(&ns));
+        }
+    }
+    out
 }
 
 fn keys_of_policy(keys: &Store<ApiKey>, p: &RateLimitPolicy) -> Vec<ObjectRef<ApiKey>> {
@@ -324,10 +385,12 @@ pub async fn publish(
 }
 
 /// The outcome of resolving one ApiKey: the Ready condition and, when bound, its key.
+/// `held_by` names the older ApiKey of the same policy with the same key material, if any.
 pub fn key_readiness(
     key: &ApiKey,
     policy_exists: bool,
     secret: Option<&Secret>,
+    held_by: Option<&str>,
     now: i64,
 ) -> (Desired, Option<BoundKey>) {
     if !policy_exists {
@@ -342,6 +405,9 @@ pub fn key_readiness(
             Desired::new(condition::READY, false, p.reason(), p.to_string()),
             None,
         ),
+        // Before Disabled and Expired: the key is not in the data plane at all, and its own
+        // flags have no effect there.
+        Ok(b) if held_by.is_some() => (duplicate_condition(held_by.unwrap_or_default()), Some(b)),
         Ok(b) if b.disabled => (
             Desired::new(
                 condition::READY,
@@ -372,6 +438,36 @@ pub fn key_readiness(
     }
 }
 
+fn duplicate_condition(holder: &str) -> Desired {
+    let p = KeyProblem::DuplicateKey {
+        holder: holder.to_string(),
+    };
+    Desired::new(condition::READY, false, p.reason(), p.to_string())
+}
+
+/// The ApiKeys whose Ready condition disagrees with a render's duplicates (`left out ->
+/// holder`), so the ApiKey controller must look at them again.
+pub fn keys_to_recheck<'a>(
+    keys: impl IntoIterator<Item = &'a ApiKey>,
+    duplicates: &BTreeMap<String, String>,
+) -> Vec<ObjectRef<ApiKey>> {
+    keys.into_iter()
+        .filter(|k| {
+            let says = k
+                .status
+                .as_ref()
+                .and_then(|s| conditions::find(&s.conditions, condition::READY))
+                .filter(|c| c.reason == "DuplicateKey")
+                .map(|c| c.message.as_str());
+            let want = duplicates
+                .get(&k.name_any())
+                .map(|h| duplicate_condition(h).message);
+            says != want.as_deref()
+        })
+        .map(ObjectRef::from_obj)
+        .collect()
+}
+
 async fn reconcile_apikey(key: Arc<ApiKey>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile_timer("apikey");
     let ns = key
@@ -391,9 +487,30 @@ async fn reconcile_apikey(key: Arc<ApiKey>, ctx: Arc<Context>) -> Result<Action,
         .get(&ObjectRef::new(&key.spec.policy_ref.name).within(&ns))
         .is_some();
     let now = Timestamp::now();
-    let (ready, bound) = key_readiness(&key, policy_exists, secret.as_ref(), now.as_second());
-
     let old = key.status.clone().unwrap_or_default();
+    let duplication = ctx.duplicates.lookup(&ns, &key.spec.policy_ref.name, &name);
+    let held_by = match &duplication {
+        Duplication::HeldBy(h) => Some(h.as_str()),
+        _ => None,
+    };
+    let (mut ready, bound) = key_readiness(
+        &key,
+        policy_exists,
+        secret.as_ref(),
+        held_by,
+        now.as_second(),
+    );
+    // Until this process has rendered the policy, a key another operator found to be a
+    // duplicate stays one: flipping it to Bound and back on every restart would be noise. The
+    // policy's first render rechecks every key whose condition disagrees with it.
+    if duplication == Duplication::Unknown && ready.status {
+        if let Some(c) = conditions::find(&old.conditions, condition::READY)
+            .filter(|c| c.reason == "DuplicateKey")
+        {
+            ready = Desired::new(condition::READY, false, "DuplicateKey", c.message.clone());
+        }
+    }
+
     let generation = key.metadata.generation;
     let fingerprint = bound.as_ref().map(BoundKey::fingerprint);
     let secret_name = Some(render::secret_ref(&key).0);
@@ -467,7 +584,26 @@ async fn write_config_maps(
             bound.push(b);
         }
     }
-    let rendered = render::render(policy, &bound)?;
+    let rendered = match render::render(policy, &bound) {
+        Ok(r) => r,
+        // Sidecars could not mount the result: write nothing, so the last published
+        // ConfigMaps keep serving, and say why on the policy.
+        Err(e @ render::RenderError::TooManyKeys { .. }) => {
+            let (_, duplicates) = render::dedupe(&bound);
+            warn!(policy = %name, namespace = %ns, error = %e, "not publishing");
+            return Ok((
+                Rendered {
+                    inputs: 0,
+                    keys: 0,
+                    config_maps: vec![],
+                    duplicates: duplicates.into_iter().map(|d| (d.name, d.holder)).collect(),
+                    refused: Some(e.to_string()),
+                },
+                0,
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    };
 
     let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
     let owner = policy
@@ -563,6 +699,12 @@ async fn write_config_maps(
                 .iter()
                 .map(|c| c.name.clone())
                 .collect(),
+            duplicates: rendered
+                .duplicates
+                .into_iter()
+                .map(|d| (d.name, d.holder))
+                .collect(),
+            refused: None,
         },
         changed + stale.len(),
     ))
@@ -612,6 +754,13 @@ async fn reconcile_policy(
         Some(m) => m,
         None => {
             let summary = write_config_maps(&policy, &keys, &ns, &name, &ctx).await?;
+            // Publish the duplicates before asking the ApiKey controller to look again, so
+            // the recheck reads them.
+            ctx.duplicates.set(&ns, &name, summary.0.duplicates.clone());
+            for k in keys_to_recheck(keys.iter().map(|(k, _)| k.as_ref()), &summary.0.duplicates) {
+                // Only fails when the ApiKey controller has stopped (shutdown).
+                let _ = ctx.recheck_apikey.unbounded_send(k);
+            }
             // The memo must describe the ConfigMaps as they are now, including our own writes,
             // which the cache may not have seen yet: store it only when nothing was written.
             if summary.1 == 0 {
@@ -620,8 +769,7 @@ async fn reconcile_policy(
                         memo_key,
                         Rendered {
                             inputs,
-                            keys: summary.0.keys,
-                            config_maps: summary.0.config_maps.clone(),
+                            ..summary.0.clone()
                         },
                     );
                 }
@@ -629,28 +777,16 @@ async fn reconcile_policy(
             summary.0
         }
     };
-    let rendered_keys = rendered_summary.keys;
-    let cms = rendered_summary.config_maps;
-
     let generation = policy.metadata.generation;
     let old = policy.status.clone().unwrap_or_default();
+    let (rendered_keys, cms, ready) = policy_readiness(&rendered_summary, &old);
     let accepted = Desired::new(condition::ACCEPTED, true, "Accepted", "spec is valid");
-    let ready = Desired::new(
-        condition::READY,
-        true,
-        "ConfigMapsWritten",
-        format!(
-            "{} key(s) published in {} ConfigMap(s)",
-            rendered_keys,
-            cms.len()
-        ),
-    );
     let quotas = quota_scope(&policy.spec, old.sidecars_reporting);
     let unchanged = conditions::is_current(&old.conditions, &accepted, generation)
         && conditions::is_current(&old.conditions, &ready, generation)
         && conditions::is_current(&old.conditions, &quotas, generation)
         && old.observed_generation == generation
-        && old.keys == rendered_keys as i64
+        && old.keys == rendered_keys
         && old.config_maps == cms;
     if !unchanged {
         let status = json!({
@@ -667,6 +803,17 @@ async fn reconcile_policy(
                 "configMaps": cms,
             }
         });
+        let was_reason = conditions::find(&old.conditions, condition::READY).map(|c| &c.reason);
+        if !ready.status && was_reason != Some(&ready.reason) {
+            publish(
+                &ctx,
+                policy.as_ref(),
+                EventType::Warning,
+                &ready.reason,
+                ready.message.clone(),
+            )
+            .await;
+        }
         let was_exact =
             conditions::find(&old.conditions, condition::QUOTAS_EXACT).map(|c| c.status == "True");
         if !quotas.status && was_exact != Some(false) {
@@ -689,6 +836,37 @@ async fn reconcile_policy(
         ctx.metrics.status_writes.inc();
     }
     Ok(Action::requeue(RESYNC))
+}
+
+/// The policy's Ready condition and the key and ConfigMap counts its status reports. A refused
+/// render leaves the last published ConfigMaps in place, so the status keeps describing them.
+fn policy_readiness(
+    r: &Rendered,
+    old: &crate::crd::RateLimitPolicyStatus,
+) -> (i64, Vec<String>, Desired) {
+    if let Some(why) = &r.refused {
+        return (
+            old.keys,
+            old.config_maps.clone(),
+            Desired::new(condition::READY, false, "TooManyKeys", why.clone()),
+        );
+    }
+    let mut message = format!(
+        "{} key(s) published in {} ConfigMap(s)",
+        r.keys,
+        r.config_maps.len()
+    );
+    if !r.duplicates.is_empty() {
+        message.push_str(&format!(
+            "; {} ApiKey(s) left out as duplicates of an older ApiKey's key material (their Ready condition names it)",
+            r.duplicates.len()
+        ));
+    }
+    (
+        r.keys as i64,
+        r.config_maps.clone(),
+        Desired::new(condition::READY, true, "ConfigMapsWritten", message),
+    )
 }
 
 /// `QuotasExact`: whether a declared quota means one count for the whole workload. With the
@@ -816,31 +994,148 @@ mod tests {
     }
 
     #[test]
+    fn a_duplicate_is_not_ready_and_names_the_holder() {
+        let mut k = mk_apikey("b", "p");
+        let s = mk_secret("b-key", "key", b"kl_0123456789abcdef0123");
+        let (c, b) = key_readiness(&k, true, Some(&s), Some("a"), 0);
+        assert_eq!((c.status, c.reason.as_str()), (false, "DuplicateKey"));
+        assert!(c.message.contains("ApiKey \"a\""), "{}", c.message);
+        assert!(b.is_some(), "the fingerprint stays visible");
+        // It outranks Disabled: a duplicate's own flags never reach the data plane.
+        k.spec.disabled = true;
+        let (c, _) = key_readiness(&k, true, Some(&s), Some("a"), 0);
+        assert_eq!(c.reason, "DuplicateKey");
+        // A missing policy or Secret still comes first.
+        let (c, _) = key_readiness(&k, false, Some(&s), Some("a"), 0);
+        assert_eq!(c.reason, "PolicyNotFound");
+        let (c, _) = key_readiness(&k, true, None, Some("a"), 0);
+        assert_eq!(c.reason, "SecretNotFound");
+    }
+
+    fn with_ready(mut k: ApiKey, reason: &str, message: &str) -> ApiKey {
+        let d = Desired::new(condition::READY, reason == "Bound", reason, message);
+        k.status = Some(crate::crd::ApiKeyStatus {
+            conditions: vec![conditions::merge(&[], &d, None, Timestamp::UNIX_EPOCH)],
+            ..Default::default()
+        });
+        k
+    }
+
+    #[test]
+    fn keys_whose_condition_disagrees_with_the_render_are_rechecked() {
+        let dups = BTreeMap::from([("b".to_string(), "a".to_string())]);
+        let right = duplicate_condition("a").message;
+        let keys = [
+            // The holder, Bound: fine.
+            with_ready(mk_apikey("a", "p"), "Bound", "ok"),
+            // A new duplicate still saying Bound, and one with no status yet.
+            with_ready(mk_apikey("b", "p"), "Bound", "ok"),
+            // Was a duplicate, the holder is gone: must become Bound.
+            with_ready(mk_apikey("c", "p"), "DuplicateKey", &right),
+            // Unrelated problem: not ours to recheck.
+            with_ready(mk_apikey("d", "p"), "SecretNotFound", "x"),
+        ];
+        let names = |v: Vec<ObjectRef<ApiKey>>| v.into_iter().map(|r| r.name).collect::<Vec<_>>();
+        assert_eq!(names(keys_to_recheck(&keys, &dups)), ["b", "c"]);
+        // A duplicate already saying so is left alone, unless its holder changed.
+        let settled = [with_ready(mk_apikey("b", "p"), "DuplicateKey", &right)];
+        assert!(keys_to_recheck(&settled, &dups).is_empty());
+        let moved = BTreeMap::from([("b".to_string(), "z".to_string())]);
+        assert_eq!(names(keys_to_recheck(&settled, &moved)), ["b"]);
+        assert_eq!(names(keys_to_recheck([&mk_apikey("b", "p")], &dups)), ["b"]);
+    }
+
+    #[test]
+    fn a_moved_key_wakes_its_old_and_new_policy() {
+        let mut k = mk_apikey("a", "new");
+        let names = |k: &ApiKey| {
+            policies_of_key(k)
+                .into_iter()
+                .map(|r| (r.name, r.namespace))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(&k), [("new".to_string(), Some("ns".to_string()))]);
+        k.status = Some(crate::crd::ApiKeyStatus {
+            policy: Some("new".into()),
+            ..Default::default()
+        });
+        assert_eq!(names(&k).len(), 1);
+        k.status.as_mut().unwrap().policy = Some("old".into());
+        assert_eq!(
+            names(&k),
+            [
+                ("new".to_string(), Some("ns".to_string())),
+                ("old".to_string(), Some("ns".to_string()))
+            ]
+        );
+    }
+
+    #[test]
+    fn a_refused_render_keeps_reporting_the_published_configmaps() {
+        let old = crate::crd::RateLimitPolicyStatus {
+            keys: 7,
+            config_maps: vec!["keylimit-p".into()],
+            ..Default::default()
+        };
+        let refused = Rendered {
+            inputs: 0,
+            keys: 0,
+            config_maps: vec![],
+            duplicates: BTreeMap::new(),
+            refused: Some("300000 keys need 40 key shard ConfigMaps".into()),
+        };
+        let (keys, cms, ready) = policy_readiness(&refused, &old);
+        assert_eq!(
+            (keys, cms.as_slice()),
+            (7, ["keylimit-p".to_string()].as_slice())
+        );
+        assert_eq!(
+            (ready.status, ready.reason.as_str()),
+            (false, "TooManyKeys")
+        );
+        assert!(ready.message.contains("300000 keys"));
+        let ok = Rendered {
+            keys: 2,
+            config_maps: vec!["keylimit-p".into()],
+            duplicates: BTreeMap::from([("b".to_string(), "a".to_string())]),
+            refused: None,
+            ..refused
+        };
+        let (keys, _, ready) = policy_readiness(&ok, &old);
+        assert_eq!((keys, ready.status), (2, true));
+        assert!(
+            ready.message.contains("1 ApiKey(s) left out"),
+            "{}",
+            ready.message
+        );
+    }
+
+    #[test]
     fn readiness_reasons() {
         let mut k = mk_apikey("a", "p");
         let s = mk_secret("a-key", "key", b"kl_0123456789abcdef0123");
-        let (c, b) = key_readiness(&k, false, Some(&s), 0);
+        let (c, b) = key_readiness(&k, false, Some(&s), None, 0);
         assert_eq!(
             (c.status, c.reason.as_str(), b.is_none()),
             (false, "PolicyNotFound", true)
         );
         assert!(c.message.contains("\"p\""));
-        let (c, _) = key_readiness(&k, true, None, 0);
+        let (c, _) = key_readiness(&k, true, None, None, 0);
         assert_eq!(c.reason, "SecretNotFound");
-        let (c, b) = key_readiness(&k, true, Some(&s), 0);
+        let (c, b) = key_readiness(&k, true, Some(&s), None, 0);
         assert_eq!((c.status, c.reason.as_str()), (true, "Bound"));
         assert!(b.is_some());
         k.spec.expires_at = Some("1970-01-01T00:01:40Z".into());
-        let (c, b) = key_readiness(&k, true, Some(&s), 100);
+        let (c, b) = key_readiness(&k, true, Some(&s), None, 100);
         assert_eq!((c.status, c.reason.as_str()), (false, "Expired"));
         assert!(
             b.is_some(),
             "expired keys stay in the data plane so callers get 403, not 401"
         );
-        let (c, _) = key_readiness(&k, true, Some(&s), 99);
+        let (c, _) = key_readiness(&k, true, Some(&s), None, 99);
         assert_eq!(c.reason, "Bound");
         k.spec.disabled = true;
-        let (c, _) = key_readiness(&k, true, Some(&s), 0);
+        let (c, _) = key_readiness(&k, true, Some(&s), None, 0);
         assert_eq!(c.reason, "Disabled");
     }
 }

@@ -168,6 +168,13 @@ pub struct ApiKeyStatus {
     shortname = "rlp",
     category = "keylimit",
     cel,
+    // A policy's ConfigMaps are `keylimit-<name>` and `keylimit-<name>-keys-NNNN`
+    // (render::main_config_map, render::shard_names). A name ending like a shard suffix would
+    // make its main ConfigMap another policy's shard, and the two would overwrite each other.
+    validation = Rule::new("!self.metadata.name.matches('-keys-[0-9]+$')").message("metadata.name must not end in '-keys-' and digits: the policy's ConfigMap keylimit-<name> would collide with the key shard ConfigMaps of another policy"),
+    // keylimit-<name>-keys-0032, the longest ConfigMap name a policy gets, must stay a
+    // valid object name (253 characters).
+    validation = Rule::new("size(self.metadata.name) <= 234").message("metadata.name must be at most 234 characters so that its ConfigMap names (keylimit-<name>-keys-NNNN) fit in 253"),
     printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode"),
     printcolumn(
         name = "Ready",
@@ -215,6 +222,14 @@ pub struct RateLimitPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]
     pub routes: Option<Vec<RouteSpec>>,
+    /// How request paths are compared with the routes' `pathPrefix`. Whatever is set here, the
+    /// sidecar first normalises the path (RFC 3986 section 6: dot segments removed,
+    /// percent-escapes of unreserved characters decoded, repeated slashes merged) and a prefix
+    /// matches whole segments only (`/x` matches `/x` and `/x/y`, not `/xy`). The defaults
+    /// over-match rather than under-match: a spelling the app may serve as the same resource
+    /// is limited like it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_matching: Option<PathMatchingSpec>,
     /// `Enforce` rejects; `DryRun` counts and reports but never rejects.
     #[serde(default)]
     pub mode: PolicyMode,
@@ -417,9 +432,32 @@ fn default_queue() -> u32 {
     100
 }
 
+/// See `RateLimitPolicySpec::path_matching`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PathMatchingSpec {
+    /// Compare paths with route prefixes case-sensitively (default false: `/Admin` is limited
+    /// like `/admin`, because many apps and frameworks serve both alike).
+    #[serde(default)]
+    pub case_sensitive: bool,
+    /// `;` parameters inside path segments (`/a;v=1/b`). `Ignore` (default): left out when
+    /// matching (`/a;v=1/b` matches the prefix `/a/b`) and forwarded unchanged. `Reject`:
+    /// a request whose path has any `;` is answered 400.
+    #[serde(default)]
+    pub matrix_parameters: MatrixParametersSpec,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum MatrixParametersSpec {
+    #[default]
+    Ignore,
+    Reject,
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.limits) || self.cost != 1").message("a route needs its own limits or a cost other than 1"))]
+#[x_kube(validation = Rule::new("self.cost != 0 || !has(self.limits)").message("a route with cost 0 is free: it is charged nothing against rates and quotas, so its own limits would never count; remove limits or set a cost"))]
 pub struct RouteSpec {
     #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("name must be lowercase alphanumerics and '-'"))]
     #[schemars(length(min = 1, max = 63))]
@@ -432,7 +470,10 @@ pub struct RouteSpec {
     #[x_kube(validation = Rule::new("self.all(m, m in ['GET','HEAD','POST','PUT','PATCH','DELETE','OPTIONS','CONNECT','TRACE'])").message("methods must be HTTP methods in upper case"))]
     #[schemars(length(max = 9))]
     pub methods: Option<Vec<String>>,
-    /// How many units of each per-key limit one request costs (default 1).
+    /// How many units of each rate and quota (the key's and the policy's) one request costs
+    /// (default 1). `0` makes the route free: its requests are charged nothing against rates
+    /// and quotas, but still count towards `concurrency` while in flight. A free route cannot
+    /// have its own `limits`, which would never count.
     #[serde(default = "default_cost")]
     #[schemars(range(min = 0, max = 1000000))]
     pub cost: u64,
@@ -535,6 +576,118 @@ mod tests {
         rejects(&p, "pathPrefix must start with '/'");
         rejects(&p, "methods must be HTTP methods");
         rejects(&p, "a route needs its own limits or a cost");
+    }
+
+    fn route(cost: u64, limits: Option<LimitsSpec>) -> RouteSpec {
+        RouteSpec {
+            name: "r".into(),
+            path_prefix: "/r".into(),
+            methods: None,
+            cost,
+            limits,
+        }
+    }
+
+    #[test]
+    fn free_routes_are_allowed_but_not_with_their_own_limits() {
+        let concurrency = || {
+            Some(LimitsSpec {
+                concurrency: Some(2),
+                ..Default::default()
+            })
+        };
+        let mut p = mk_policy("p");
+        p.spec.routes = Some(vec![route(0, None)]);
+        p.validate_cel().unwrap();
+        p.spec.routes = Some(vec![route(0, concurrency())]);
+        rejects(&p, "a route with cost 0 is free");
+        // The older rule still holds, and a priced route may have limits.
+        p.spec.routes = Some(vec![route(1, None)]);
+        rejects(&p, "a route needs its own limits or a cost");
+        p.spec.routes = Some(vec![route(1, concurrency())]);
+        p.validate_cel().unwrap();
+        p.spec.routes = Some(vec![route(3, concurrency())]);
+        p.validate_cel().unwrap();
+    }
+
+    #[test]
+    fn path_matching_defaults_and_values() {
+        let p: RateLimitPolicySpec = serde_json::from_value(serde_json::json!({
+            "selector": {"matchLabels": {"a": "b"}},
+            "limits": {"concurrency": 1},
+            "pathMatching": {}
+        }))
+        .unwrap();
+        assert_eq!(p.path_matching, Some(PathMatchingSpec::default()));
+        let m = PathMatchingSpec::default();
+        assert!(!m.case_sensitive);
+        assert_eq!(m.matrix_parameters, MatrixParametersSpec::Ignore);
+        let m: PathMatchingSpec = serde_json::from_value(
+            serde_json::json!({"caseSensitive": true, "matrixParameters": "Reject"}),
+        )
+        .unwrap();
+        assert_eq!(m.matrix_parameters, MatrixParametersSpec::Reject);
+        assert!(m.case_sensitive);
+        let mut p = mk_policy("p");
+        p.spec.path_matching = Some(m);
+        p.validate_cel().unwrap();
+    }
+
+    #[test]
+    fn policy_names_that_collide_with_shards_are_rejected() {
+        for bad in [
+            "gold-keys-0001",
+            "gold-keys-1",
+            "a-keys-0032",
+            "x-keys-99999",
+        ] {
+            rejects(&mk_policy(bad), "must not end in '-keys-' and digits");
+        }
+        for good in [
+            "gold",
+            "keys-0001",
+            "gold-keys",
+            "gold-keys-x1",
+            "gold-keys-0001a",
+        ] {
+            mk_policy(good).validate_cel().unwrap();
+        }
+        // The longest name allowed still gives valid ConfigMap names, and one more does not.
+        let limit = 253
+            - crate::render::shard_names("", crate::webhook::MAX_SHARDS)
+                .0
+                .len();
+        assert_eq!(limit, 234, "update the CEL rule on metadata.name length");
+        let longest = "a".repeat(limit);
+        mk_policy(&longest).validate_cel().unwrap();
+        let (shard, _) = crate::render::shard_names(&longest, crate::webhook::MAX_SHARDS);
+        assert_eq!(shard.len(), 253);
+        rejects(&mk_policy(&"a".repeat(limit + 1)), "at most 234 characters");
+    }
+
+    #[test]
+    fn no_two_policies_share_a_configmap_name() {
+        // What the CEL rule above guarantees, checked on the names render produces: among
+        // names it admits, main and shard ConfigMap names never coincide across policies.
+        let names = ["a", "a-keys", "a-keys-x", "keys-0001", "a-b", "a-key-0001"];
+        let mut seen = std::collections::BTreeMap::new();
+        for n in names {
+            mk_policy(n).validate_cel().unwrap();
+            let mut cms = vec![crate::render::main_config_map(n)];
+            cms.extend(
+                (1..=crate::webhook::MAX_SHARDS).map(|i| crate::render::shard_names(n, i).0),
+            );
+            for cm in cms {
+                if let Some(other) = seen.insert(cm.clone(), n) {
+                    panic!("{cm} belongs to both {other} and {n}");
+                }
+            }
+        }
+        // And the collision the rule exists for is real.
+        assert_eq!(
+            crate::render::main_config_map("a-keys-0001"),
+            crate::render::shard_names("a", 1).0
+        );
     }
 
     #[test]

@@ -3,15 +3,16 @@
 //! Nothing here does I/O, so every rule (hashing, sharding at the 1 MiB boundary, determinism,
 //! each way a key can be unusable) is unit-tested without a cluster.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use k8s_openapi::api::core::v1::Secret;
 use keylimit_dataplane as dp;
 
 use crate::crd::{
-    ApiKey, FailModeSpec, LimitsSpec, PolicyMode, QuotaAlignmentSpec, QuotaPeriodSpec,
-    RateLimitPolicy, RateLimitPolicySpec, StoreSpec, StoreType,
+    ApiKey, FailModeSpec, LimitsSpec, MatrixParametersSpec, PolicyMode, QuotaAlignmentSpec,
+    QuotaPeriodSpec, RateLimitPolicy, RateLimitPolicySpec, StoreSpec, StoreType,
 };
+use crate::webhook::MAX_SHARDS;
 
 /// A ConfigMap may hold 1 MiB of data. Shards stay well below it so that metadata, the
 /// managed-fields entry and future fields never push a write over the limit.
@@ -52,6 +53,8 @@ pub enum KeyProblem {
     KeyTooShort { secret: String, min: usize },
     #[error("expiresAt {0:?} is not an RFC 3339 timestamp")]
     InvalidExpiry(String),
+    #[error("ApiKey {holder:?} of this policy already holds the same key material; this ApiKey is left out of the data plane (requests with that key are served as {holder:?})")]
+    DuplicateKey { holder: String },
 }
 
 impl KeyProblem {
@@ -62,6 +65,7 @@ impl KeyProblem {
             KeyProblem::SecretKeyMissing { .. } => "SecretKeyMissing",
             KeyProblem::KeyTooShort { .. } => "KeyTooShort",
             KeyProblem::InvalidExpiry(_) => "InvalidExpiry",
+            KeyProblem::DuplicateKey { .. } => "DuplicateKey",
         }
     }
 }
@@ -70,6 +74,9 @@ impl KeyProblem {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BoundKey {
     pub name: String,
+    /// The ApiKey's creationTimestamp (seconds): of two ApiKeys with the same key material,
+    /// the earlier one keeps it.
+    pub created: Option<i64>,
     pub sha256: String,
     pub disabled: bool,
     pub expires_at: Option<i64>,
@@ -135,6 +142,11 @@ pub fn bind_key(key: &ApiKey, secret: Option<&Secret>) -> Result<BoundKey, KeyPr
         .transpose()?;
     Ok(BoundKey {
         name: key.metadata.name.clone().unwrap_or_default(),
+        created: key
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.as_second()),
         sha256: dp::hash_key(material),
         disabled: key.spec.disabled,
         expires_at,
@@ -269,9 +281,17 @@ pub fn policy_config(
                 limits: r.limits.as_ref().map(limits_from_spec),
             })
             .collect(),
-        // The CRD field arrives with the operator-hardening work; until then, the safe
-        // defaults (case-insensitive, matrix parameters ignored).
-        path_matching: dp::PathMatching::default(),
+        path_matching: spec
+            .path_matching
+            .as_ref()
+            .map(|m| dp::PathMatching {
+                case_sensitive: m.case_sensitive,
+                matrix_parameters: match m.matrix_parameters {
+                    MatrixParametersSpec::Ignore => dp::MatrixParameters::Ignore,
+                    MatrixParametersSpec::Reject => dp::MatrixParameters::Reject,
+                },
+            })
+            .unwrap_or_default(),
         // Set from the CRD once it declares extra upgrade protocols; websocket needs none.
         upgrade_protocols: vec![],
         response: spec
@@ -297,6 +317,42 @@ pub struct Rendered {
     /// The main ConfigMap first, then the shards in order.
     pub config_maps: Vec<ConfigMapData>,
     pub keys: usize,
+    /// ApiKeys left out because an earlier one holds the same key material.
+    pub duplicates: Vec<Duplicate>,
+}
+
+/// An ApiKey left out of the document: `holder` has the same key material and is older.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Duplicate {
+    pub name: String,
+    pub holder: String,
+}
+
+/// Splits keys into those that go into the document and the duplicates. The sidecar indexes
+/// keys by their hash, so two entries with one hash would be ambiguous: the earliest ApiKey
+/// (creationTimestamp, then name) keeps the key, whatever order the keys arrive in, so an
+/// existing key is never displaced by a newcomer that copies its Secret.
+pub fn dedupe(keys: &[BoundKey]) -> (Vec<&BoundKey>, Vec<Duplicate>) {
+    let mut order: Vec<&BoundKey> = keys.iter().collect();
+    // A key without a creation time (never the case for a stored object) counts as oldest.
+    order.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
+    let mut holders: HashMap<&str, &str> = HashMap::with_capacity(order.len());
+    let mut kept = Vec::with_capacity(order.len());
+    let mut duplicates = vec![];
+    for k in order {
+        match holders.get(k.sha256.as_str()) {
+            Some(holder) => duplicates.push(Duplicate {
+                name: k.name.clone(),
+                holder: holder.to_string(),
+            }),
+            None => {
+                holders.insert(&k.sha256, &k.name);
+                kept.push(k);
+            }
+        }
+    }
+    duplicates.sort_by(|a, b| a.name.cmp(&b.name));
+    (kept, duplicates)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -307,6 +363,13 @@ pub enum RenderError {
     Serialize(#[from] serde_json::Error),
     #[error("one key entry ({0}) is larger than a ConfigMap shard")]
     EntryTooLarge(String),
+    #[error("{keys} keys need {shards} key shard ConfigMaps, but sidecars mount at most {max_shards} (about {fit} keys of this size); the last published ConfigMaps stay in place: move keys to another policy")]
+    TooManyKeys {
+        keys: usize,
+        shards: usize,
+        max_shards: usize,
+        fit: usize,
+    },
 }
 
 /// Renders a policy and its bound keys into ConfigMaps. Deterministic: the same inputs give
@@ -321,16 +384,20 @@ pub fn render(policy: &RateLimitPolicy, keys: &[BoundKey]) -> Result<Rendered, R
         .as_ref()
         .map_or(1, |s| u32::try_from(s.sidecars_reporting).unwrap_or(1));
     config.store = store_config(name, namespace, &policy.spec, replicas);
-    render_config(config, keys, SHARD_BUDGET_BYTES)
+    render_config(config, keys, SHARD_BUDGET_BYTES, MAX_SHARDS)
 }
 
+/// Renders with explicit limits: `budget` bytes per ConfigMap, at most `max_shards` key
+/// shards (the webhook mounts no more: a document naming more could never load).
 pub fn render_config(
     config: dp::PolicyConfig,
     keys: &[BoundKey],
     budget: usize,
+    max_shards: usize,
 ) -> Result<Rendered, RenderError> {
-    let mut entries: Vec<dp::KeyEntry> = keys
-        .iter()
+    let (kept, duplicates) = dedupe(keys);
+    let mut entries: Vec<dp::KeyEntry> = kept
+        .into_iter()
         .map(|k| dp::KeyEntry {
             name: k.name.clone(),
             sha256: k.sha256.clone(),
@@ -357,6 +424,7 @@ pub fn render_config(
                 name: main,
                 data: BTreeMap::from([(dp::POLICY_FILE.to_string(), inline)]),
             }],
+            duplicates,
         });
     }
 
@@ -382,6 +450,14 @@ pub fn render_config(
     }
     if !current.is_empty() {
         shards.push(current);
+    }
+    if shards.len() > max_shards {
+        return Err(RenderError::TooManyKeys {
+            keys: total,
+            shards: shards.len(),
+            max_shards,
+            fit: total * max_shards / shards.len(),
+        });
     }
 
     let mut config_maps = vec![];
@@ -417,6 +493,7 @@ pub fn render_config(
     Ok(Rendered {
         config_maps,
         keys: total,
+        duplicates,
     })
 }
 
@@ -455,6 +532,7 @@ pub mod tests {
                 policy_limits: None,
                 throttle: None,
                 routes: None,
+                path_matching: None,
                 mode: PolicyMode::Enforce,
                 response: None,
                 store: None,
@@ -499,6 +577,7 @@ pub mod tests {
     fn mk_bound(name: &str) -> BoundKey {
         BoundKey {
             name: name.into(),
+            created: None,
             sha256: dp::hash_key(format!("kl_{name}_0123456789abcdef").as_bytes()),
             disabled: false,
             expires_at: None,
@@ -592,8 +671,20 @@ pub mod tests {
         let mut reversed = keys.clone();
         reversed.reverse();
         let p = mk_policy("p");
-        let a = render_config(policy_config("p", "ns", 1, &p.spec), &keys, 8 * 1024).unwrap();
-        let b = render_config(policy_config("p", "ns", 1, &p.spec), &reversed, 8 * 1024).unwrap();
+        let a = render_config(
+            policy_config("p", "ns", 1, &p.spec),
+            &keys,
+            8 * 1024,
+            MAX_SHARDS,
+        )
+        .unwrap();
+        let b = render_config(
+            policy_config("p", "ns", 1, &p.spec),
+            &reversed,
+            8 * 1024,
+            MAX_SHARDS,
+        )
+        .unwrap();
         assert!(a.config_maps.len() > 2);
         assert_eq!(a, b);
     }
@@ -603,7 +694,13 @@ pub mod tests {
         let p = mk_policy("p");
         let keys: Vec<BoundKey> = (0..300).map(|i| mk_bound(&format!("k{i:04}"))).collect();
         let budget = 10 * 1024;
-        let r = render_config(policy_config("p", "ns", 1, &p.spec), &keys, budget).unwrap();
+        let r = render_config(
+            policy_config("p", "ns", 1, &p.spec),
+            &keys,
+            budget,
+            MAX_SHARDS,
+        )
+        .unwrap();
         assert!(
             r.config_maps.len() > 2,
             "expected shards, got {}",
@@ -631,11 +728,24 @@ pub mod tests {
     fn exactly_at_the_budget_stays_inline() {
         let p = mk_policy("p");
         let keys: Vec<BoundKey> = (0..10).map(|i| mk_bound(&format!("k{i}"))).collect();
-        let one = render_config(policy_config("p", "ns", 1, &p.spec), &keys, usize::MAX).unwrap();
+        let one = render_config(
+            policy_config("p", "ns", 1, &p.spec),
+            &keys,
+            usize::MAX,
+            MAX_SHARDS,
+        )
+        .unwrap();
         let len = one.config_maps[0].data["policy.json"].len();
-        let at = render_config(policy_config("p", "ns", 1, &p.spec), &keys, len).unwrap();
+        let at =
+            render_config(policy_config("p", "ns", 1, &p.spec), &keys, len, MAX_SHARDS).unwrap();
         assert_eq!(at.config_maps.len(), 1);
-        let over = render_config(policy_config("p", "ns", 1, &p.spec), &keys, len - 1).unwrap();
+        let over = render_config(
+            policy_config("p", "ns", 1, &p.spec),
+            &keys,
+            len - 1,
+            MAX_SHARDS,
+        )
+        .unwrap();
         assert!(over.config_maps.len() >= 2);
     }
 
@@ -712,6 +822,190 @@ pub mod tests {
             other => panic!("expected Redis, got {other:?}"),
         }
         assert!(!r.config_maps[0].data["policy.json"].contains("password"));
+    }
+
+    fn mk_bound_at(name: &str, material: &str, created: i64) -> BoundKey {
+        BoundKey {
+            created: Some(created),
+            sha256: dp::hash_key(material.as_bytes()),
+            ..mk_bound(name)
+        }
+    }
+
+    fn doc_key_names(r: &Rendered) -> Vec<String> {
+        let doc =
+            dp::PolicyDocument::parse(r.config_maps[0].data["policy.json"].as_bytes()).unwrap();
+        doc.keys.into_iter().map(|k| k.name).collect()
+    }
+
+    #[test]
+    fn duplicate_key_material_is_kept_once_by_the_earliest_apikey() {
+        let same = "kl_the_same_material_0123456789";
+        // "a" sorts first by name but was created later: creation time decides.
+        let keys = vec![
+            mk_bound_at("a", same, 200),
+            mk_bound_at("z", same, 100),
+            mk_bound_at("m", same, 300),
+            mk_bound_at("other", "kl_other_material_0123456789", 50),
+        ];
+        let r = render(&mk_policy("p"), &keys).unwrap();
+        assert_eq!(doc_key_names(&r), ["other", "z"]);
+        assert_eq!(r.keys, 2);
+        assert_eq!(
+            r.duplicates,
+            [
+                Duplicate {
+                    name: "a".into(),
+                    holder: "z".into()
+                },
+                Duplicate {
+                    name: "m".into(),
+                    holder: "z".into()
+                },
+            ]
+        );
+        // Same answer whatever order the caches hand the keys over in.
+        let mut reversed = keys.clone();
+        reversed.reverse();
+        assert_eq!(render(&mk_policy("p"), &reversed).unwrap(), r);
+        // Equal creation times (one-second resolution): the name decides.
+        let tie = vec![mk_bound_at("b", same, 100), mk_bound_at("a", same, 100)];
+        let r = render(&mk_policy("p"), &tie).unwrap();
+        assert_eq!(doc_key_names(&r), ["a"]);
+        assert_eq!(r.duplicates[0].holder, "a");
+        // The document the sidecar gets has one entry per hash.
+        let doc =
+            dp::PolicyDocument::parse(r.config_maps[0].data["policy.json"].as_bytes()).unwrap();
+        assert_eq!(doc.keys.len(), 1);
+    }
+
+    #[test]
+    fn two_apikeys_on_one_secret_are_duplicates() {
+        let mut a = mk_apikey("a", "p");
+        let mut b = mk_apikey("b", "p");
+        for (k, t) in [(&mut a, 100), (&mut b, 200)] {
+            k.spec.secret_ref = Some(SecretKeyRef {
+                name: "shared".into(),
+                key: "key".into(),
+            });
+            k.metadata.creation_timestamp =
+                Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    k8s_openapi::jiff::Timestamp::from_second(t).unwrap(),
+                ));
+        }
+        let s = mk_secret("shared", "key", b"kl_0123456789abcdef0123");
+        let bound = [&b, &a].map(|k| bind_key(k, Some(&s)).unwrap());
+        assert_eq!(bound[1].created, Some(100));
+        let r = render(&mk_policy("p"), &bound).unwrap();
+        assert_eq!(doc_key_names(&r), ["a"]);
+        assert_eq!(
+            r.duplicates,
+            [Duplicate {
+                name: "b".into(),
+                holder: "a".into()
+            }]
+        );
+        let p = KeyProblem::DuplicateKey { holder: "a".into() };
+        assert_eq!(p.reason(), "DuplicateKey");
+        assert!(p.to_string().contains("ApiKey \"a\""), "{p}");
+    }
+
+    #[test]
+    fn duplicates_never_reach_shards_either() {
+        let p = mk_policy("p");
+        let mut keys: Vec<BoundKey> = (0..300).map(|i| mk_bound(&format!("k{i:04}"))).collect();
+        let mut copy = mk_bound("k0000");
+        copy.name = "copy".into();
+        copy.created = Some(1);
+        keys.push(copy);
+        let r = render_config(policy_config("p", "ns", 1, &p.spec), &keys, 10 * 1024, 32).unwrap();
+        assert!(r.config_maps.len() > 2);
+        assert_eq!(r.keys, 300);
+        assert_eq!(r.duplicates.len(), 1);
+        // The key created first (with a creation time) keeps it; the one without counts as
+        // oldest, as documented on `dedupe`.
+        assert_eq!(r.duplicates[0].name, "copy");
+        assert_eq!(r.duplicates[0].holder, "k0000");
+    }
+
+    #[test]
+    fn more_shards_than_sidecars_mount_is_refused() {
+        let p = mk_policy("p");
+        let keys: Vec<BoundKey> = (0..300).map(|i| mk_bound(&format!("k{i:04}"))).collect();
+        let config = || policy_config("p", "ns", 1, &p.spec);
+        let budget = 4 * 1024;
+        // How many shards these keys need at this budget, with no cap.
+        let free = render_config(config(), &keys, budget, usize::MAX).unwrap();
+        let needed = free.config_maps.len() - 1;
+        assert!(needed > 3, "test needs several shards, got {needed}");
+        // Exactly at the cap: fine.
+        let at = render_config(config(), &keys, budget, needed).unwrap();
+        assert_eq!(at.config_maps.len(), needed + 1);
+        // One shard short: refused, with the numbers a user needs.
+        let err = render_config(config(), &keys, budget, needed - 1).unwrap_err();
+        match &err {
+            RenderError::TooManyKeys {
+                keys,
+                shards,
+                max_shards,
+                fit,
+            } => {
+                assert_eq!((*keys, *shards, *max_shards), (300, needed, needed - 1));
+                assert!(*fit < 300 && *fit > 0, "fit {fit}");
+            }
+            other => panic!("expected TooManyKeys, got {other:?}"),
+        }
+        let text = err.to_string();
+        assert!(text.contains("300 keys"), "{text}");
+        assert!(text.contains(&format!("at most {}", needed - 1)), "{text}");
+    }
+
+    #[test]
+    fn the_real_cap_is_the_webhooks_mount_count() {
+        // Entries of ~100 bytes: 32 shards of 900 KiB hold about 290k. Use long names to
+        // reach the cap with fewer keys, so the test stays fast.
+        let pad = "x".repeat(2000);
+        let n = SHARD_BUDGET_BYTES / 2100 * (MAX_SHARDS + 1);
+        let keys: Vec<BoundKey> = (0..n).map(|i| mk_bound(&format!("{pad}-{i:06}"))).collect();
+        match render(&mk_policy("p"), &keys) {
+            Err(RenderError::TooManyKeys { max_shards, .. }) => assert_eq!(max_shards, MAX_SHARDS),
+            other => panic!(
+                "expected TooManyKeys, got {:?}",
+                other.map(|r| r.config_maps.len())
+            ),
+        }
+    }
+
+    #[test]
+    fn path_matching_and_free_routes_reach_the_document() {
+        let mut p = mk_policy("p");
+        let r = render(&p, &[]).unwrap();
+        let doc =
+            dp::PolicyDocument::parse(r.config_maps[0].data["policy.json"].as_bytes()).unwrap();
+        assert_eq!(doc.policy.path_matching, dp::PathMatching::default());
+        assert!(!doc.policy.path_matching.case_sensitive);
+        p.spec.path_matching = Some(crate::crd::PathMatchingSpec {
+            case_sensitive: true,
+            matrix_parameters: MatrixParametersSpec::Reject,
+        });
+        p.spec.routes = Some(vec![crate::crd::RouteSpec {
+            name: "health".into(),
+            path_prefix: "/health".into(),
+            methods: None,
+            cost: 0,
+            limits: None,
+        }]);
+        let r = render(&p, &[]).unwrap();
+        let doc =
+            dp::PolicyDocument::parse(r.config_maps[0].data["policy.json"].as_bytes()).unwrap();
+        assert_eq!(
+            doc.policy.path_matching,
+            dp::PathMatching {
+                case_sensitive: true,
+                matrix_parameters: dp::MatrixParameters::Reject,
+            }
+        );
+        assert_eq!(doc.policy.routes[0].cost, 0);
     }
 
     #[test]
