@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -21,7 +21,9 @@ use crate::Error;
 
 #[derive(Default)]
 pub struct Health {
-    /// Caches synced (or standing by as a healthy non-leader).
+    /// This replica can serve: webhook certificate loaded and the apiserver answered. Not
+    /// leadership: every replica takes webhook calls and reports (a standby forwards
+    /// reports to the leader), so rolling updates and drains see every replica Ready.
     pub ready: AtomicBool,
 }
 
@@ -48,33 +50,10 @@ async fn handle(
                 "POST only\n".into(),
             ));
         }
-        // Only the leader may turn reports into status; a standby sends the sidecar elsewhere.
-        if !health.ready.load(Ordering::Relaxed) {
-            return Ok(respond(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "text/plain",
-                "not the leader\n".into(),
-            ));
-        }
-        let auth = req
-            .headers()
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .map(String::from);
-        let body = match http_body_util::Limited::new(req.into_body(), 8 * 1024 * 1024)
-            .collect()
-            .await
-        {
-            Ok(b) => b.to_bytes(),
-            Err(_) => {
-                return Ok(respond(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "text/plain",
-                    "report too large\n".into(),
-                ))
-            }
-        };
-        let (status, text) = reports.receive(auth.as_deref(), body).await;
+        // Every replica takes reports: the leader records them, a standby forwards them to
+        // the leader (reports.rs). Authentication comes from the headers, before the body.
+        let (parts, body) = req.into_parts();
+        let (status, text) = reports.handle(&parts.headers, body).await;
         return Ok(respond(status, "text/plain", text));
     }
     Ok(match req.uri().path() {

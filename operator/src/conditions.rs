@@ -4,6 +4,10 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
+/// On a RateLimitPolicy: False while fresh sidecar reports say they reject the config they
+/// are given (and serve an older one); written by the report aggregation (reports.rs).
+pub const CONFIG_LOADED: &str = "ConfigLoaded";
+
 /// A condition as reconcile wants it to be; the timestamp is filled in by [`merge`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Desired {

@@ -1,21 +1,89 @@
 //! Turning sidecars' usage reports into `Exhausted` conditions (pure: no I/O, no clock).
 //!
 //! Every sidecar pushes a [`UsageReport`] every few seconds. The [`ReportBook`] keeps the
-//! latest one per sidecar; a report older than `stale_after` is forgotten, so a sidecar that
-//! stopped cannot leave a key exhausted forever. A key exhausted on any fresh sidecar is
-//! exhausted: with local counters each replica refuses on its own.
+//! latest one per *authenticated pod* (its uid, taken from the pod-bound token the operator
+//! reviewed, never from the report's self-declared `sidecar` field), so one pod cannot
+//! overwrite or clear another pod's report, and the sidecar count that divides
+//! `LocalFallback` limits counts distinct pods only. A report older than `stale_after` is
+//! forgotten, so a sidecar that stopped cannot leave a key exhausted forever. A key exhausted
+//! on any fresh sidecar is exhausted: with local counters each replica refuses on its own.
+//!
+//! The book is bounded per namespace (sidecars and report bytes): a namespace's pods can fill
+//! their own namespace's share, never the operator's memory.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use keylimit_dataplane::{Exhaustion, ExhaustionReason, QuotaUsage, UsageReport};
 
 /// (namespace, policy name)
 pub type PolicyId = (String, String);
 
+/// Who sent a report, as authenticated: from the TokenReview's pod-bound claims and the pod
+/// object itself, not from anything in the report body.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Reporter {
+    pub namespace: String,
+    pub pod: String,
+    pub pod_uid: String,
+    /// The pod's `keylimit.dev/policy` annotation: the only policy it may report for.
+    pub policy: String,
+}
+
+/// How much of the book one namespace may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BookLimits {
+    /// Distinct reporting pods per namespace.
+    pub sidecars_per_namespace: usize,
+    /// Sum of the reports' body sizes per namespace.
+    pub bytes_per_namespace: usize,
+}
+
+impl Default for BookLimits {
+    fn default() -> Self {
+        Self {
+            sidecars_per_namespace: 1000,
+            bytes_per_namespace: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// A report the book refused because its namespace is at its limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BookFull {
+    Sidecars(usize),
+    Bytes(usize),
+}
+
+impl std::fmt::Display for BookFull {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BookFull::Sidecars(n) => write!(f, "namespace already has {n} reporting sidecars"),
+            BookFull::Bytes(n) => write!(f, "namespace reports already hold {n} bytes"),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    namespace: String,
+    policy: String,
+    report: UsageReport,
+    bytes: usize,
+    at: i64,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Usage {
+    sidecars: usize,
+    bytes: usize,
+}
+
 #[derive(Debug, Default)]
 pub struct ReportBook {
-    /// policy → sidecar → (report, unix seconds received)
-    reports: BTreeMap<PolicyId, BTreeMap<String, (UsageReport, i64)>>,
+    limits: BookLimits,
+    /// pod uid → its latest report
+    entries: HashMap<String, Entry>,
+    per_namespace: HashMap<String, Usage>,
 }
 
 /// What the fresh reports say about one key.
@@ -29,64 +97,212 @@ pub struct KeyView {
     pub quotas: Vec<QuotaUsage>,
 }
 
+/// Sidecars that say they reject the config they are given (and serve an older one).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ConfigFailures {
+    pub failing: usize,
+    /// The earliest `since` among them.
+    pub since: Option<i64>,
+    /// reason label → sidecars reporting it
+    pub reasons: BTreeMap<String, usize>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PolicyView {
     pub sidecars: usize,
     pub keys: BTreeMap<String, KeyView>,
+    pub config: ConfigFailures,
 }
 
 impl ReportBook {
-    pub fn record(&mut self, report: UsageReport, now: i64) {
-        let id = (report.policy_namespace.clone(), report.policy_name.clone());
-        self.reports
-            .entry(id)
-            .or_default()
-            .insert(report.sidecar.clone(), (report, now));
+    pub fn new(limits: BookLimits) -> Self {
+        Self {
+            limits,
+            ..Default::default()
+        }
+    }
+
+    /// Keeps `report` as `who`'s latest (replacing its previous one), unless `who` is a new
+    /// sidecar in a namespace at its limit. `bytes` is the report's size on the wire. Reports
+    /// already stale are dropped first, so a namespace's share frees up as pods go away.
+    pub fn record(
+        &mut self,
+        who: &Reporter,
+        report: UsageReport,
+        bytes: usize,
+        now: i64,
+        stale_after: i64,
+    ) -> Result<(), BookFull> {
+        if let Err(full) = self.fits(who, bytes) {
+            self.expire(now, stale_after);
+            if self.fits(who, bytes).is_err() {
+                return Err(full);
+            }
+        }
+        let usage = self.per_namespace.entry(who.namespace.clone()).or_default();
+        usage.bytes += bytes;
+        usage.sidecars += 1;
+        let entry = Entry {
+            namespace: who.namespace.clone(),
+            policy: who.policy.clone(),
+            report,
+            bytes,
+            at: now,
+        };
+        if let Some(old) = self.entries.insert(who.pod_uid.clone(), entry) {
+            // The uid is globally unique, so the old entry is in the same namespace.
+            if let Some(u) = self.per_namespace.get_mut(&old.namespace) {
+                u.bytes = u.bytes.saturating_sub(old.bytes);
+                u.sidecars = u.sidecars.saturating_sub(1);
+            }
+        }
+        Ok(())
+    }
+
+    fn fits(&self, who: &Reporter, bytes: usize) -> Result<(), BookFull> {
+        let usage = self
+            .per_namespace
+            .get(&who.namespace)
+            .copied()
+            .unwrap_or_default();
+        let (sidecars, old_bytes) = match self.entries.get(&who.pod_uid) {
+            Some(e) => (usage.sidecars, e.bytes),
+            None => (usage.sidecars + 1, 0),
+        };
+        if sidecars > self.limits.sidecars_per_namespace {
+            return Err(BookFull::Sidecars(usage.sidecars));
+        }
+        if usage.bytes.saturating_sub(old_bytes) + bytes > self.limits.bytes_per_namespace {
+            return Err(BookFull::Bytes(usage.bytes));
+        }
+        Ok(())
     }
 
     /// Drops reports older than `stale_after` seconds.
     pub fn expire(&mut self, now: i64, stale_after: i64) {
-        for sidecars in self.reports.values_mut() {
-            sidecars.retain(|_, (_, at)| now - *at <= stale_after);
+        let per_namespace = &mut self.per_namespace;
+        self.entries.retain(|_, e| {
+            let keep = now - e.at <= stale_after;
+            if !keep {
+                if let Some(u) = per_namespace.get_mut(&e.namespace) {
+                    u.bytes = u.bytes.saturating_sub(e.bytes);
+                    u.sidecars = u.sidecars.saturating_sub(1);
+                }
+            }
+            keep
+        });
+        self.per_namespace.retain(|_, u| u.sidecars > 0);
+    }
+
+    /// Reporting sidecars in a namespace (for tests and metrics).
+    pub fn sidecars_in(&self, namespace: &str) -> usize {
+        self.per_namespace.get(namespace).map_or(0, |u| u.sidecars)
+    }
+
+    /// Aggregates every policy's fresh reports in one pass. Exhaustions whose reset has
+    /// passed are ignored even if the sidecar has not reported since: the key recovers on
+    /// time, not on the next report.
+    pub fn views(&self, now: i64) -> BTreeMap<PolicyId, PolicyView> {
+        let mut views: BTreeMap<PolicyId, PolicyView> = BTreeMap::new();
+        for e in self.entries.values() {
+            let view = views
+                .entry((e.namespace.clone(), e.policy.clone()))
+                .or_default();
+            add(view, &e.report, now);
         }
-        self.reports.retain(|_, s| !s.is_empty());
+        views
     }
 
-    pub fn policies(&self) -> impl Iterator<Item = &PolicyId> {
-        self.reports.keys()
-    }
-
-    /// Aggregates a policy's fresh reports. Exhaustions whose reset has passed are ignored
-    /// even if the sidecar has not reported since: the key recovers on time, not on the next
-    /// report.
+    /// One policy's view (see [`ReportBook::views`]).
     pub fn view(&self, policy: &PolicyId, now: i64) -> PolicyView {
-        let Some(sidecars) = self.reports.get(policy) else {
-            return PolicyView::default();
-        };
-        let mut view = PolicyView {
-            sidecars: sidecars.len(),
-            keys: BTreeMap::new(),
-        };
-        for (report, _) in sidecars.values() {
-            for k in &report.keys {
-                let kv = view.keys.entry(k.name.clone()).or_default();
-                if let Some(e) = k.exhaustion.as_ref().filter(|e| e.reset_at > now) {
-                    kv.exhausted_on += 1;
-                    if kv.worst.as_ref().is_none_or(|w| e.reset_at > w.reset_at) {
-                        kv.worst = Some(e.clone());
-                    }
-                }
-                for q in &k.quotas {
-                    match kv.quotas.iter_mut().find(|x| x.name == q.name) {
-                        Some(x) if q.used > x.used => *x = q.clone(),
-                        Some(_) => {}
-                        None => kv.quotas.push(q.clone()),
-                    }
-                }
+        let mut view = PolicyView::default();
+        for e in self.entries.values() {
+            if e.namespace == policy.0 && e.policy == policy.1 {
+                add(&mut view, &e.report, now);
             }
         }
         view
     }
+}
+
+fn add(view: &mut PolicyView, report: &UsageReport, now: i64) {
+    view.sidecars += 1;
+    if let Some(f) = &report.config_failure {
+        let c = &mut view.config;
+        c.failing += 1;
+        c.since = Some(c.since.map_or(f.since, |s| s.min(f.since)));
+        *c.reasons.entry(reason_label(&f.reason)).or_default() += 1;
+    }
+    for k in &report.keys {
+        let kv = view.keys.entry(k.name.clone()).or_default();
+        if let Some(e) = k.exhaustion.as_ref().filter(|e| e.reset_at > now) {
+            kv.exhausted_on += 1;
+            if kv.worst.as_ref().is_none_or(|w| e.reset_at > w.reset_at) {
+                kv.worst = Some(e.clone());
+            }
+        }
+        for q in &k.quotas {
+            match kv.quotas.iter_mut().find(|x| x.name == q.name) {
+                Some(x) if q.used > x.used => *x = q.clone(),
+                Some(_) => {}
+                None => kv.quotas.push(q.clone()),
+            }
+        }
+    }
+}
+
+/// The sidecar's failure reason is meant to be a short label; it still comes from a pod, so
+/// only a bounded, plain form of it reaches a condition message.
+fn reason_label(reason: &str) -> String {
+    let s: String = reason
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        .take(32)
+        .collect();
+    if s.is_empty() {
+        "unknown".into()
+    } else {
+        s
+    }
+}
+
+/// Distinct reasons listed in a `ConfigLoaded` message; the rest are counted.
+const MAX_REASONS_SHOWN: usize = 4;
+
+/// The policy's `ConfigLoaded` condition from the fresh reports: (status, reason, message).
+/// True unless a fresh report carries a config failure. The True message carries no counts,
+/// so scaling the workload causes no status write.
+pub fn config_loaded(view: Option<&PolicyView>) -> (bool, &'static str, String) {
+    let Some(v) = view.filter(|v| v.config.failing > 0) else {
+        return (
+            true,
+            "SidecarsAcceptConfig",
+            "no fresh sidecar report says it rejects the config".into(),
+        );
+    };
+    let c = &v.config;
+    let mut reasons: Vec<(&String, &usize)> = c.reasons.iter().collect();
+    // Most common first; ties by name, so the message is stable.
+    reasons.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    let mut shown: Vec<String> = reasons
+        .iter()
+        .take(MAX_REASONS_SHOWN)
+        .map(|(r, n)| format!("{r} ({n})"))
+        .collect();
+    if reasons.len() > MAX_REASONS_SHOWN {
+        shown.push(format!("{} more", reasons.len() - MAX_REASONS_SHOWN));
+    }
+    let since = c.since.map(rfc3339).unwrap_or_default();
+    (
+        false,
+        "SidecarRejectsConfig",
+        format!(
+            "{} of {} sidecars reject the config and serve an older one since {since}: {}",
+            c.failing,
+            v.sidecars,
+            shown.join(", ")
+        ),
+    )
 }
 
 /// The `Exhausted` condition's reason for an exhaustion. DryRun reasons are distinct so that
@@ -210,10 +426,26 @@ mod tests {
         ("ns".into(), "p".into())
     }
 
+    fn pod(uid: &str) -> Reporter {
+        Reporter {
+            namespace: "ns".into(),
+            pod: format!("pod-{uid}"),
+            pod_uid: uid.into(),
+            policy: "p".into(),
+        }
+    }
+
+    /// Records under the pod named by the report's `sidecar` field (the tests' shorthand).
+    fn rec(book: &mut ReportBook, report: UsageReport, now: i64) {
+        let who = pod(&report.sidecar.clone());
+        assert_eq!(book.record(&who, report, 100, now, 10), Ok(()));
+    }
+
     #[test]
     fn exhausted_on_one_replica_is_exhausted() {
         let mut book = ReportBook::default();
-        book.record(
+        rec(
+            &mut book,
             mk_report(
                 "a",
                 vec![mk_usage(
@@ -224,8 +456,8 @@ mod tests {
             ),
             100,
         );
-        book.record(mk_report("b", vec![mk_usage("k", None, 9)]), 100);
-        book.record(mk_report("c", vec![]), 100);
+        rec(&mut book, mk_report("b", vec![mk_usage("k", None, 9)]), 100);
+        rec(&mut book, mk_report("c", vec![]), 100);
         let v = book.view(&id(), 100);
         assert_eq!(v.sidecars, 3);
         let s = key_status(v.keys.get("k"), v.sidecars);
@@ -242,7 +474,8 @@ mod tests {
     #[test]
     fn the_longest_exhaustion_is_reported() {
         let mut book = ReportBook::default();
-        book.record(
+        rec(
+            &mut book,
             mk_report(
                 "a",
                 vec![mk_usage(
@@ -253,7 +486,8 @@ mod tests {
             ),
             100,
         );
-        book.record(
+        rec(
+            &mut book,
             mk_report(
                 "b",
                 vec![mk_usage(
@@ -273,7 +507,8 @@ mod tests {
     #[test]
     fn recovers_at_reset_time_without_a_new_report() {
         let mut book = ReportBook::default();
-        book.record(
+        rec(
+            &mut book,
             mk_report(
                 "a",
                 vec![mk_usage(
@@ -293,7 +528,8 @@ mod tests {
     #[test]
     fn stale_reports_expire() {
         let mut book = ReportBook::default();
-        book.record(
+        rec(
+            &mut book,
             mk_report(
                 "a",
                 vec![mk_usage(
@@ -309,7 +545,8 @@ mod tests {
         book.expire(111, 10);
         assert_eq!(book.view(&id(), 111).sidecars, 0);
         assert!(!key_status(book.view(&id(), 111).keys.get("k"), 0).exhausted);
-        assert_eq!(book.policies().count(), 0);
+        assert_eq!(book.views(111).len(), 0);
+        assert_eq!(book.sidecars_in("ns"), 0);
     }
 
     #[test]
@@ -317,7 +554,11 @@ mod tests {
         let mut e = mk_exhaustion(ExhaustionReason::ConcurrencyLimited, 160);
         e.dry_run = true;
         let mut book = ReportBook::default();
-        book.record(mk_report("a", vec![mk_usage("k", Some(e), 0)]), 100);
+        rec(
+            &mut book,
+            mk_report("a", vec![mk_usage("k", Some(e), 0)]),
+            100,
+        );
         let s = key_status(book.view(&id(), 100).keys.get("k"), 1);
         assert!(!s.exhausted);
         assert_eq!(s.reason, "WouldBeConcurrencyLimited");
@@ -328,7 +569,8 @@ mod tests {
     #[test]
     fn a_newer_report_replaces_the_sidecars_older_one() {
         let mut book = ReportBook::default();
-        book.record(
+        rec(
+            &mut book,
             mk_report(
                 "a",
                 vec![mk_usage(
@@ -339,9 +581,136 @@ mod tests {
             ),
             100,
         );
-        book.record(mk_report("a", vec![mk_usage("k", None, 0)]), 101);
+        rec(&mut book, mk_report("a", vec![mk_usage("k", None, 0)]), 101);
         let v = book.view(&id(), 101);
         assert_eq!(v.sidecars, 1);
         assert!(!key_status(v.keys.get("k"), 1).exhausted);
+    }
+
+    #[test]
+    fn a_pod_cannot_overwrite_another_pods_report() {
+        let mut book = ReportBook::default();
+        let exhausted = vec![mk_usage(
+            "k",
+            Some(mk_exhaustion(ExhaustionReason::RateLimited, 160)),
+            0,
+        )];
+        book.record(&pod("uid-b"), mk_report("b", exhausted), 10, 100, 10)
+            .unwrap();
+        // Pod A claims to be sidecar "b" and reports the key fine: it only writes its own
+        // entry, so B's exhaustion stands and two distinct pods are counted.
+        book.record(
+            &pod("uid-a"),
+            mk_report("b", vec![mk_usage("k", None, 0)]),
+            10,
+            100,
+            10,
+        )
+        .unwrap();
+        let v = book.view(&id(), 100);
+        assert_eq!(v.sidecars, 2);
+        assert!(key_status(v.keys.get("k"), v.sidecars).exhausted);
+        // The same pod reporting again replaces its entry: still two sidecars, not three.
+        book.record(&pod("uid-a"), mk_report("a", vec![]), 10, 101, 10)
+            .unwrap();
+        assert_eq!(book.view(&id(), 101).sidecars, 2);
+        assert_eq!(book.sidecars_in("ns"), 2);
+    }
+
+    #[test]
+    fn a_report_counts_only_for_the_pods_own_policy() {
+        let mut book = ReportBook::default();
+        let mut who = pod("u");
+        who.policy = "other".into();
+        // The body names policy "p"; the book files it under the pod's annotated policy.
+        book.record(&who, mk_report("u", vec![]), 10, 100, 10)
+            .unwrap();
+        assert_eq!(book.view(&id(), 100).sidecars, 0);
+        assert_eq!(book.view(&("ns".into(), "other".into()), 100).sidecars, 1);
+    }
+
+    #[test]
+    fn namespaces_are_capped_in_sidecars_and_bytes() {
+        let mut book = ReportBook::new(BookLimits {
+            sidecars_per_namespace: 2,
+            bytes_per_namespace: 1000,
+        });
+        book.record(&pod("a"), mk_report("a", vec![]), 100, 100, 10)
+            .unwrap();
+        book.record(&pod("b"), mk_report("b", vec![]), 100, 100, 10)
+            .unwrap();
+        assert_eq!(
+            book.record(&pod("c"), mk_report("c", vec![]), 100, 100, 10),
+            Err(BookFull::Sidecars(2))
+        );
+        // Known pods may still replace their reports, up to the byte budget.
+        book.record(&pod("a"), mk_report("a", vec![]), 900, 101, 10)
+            .unwrap();
+        assert_eq!(
+            book.record(&pod("b"), mk_report("b", vec![]), 200, 101, 10),
+            Err(BookFull::Bytes(1000))
+        );
+        // Another namespace has its own share.
+        let mut elsewhere = pod("z");
+        elsewhere.namespace = "other".into();
+        book.record(&elsewhere, mk_report("z", vec![]), 100, 102, 10)
+            .unwrap();
+        // Once a's and b's reports are stale, c fits.
+        book.record(&pod("c"), mk_report("c", vec![]), 100, 112, 10)
+            .unwrap();
+        assert_eq!(book.sidecars_in("ns"), 1);
+        assert_eq!(book.sidecars_in("other"), 1);
+    }
+
+    fn failing(sidecar: &str, reason: &str, since: i64) -> UsageReport {
+        let mut r = mk_report(sidecar, vec![]);
+        r.config_failure = Some(keylimit_dataplane::ConfigFailure {
+            reason: reason.into(),
+            since,
+        });
+        r
+    }
+
+    #[test]
+    fn config_failures_aggregate_into_config_loaded() {
+        let mut book = ReportBook::default();
+        let (ok, reason, _) = config_loaded(None);
+        assert!(ok);
+        assert_eq!(reason, "SidecarsAcceptConfig");
+
+        rec(&mut book, failing("a", "json", 200), 300);
+        rec(&mut book, failing("b", "json", 100), 300);
+        rec(&mut book, mk_report("c", vec![]), 300);
+        let v = book.view(&id(), 300);
+        let (ok, reason, msg) = config_loaded(Some(&v));
+        assert!(!ok);
+        assert_eq!(reason, "SidecarRejectsConfig");
+        assert_eq!(
+            msg,
+            "2 of 3 sidecars reject the config and serve an older one since \
+             1970-01-01T00:01:40Z: json (2)"
+        );
+
+        // Reasons are bounded labels, most common first, the tail counted.
+        rec(&mut book, failing("c", "shard_digest\n<script>", 300), 301);
+        for (i, r) in ["r1", "r2", "r3", "r4"].iter().enumerate() {
+            rec(&mut book, failing(&format!("x{i}"), r, 300), 301);
+        }
+        let (_, _, msg) = config_loaded(Some(&book.view(&id(), 301)));
+        assert!(
+            msg.ends_with(": json (2), r1 (1), r2 (1), r3 (1), 2 more"),
+            "{msg}"
+        );
+        assert!(msg.starts_with("7 of 7 sidecars"), "{msg}");
+
+        // Back to True once no fresh report carries a failure.
+        let mut book = ReportBook::default();
+        rec(&mut book, failing("a", "json", 200), 300);
+        rec(&mut book, mk_report("a", vec![]), 301);
+        assert!(config_loaded(Some(&book.view(&id(), 301))).0);
+        // And a failing sidecar that goes stale stops counting.
+        rec(&mut book, failing("b", "json", 200), 302);
+        book.expire(313, 10);
+        assert!(config_loaded(Some(&book.view(&id(), 313))).0);
     }
 }

@@ -94,6 +94,10 @@ pub struct RunArgs {
     /// Log as JSON lines.
     #[arg(long, env = "KEYLIMIT_LOG_JSON")]
     pub log_json: bool,
+    /// Sidecars (distinct pods) whose reports are kept per namespace; a new pod beyond it is
+    /// refused (429) until others go stale, so one namespace cannot fill the leader's memory.
+    #[arg(long, default_value_t = 1000)]
+    pub max_sidecars_per_namespace: usize,
     /// Boxed: the webhook's many flags would make `Command::Run` far larger than `Crd`.
     #[command(flatten)]
     pub webhook: Box<WebhookArgs>,
@@ -256,12 +260,45 @@ async fn shutdown_signal() {
     info!("shutdown signal received");
 }
 
+/// Waits until the apiserver answers, retrying with a capped backoff.
+async fn await_apiserver(client: &kube::Client) {
+    let mut wait = Duration::from_millis(200);
+    loop {
+        match client.apiserver_version().await {
+            Ok(_) => return,
+            Err(e) => warn!(error = %e, "apiserver not reachable yet"),
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(5));
+    }
+}
+
 pub async fn run(args: RunArgs) -> Result<(), Error> {
     init_tracing(args.log_json);
     let client = kube::Client::try_default().await?;
     let metrics = Arc::new(metrics::Metrics::default());
     let health = Arc::new(admin::Health::default());
-    let reports = Arc::new(reports::Reports::new(client.clone()));
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        std::env::var("HOSTNAME").unwrap_or_else(|_| format!("keylimit-{}", std::process::id()))
+    });
+    let settings = reports::Settings {
+        limits: exhaustion::BookLimits {
+            sidecars_per_namespace: args.max_sidecars_per_namespace.max(1),
+            ..Default::default()
+        },
+        // A standby forwards reports to the leader's pod on this same admin port.
+        peers: (!args.no_leader_election).then(|| reports::Peers {
+            namespace: args.lease_namespace.clone(),
+            lease: args.lease_name.clone(),
+            identity: identity.clone(),
+            port: args.admin_addr.port(),
+        }),
+    };
+    let reports = Arc::new(reports::Reports::new(
+        client.clone(),
+        metrics.clone(),
+        settings,
+    ));
     admin::serve(
         args.admin_addr,
         health.clone(),
@@ -271,9 +308,6 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
     .await?;
     args.webhook.start(&client).await?;
 
-    let identity = args.identity.clone().unwrap_or_else(|| {
-        std::env::var("HOSTNAME").unwrap_or_else(|_| format!("keylimit-{}", std::process::id()))
-    });
     let shutdown = futures::future::FutureExt::shared(Box::pin(shutdown_signal()));
 
     let lock = (!args.no_leader_election).then(|| {
@@ -285,15 +319,23 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
             Duration::from_secs(args.lease_seconds),
         )
     });
+    // Ready once this replica can do what the Services send it: answer the webhook (its
+    // certificate is loaded above) and take reports (which needs the apiserver, for
+    // TokenReviews and, on a standby, to find the leader). Not leadership: a standby is
+    // Ready too, or a rolling update's surge pod never becomes Ready and no drain is allowed.
+    tokio::select! {
+        _ = await_apiserver(&client) => {},
+        _ = shutdown.clone() => return Ok(()),
+    }
+    health.ready.store(true, Ordering::Relaxed);
     if let Some(lock) = &lock {
-        // A standby is live but not ready: the Service then routes webhook calls and sidecar
-        // reports only to the leader, the one replica that may act on them.
         tokio::select! {
             r = lock.acquire() => r?,
             _ = shutdown.clone() => return Ok(()),
         }
     }
     metrics.leader.set(1);
+    reports.set_leader(true);
 
     let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<()>();
     let holder = lock.clone().map(|l| {
@@ -315,20 +357,20 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
             tokio::select! { _ = s => {}, _ = l => {} }
         }
     };
-    let h = health.clone();
     controller::run(
         client,
         args.watch_namespace.clone(),
         metrics.clone(),
-        reports,
+        reports.clone(),
         identity,
         stop,
-        move || h.ready.store(true, Ordering::Relaxed),
+        || {},
     )
     .await?;
     if let Some(h) = holder {
         h.abort();
     }
+    reports.set_leader(false);
     metrics.leader.set(0);
     if futures::FutureExt::now_or_never(lost).is_some() {
         return Err(Error::LeaseLost);

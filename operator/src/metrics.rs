@@ -15,8 +15,20 @@ pub struct ControllerLabel {
     pub controller: &'static str,
 }
 
+/// Outcome of a sidecar report or a TokenReview: a fixed set of short strings.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
 pub struct Metrics {
     pub registry: Registry,
+    /// `POST /v1/reports` outcomes (accepted, forwarded, unauthenticated, forbidden, …).
+    pub reports: Family<ResultLabel, Counter>,
+    /// TokenReviews sent (authenticated, refused, error); cache hits send none.
+    pub token_reviews: Family<ResultLabel, Counter>,
+    /// Entries in the report token caches (accepted plus refused).
+    pub token_cache_entries: Gauge,
     pub reconciles: Family<ControllerLabel, Counter>,
     pub failures: Family<ControllerLabel, Counter>,
     pub duration: Family<ControllerLabel, Histogram>,
@@ -36,6 +48,24 @@ impl Default for Metrics {
         let configmap_writes = Counter::default();
         let status_writes = Counter::default();
         let leader = Gauge::default();
+        let reports = Family::<ResultLabel, Counter>::default();
+        let token_reviews = Family::<ResultLabel, Counter>::default();
+        let token_cache_entries = Gauge::default();
+        registry.register(
+            "reports",
+            "Sidecar usage reports received, by result",
+            reports.clone(),
+        );
+        registry.register(
+            "token_reviews",
+            "TokenReviews sent for sidecar report tokens, by result",
+            token_reviews.clone(),
+        );
+        registry.register(
+            "token_cache_entries",
+            "Sidecar tokens cached (accepted and refused)",
+            token_cache_entries.clone(),
+        );
         registry.register("reconciles", "Reconciles started", reconciles.clone());
         registry.register(
             "reconcile_failures",
@@ -70,6 +100,9 @@ impl Default for Metrics {
             configmap_writes,
             status_writes,
             leader,
+            reports,
+            token_reviews,
+            token_cache_entries,
         }
     }
 }
@@ -103,6 +136,16 @@ impl Metrics {
     pub fn reconcile_failure(&self, controller: &'static str) {
         self.failures
             .get_or_create(&ControllerLabel { controller })
+            .inc();
+    }
+
+    pub fn report(&self, result: &'static str) {
+        self.reports.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    pub fn token_review(&self, result: &'static str) {
+        self.token_reviews
+            .get_or_create(&ResultLabel { result })
             .inc();
     }
 
