@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use crate::clock::NANOS_PER_SEC;
@@ -56,6 +57,8 @@ pub struct AuthFailureBudget {
     interval_ns: u64,
     tolerance_ns: u64,
     peers: Mutex<HashMap<Peer, u64>>,
+    /// False while no peer has a failure on record: the common case skips the lock.
+    any: AtomicBool,
 }
 
 impl AuthFailureBudget {
@@ -67,12 +70,13 @@ impl AuthFailureBudget {
             interval_ns,
             tolerance_ns: interval_ns.saturating_mul(per_minute),
             peers: Mutex::new(HashMap::new()),
+            any: AtomicBool::new(false),
         }
     }
 
     /// `Some(retry after, in seconds)` when the peer has no failures left.
     pub fn throttled(&self, ip: IpAddr, now_mono: u64) -> Option<u64> {
-        if self.limit.per_minute == 0 {
+        if self.limit.per_minute == 0 || !self.any.load(Ordering::Acquire) {
             return None;
         }
         let peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
@@ -104,12 +108,14 @@ impl AuthFailureBudget {
         }
         let tat = peers.entry(peer).or_insert(0);
         *tat = (*tat).max(now_mono).saturating_add(self.interval_ns);
+        self.any.store(true, Ordering::Release);
     }
 
     /// Drops peers whose budget is full again; returns how many are still tracked.
     pub fn evict_idle(&self, now_mono: u64) -> usize {
         let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
         peers.retain(|_, tat| *tat > now_mono);
+        self.any.store(!peers.is_empty(), Ordering::Release);
         if peers.capacity() > 64 && peers.capacity() > 4 * peers.len() {
             peers.shrink_to_fit();
         }
