@@ -1,11 +1,18 @@
-//! The admin port: health, readiness, metrics and the usage report the operator polls.
+//! The admin port: health, readiness, metrics and the usage report.
+//!
+//! Who may ask what: the port listens on the pod IP because kubelet's probes come from the
+//! node and the metrics scraper from the network, so `/healthz`, `/readyz` and `/metrics`
+//! answer anyone who can reach the pod. `/v1/usage` lists key names and their usage, so it
+//! answers loopback peers only (`kubectl port-forward` arrives on loopback) and 403 otherwise;
+//! the operator gets the same report pushed (see `report`), it never pulls.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use keylimit_dataplane::{KeyUsage, QuotaUsage, UsageReport};
+use keylimit_dataplane::{ConfigFailure, KeyUsage, QuotaUsage, UsageReport};
 
 use crate::clock::NANOS_PER_SEC;
 use crate::config::{ConfigStore, Snapshot};
@@ -23,6 +30,7 @@ pub struct Admin {
 impl Admin {
     pub async fn handle(
         self: Arc<Self>,
+        peer: SocketAddr,
         req: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, std::convert::Infallible> {
         if req.method() != Method::GET && req.method() != Method::HEAD {
@@ -34,10 +42,19 @@ impl Admin {
         }
         let resp = match req.uri().path() {
             "/healthz" => text(StatusCode::OK, "ok\n", "text/plain"),
+            // A failing reload does not make the sidecar unready: it keeps serving the last good
+            // config, and going unready would turn a bad ConfigMap into an outage. The body,
+            // the stale metric and the operator report say it.
             "/readyz" => match self.config.current() {
                 Some(s) => text(
                     StatusCode::OK,
-                    &format!("ready: generation {}\n", s.generation),
+                    &match self.config.failure() {
+                        None => format!("ready: generation {}\n", s.generation),
+                        Some(f) => format!(
+                            "ready: generation {} (stale: reloads failing since {}: {})\n",
+                            s.generation, f.since, f.reason
+                        ),
+                    },
                     "text/plain",
                 ),
                 None => text(
@@ -54,10 +71,16 @@ impl Admin {
                     "text/plain; version=0.0.4; charset=utf-8",
                 )
             }
+            "/v1/usage" if !is_loopback(peer) => response::error(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "/v1/usage answers loopback peers only (use kubectl port-forward)",
+            ),
             "/v1/usage" => {
                 let report = usage_report(
                     &self.sidecar_name,
                     self.config.current().as_deref(),
+                    self.config.failure(),
                     &self.limiter,
                 );
                 let body = serde_json::to_vec(&report).unwrap_or_default();
@@ -72,6 +95,11 @@ impl Admin {
     }
 }
 
+/// 127.0.0.0/8 and ::1, also as IPv4-mapped IPv6 (a dual-stack listener's view of 127.0.0.1).
+pub fn is_loopback(peer: SocketAddr) -> bool {
+    peer.ip().to_canonical().is_loopback()
+}
+
 fn text(status: StatusCode, body: &str, content_type: &'static str) -> Response<ProxyBody> {
     let mut r = Response::new(response::full(body.to_string()));
     *r.status_mut() = status;
@@ -81,12 +109,19 @@ fn text(status: StatusCode, body: &str, content_type: &'static str) -> Response<
 }
 
 /// The dataplane `UsageReport`: every key with live limiter state, its current exhaustion (if
-/// its reset is still ahead) and its quota usage, sorted by name.
-pub fn usage_report(sidecar: &str, snap: Option<&Snapshot>, limiter: &Limiter) -> UsageReport {
+/// its reset is still ahead) and its quota usage, sorted by name; and why the config is
+/// stale, if the latest reload failed.
+pub fn usage_report(
+    sidecar: &str,
+    snap: Option<&Snapshot>,
+    config_failure: Option<ConfigFailure>,
+    limiter: &Limiter,
+) -> UsageReport {
     let now_ns = limiter.now_ns();
     let mut report = UsageReport {
         sidecar: sidecar.to_string(),
         now: i64::try_from(now_ns / NANOS_PER_SEC).unwrap_or(i64::MAX),
+        config_failure,
         ..UsageReport::default()
     };
     let Some(snap) = snap else {
@@ -122,4 +157,30 @@ pub fn usage_report(sidecar: &str, snap: Option<&Snapshot>, limiter: &Limiter) -
     }
     report.keys.sort_by(|a, b| a.name.cmp(&b.name));
     report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_loopback;
+
+    #[test]
+    fn only_loopback_peers_count_as_local() {
+        for local in [
+            "127.0.0.1:1",
+            "127.8.9.10:1",
+            "[::1]:1",
+            "[::ffff:127.0.0.1]:1",
+        ] {
+            assert!(is_loopback(local.parse().unwrap()), "{local}");
+        }
+        for remote in [
+            "10.0.0.7:1",
+            "192.0.2.2:1",
+            "[fd00::1]:1",
+            "[::ffff:10.0.0.7]:1",
+            "0.0.0.0:1",
+        ] {
+            assert!(!is_loopback(remote.parse().unwrap()), "{remote}");
+        }
+    }
 }

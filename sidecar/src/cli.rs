@@ -28,7 +28,8 @@ pub struct Args {
     /// Traffic address (clients connect here).
     #[arg(long, default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
-    /// Admin address: /healthz, /readyz, /metrics, /v1/usage.
+    /// Admin address: /healthz, /readyz, /metrics (anyone who reaches the pod), /v1/usage
+    /// (loopback peers only: kubectl port-forward).
     #[arg(long, default_value = "0.0.0.0:9090")]
     pub admin_listen: SocketAddr,
     /// The application, on localhost.
@@ -79,6 +80,21 @@ pub struct Args {
     /// slots are renewed every third of it).
     #[arg(long, default_value_t = 30)]
     pub redis_lease_ttl_secs: u64,
+    /// Both ports: a request head must be complete this long after its first byte (slowloris).
+    #[arg(long, default_value_t = 10)]
+    pub header_read_timeout_secs: u64,
+    /// Both ports: a connection with no request in flight is closed after this long. Keep it
+    /// above the keep-alive timeout of whatever pools connections to the pod (60 s for most
+    /// load balancers), so the sidecar is never the side closing a connection being reused.
+    #[arg(long, default_value_t = 75)]
+    pub idle_timeout_secs: u64,
+    /// Open traffic connections at most; further clients wait in the listen backlog until one
+    /// closes. Each proxied connection needs up to two file descriptors.
+    #[arg(long, default_value_t = 4096)]
+    pub max_connections: usize,
+    /// Open admin connections at most (apart from traffic, so traffic cannot starve probes).
+    #[arg(long, default_value_t = 128)]
+    pub admin_max_connections: usize,
 }
 
 impl Args {
@@ -110,6 +126,10 @@ impl Args {
                 lease_ttl: Duration::from_secs(self.redis_lease_ttl_secs.max(1)),
                 ..crate::store::RedisSettings::default()
             },
+            header_read_timeout: Duration::from_secs(self.header_read_timeout_secs.max(1)),
+            idle_timeout: Duration::from_secs(self.idle_timeout_secs.max(1)),
+            max_connections: self.max_connections.max(1),
+            admin_max_connections: self.admin_max_connections.max(1),
         })
     }
 }

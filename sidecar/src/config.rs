@@ -315,10 +315,34 @@ impl ConfigSource {
     /// swap in progress yields either the old or the new file, never a mix; a shard that does
     /// not match the document's digest means the swap is mid-way and the read is rejected.
     pub fn read(&self) -> Result<RawConfig, Error> {
+        self.parse(self.read_policy()?)
+    }
+
+    /// Only `policy.json`'s bytes and their digest: what decides whether anything changed.
+    /// Shards need not be read for that, their digests are inside `policy.json`.
+    pub fn read_policy(&self) -> Result<PolicyBytes, Error> {
         match self {
-            ConfigSource::Directory(dir) => read_dir_config(dir),
+            ConfigSource::Directory(dir) => {
+                let bytes = read_file(&dir.join(dp::POLICY_FILE))?;
+                let digest = Sha256::digest(&bytes).into();
+                Ok(PolicyBytes { digest, bytes })
+            }
         }
     }
+
+    /// Parses `policy.json` and reads and checks the shards it names.
+    pub fn parse(&self, policy: PolicyBytes) -> Result<RawConfig, Error> {
+        match self {
+            ConfigSource::Directory(dir) => parse_dir_config(dir, policy),
+        }
+    }
+}
+
+/// `policy.json` as read, before parsing.
+#[derive(Debug)]
+pub struct PolicyBytes {
+    pub digest: [u8; 32],
+    pub bytes: Vec<u8>,
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>, Error> {
@@ -328,9 +352,8 @@ fn read_file(path: &Path) -> Result<Vec<u8>, Error> {
     })
 }
 
-fn read_dir_config(dir: &Path) -> Result<RawConfig, Error> {
-    let bytes = read_file(&dir.join(dp::POLICY_FILE))?;
-    let digest: [u8; 32] = Sha256::digest(&bytes).into();
+fn parse_dir_config(dir: &Path, policy: PolicyBytes) -> Result<RawConfig, Error> {
+    let PolicyBytes { digest, bytes } = policy;
     let doc = PolicyDocument::parse(&bytes)?;
     let keys = doc.resolve_keys(|file| {
         // Shard names come from the document; refuse anything that could leave the directory.
@@ -357,6 +380,8 @@ pub struct ConfigStore {
     /// Serialises reloads (watcher and manual triggers) so generations stay in order.
     reloading: std::sync::Mutex<()>,
     metrics: Arc<Metrics>,
+    /// Set while the latest reload attempt failed (the last good snapshot keeps serving).
+    failure: std::sync::Mutex<Option<dp::ConfigFailure>>,
 }
 
 impl ConfigStore {
@@ -366,7 +391,36 @@ impl ConfigStore {
             loads: AtomicU64::new(0),
             reloading: std::sync::Mutex::new(()),
             metrics,
+            failure: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Why the latest reload failed and since when; None while the latest attempt succeeded
+    /// (or found nothing changed).
+    pub fn failure(&self) -> Option<dp::ConfigFailure> {
+        self.failure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_failure(&self, reason: Option<&'static str>) {
+        let mut failure = self
+            .failure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match reason {
+            None => *failure = None,
+            // `since` is the first failure of the current run; the reason is the latest.
+            Some(reason) => {
+                let since = failure.as_ref().map_or_else(unix_now, |f| f.since);
+                *failure = Some(dp::ConfigFailure {
+                    reason: reason.to_string(),
+                    since,
+                });
+            }
+        }
+        self.metrics.config_stale.set(i64::from(failure.is_some()));
     }
 
     pub fn current(&self) -> Option<Arc<Snapshot>> {
@@ -384,21 +438,29 @@ impl ConfigStore {
             .reloading
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let result = source.read().and_then(|raw| {
+        self.metrics.config_reads.inc();
+        let result = source.read_policy().and_then(|policy| {
+            // Hash first, parse only on a change: a re-read of the same bytes (a periodic
+            // tick, an unrelated event in the directory) costs a read and a sha256.
             if self
                 .current
                 .load()
                 .as_ref()
-                .is_some_and(|cur| cur.digest == raw.digest)
+                .is_some_and(|cur| cur.digest == policy.digest)
             {
                 return Ok(None);
             }
+            self.metrics.config_parses.inc();
+            let raw = source.parse(policy)?;
             let generation = self.loads.load(Ordering::Acquire) + 1;
             let snap = Snapshot::build(raw.doc, raw.keys, raw.digest, generation, &self.metrics)?;
             Ok(Some(snap))
         });
         match result {
-            Ok(None) => Ok(ReloadOutcome::Unchanged),
+            Ok(None) => {
+                self.set_failure(None);
+                Ok(ReloadOutcome::Unchanged)
+            }
             Ok(Some(snap)) => {
                 let generation = snap.generation;
                 tracing::info!(
@@ -411,6 +473,8 @@ impl ConfigStore {
                 self.current.store(Some(Arc::new(snap)));
                 self.loads.store(generation, Ordering::Release);
                 self.metrics.config_generation.set(generation as i64);
+                self.metrics.config_last_success.set(unix_now());
+                self.set_failure(None);
                 self.metrics.reload(Ok(()));
                 Ok(ReloadOutcome::Loaded { generation })
             }
@@ -419,10 +483,17 @@ impl ConfigStore {
                 tracing::warn!(error = %e, reason = e.reason(), serving_generation = ?serving,
                     "config rejected; keeping the last good config");
                 self.metrics.reload(Err(e.reason()));
+                self.set_failure(Some(e.reason()));
                 Err(e)
             }
         }
     }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]

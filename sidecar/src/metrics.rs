@@ -132,6 +132,14 @@ pub struct Metrics {
     exhaustions: Family<ReasonLabels, Counter>,
     reloads: Family<ReloadLabels, Counter>,
     pub config_generation: Gauge,
+    /// 1 while the latest config reload failed (the last good config keeps serving).
+    pub config_stale: Gauge,
+    /// Unix seconds of the last config that was loaded (0 = none yet).
+    pub config_last_success: Gauge,
+    /// Every reload attempt (watcher event, periodic tick, manual), changed or not.
+    pub config_reads: Counter,
+    /// Reload attempts whose bytes differed from the serving config, so were parsed.
+    pub config_parses: Counter,
     pub in_flight: Gauge,
     /// 1 while the shared store (Redis) answers, 0 while decisions use the fail mode.
     pub store_up: Gauge,
@@ -203,6 +211,30 @@ impl Metrics {
             "config_generation",
             "Number of configs loaded by this sidecar (0 = none yet)",
             config_generation.clone(),
+        );
+        let config_stale = Gauge::default();
+        registry.register(
+            "sidecar_config_stale",
+            "1 while the latest config reload failed and the last good config is served",
+            config_stale.clone(),
+        );
+        let config_last_success = Gauge::default();
+        registry.register(
+            "sidecar_config_last_success_timestamp_seconds",
+            "Unix time of the last config loaded (0 = none yet)",
+            config_last_success.clone(),
+        );
+        let config_reads = Counter::default();
+        registry.register(
+            "sidecar_config_reads",
+            "Config reload attempts, whether or not anything changed",
+            config_reads.clone(),
+        );
+        let config_parses = Counter::default();
+        registry.register(
+            "sidecar_config_parses",
+            "Config reload attempts that parsed the document (its bytes had changed)",
+            config_parses.clone(),
         );
         let in_flight = Gauge::default();
         registry.register(
@@ -276,6 +308,10 @@ impl Metrics {
             exhaustions,
             reloads,
             config_generation,
+            config_stale,
+            config_last_success,
+            config_reads,
+            config_parses,
             in_flight,
             limiter_slots,
             config_skipped_keys,

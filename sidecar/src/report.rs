@@ -45,22 +45,27 @@ pub async fn report_loop(
     // Checking for a new exhaustion is cheap (a counter); it is what makes status fast.
     let mut fast = tokio::time::interval(Duration::from_secs(1));
     let mut last_exhaustions = metrics.exhaustions_seen();
+    let mut last_stale = config.failure().is_some();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = fast.tick() => {
+                // A config going stale (or recovering) is news as well.
                 let now = metrics.exhaustions_seen();
-                if now == last_exhaustions {
+                if now == last_exhaustions && config.failure().is_some() == last_stale {
                     continue;
                 }
             }
             _ = shutdown.changed() => return,
         }
         last_exhaustions = metrics.exhaustions_seen();
+        // With no config ever loaded there is no policy to attach a report to.
         let Some(snap) = config.current() else {
             continue;
         };
-        let report = usage_report(&sidecar_name, Some(&snap), &limiter);
+        let failure = config.failure();
+        last_stale = failure.is_some();
+        let report = usage_report(&sidecar_name, Some(&snap), failure, &limiter);
         let result = send(&client, &settings, &report).await;
         metrics.report(result.is_ok());
         if let Err(e) = result {

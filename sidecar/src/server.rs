@@ -1,15 +1,11 @@
 //! Wiring: listeners, the config watcher, the eviction sweep and graceful shutdown.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use keylimit_httpserver::ServerConfig;
 use notify::{RecursiveMode, Watcher};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
@@ -42,6 +38,14 @@ pub struct Settings {
     pub report: Option<crate::report::ReportSettings>,
     /// Lease TTL and probe interval of the Redis store (used only by `store: Redis` policies).
     pub redis: RedisSettings,
+    /// From a request head's first byte to its end (slowloris), on both ports.
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight this long is closed, on both ports.
+    pub idle_timeout: Duration,
+    /// Open traffic connections at most; more clients wait in the listen backlog.
+    pub max_connections: usize,
+    /// The same for the admin port, apart so traffic can never starve kubelet's probes.
+    pub admin_max_connections: usize,
 }
 
 impl Settings {
@@ -61,6 +65,21 @@ impl Settings {
             eviction_interval: Duration::from_secs(30),
             report: None,
             redis: RedisSettings::default(),
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(75),
+            max_connections: 4096,
+            admin_max_connections: 128,
+        }
+    }
+
+    fn server_config(&self, name: &'static str, max_connections: usize) -> ServerConfig {
+        ServerConfig {
+            name,
+            header_read_timeout: self.header_read_timeout,
+            idle_timeout: self.idle_timeout,
+            max_connections,
+            drain_timeout: self.drain_timeout,
+            ..ServerConfig::default()
         }
     }
 }
@@ -123,19 +142,22 @@ impl Sidecar {
         let changed = Arc::new(Notify::new());
         let watcher = watch_source(&settings.source, changed.clone())?;
         let mut tasks = vec![
-            tokio::spawn(serve(
+            tokio::spawn(keylimit_httpserver::serve(
                 traffic,
-                false,
-                shutdown.subscribe(),
-                settings.drain_timeout,
+                settings.server_config("traffic", settings.max_connections),
+                keylimit_httpserver::tcp,
                 move |peer, req| proxy.clone().handle(peer, req),
+                stopped(shutdown.subscribe()),
             )),
-            tokio::spawn(serve(
+            tokio::spawn(keylimit_httpserver::serve(
                 admin,
-                true,
-                shutdown.subscribe(),
-                settings.drain_timeout,
-                move |_, req| admin_svc.clone().handle(req),
+                ServerConfig {
+                    http1_only: true,
+                    ..settings.server_config("admin", settings.admin_max_connections)
+                },
+                keylimit_httpserver::tcp,
+                move |peer, req| admin_svc.clone().handle(peer, req),
+                stopped(shutdown.subscribe()),
             )),
             tokio::spawn(reload_loop(
                 config.clone(),
@@ -207,6 +229,27 @@ async fn reload_blocking(
         .map_err(|e| Error::Io(std::io::Error::other(e)))?
 }
 
+/// Whether a filesystem event in the config directory can mean new content.
+///
+/// Reading the config makes events too (open, read, close-nowrite, an atime update), and in a
+/// plain directory, where `policy.json` is a regular file rather than a symlink into `..data/`,
+/// they arrive on the watched directory itself: reacting to them made each reload trigger the
+/// next one. Writes count once finished (close-write), so a file being written is not read
+/// half-way; a rename or link (AtomicWriter's swap, `mv`) counts at once.
+pub fn is_content_event(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+    match kind {
+        EventKind::Create(_) | EventKind::Remove(_) => true,
+        EventKind::Modify(ModifyKind::Name(_)) => true,
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        // Also a queue overflow (Other / Any): events were lost, so look.
+        EventKind::Any | EventKind::Other => true,
+        EventKind::Modify(ModifyKind::Any | ModifyKind::Other) => true,
+        EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Metadata(_)) => false,
+        EventKind::Access(_) => false,
+    }
+}
+
 /// Watches the directory itself, not the file: kubelet replaces `..data` with a rename, which
 /// a watch on `policy.json` (a symlink into the old directory) would never see.
 fn watch_source(
@@ -216,8 +259,11 @@ fn watch_source(
     match source {
         ConfigSource::Directory(dir) => {
             let mut watcher =
-                notify::recommended_watcher(move |_event: notify::Result<notify::Event>| {
-                    changed.notify_one();
+                notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                    // An error from the watcher may mean lost events: look rather than miss one.
+                    if event.map_or(true, |e| is_content_event(&e.kind)) {
+                        changed.notify_one();
+                    }
                 })
                 .map_err(|source| Error::Watch {
                     path: dir.clone(),
@@ -272,57 +318,9 @@ async fn evict_loop(
     }
 }
 
-async fn serve<F, Fut>(
-    listener: TcpListener,
-    http1_only: bool,
-    mut shutdown: watch::Receiver<bool>,
-    drain: Duration,
-    handler: F,
-) where
-    F: Fn(SocketAddr, http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<
-            Output = Result<http::Response<crate::response::ProxyBody>, std::convert::Infallible>,
-        > + Send
-        + 'static,
-{
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    if http1_only {
-        builder = builder.http1_only();
-    }
-    let graceful = GracefulShutdown::new();
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // EMFILE and friends: back off briefly instead of spinning on accept.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let handler = handler.clone();
-        let svc = service_fn(move |req| handler(peer, req));
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(?drain, "drain timeout; closing remaining connections");
-    }
+/// Resolves when the sidecar is told to stop (or the sender is gone).
+async fn stopped(mut shutdown: watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
 /// Runs until SIGTERM or Ctrl-C, then drains.

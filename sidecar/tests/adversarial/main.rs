@@ -11,6 +11,7 @@ mod keys;
 mod paths;
 mod raw;
 mod server;
+mod server;
 
 use keylimit_dataplane::{Limits, PolicyDocument, RateWindow};
 
