@@ -364,9 +364,13 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
         reports.clone(),
         identity,
         stop,
-        || {},
+        {
+            let m = metrics.clone();
+            move || m.caches_synced.set(1)
+        },
     )
     .await?;
+    metrics.caches_synced.set(0);
     if let Some(h) = holder {
         h.abort();
     }

@@ -29,6 +29,9 @@ pub struct Metrics {
     pub token_reviews: Family<ResultLabel, Counter>,
     /// Entries in the report token caches (accepted plus refused).
     pub token_cache_entries: Gauge,
+    /// 1 once this replica, as leader, has synced its caches and runs the controllers.
+    /// Readiness does not say it (every serving replica is Ready).
+    pub caches_synced: Gauge,
     pub reconciles: Family<ControllerLabel, Counter>,
     pub failures: Family<ControllerLabel, Counter>,
     pub duration: Family<ControllerLabel, Histogram>,
@@ -51,6 +54,12 @@ impl Default for Metrics {
         let reports = Family::<ResultLabel, Counter>::default();
         let token_reviews = Family::<ResultLabel, Counter>::default();
         let token_cache_entries = Gauge::default();
+        let caches_synced = Gauge::default();
+        registry.register(
+            "caches_synced",
+            "1 while this replica, as leader, runs the controllers on synced caches",
+            caches_synced.clone(),
+        );
         registry.register(
             "reports",
             "Sidecar usage reports received, by result",
@@ -103,6 +112,7 @@ impl Default for Metrics {
             reports,
             token_reviews,
             token_cache_entries,
+            caches_synced,
         }
     }
 }

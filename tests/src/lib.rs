@@ -520,3 +520,69 @@ pub async fn helm(args: &[&str]) -> anyhow::Result<String> {
     }
     Ok(String::from_utf8_lossy(&out.stdout).to_string())
 }
+
+/// A Pod object standing for an injected workload's pod: annotated for `policy` and run as
+/// the namespace's `default` ServiceAccount. Nothing runs it (there is no kubelet); it exists
+/// so that a token can be bound to it, as kubelet binds a projected token to its pod, and so
+/// that the operator can check which policy the pod is injected for.
+pub async fn sidecar_pod(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    policy: &str,
+) -> anyhow::Result<k8s_openapi::api::core::v1::Pod> {
+    let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "annotations": { "keylimit.dev/policy": policy },
+        },
+        "spec": {
+            "serviceAccountName": "default",
+            "containers": [{ "name": "app", "image": "registry.invalid/app:1" }],
+        },
+    }))?;
+    let api: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), ns);
+    // The ServiceAccount admission plugin refuses pods until `default` exists, which
+    // kube-controller-manager creates a moment after the namespace.
+    eventually(
+        Duration::from_secs(30),
+        &format!("Pod {ns}/{name} created"),
+        || async { api.create(&PostParams::default(), &pod).await.ok() },
+    )
+    .await
+}
+
+/// A `keylimit`-audience token of the pod's ServiceAccount, bound to the pod (pod name and
+/// uid claims), as the webhook's projected volume gives the sidecar.
+pub async fn pod_token(
+    pod: &k8s_openapi::api::core::v1::Pod,
+    audience: &str,
+) -> anyhow::Result<String> {
+    let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
+    let name = pod.metadata.name.as_deref().unwrap_or_default();
+    let uid = pod.metadata.uid.as_deref().unwrap_or_default();
+    let token = kubectl(
+        &[
+            "create",
+            "token",
+            "default",
+            "-n",
+            ns,
+            "--audience",
+            audience,
+            "--bound-object-kind",
+            "Pod",
+            "--bound-object-name",
+            name,
+            "--bound-object-uid",
+            uid,
+            "--duration",
+            "1h",
+        ],
+        None,
+    )
+    .await?;
+    Ok(token.trim().to_string())
+}

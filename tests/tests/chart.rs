@@ -476,13 +476,23 @@ async fn operator_does_its_job_with_only_the_charts_rbac() {
                 )
                 .await?;
 
-            // Ready = leader with synced caches (leases, watches on all four kinds).
+            // Ready (serving), then leader with synced caches (leases, watches on all four
+            // kinds): readiness alone no longer means leadership.
             let ready = format!("http://127.0.0.1:{admin_port}/readyz");
             eventually(T, "the operator (chart RBAC) to become ready", || async {
                 match get(&ready, &[]).await {
                     Ok(r) if r.status == 200 => Some(()),
                     _ => None,
                 }
+            })
+            .await?;
+            let metrics = format!("http://127.0.0.1:{admin_port}/metrics");
+            eventually(T, "the operator (chart RBAC) to lead with synced caches", || async {
+                let r = get(&metrics, &[]).await.ok()?;
+                String::from_utf8_lossy(&r.body)
+                    .lines()
+                    .any(|l| l == "keylimit_operator_caches_synced 1")
+                    .then_some(())
             })
             .await?;
 
@@ -517,23 +527,10 @@ async fn operator_does_its_job_with_only_the_charts_rbac() {
 
             // TokenReview: a sidecar's audience-bound token is accepted (400 for the junk body
             // comes after authentication; a missing RBAC rule would give 503).
-            let sidecar_token = kubectl(
-                &["create", "token", "default", "-n", &app_ns, "--audience", "keylimit"],
-                None,
-            )
-            .await;
-            let sidecar_token = match sidecar_token {
-                Ok(t) => t,
-                Err(_) => {
-                    // The default ServiceAccount may be a moment behind the namespace.
-                    eventually(T, "a token for the app's default ServiceAccount", || async {
-                        kubectl(&["create", "token", "default", "-n", &app_ns, "--audience", "keylimit"], None)
-                            .await
-                            .ok()
-                    })
-                    .await?
-                }
-            };
+            // The token is bound to a pod injected for the policy, as the sidecar's projected
+            // token is: the operator reads that pod (pods get) after the review.
+            let pod = sidecar_pod(&env.client, &app_ns, "api-0", "gold").await?;
+            let sidecar_token = pod_token(&pod, "keylimit").await?;
             let auth = format!("Bearer {}", sidecar_token.trim());
             let reply = request(
                 "POST",

@@ -47,21 +47,15 @@ async fn stack(
     let mut args: Vec<String> = sidecar_args.iter().map(|s| s.to_string()).collect();
     if args.iter().any(|a| a == "--report") {
         args.retain(|a| a != "--report");
-        let token = kubectl(
-            &[
-                "create",
-                "token",
-                "default",
-                "-n",
-                &env.ns,
-                "--audience",
-                "keylimit",
-                "--duration",
-                "1h",
-            ],
-            None,
+        // The operator takes reports only with a token bound to a pod injected for the policy.
+        let pod = sidecar_pod(
+            &env.client,
+            &env.ns,
+            &format!("sc-{}", rand::random::<u16>()),
+            policy,
         )
         .await?;
+        let token = pod_token(&pod, "keylimit").await?;
         let token_file = env
             .dir
             .path()
@@ -393,19 +387,9 @@ async fn two_sidecars_aggregate_and_stale_reports_expire() {
         let mut s = stack(env, "p", &p, &["acme"], &["--report"]).await?;
         let key = read_key(env, "acme-key").await?;
         // A second sidecar on the same projected config and operator.
-        let token = kubectl(
-            &[
-                "create",
-                "token",
-                "default",
-                "-n",
-                &env.ns,
-                "--audience",
-                "keylimit",
-            ],
-            None,
-        )
-        .await?;
+        // Its own pod: reports are counted per authenticated pod.
+        let pod_b = sidecar_pod(&env.client, &env.ns, "sc-b", "p").await?;
+        let token = pod_token(&pod_b, "keylimit").await?;
         let token_file = env.dir.path().join("token-b");
         std::fs::write(&token_file, token.trim())?;
         let config_dir = std::fs::read_dir(env.dir.path())?
