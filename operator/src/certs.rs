@@ -424,6 +424,40 @@ impl ResolvesServerCert for CertStore {
     }
 }
 
+/// What the apiserver does on a new connection to the webhook: a TLS handshake to `addr`
+/// trusting exactly the CAs in `ca_pem`, for `server_name` (a DNS name or IP address).
+/// `Ok(())` if the certificate served there verifies. The e2e suite watches a rotation with
+/// it; it also makes a cheap self-check.
+pub async fn check_served(
+    addr: std::net::SocketAddr,
+    server_name: &str,
+    ca_pem: &str,
+) -> Result<(), Error> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c.map_err(cert_err)?).map_err(cert_err)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(cert_err)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls_pki_types::ServerName::try_from(server_name.to_string()).map_err(cert_err)?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let handshake = async {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        connector.connect(name, tcp).await
+    };
+    match tokio::time::timeout(Duration::from_secs(10), handshake).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(cert_err(e)),
+        Err(_) => Err(Error::Certificate(format!(
+            "no TLS handshake with {addr} in 10s"
+        ))),
+    }
+}
+
 /// Where the certificate comes from and who maintains the caBundle.
 #[derive(Clone)]
 pub enum Source {
