@@ -126,7 +126,7 @@ async fn chart_lints_and_renders_objects_the_apiserver_accepts() {
             ],
             vec![
                 "--set",
-                "webhook.failurePolicy=Fail",
+                "webhook.failurePolicy=Ignore",
                 "--set",
                 "webhook.excludeNamespaces={a,b}",
             ],
@@ -264,7 +264,7 @@ async fn helm_install_upgrade_uninstall() {
             let hooks = mwc.webhooks.unwrap_or_default();
             ensure!(hooks.len() == 2, "webhooks: {hooks:?}");
             for h in &hooks {
-                ensure!(h.failure_policy.as_deref() == Some("Ignore"));
+                ensure!(h.failure_policy.as_deref() == Some("Fail"));
                 ensure!(h.side_effects == "None");
                 ensure!(h.reinvocation_policy.as_deref() == Some("IfNeeded"));
                 ensure!(h.timeout_seconds == Some(5));
@@ -298,7 +298,7 @@ async fn helm_install_upgrade_uninstall() {
                 "--set",
                 "replicaCount=3",
                 "--set",
-                "webhook.failurePolicy=Fail",
+                "webhook.failurePolicy=Ignore",
             ])
             .await?;
             let d = deploys.get(&deploy).await?;
@@ -308,7 +308,7 @@ async fn helm_install_upgrade_uninstall() {
                 .webhooks
                 .unwrap_or_default()
                 .iter()
-                .all(|h| h.failure_policy.as_deref() == Some("Fail")));
+                .all(|h| h.failure_policy.as_deref() == Some("Ignore")));
 
             helm(&["uninstall", &release, "--namespace", &env.ns]).await?;
             ensure!(

@@ -174,7 +174,8 @@ async fn webhook_injects_opted_in_pods_over_tls() {
             // Register first (no caBundle yet), so the operator's first refresh patches it.
             let port = free_port()?;
             let url = format!("https://127.0.0.1:{port}/mutate");
-            let cfg = chart_webhook_config(&cfg_name, &url, &[&opted_ns, &plain_ns], &[]).await?;
+            // Ignore (the chart's default is Fail) for the webhook-down check below.
+            let cfg = chart_webhook_config(&cfg_name, &url, &[&opted_ns, &plain_ns], &["webhook.failurePolicy=Ignore"]).await?;
             kubectl(&["create", "-f", "-"], Some(&cfg.to_string())).await?;
 
             let admin = free_port()?;
@@ -294,7 +295,7 @@ async fn webhook_injects_opted_in_pods_over_tls() {
                 Err(e) => ensure!(e.to_string().contains("no container has a port named"), "denial: {e}"),
             }
 
-            // The webhook down: failurePolicy Ignore (the chart's default) admits the pod as is.
+            // The webhook down: failurePolicy Ignore admits the pod as is.
             op.terminate(Duration::from_secs(20)).await?;
             let down = create_pod(env, &opted_ns, &app_pod("while-down", json!({}), json!({"keylimit.dev/policy": "gold"}))?)
                 .await
