@@ -366,7 +366,9 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
         stop,
         {
             let m = metrics.clone();
-            move || m.caches_synced.set(1)
+            move || {
+                m.caches_synced.set(1);
+            }
         },
     )
     .await?;
