@@ -295,3 +295,39 @@ fn accept_errors_back_off_and_log_rarely() {
     e.recovered();
     assert_eq!(e.failed(&emfile), Some(ACCEPT_BACKOFF_FIRST));
 }
+
+/// The webhook's TLS handshake runs as the accept transform: one that stalls is cut at the
+/// header timeout and does not hold up other connections.
+#[tokio::test]
+async fn a_stalled_accept_transform_is_cut_at_the_header_timeout() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stall = |s: TcpStream, _peer: SocketAddr| async move {
+        let _held = s;
+        std::future::pending::<io::Result<TcpStream>>().await
+    };
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(serve(
+        listener,
+        config(500, 30_000),
+        stall,
+        ok,
+        async move {
+            let _ = rx.await;
+        },
+    ));
+    let mut stalled = TcpStream::connect(addr).await.unwrap();
+    let mut other = TcpStream::connect(addr).await.unwrap();
+    let closed = closed_within(&mut stalled, Duration::from_secs(5))
+        .await
+        .expect("the stalled setup was cut");
+    assert!(closed >= Duration::from_millis(400), "{closed:?}");
+    // Set up in parallel, not one after the other: the second is cut at about the same time.
+    let second = closed_within(&mut other, Duration::from_secs(5)).await;
+    assert!(
+        second.is_some_and(|d| d < Duration::from_millis(300)),
+        "{second:?}"
+    );
+    let _ = tx.send(());
+    let _ = task.await;
+}

@@ -10,10 +10,8 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
-use tracing::{debug, info};
+use tracing::info;
 
 use crate::metrics::Metrics;
 use crate::reports::Reports;
@@ -85,24 +83,18 @@ pub async fn serve(
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     info!(%local, "admin server listening");
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = match listener.accept().await {
-                Ok(s) => s,
-                Err(e) => {
-                    debug!(error = %e, "admin accept failed");
-                    continue;
-                }
-            };
-            let (h, m, r) = (health.clone(), metrics.clone(), reports.clone());
-            tokio::spawn(async move {
-                let svc = service_fn(move |req| handle(req, h.clone(), m.clone(), r.clone()));
-                let conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                if let Err(e) = conn.serve_connection(TokioIo::new(stream), svc).await {
-                    debug!(error = %e, "admin connection ended");
-                }
-            });
-        }
-    });
+    let config = keylimit_httpserver::ServerConfig {
+        name: "operator-admin",
+        // Every sidecar keeps a pooled connection here for its reports.
+        max_connections: 16_384,
+        ..keylimit_httpserver::ServerConfig::default()
+    };
+    tokio::spawn(keylimit_httpserver::serve(
+        listener,
+        config,
+        keylimit_httpserver::tcp,
+        move |_peer, req| handle(req, health.clone(), metrics.clone(), reports.clone()),
+        std::future::pending(),
+    ));
     Ok(local)
 }

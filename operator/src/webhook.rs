@@ -22,8 +22,6 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapProjection, Container, ContainerPort, EnvVar, EnvVarSource,
     HTTPGetAction, ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource, ResourceRequirements,
@@ -803,40 +801,25 @@ pub async fn serve(
     let local = listener.local_addr()?;
     info!(%local, "webhook server listening (TLS)");
     let settings = Arc::new(settings);
-    tokio::spawn(async move {
-        loop {
-            let (stream, peer) = match listener.accept().await {
-                Ok(s) => s,
-                Err(e) => {
-                    debug!(error = %e, "webhook accept failed");
-                    continue;
-                }
-            };
-            let (acceptor, settings, client) = (acceptor.clone(), settings.clone(), client.clone());
-            tokio::spawn(async move {
-                // A handshake that stalls must not hold a task forever.
-                let tls =
-                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
-                        .await
-                    {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            debug!(%peer, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            debug!(%peer, "TLS handshake timed out");
-                            return;
-                        }
-                    };
-                let svc = service_fn(move |req| handle(req, settings.clone(), client.clone()));
-                let conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                if let Err(e) = conn.serve_connection(TokioIo::new(tls), svc).await {
-                    debug!(%peer, error = %e, "webhook connection ended");
-                }
-            });
+    // The handshake runs in the connection's task, bounded by the stack's header timeout, so
+    // a handshake that stalls never holds up accepting others.
+    let tls = move |stream: tokio::net::TcpStream, _peer: SocketAddr| {
+        let acceptor = acceptor.clone();
+        async move {
+            stream.set_nodelay(true)?;
+            acceptor.accept(stream).await
         }
-    });
+    };
+    tokio::spawn(keylimit_httpserver::serve(
+        listener,
+        keylimit_httpserver::ServerConfig {
+            name: "webhook",
+            ..keylimit_httpserver::ServerConfig::default()
+        },
+        tls,
+        move |_peer, req| handle(req, settings.clone(), client.clone()),
+        std::future::pending(),
+    ));
     Ok(local)
 }
 
