@@ -230,6 +230,13 @@ pub struct RateLimitPolicySpec {
     /// is limited like it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_matching: Option<PathMatchingSpec>,
+    /// Protocols a request may switch to with `Upgrade`, besides `websocket` (always
+    /// allowed). Any other upgrade is dropped and the request forwarded as a plain request,
+    /// so the sidecar never becomes an opaque tunnel nobody declared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16), inner(length(min = 1, max = 64)))]
+    #[x_kube(validation = Rule::new("self.all(p, p.matches('^[A-Za-z0-9!#$%&*+.^_`|~-]+$'))").message("upgradeProtocols must be protocol tokens such as 'connect-udp'"))]
+    pub upgrade_protocols: Option<Vec<String>>,
     /// `Enforce` rejects; `DryRun` counts and reports but never rejects.
     #[serde(default)]
     pub mode: PolicyMode,
@@ -530,6 +537,15 @@ mod tests {
     #[test]
     fn valid_policy_passes_cel() {
         mk_policy("p").validate_cel().unwrap();
+    }
+
+    #[test]
+    fn upgrade_protocols_must_be_tokens() {
+        let mut p = mk_policy("p");
+        p.spec.upgrade_protocols = Some(vec!["connect-udp".into(), "h2c".into()]);
+        p.validate_cel().unwrap();
+        p.spec.upgrade_protocols = Some(vec!["web socket".into()]);
+        rejects(&p, "upgradeProtocols must be protocol tokens");
     }
 
     #[test]

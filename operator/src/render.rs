@@ -292,8 +292,7 @@ pub fn policy_config(
                 },
             })
             .unwrap_or_default(),
-        // Set from the CRD once it declares extra upgrade protocols; websocket needs none.
-        upgrade_protocols: vec![],
+        upgrade_protocols: spec.upgrade_protocols.clone().unwrap_or_default(),
         response: spec
             .response
             .as_ref()
@@ -533,6 +532,7 @@ pub mod tests {
                 throttle: None,
                 routes: None,
                 path_matching: None,
+                upgrade_protocols: None,
                 mode: PolicyMode::Enforce,
                 response: None,
                 store: None,
