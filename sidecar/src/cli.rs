@@ -64,6 +64,10 @@ pub struct Args {
     /// Add a per-key label to request metrics (one series per key: opt-in).
     #[arg(long)]
     pub metrics_per_key: bool,
+    /// Failed key attempts (401/403) allowed per client address (IPv6: per /64) per minute;
+    /// past it the address gets 429 before its key is checked. 0 disables.
+    #[arg(long, default_value_t = 30)]
+    pub auth_failures_per_minute: u32,
     /// Operator endpoint for usage reports, e.g. http://keylimit.keylimit-system.svc:8080/v1/reports.
     #[arg(long)]
     pub report_url: Option<String>,
@@ -120,6 +124,7 @@ impl Args {
             upstream_timeout: Duration::from_secs(self.upstream_timeout_secs),
             sidecar_name: self.sidecar_name.clone(),
             metrics_per_key: self.metrics_per_key,
+            auth_failures_per_minute: self.auth_failures_per_minute,
             eviction_interval: Duration::from_secs(self.eviction_interval_secs),
             report,
             redis: crate::store::RedisSettings {

@@ -12,6 +12,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
 use crate::admin::Admin;
+use crate::authbudget::AuthFailureLimit;
 use crate::clock::Clock;
 use crate::config::{ConfigSource, ConfigStore, ReloadOutcome};
 use crate::limiter::Limiter;
@@ -46,6 +47,8 @@ pub struct Settings {
     pub max_connections: usize,
     /// The same for the admin port, apart so traffic can never starve kubelet's probes.
     pub admin_max_connections: usize,
+    /// Failed key attempts (401/403) allowed per peer per minute; 0 disables the budget.
+    pub auth_failures_per_minute: u32,
 }
 
 impl Settings {
@@ -69,6 +72,7 @@ impl Settings {
             idle_timeout: Duration::from_secs(75),
             max_connections: 4096,
             admin_max_connections: 128,
+            auth_failures_per_minute: AuthFailureLimit::default().per_minute,
         }
     }
 
@@ -122,16 +126,23 @@ impl Sidecar {
         let admin_addr = admin.local_addr()?;
         let (shutdown, _) = watch::channel(false);
 
-        let proxy = Arc::new(Proxy::new(
-            config.clone(),
-            limiter.clone(),
-            redis.clone(),
-            metrics.clone(),
-            upstream,
-            settings.upstream_timeout,
-            settings.fail_open_before_config,
-            settings.metrics_per_key,
-        ));
+        let proxy = Arc::new(
+            Proxy::new(
+                config.clone(),
+                limiter.clone(),
+                redis.clone(),
+                metrics.clone(),
+                upstream,
+                settings.upstream_timeout,
+                settings.fail_open_before_config,
+                settings.metrics_per_key,
+            )
+            .with_auth_failure_limit(AuthFailureLimit {
+                per_minute: settings.auth_failures_per_minute,
+                ..AuthFailureLimit::default()
+            }),
+        );
+        let proxy_for_eviction = proxy.clone();
         let admin_svc = Arc::new(Admin {
             config: config.clone(),
             limiter: limiter.clone(),
@@ -168,6 +179,7 @@ impl Sidecar {
             )),
             tokio::spawn(evict_loop(
                 limiter.clone(),
+                proxy_for_eviction,
                 metrics.clone(),
                 settings.eviction_interval,
                 shutdown.subscribe(),
@@ -301,6 +313,7 @@ async fn reload_loop(
 
 async fn evict_loop(
     limiter: Limiter,
+    proxy: Arc<Proxy>,
     metrics: Arc<Metrics>,
     interval: Duration,
     mut shutdown: watch::Receiver<bool>,
@@ -312,6 +325,7 @@ async fn evict_loop(
             _ = shutdown.changed() => return,
         }
         let dropped = limiter.evict_idle();
+        proxy.evict_idle_peers();
         let slots = limiter.slots();
         metrics.limiter_slots.set(slots as i64);
         tracing::debug!(dropped, slots, "evicted idle limiter state");

@@ -189,3 +189,27 @@ async fn a_duplicate_or_malformed_key_entry_is_skipped_not_fatal() {
     );
     sc.stop().await;
 }
+
+#[tokio::test]
+async fn the_failed_key_budget_is_a_setting_and_zero_disables_it() {
+    let mut dir = ConfigDir::new();
+    dir.write_doc(&doc(per_minute(1_000), vec![key("k")]));
+    let up = crate::common::upstream().await;
+    for (per_minute, throttled_after) in [(3u32, Some(3usize)), (0, None)] {
+        let sc =
+            crate::common::start_with(&dir, &up, |s| s.auth_failures_per_minute = per_minute).await;
+        let mut statuses = Vec::new();
+        for i in 0..40 {
+            let guess = format!("X-API-Key: guess-{i}-0123456789abcdef");
+            statuses.push(send(sc.traffic_addr, &get("/", &[&guess])).await.status);
+        }
+        match throttled_after {
+            Some(n) => {
+                assert!(statuses[..n].iter().all(|s| *s == 401), "{statuses:?}");
+                assert!(statuses[n..].iter().all(|s| *s == 429), "{statuses:?}");
+            }
+            None => assert!(statuses.iter().all(|s| *s == 401), "{statuses:?}"),
+        }
+        sc.stop().await;
+    }
+}

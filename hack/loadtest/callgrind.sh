@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# User-space instructions per proxied request, counted by callgrind: a figure machine noise does
+# not move, for before/after comparisons of the request path.
+#
+#   hack/loadtest/callgrind.sh [sidecar binary] [requests]
+#
+# The sidecar runs under valgrind with one tokio worker in front of an nginx upstream (not
+# instrumented); a client sends `requests` keep-alive requests with a valid key after a warm-up,
+# with the counters zeroed in between, so start-up and config loading are not counted. The config
+# directory uses kubelet's `..data` layout. Needs valgrind and nginx (apt-get install -y valgrind
+# nginx-light).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+BIN="${1:-$ROOT/target/release/keylimit-sidecar}"
+REQUESTS="${2:-2000}"
+KEYS="${KEYS:-1000}"
+UP_PORT=18181 SIDECAR_PORT=18180 ADMIN_PORT=18190
+WORK="$(mktemp -d /tmp/keylimit-callgrind.XXXXXX)"
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+command -v valgrind >/dev/null || { echo "valgrind missing: apt-get install -y valgrind" >&2; exit 1; }
+NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
+[ -x "$NGINX" ] || { echo "nginx missing: apt-get install -y nginx-light" >&2; exit 1; }
+[ -x "$BIN" ] || { echo "no sidecar binary at $BIN (cargo build --release -p keylimit-sidecar)" >&2; exit 1; }
+
+mkdir -p "$WORK/config/..2026_01_01_00_00_00.1"
+python3 - "$WORK/config/..2026_01_01_00_00_00.1" "$KEYS" <<'PY'
+import hashlib, json, sys
+out, n = sys.argv[1], int(sys.argv[2])
+keys = [{"name": f"key-{i}",
+         "sha256": hashlib.sha256(f"loadtest-key-{i}-0123456789abcdef".encode()).hexdigest()}
+        for i in range(n)]
+doc = {"apiVersion": "dataplane.keylimit.dev/v1",
+       "policy": {"name": "load", "namespace": "bench", "generation": 1,
+                  "limits": {"rates": [{"name": "second", "requests": 1000000,
+                                        "periodSeconds": 1, "burst": 1000000}]}},
+       "keys": sorted(keys, key=lambda k: k["name"])}
+json.dump(doc, open(f"{out}/policy.json", "w"))
+PY
+ln -s ..2026_01_01_00_00_00.1 "$WORK/config/..data"
+ln -s ..data/policy.json "$WORK/config/policy.json"
+
+cat > "$WORK/upstream.conf" <<CONF
+daemon off; worker_processes 1; pid $WORK/upstream.pid; error_log $WORK/upstream.err;
+events { worker_connections 1024; }
+http { access_log off;
+  server { listen 127.0.0.1:$UP_PORT; keepalive_requests 1000000;
+    location / { return 200 "ok\n"; } } }
+CONF
+"$NGINX" -c "$WORK/upstream.conf" -p "$WORK" & PIDS+=($!)
+
+TOKIO_WORKER_THREADS=1 RUST_LOG=warn valgrind --tool=callgrind --quiet \
+  --callgrind-out-file="$WORK/cg.out.%p" --dump-instr=no --collect-atstart=yes \
+  "$BIN" --listen 127.0.0.1:$SIDECAR_PORT --admin-listen 127.0.0.1:$ADMIN_PORT \
+  --upstream http://127.0.0.1:$UP_PORT --config-dir "$WORK/config" --log-format text \
+  >"$WORK/sidecar.log" 2>&1 & PIDS+=($!)
+VG_PID=$!
+
+python3 - "$SIDECAR_PORT" "$REQUESTS" "$VG_PID" <<'PY'
+import socket, subprocess, sys, time
+port, n, pid = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+req = (b"GET /v1/orders/42?expand=items HTTP/1.1\r\nHost: app\r\n"
+       b"X-API-Key: loadtest-key-7-0123456789abcdef\r\nUser-Agent: bench\r\n"
+       b"Accept: application/json\r\n\r\n")
+deadline = time.time() + 120
+while True:
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=60)
+        break
+    except OSError:
+        if time.time() > deadline:
+            sys.exit("sidecar did not come up")
+        time.sleep(0.2)
+def one():
+    s.sendall(req)
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = s.recv(65536)
+        if not chunk:
+            sys.exit("connection closed")
+        buf += chunk
+    head, _, body = buf.partition(b"\r\n\r\n")
+    status = int(head.split()[1])
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        k, _, v = line.partition(b":")
+        if k.strip().lower() == b"content-length":
+            length = int(v)
+    while len(body) < length:
+        body += s.recv(65536)
+    return status
+# Warm-up until the config is loaded and the upstream connection pooled.
+for _ in range(200):
+    st = one()
+if st != 200:
+    sys.exit(f"warm-up ended with status {st}")
+subprocess.run(["callgrind_control", "-z", pid], check=True, capture_output=True)
+for _ in range(n):
+    st = one()
+    if st != 200:
+        sys.exit(f"status {st}")
+subprocess.run(["callgrind_control", "-d", pid], check=True, capture_output=True)
+PY
+
+# The dump after the measured requests is the file with the highest part number.
+dump="$(ls -1 "$WORK"/cg.out.* | sort -V | tail -n 1)"
+ir="$(awk '/^summary:/ {print $2}' "$dump")"
+[ -n "$ir" ] || { echo "no callgrind summary in $dump" >&2; exit 1; }
+echo "requests=$REQUESTS keys=$KEYS instructions=$ir per_request=$((ir / REQUESTS))"
