@@ -11,7 +11,6 @@ mod keys;
 mod paths;
 mod raw;
 mod server;
-mod server;
 
 use keylimit_dataplane::{Limits, PolicyDocument, RateWindow};
 
