@@ -347,7 +347,10 @@ async fn h2c_requests_are_proxied() {
 
 #[tokio::test]
 async fn upgrades_pass_through_both_ways() {
-    let (_d, _u, sc) = setup(doc(rate(100, 60, 99), vec![key("ws")])).await;
+    // `echo` is not websocket: the policy has to declare it (see the adversarial suite).
+    let mut d = doc(rate(100, 60, 99), vec![key("ws")]);
+    d.policy.upgrade_protocols = vec!["echo".into()];
+    let (_d, _u, sc) = setup(d).await;
     let stream = tokio::net::TcpStream::connect(sc.traffic_addr)
         .await
         .unwrap();
