@@ -105,8 +105,9 @@ struct Rendered {
     config_maps: Vec<String>,
     /// ApiKey left out -> the ApiKey holding the same key material.
     duplicates: BTreeMap<String, String>,
-    /// Why nothing was written (the last published ConfigMaps stay), e.g. too many keys.
-    refused: Option<String>,
+    /// Why nothing was written (the last published ConfigMaps stay): the Ready reason and
+    /// message, e.g. too many keys.
+    refused: Option<(&'static str, String)>,
 }
 
 fn hash_of(v: impl Hash) -> u64 {
@@ -503,7 +504,7 @@ async fn reconcile_apikey(key: Arc<ApiKey>, ctx: Arc<Context>) -> Result<Action,
     // Until this process has rendered the policy, a key another operator found to be a
     // duplicate stays one: flipping it to Bound and back on every restart would be noise. The
     // policy's first render rechecks every key whose condition disagrees with it.
-    if duplication == Duplication::Unknown && ready.status {
+    if duplication == Duplication::Unknown && bound.is_some() {
         if let Some(c) = conditions::find(&old.conditions, condition::READY)
             .filter(|c| c.reason == "DuplicateKey")
         {
@@ -590,20 +591,32 @@ async fn write_config_maps(
         // ConfigMaps keep serving, and say why on the policy.
         Err(e @ render::RenderError::TooManyKeys { .. }) => {
             let (_, duplicates) = render::dedupe(&bound);
-            warn!(policy = %name, namespace = %ns, error = %e, "not publishing");
             return Ok((
-                Rendered {
-                    inputs: 0,
-                    keys: 0,
-                    config_maps: vec![],
-                    duplicates: duplicates.into_iter().map(|d| (d.name, d.holder)).collect(),
-                    refused: Some(e.to_string()),
-                },
+                refused(&name, &ns, duplicates, "TooManyKeys", e.to_string()),
                 0,
             ));
         }
         Err(e) => return Err(e.into()),
     };
+    // The CRD refuses policy names that collide with another policy's shard ConfigMaps; a
+    // policy created before that rule must still not overwrite another policy's ConfigMap.
+    let cached: Vec<Arc<ConfigMap>> = rendered
+        .config_maps
+        .iter()
+        .filter_map(|c| ctx.config_maps.get(&ObjectRef::new(&c.name).within(&ns)))
+        .collect();
+    if let Some(message) = foreign_config_map(&name, cached.iter().map(|c| c.as_ref())) {
+        return Ok((
+            refused(
+                &name,
+                &ns,
+                rendered.duplicates,
+                "ConfigMapConflict",
+                message,
+            ),
+            0,
+        ));
+    }
 
     let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
     let owner = policy
@@ -838,17 +851,51 @@ async fn reconcile_policy(
     Ok(Action::requeue(RESYNC))
 }
 
+fn refused(
+    name: &str,
+    ns: &str,
+    duplicates: Vec<render::Duplicate>,
+    reason: &'static str,
+    message: String,
+) -> Rendered {
+    warn!(policy = %name, namespace = %ns, reason, %message, "not publishing");
+    Rendered {
+        inputs: 0,
+        keys: 0,
+        config_maps: vec![],
+        duplicates: duplicates.into_iter().map(|d| (d.name, d.holder)).collect(),
+        refused: Some((reason, message)),
+    }
+}
+
+/// A ConfigMap among `existing` (those the render would write) that the label says belongs
+/// to another policy, described for the policy's Ready message.
+pub fn foreign_config_map<'a>(
+    policy: &str,
+    existing: impl IntoIterator<Item = &'a ConfigMap>,
+) -> Option<String> {
+    existing.into_iter().find_map(|c| {
+        let owner = c.labels().get(POLICY_LABEL)?;
+        (owner != policy).then(|| {
+            format!(
+                "ConfigMap {} belongs to RateLimitPolicy {owner:?}; rename this policy (names ending in '-keys-' and digits collide with shard ConfigMaps)",
+                c.name_any()
+            )
+        })
+    })
+}
+
 /// The policy's Ready condition and the key and ConfigMap counts its status reports. A refused
 /// render leaves the last published ConfigMaps in place, so the status keeps describing them.
 fn policy_readiness(
     r: &Rendered,
     old: &crate::crd::RateLimitPolicyStatus,
 ) -> (i64, Vec<String>, Desired) {
-    if let Some(why) = &r.refused {
+    if let Some((reason, why)) = &r.refused {
         return (
             old.keys,
             old.config_maps.clone(),
-            Desired::new(condition::READY, false, "TooManyKeys", why.clone()),
+            Desired::new(condition::READY, false, reason, why.clone()),
         );
     }
     let mut message = format!(
@@ -1071,6 +1118,29 @@ mod tests {
     }
 
     #[test]
+    fn another_policys_configmap_is_never_taken_over() {
+        let cm = |name: &str, policy: Option<&str>| ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                labels: policy.map(|p| BTreeMap::from([(POLICY_LABEL.to_string(), p.to_string())])),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        // Policy "a-keys-0001" (created before the CEL rule) wants keylimit-a-keys-0001,
+        // which is shard 1 of policy "a".
+        let theirs = cm("keylimit-a-keys-0001", Some("a"));
+        let msg = foreign_config_map("a-keys-0001", [&theirs]).unwrap();
+        assert!(
+            msg.contains("keylimit-a-keys-0001") && msg.contains("\"a\""),
+            "{msg}"
+        );
+        let ours = cm("keylimit-a", Some("a"));
+        assert_eq!(foreign_config_map("a", [&ours, &theirs]), None);
+        assert_eq!(foreign_config_map("a", []), None);
+    }
+
+    #[test]
     fn a_refused_render_keeps_reporting_the_published_configmaps() {
         let old = crate::crd::RateLimitPolicyStatus {
             keys: 7,
@@ -1082,7 +1152,10 @@ mod tests {
             keys: 0,
             config_maps: vec![],
             duplicates: BTreeMap::new(),
-            refused: Some("300000 keys need 40 key shard ConfigMaps".into()),
+            refused: Some((
+                "TooManyKeys",
+                "300000 keys need 40 key shard ConfigMaps".into(),
+            )),
         };
         let (keys, cms, ready) = policy_readiness(&refused, &old);
         assert_eq!(
