@@ -101,20 +101,23 @@ async fn start(env: &mut Env, identity: &str) -> anyhow::Result<Proc> {
     Ok(p)
 }
 
-/// The timestamp of the first log line of `p` containing `needle` (tracing's RFC 3339 prefix;
-/// both operators run on this machine, so their stamps share one clock).
-fn logged_at(p: &Proc, needle: &str) -> Option<Timestamp> {
+/// The timestamp of the first log line of `p` containing one of `needles` (tracing's RFC 3339
+/// prefix; both operators run on this machine, so their stamps share one clock).
+fn logged_at(p: &Proc, needles: &[&str]) -> Option<Timestamp> {
     p.log_text()
         .lines()
-        .find(|l| l.contains(needle))
+        .find(|l| needles.iter().any(|n| l.contains(n)))
         .and_then(|l| {
             let plain = strip_ansi(l);
             plain.split_whitespace().next()?.parse().ok()
         })
 }
 
-fn count(p: &Proc, needle: &str) -> usize {
-    p.log_text().lines().filter(|l| l.contains(needle)).count()
+fn count(p: &Proc, needles: &[&str]) -> usize {
+    p.log_text()
+        .lines()
+        .filter(|l| needles.iter().any(|n| l.contains(n)))
+        .count()
 }
 
 fn strip_ansi(s: &str) -> String {
@@ -134,17 +137,18 @@ fn strip_ansi(s: &str) -> String {
     out
 }
 
-async fn wait_logged(p: &Proc, needle: &str, timeout: Duration) -> anyhow::Result<Timestamp> {
+async fn wait_logged(p: &Proc, needles: &[&str], timeout: Duration) -> anyhow::Result<Timestamp> {
     eventually(
         timeout,
-        &format!("{:?} in {}", needle, p.log.display()),
-        || async { logged_at(p, needle) },
+        &format!("{:?} in {}", needles, p.log.display()),
+        || async { logged_at(p, needles) },
     )
     .await
 }
 
-const BECAME: &str = "became leader";
-const STOPPED: &str = "stopped leading";
+const BECAME: &[&str] = &["became leader"];
+/// The lock's own message, or the caller's when the lock returns `LeaseLost`.
+const STOPPED: &[&str] = &["stopped leading", "stepping down"];
 
 /// Scenario: operator `a` leads, `b` stands by; the apiserver is frozen for longer than the
 /// lease (every request hangs: no error, no answer), then thawed.
@@ -162,9 +166,14 @@ async fn stalled_apiserver_never_gives_two_leaders() {
         let a = start(env, "a").await?;
         wait_logged(&a, BECAME, T).await?;
         let b = start(env, "b").await?;
-        wait_logged(&b, "standing by", T).await?;
+        let healthz = b.admin_url("/healthz");
+        eventually(T, "b to be up", || async {
+            get(&healthz, &[]).await.ok().filter(|r| r.status == 200)
+        })
+        .await?;
 
-        // Wait for a fresh renewal by `a`, so the freeze starts with its claim just renewed.
+        // Wait for a fresh renewal by `a`, so the freeze starts with its claim just renewed and
+        // `b` has had a retry period to read the lease.
         let leases: Api<Lease> = env.api();
         let rv = |l: Option<Lease>| l.and_then(|l| l.metadata.resource_version);
         let before = rv(leases.get_opt("keylimit-operator").await?);

@@ -252,6 +252,11 @@ async fn rotation_under_load_never_fails_an_admission() {
                 Some((a, b))
             })
             .await?;
+            // The probes' standard: the first bundle must have been shown for TRUSTED_AFTER.
+            eventually(T, "the first caBundle to be trusted", || async {
+                (!trusted_at(&history, Instant::now()).is_empty()).then_some(())
+            })
+            .await?;
             let rotations_before = rotations(&history);
 
             // Load: pods through the apiserver, one after another in each namespace.
