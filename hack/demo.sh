@@ -69,7 +69,20 @@ PIDS+=($!)
 # the way kubelet's AtomicWriter updates a ConfigMap volume.
 "$BIN/keylimit-project" --namespace "$NS" --policy standard --dir "$WORK/config" >"$WORK/project.log" 2>&1 &
 PIDS+=($!)
-kubectl create token default -n "$NS" --audience keylimit --duration 1h >"$WORK/token"
+# The operator takes reports only with a token bound to a pod injected for the policy (kubelet
+# mounts exactly that). With no kubelet, a Pod object stands for the sidecar's pod.
+for _ in $(seq 1 60); do
+  kubectl apply -n "$NS" -f - >/dev/null 2>&1 <<'POD' && break
+apiVersion: v1
+kind: Pod
+metadata: {name: demo-app, annotations: {keylimit.dev/policy: standard}}
+spec: {serviceAccountName: default, containers: [{name: app, image: registry.invalid/app:1}]}
+POD
+  sleep 0.5 # the default ServiceAccount appears a moment after the namespace
+done
+POD_UID=$(kubectl get pod demo-app -n "$NS" -o jsonpath='{.metadata.uid}')
+kubectl create token default -n "$NS" --audience keylimit --duration 1h \
+  --bound-object-kind Pod --bound-object-name demo-app --bound-object-uid "$POD_UID" >"$WORK/token"
 SC_PORT=$(free_port); SC_ADMIN=$(free_port)
 "$BIN/keylimit-sidecar" --listen "127.0.0.1:$SC_PORT" --admin-listen "127.0.0.1:$SC_ADMIN" \
   --upstream "http://127.0.0.1:$UP_PORT" --config-dir "$WORK/config" --sidecar-name demo-sidecar \
