@@ -267,6 +267,14 @@ async fn leader_election_and_restart_converge_without_rewrites() {
     scenario("leader", async |env: &mut Env| {
         let mut a = env.start_operator("op-a").await?;
         a.await_ready(T).await?;
+        // Ready means serving, not leading: wait for op-a to lead before op-b starts.
+        let leases: Api<Lease> = env.api();
+        let holder = |l: Lease| l.spec.and_then(|s| s.holder_identity).unwrap_or_default();
+        eventually(T, "op-a to hold the lease", || async {
+            let l = leases.get_opt("keylimit-operator").await.ok()??;
+            (holder(l) == "op-a").then_some(())
+        })
+        .await?;
         let b = env.start_operator("op-b").await?;
         env.apply_yaml(&policy_yaml("p", 10)).await?;
         env.apply_yaml(&apikey_yaml("k1", "p")).await?;
@@ -283,17 +291,16 @@ async fn leader_election_and_restart_converge_without_rewrites() {
         })
         .await?;
 
-        let leases: Api<Lease> = env.api();
-        let holder = |l: Lease| l.spec.and_then(|s| s.holder_identity).unwrap_or_default();
         ensure!(
             holder(leases.get("keylimit-operator").await?) == "op-a",
             "op-a should lead"
         );
-        let standby = get(&b.admin_url("/readyz"), &[]).await?;
+        // The standby is Ready too (rolling updates and drains need it), but does not lead.
+        b.await_ready(T).await?;
+        let standby = get(&b.admin_url("/metrics"), &[]).await?;
         ensure!(
-            standby.status == 503,
-            "standby must not be ready, got {}",
-            standby.status
+            String::from_utf8_lossy(&standby.body).contains("keylimit_operator_leader 0"),
+            "standby leader gauge"
         );
         let metrics = get(&a.admin_url("/metrics"), &[]).await?;
         ensure!(
