@@ -18,14 +18,14 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use crate::authbudget::{AuthFailureBudget, AuthFailureLimit};
-use crate::config::{hash_presented, ConfigStore, KeyPolicy, KeySourceRule, Snapshot};
+use crate::config::{ConfigStore, KeyPolicy, KeySourceRule, Snapshot};
 use crate::limiter::{Admission, Check, Decision, Limiter, Permit};
 use crate::metrics::{Metrics, Outcome};
 use crate::path;
 use crate::response::{self, ProxyBody};
 use crate::store::RedisBackends;
 use crate::Error;
-use keylimit_dataplane::Store;
+use keylimit_dataplane::{KeyHasher, Store};
 
 /// Where allowed requests go.
 #[derive(Debug, Clone)]
@@ -170,7 +170,7 @@ impl Proxy {
             snap.counters.inc(Outcome::AuthThrottled);
             return response::auth_throttled(retry);
         }
-        let hash = match find_key(&snap.source, &req) {
+        let hash = match find_key_with(&snap.source, &snap.hasher, &req) {
             Ok(Some(hash)) => hash,
             Ok(None) => return self.auth_refused(&snap, peer, None, Outcome::MissingKey),
             Err(Ambiguous) => {
@@ -507,16 +507,18 @@ fn bearer_token(v: &[u8]) -> Option<&[u8]> {
 }
 
 /// Keeps the one key a request presents; a second, different one makes it ambiguous.
-#[derive(Default)]
-struct Presented(Option<[u8; 32]>);
+struct Presented<'h> {
+    hasher: &'h KeyHasher,
+    found: Option<[u8; 32]>,
+}
 
-impl Presented {
+impl Presented<'_> {
     fn offer(&mut self, material: &[u8]) -> Result<(), Ambiguous> {
-        let h = hash_presented(material);
-        match self.0 {
+        let h = self.hasher.hash(material);
+        match self.found {
             Some(prev) if prev != h => Err(Ambiguous),
             _ => {
-                self.0 = Some(h);
+                self.found = Some(h);
                 Ok(())
             }
         }
@@ -525,12 +527,26 @@ impl Presented {
 
 /// The hash of the key the request presents in any configured source. A source that appears
 /// twice, or two sources with different keys, are [`Ambiguous`]: the app might read the copy
-/// the sidecar did not check. The same key in several sources is fine.
+/// the sidecar did not check. The same key in several sources is fine. Hashed with plain
+/// sha256 ([`crate::config::hash_presented`]); the request path uses [`find_key_with`] and its snapshot's
+/// hasher.
 pub fn find_key<B>(
     source: &KeySourceRule,
     req: &Request<B>,
 ) -> Result<Option<[u8; 32]>, Ambiguous> {
-    let mut found = Presented::default();
+    find_key_with(source, &KeyHasher::Sha256, req)
+}
+
+/// [`find_key`], hashing the presented key with `hasher` (the document's scheme).
+pub fn find_key_with<B>(
+    source: &KeySourceRule,
+    hasher: &KeyHasher,
+    req: &Request<B>,
+) -> Result<Option<[u8; 32]>, Ambiguous> {
+    let mut found = Presented {
+        hasher,
+        found: None,
+    };
     if let Some(h) = &source.header {
         let mut values = req.headers().get_all(h).iter().filter(|v| !v.is_empty());
         if let Some(v) = values.next() {
@@ -564,7 +580,7 @@ pub fn find_key<B>(
             found.offer(v.as_bytes())?;
         }
     }
-    Ok(found.0)
+    Ok(found.found)
 }
 
 /// Removes the key from every configured source (`strip: true`), wherever the client put it.
@@ -653,8 +669,26 @@ fn is_upgrade(h: &HeaderMap) -> bool {
         })
 }
 
+/// Fields that never cross a proxy (RFC 9110 §7.6.1), besides those `Connection` names.
+fn is_hop_by_hop(n: &HeaderName) -> bool {
+    n == header::CONNECTION
+        || n == header::TE
+        || n == header::TRAILER
+        || n == header::TRANSFER_ENCODING
+        || n == header::UPGRADE
+        || n == header::PROXY_AUTHENTICATE
+        || n == header::PROXY_AUTHORIZATION
+        || n.as_str() == "keep-alive"
+        || n.as_str() == "proxy-connection"
+}
+
 /// RFC 9110 §7.6.1: connection-specific fields, plus any the `Connection` header names.
 fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Most messages carry none of them: one pass over the names present is cheaper than a
+    // hashed removal for every name on the list.
+    if !h.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -665,19 +699,10 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     for n in named {
         h.remove(n);
     }
-    for n in [
-        header::CONNECTION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-    ] {
+    let listed: Vec<HeaderName> = h.keys().filter(|n| is_hop_by_hop(n)).cloned().collect();
+    for n in listed {
         h.remove(n);
     }
-    h.remove("keep-alive");
-    h.remove("proxy-connection");
 }
 
 fn append_forwarded_for(h: &mut HeaderMap, peer: SocketAddr) {
