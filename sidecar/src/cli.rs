@@ -68,9 +68,14 @@ pub struct Args {
     /// past it the address gets 429 before its key is checked. 0 disables.
     #[arg(long, default_value_t = 30)]
     pub auth_failures_per_minute: u32,
-    /// Operator endpoint for usage reports, e.g. http://keylimit.keylimit-system.svc:8080/v1/reports.
+    /// Operator endpoint for usage reports, e.g.
+    /// https://keylimit-webhook.keylimit-system.svc/v1/reports (needs --report-ca-file).
     #[arg(long)]
     pub report_url: Option<String>,
+    /// PEM CA bundle the operator's report endpoint is verified against (re-read when it
+    /// changes); required with an https --report-url.
+    #[arg(long)]
+    pub report_ca_file: Option<PathBuf>,
     /// Projected ServiceAccount token (audience `keylimit`) sent with each report.
     #[arg(long)]
     pub report_token_file: Option<PathBuf>,
@@ -99,19 +104,46 @@ pub struct Args {
     /// Open admin connections at most (apart from traffic, so traffic cannot starve probes).
     #[arg(long, default_value_t = 128)]
     pub admin_max_connections: usize,
+    /// File holding the namespace's key-hash HMAC key (the operator's `keylimit-hash-key`
+    /// Secret, mounted). Read at every config load; required by documents whose
+    /// `keySource.keyHash` is HmacSha256, in API-watch mode too.
+    #[arg(long)]
+    pub hash_key_file: Option<PathBuf>,
 }
 
 impl Args {
     pub fn settings(&self) -> Result<Settings, Error> {
         let report = match &self.report_url {
             None => None,
-            Some(u) => Some(crate::report::ReportSettings {
-                url: u
+            Some(u) => {
+                let url: http::Uri = u
                     .parse()
-                    .map_err(|e| Error::Argument(format!("--report-url {u:?}: {e}")))?,
-                token_file: self.report_token_file.clone(),
-                interval: Duration::from_millis(self.report_interval_ms),
-            }),
+                    .map_err(|e| Error::Argument(format!("--report-url {u:?}: {e}")))?;
+                match (url.scheme_str(), &self.report_ca_file) {
+                    (Some("https"), Some(_)) | (Some("http"), None) => {}
+                    (Some("https"), None) => {
+                        return Err(Error::Argument(format!(
+                            "--report-url {u:?} is https: --report-ca-file must name the CA to verify the operator with"
+                        )))
+                    }
+                    (Some("http"), Some(_)) => {
+                        return Err(Error::Argument(format!(
+                            "--report-ca-file is set but --report-url {u:?} is plain http"
+                        )))
+                    }
+                    _ => {
+                        return Err(Error::Argument(format!(
+                            "--report-url {u:?}: must be an https:// (or http://) URL"
+                        )))
+                    }
+                }
+                Some(crate::report::ReportSettings {
+                    url,
+                    token_file: self.report_token_file.clone(),
+                    interval: Duration::from_millis(self.report_interval_ms),
+                    ca_file: self.report_ca_file.clone(),
+                })
+            }
         };
         Ok(Settings {
             listen: self.listen,
@@ -135,6 +167,7 @@ impl Args {
             idle_timeout: Duration::from_secs(self.idle_timeout_secs.max(1)),
             max_connections: self.max_connections.max(1),
             admin_max_connections: self.admin_max_connections.max(1),
+            hash_key_file: self.hash_key_file.clone(),
         })
     }
 }
@@ -175,4 +208,37 @@ pub fn run(args: Args) -> Result<(), Error> {
         }
         serve_until_signal(settings, Arc::new(SystemClock)).await
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Result<Settings, Error> {
+        let argv = ["keylimit-sidecar"].iter().chain(extra).copied();
+        Args::try_parse_from(argv)
+            .map_err(|e| Error::Argument(e.to_string()))?
+            .settings()
+    }
+
+    #[test]
+    fn https_reports_need_a_ca_file() {
+        let url = "https://keylimit-webhook.keylimit-system.svc/v1/reports";
+        let e = parse(&["--report-url", url]).err().map(|e| e.to_string());
+        assert!(
+            e.as_deref().is_some_and(|e| e.contains("--report-ca-file")),
+            "{e:?}"
+        );
+        let s = parse(&[
+            "--report-url",
+            url,
+            "--report-ca-file",
+            "/etc/keylimit-ca/ca.crt",
+        ]);
+        assert!(s.is_ok_and(|s| s.report.is_some_and(|r| r.ca_file.is_some())));
+        // A CA file with a plain URL is a mistake, not a silent downgrade.
+        let plain = "http://127.0.0.1:8080/v1/reports";
+        assert!(parse(&["--report-url", plain, "--report-ca-file", "/x"]).is_err());
+        assert!(parse(&["--report-url", plain]).is_ok());
+    }
 }

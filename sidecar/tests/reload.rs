@@ -344,6 +344,7 @@ async fn a_failing_reload_marks_the_config_stale_until_a_good_one_loads() {
             url: format!("http://{op}/v1/reports").parse().unwrap(),
             token_file: None,
             interval: Duration::from_millis(100),
+            ca_file: None,
         });
     })
     .await;
