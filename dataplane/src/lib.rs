@@ -9,6 +9,7 @@
 //! This crate depends on serde only, so the sidecar's request path never links kube.
 #![forbid(unsafe_code)]
 
+use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -40,9 +41,103 @@ pub enum Error {
     Invalid(String),
 }
 
-/// Hex-encoded sha256 of the key material: the only form a key ever takes outside its Secret.
+/// Hex-encoded plain sha256 of the key material: the [`KeyHashAlgorithm::Sha256`] scheme of
+/// documents written before keyed hashing. Anyone who can read the ConfigMap can test guesses
+/// against it offline, so the operator now writes [`KeyHasher::hmac`] hashes instead.
 pub fn hash_key(key: &[u8]) -> String {
     hex::encode(Sha256::digest(key))
+}
+
+/// Secret (one per namespace with policies) whose [`HASH_KEY_DATA`] entry is the HMAC key.
+pub const HASH_KEY_SECRET: &str = "keylimit-hash-key";
+/// Data key of the HMAC key inside [`HASH_KEY_SECRET`].
+pub const HASH_KEY_DATA: &str = "key";
+/// Length of the HMAC key the operator generates, and the shortest one accepted.
+pub const HASH_KEY_LEN: usize = 32;
+
+/// How the key hashes of a document were computed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyHash {
+    #[serde(default)]
+    pub algorithm: KeyHashAlgorithm,
+    /// Secret in the policy's namespace holding the HMAC key under [`HASH_KEY_DATA`]
+    /// (`HmacSha256` only). The sidecar reads it from a mounted file, never from the API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KeyHashAlgorithm {
+    /// Plain sha256: what a document without `keyHash` means (written by older operators).
+    #[default]
+    Sha256,
+    /// HMAC-SHA256 under the namespace's hash key: a guess can be tested only by someone who
+    /// also holds that Secret.
+    HmacSha256,
+}
+
+/// Hashes key material under one scheme. The HMAC variant holds the state already keyed
+/// (the key's two padded blocks absorbed), so each hash clones it instead of re-keying.
+#[derive(Clone)]
+pub enum KeyHasher {
+    Sha256,
+    HmacSha256(Hmac<Sha256>),
+}
+
+impl std::fmt::Debug for KeyHasher {
+    // Never print the keyed state: it is as good as the key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeyHasher::Sha256 => f.write_str("Sha256"),
+            KeyHasher::HmacSha256(_) => f.write_str("HmacSha256(..)"),
+        }
+    }
+}
+
+impl KeyHasher {
+    /// An HMAC-SHA256 hasher keyed with `key` (at least [`HASH_KEY_LEN`] bytes, so a
+    /// truncated or empty key file is refused rather than silently weak).
+    pub fn hmac(key: &[u8]) -> Result<Self, Error> {
+        if key.len() < HASH_KEY_LEN {
+            return Err(Error::Invalid(format!(
+                "hash key has {} bytes, needs at least {HASH_KEY_LEN}",
+                key.len()
+            )));
+        }
+        let mac = Hmac::<Sha256>::new_from_slice(key)
+            .map_err(|_| Error::Invalid("hash key rejected by HMAC".into()))?;
+        Ok(KeyHasher::HmacSha256(mac))
+    }
+
+    /// The hasher a document's `keyHash` asks for, given the hash key this reader holds.
+    /// A document that asks for HMAC when no key is at hand is invalid: its hashes cannot be
+    /// matched, and treating them as sha256 would refuse every key.
+    pub fn for_scheme(scheme: &KeyHash, key: Option<&[u8]>) -> Result<Self, Error> {
+        match (scheme.algorithm, key) {
+            (KeyHashAlgorithm::Sha256, _) => Ok(KeyHasher::Sha256),
+            (KeyHashAlgorithm::HmacSha256, Some(key)) => Self::hmac(key),
+            (KeyHashAlgorithm::HmacSha256, None) => Err(Error::Invalid(
+                "keyHash is HmacSha256 but no hash key is configured (--hash-key-file)".into(),
+            )),
+        }
+    }
+
+    pub fn hash(&self, material: &[u8]) -> [u8; 32] {
+        match self {
+            KeyHasher::Sha256 => Sha256::digest(material).into(),
+            KeyHasher::HmacSha256(keyed) => {
+                let mut mac = keyed.clone();
+                mac.update(material);
+                mac.finalize().into_bytes().into()
+            }
+        }
+    }
+
+    /// Hex form, as stored in [`KeyEntry::sha256`].
+    pub fn hash_hex(&self, material: &[u8]) -> String {
+        hex::encode(self.hash(material))
+    }
 }
 
 /// Hex sha256 of arbitrary content, used for shard digests.
@@ -145,6 +240,14 @@ pub struct KeySource {
     /// Header naming the ApiKey that the app receives.
     #[serde(default = "default_identity_header")]
     pub identity_header: String,
+    /// How presented keys are hashed before they are looked up among the document's keys.
+    /// Absent means plain sha256, so documents from older operators still load.
+    #[serde(default, skip_serializing_if = "is_default_hash")]
+    pub key_hash: KeyHash,
+}
+
+fn is_default_hash(h: &KeyHash) -> bool {
+    *h == KeyHash::default()
 }
 
 fn default_identity_header() -> String {
@@ -159,6 +262,7 @@ impl Default for KeySource {
             query_param: None,
             strip: false,
             identity_header: default_identity_header(),
+            key_hash: KeyHash::default(),
         }
     }
 }
@@ -361,7 +465,9 @@ pub enum FailMode {
 pub struct KeyEntry {
     /// The ApiKey's name.
     pub name: String,
-    /// `hash_key(key)`.
+    /// The key's hash under the document's `keySource.keyHash` scheme (64 hex digits): HMAC-SHA256
+    /// under the namespace's hash key in current documents, plain sha256 in old ones. The
+    /// field keeps its name so documents and shards of both kinds share one format.
     pub sha256: String,
     #[serde(default, skip_serializing_if = "is_false")]
     pub disabled: bool,
@@ -610,6 +716,65 @@ mod tests {
             hash_key(b"abc"),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
+    }
+
+    #[test]
+    fn hmac_matches_rfc4231_and_differs_from_sha256() {
+        // RFC 4231 test case 2 uses a 4-byte key, below our minimum; case 6 pads it out with a
+        // 131-byte key, which exercises the hash-the-key path as well.
+        let key = [0xaa_u8; 131];
+        let h = KeyHasher::hmac(&key).unwrap();
+        assert_eq!(
+            h.hash_hex(b"Test Using Larger Than Block-Size Key - Hash Key First"),
+            "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
+        );
+        // The keyed state is reused: a second hash is not polluted by the first.
+        assert_eq!(
+            h.hash_hex(b"Test Using Larger Than Block-Size Key - Hash Key First"),
+            "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
+        );
+        let h32 = KeyHasher::hmac(&[7u8; 32]).unwrap();
+        assert_ne!(h32.hash_hex(b"abc"), hash_key(b"abc"));
+        assert_ne!(
+            h32.hash_hex(b"abc"),
+            KeyHasher::hmac(&[8u8; 32]).unwrap().hash_hex(b"abc")
+        );
+        assert!(matches!(
+            KeyHasher::hmac(&[7u8; 31]),
+            Err(Error::Invalid(_))
+        ));
+        assert_eq!(format!("{h32:?}"), "HmacSha256(..)");
+    }
+
+    #[test]
+    fn key_hash_scheme_defaults_to_sha256_and_needs_a_key_for_hmac() {
+        // A document from before keyed hashing has no keyHash: plain sha256.
+        let old =
+            br#"{"apiVersion":"dataplane.keylimit.dev/v1","policy":{"name":"p","namespace":"ns"}}"#;
+        let doc = PolicyDocument::parse(old).unwrap();
+        assert_eq!(
+            doc.policy.key_source.key_hash.algorithm,
+            KeyHashAlgorithm::Sha256
+        );
+        let plain = KeyHasher::for_scheme(&doc.policy.key_source.key_hash, None).unwrap();
+        assert_eq!(hex::encode(plain.hash(b"abc")), hash_key(b"abc"));
+        let scheme = KeyHash {
+            algorithm: KeyHashAlgorithm::HmacSha256,
+            secret: Some(HASH_KEY_SECRET.into()),
+        };
+        assert!(matches!(
+            KeyHasher::for_scheme(&scheme, None),
+            Err(Error::Invalid(_))
+        ));
+        assert!(KeyHasher::for_scheme(&scheme, Some(&[1u8; 32])).is_ok());
+        let mut d = mk_doc(vec![]);
+        d.policy.key_source.key_hash = scheme;
+        let json = serde_json::to_string(&d).unwrap();
+        assert!(
+            json.contains(r#""keyHash":{"algorithm":"HmacSha256","secret":"keylimit-hash-key"}"#),
+            "{json}"
+        );
+        assert_eq!(PolicyDocument::parse(json.as_bytes()).unwrap(), d);
     }
 
     #[test]

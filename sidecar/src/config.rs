@@ -41,7 +41,9 @@ pub fn key_id(hash: &[u8; 32]) -> u64 {
     u64::from_le_bytes(b)
 }
 
-/// Hashes presented key material the way the operator did (`dataplane::hash_key`), raw.
+/// Hashes presented key material under the plain sha256 scheme (`dataplane::hash_key`), raw.
+/// The request path hashes with its snapshot's [`Snapshot::hasher`] instead, which is keyed
+/// HMAC for documents that say so.
 pub fn hash_presented(key: &[u8]) -> [u8; 32] {
     Sha256::digest(key).into()
 }
@@ -176,6 +178,8 @@ pub struct Snapshot {
     pub routes: Vec<RouteRule>,
     pub throttle: Option<ThrottleRule>,
     pub source: KeySourceRule,
+    /// How presented keys are hashed to match the document's entries (pre-keyed for HMAC).
+    pub hasher: dp::KeyHasher,
     pub dry_run: bool,
     pub counters: PolicyCounters,
 }
@@ -189,6 +193,7 @@ fn header_name(name: &str, what: &str) -> Result<HeaderName, Error> {
 }
 
 impl Snapshot {
+    /// A snapshot for a sidecar without a hash key: documents that ask for HMAC are refused.
     pub fn build(
         doc: PolicyDocument,
         keys: Vec<KeyEntry>,
@@ -196,6 +201,19 @@ impl Snapshot {
         generation: u64,
         metrics: &Metrics,
     ) -> Result<Self, Error> {
+        Self::build_keyed(doc, keys, digest, generation, metrics, None)
+    }
+
+    /// `hash_key` is the namespace's HMAC key (the mounted Secret), if the sidecar has one.
+    pub fn build_keyed(
+        doc: PolicyDocument,
+        keys: Vec<KeyEntry>,
+        digest: [u8; 32],
+        generation: u64,
+        metrics: &Metrics,
+        hash_key: Option<&[u8]>,
+    ) -> Result<Self, Error> {
+        let hasher = dp::KeyHasher::for_scheme(&doc.policy.key_source.key_hash, hash_key)?;
         let policy = doc.policy;
         let defaults = Arc::new(LimitSet::compile(&policy.limits, "key"));
         let index = KeyIndex::build(&keys, &defaults, &policy.limits);
@@ -276,6 +294,7 @@ impl Snapshot {
             routes,
             throttle,
             source,
+            hasher,
             counters,
         })
     }
@@ -382,17 +401,34 @@ pub struct ConfigStore {
     metrics: Arc<Metrics>,
     /// Set while the latest reload attempt failed (the last good snapshot keeps serving).
     failure: std::sync::Mutex<Option<dp::ConfigFailure>>,
+    /// File holding the namespace's HMAC key (a mounted Secret), read on every parse so a
+    /// document is always matched with the key present at its load.
+    hash_key_file: Option<PathBuf>,
 }
 
 impl ConfigStore {
     pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self::with_hash_key_file(metrics, None)
+    }
+
+    pub fn with_hash_key_file(metrics: Arc<Metrics>, hash_key_file: Option<PathBuf>) -> Self {
         Self {
             current: ArcSwapOption::empty(),
             loads: AtomicU64::new(0),
             reloading: std::sync::Mutex::new(()),
             metrics,
             failure: std::sync::Mutex::new(None),
+            hash_key_file,
         }
+    }
+
+    /// The hash key, read only when the document needs it: a sha256 document loads even if
+    /// the file is missing.
+    fn hash_key(&self, doc: &PolicyDocument) -> Result<Option<Vec<u8>>, Error> {
+        if doc.policy.key_source.key_hash.algorithm == dp::KeyHashAlgorithm::Sha256 {
+            return Ok(None);
+        }
+        self.hash_key_file.as_deref().map(read_file).transpose()
     }
 
     /// Why the latest reload failed and since when; None while the latest attempt succeeded
@@ -453,7 +489,15 @@ impl ConfigStore {
             self.metrics.config_parses.inc();
             let raw = source.parse(policy)?;
             let generation = self.loads.load(Ordering::Acquire) + 1;
-            let snap = Snapshot::build(raw.doc, raw.keys, raw.digest, generation, &self.metrics)?;
+            let hash_key = self.hash_key(&raw.doc)?;
+            let snap = Snapshot::build_keyed(
+                raw.doc,
+                raw.keys,
+                raw.digest,
+                generation,
+                &self.metrics,
+                hash_key.as_deref(),
+            )?;
             Ok(Some(snap))
         });
         match result {

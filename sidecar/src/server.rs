@@ -49,6 +49,9 @@ pub struct Settings {
     pub admin_max_connections: usize,
     /// Failed key attempts (401/403) allowed per peer per minute; 0 disables the budget.
     pub auth_failures_per_minute: u32,
+    /// The namespace's HMAC key for presented keys (mounted Secret); documents that ask for
+    /// keyed hashing are refused without it.
+    pub hash_key_file: Option<PathBuf>,
 }
 
 impl Settings {
@@ -73,6 +76,7 @@ impl Settings {
             max_connections: 4096,
             admin_max_connections: 128,
             auth_failures_per_minute: AuthFailureLimit::default().per_minute,
+            hash_key_file: None,
         }
     }
 
@@ -108,7 +112,10 @@ impl Sidecar {
     pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Sidecar, Error> {
         let upstream = Upstream::parse(&settings.upstream)?;
         let metrics = Arc::new(Metrics::new(settings.metrics_per_key));
-        let config = Arc::new(ConfigStore::new(metrics.clone()));
+        let config = Arc::new(ConfigStore::with_hash_key_file(
+            metrics.clone(),
+            settings.hash_key_file.clone(),
+        ));
         let limiter = Limiter::new(clock.clone());
         let redis = Arc::new(RedisBackends::new(
             clock,
