@@ -57,7 +57,7 @@ CONF
 "$NGINX" -c "$WORK/upstream.conf" -p "$WORK" & PIDS+=($!)
 
 TOKIO_WORKER_THREADS=1 RUST_LOG=warn valgrind --tool=callgrind --quiet \
-  --callgrind-out-file="$WORK/cg.out.%p" --dump-instr=no --collect-atstart=yes \
+  --callgrind-out-file="$WORK/cg.out.%p" --dump-instr=no --separate-threads=no --collect-atstart=yes \
   "$BIN" --listen 127.0.0.1:$SIDECAR_PORT --admin-listen 127.0.0.1:$ADMIN_PORT \
   --upstream http://127.0.0.1:$UP_PORT --config-dir "$WORK/config" --log-format text \
   >"$WORK/sidecar.log" 2>&1 & PIDS+=($!)
@@ -114,3 +114,5 @@ dump="$(ls -1 "$WORK"/cg.out.* | sort -V | tail -n 1)"
 ir="$(awk '/^summary:/ {print $2}' "$dump")"
 [ -n "$ir" ] || { echo "no callgrind summary in $dump" >&2; exit 1; }
 echo "requests=$REQUESTS keys=$KEYS instructions=$ir per_request=$((ir / REQUESTS))"
+# KEEP_DUMP=<file> keeps the dump for callgrind_annotate.
+if [ -n "${KEEP_DUMP:-}" ]; then cp "$dump" "$KEEP_DUMP"; fi
