@@ -18,6 +18,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::jiff::Timestamp;
 use k8s_openapi::ByteString;
+use keylimit_dataplane as dp;
 use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -316,6 +317,75 @@ pub fn generate_key() -> String {
     format!("kl_{}", hex::encode(bytes))
 }
 
+/// Labels of the namespace's key-hash Secret ([`dp::HASH_KEY_SECRET`]).
+pub fn hash_key_labels() -> BTreeMap<String, String> {
+    BTreeMap::from([(
+        "app.kubernetes.io/managed-by".to_string(),
+        "keylimit".to_string(),
+    )])
+}
+
+/// The namespace's key-hash HMAC key, as a keyed hasher: read from the `keylimit-hash-key`
+/// Secret, which is created with 32 random bytes if absent. It is never overwritten or
+/// rotated here (rotating means re-hashing every key and re-keying every sidecar at once);
+/// a Secret whose key is unusable fails the reconcile instead of being replaced, because
+/// replacing it would silently lock every key out of every running sidecar.
+pub async fn ensure_hash_key(ctx: &Context, ns: &str) -> Result<dp::KeyHasher, Error> {
+    let name = dp::HASH_KEY_SECRET;
+    let secret = match ctx.secrets.get(&ObjectRef::new(name).within(ns)) {
+        Some(s) => (*s).clone(),
+        None => {
+            let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+            // The cache may lag (or not watch this Secret): look before creating.
+            match api.get_opt(name).await? {
+                Some(s) => s,
+                None => {
+                    let mut bytes = [0u8; dp::HASH_KEY_LEN];
+                    rand::rng().fill_bytes(&mut bytes);
+                    let secret = Secret {
+                        metadata: ObjectMeta {
+                            name: Some(name.to_string()),
+                            namespace: Some(ns.to_string()),
+                            labels: Some(hash_key_labels()),
+                            ..Default::default()
+                        },
+                        type_: Some("Opaque".into()),
+                        data: Some(BTreeMap::from([(
+                            dp::HASH_KEY_DATA.to_string(),
+                            ByteString(bytes.to_vec()),
+                        )])),
+                        ..Default::default()
+                    };
+                    match api.create(&PostParams::default(), &secret).await {
+                        Ok(s) => {
+                            info!(namespace = ns, "created key-hash Secret {name}");
+                            s
+                        }
+                        // Another replica (or reconcile) won the race: use its key.
+                        Err(kube::Error::Api(e)) if e.code == 409 => {
+                            api.get_opt(name).await?.ok_or_else(|| {
+                                Error::Config(format!("{ns}/{name} vanished after a conflict"))
+                            })?
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+        }
+    };
+    hasher_from_secret(&secret).map_err(|e| Error::Config(format!("{ns}/{name}: {e}")))
+}
+
+/// The hasher a key-hash Secret holds.
+pub fn hasher_from_secret(secret: &Secret) -> Result<dp::KeyHasher, dp::Error> {
+    let key = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(dp::HASH_KEY_DATA))
+        .ok_or_else(|| dp::Error::Invalid(format!("no data key {:?}", dp::HASH_KEY_DATA)))?;
+    dp::KeyHasher::hmac(&key.0)
+}
+
 async fn ensure_generated_secret(key: &ApiKey, ctx: &Context) -> Result<Option<Secret>, Error> {
     let ns = key
         .namespace()
@@ -393,6 +463,7 @@ pub fn key_readiness(
     secret: Option<&Secret>,
     held_by: Option<&str>,
     now: i64,
+    hasher: &dp::KeyHasher,
 ) -> (Desired, Option<BoundKey>) {
     if !policy_exists {
         let p = KeyProblem::PolicyNotFound(key.spec.policy_ref.name.clone());
@@ -401,7 +472,7 @@ pub fn key_readiness(
             None,
         );
     }
-    match render::bind_key(key, secret) {
+    match render::bind_key(key, secret, hasher) {
         Err(p) => (
             Desired::new(condition::READY, false, p.reason(), p.to_string()),
             None,
@@ -494,12 +565,20 @@ async fn reconcile_apikey(key: Arc<ApiKey>, ctx: Arc<Context>) -> Result<Action,
         Duplication::HeldBy(h) => Some(h.as_str()),
         _ => None,
     };
+    // Without a policy the key binds to nothing and is never hashed: no hash-key Secret is
+    // created for a namespace that has no policy.
+    let hasher = if policy_exists {
+        ensure_hash_key(&ctx, &ns).await?
+    } else {
+        dp::KeyHasher::Sha256
+    };
     let (mut ready, bound) = key_readiness(
         &key,
         policy_exists,
         secret.as_ref(),
         held_by,
         now.as_second(),
+        &hasher,
     );
     // Until this process has rendered the policy, a key another operator found to be a
     // duplicate stays one: flipping it to Bound and back on every restart would be noise. The
@@ -578,10 +657,11 @@ async fn write_config_maps(
     ctx: &Arc<Context>,
 ) -> Result<(Rendered, usize), Error> {
     let (ns, name) = (ns.to_string(), name.to_string());
+    let hasher = ensure_hash_key(ctx, &ns).await?;
     let mut bound = vec![];
     for (key, secret) in keys {
         // Unusable keys are left out; their own status says why.
-        if let Ok(b) = render::bind_key(key, secret.as_deref()) {
+        if let Ok(b) = render::bind_key(key, secret.as_deref(), &hasher) {
             bound.push(b);
         }
     }
@@ -972,6 +1052,21 @@ mod tests {
     use super::*;
     use crate::render::tests::{mk_apikey, mk_secret};
 
+    fn test_hasher() -> dp::KeyHasher {
+        dp::KeyHasher::hmac(&[5u8; dp::HASH_KEY_LEN]).unwrap()
+    }
+
+    #[test]
+    fn hash_key_secret_must_hold_a_full_key() {
+        let good = mk_secret(dp::HASH_KEY_SECRET, dp::HASH_KEY_DATA, &[5u8; 32]);
+        let h = hasher_from_secret(&good).unwrap();
+        assert_eq!(h.hash_hex(b"k"), test_hasher().hash_hex(b"k"));
+        let short = mk_secret(dp::HASH_KEY_SECRET, dp::HASH_KEY_DATA, &[5u8; 8]);
+        assert!(hasher_from_secret(&short).is_err());
+        let other = mk_secret(dp::HASH_KEY_SECRET, "other", &[5u8; 32]);
+        assert!(hasher_from_secret(&other).is_err());
+    }
+
     #[test]
     fn render_inputs_ignore_order_and_status_but_see_real_changes() {
         let p = crate::render::tests::mk_policy("p");
@@ -1044,18 +1139,18 @@ mod tests {
     fn a_duplicate_is_not_ready_and_names_the_holder() {
         let mut k = mk_apikey("b", "p");
         let s = mk_secret("b-key", "key", b"kl_0123456789abcdef0123");
-        let (c, b) = key_readiness(&k, true, Some(&s), Some("a"), 0);
+        let (c, b) = key_readiness(&k, true, Some(&s), Some("a"), 0, &test_hasher());
         assert_eq!((c.status, c.reason.as_str()), (false, "DuplicateKey"));
         assert!(c.message.contains("ApiKey \"a\""), "{}", c.message);
         assert!(b.is_some(), "the fingerprint stays visible");
         // It outranks Disabled: a duplicate's own flags never reach the data plane.
         k.spec.disabled = true;
-        let (c, _) = key_readiness(&k, true, Some(&s), Some("a"), 0);
+        let (c, _) = key_readiness(&k, true, Some(&s), Some("a"), 0, &test_hasher());
         assert_eq!(c.reason, "DuplicateKey");
         // A missing policy or Secret still comes first.
-        let (c, _) = key_readiness(&k, false, Some(&s), Some("a"), 0);
+        let (c, _) = key_readiness(&k, false, Some(&s), Some("a"), 0, &test_hasher());
         assert_eq!(c.reason, "PolicyNotFound");
-        let (c, _) = key_readiness(&k, true, None, Some("a"), 0);
+        let (c, _) = key_readiness(&k, true, None, Some("a"), 0, &test_hasher());
         assert_eq!(c.reason, "SecretNotFound");
     }
 
@@ -1187,28 +1282,28 @@ mod tests {
     fn readiness_reasons() {
         let mut k = mk_apikey("a", "p");
         let s = mk_secret("a-key", "key", b"kl_0123456789abcdef0123");
-        let (c, b) = key_readiness(&k, false, Some(&s), None, 0);
+        let (c, b) = key_readiness(&k, false, Some(&s), None, 0, &test_hasher());
         assert_eq!(
             (c.status, c.reason.as_str(), b.is_none()),
             (false, "PolicyNotFound", true)
         );
         assert!(c.message.contains("\"p\""));
-        let (c, _) = key_readiness(&k, true, None, None, 0);
+        let (c, _) = key_readiness(&k, true, None, None, 0, &test_hasher());
         assert_eq!(c.reason, "SecretNotFound");
-        let (c, b) = key_readiness(&k, true, Some(&s), None, 0);
+        let (c, b) = key_readiness(&k, true, Some(&s), None, 0, &test_hasher());
         assert_eq!((c.status, c.reason.as_str()), (true, "Bound"));
         assert!(b.is_some());
         k.spec.expires_at = Some("1970-01-01T00:01:40Z".into());
-        let (c, b) = key_readiness(&k, true, Some(&s), None, 100);
+        let (c, b) = key_readiness(&k, true, Some(&s), None, 100, &test_hasher());
         assert_eq!((c.status, c.reason.as_str()), (false, "Expired"));
         assert!(
             b.is_some(),
             "expired keys stay in the data plane so callers get 403, not 401"
         );
-        let (c, _) = key_readiness(&k, true, Some(&s), None, 99);
+        let (c, _) = key_readiness(&k, true, Some(&s), None, 99, &test_hasher());
         assert_eq!(c.reason, "Bound");
         k.spec.disabled = true;
-        let (c, _) = key_readiness(&k, true, Some(&s), None, 0);
+        let (c, _) = key_readiness(&k, true, Some(&s), None, 0, &test_hasher());
         assert_eq!(c.reason, "Disabled");
     }
 }

@@ -45,7 +45,7 @@ pub fn generated_secret_name(apikey: &str) -> String {
 pub enum KeyProblem {
     #[error("RateLimitPolicy {0:?} not found in this namespace")]
     PolicyNotFound(String),
-    #[error("Secret {0:?} not found")]
+    #[error("Secret {0:?} not found or not labelled keylimit.dev/secret=true (the operator reads only Secrets that opt in with that label)")]
     SecretNotFound(String),
     #[error("Secret {secret:?} has no data key {key:?}")]
     SecretKeyMissing { secret: String, key: String },
@@ -84,7 +84,10 @@ pub struct BoundKey {
 }
 
 impl BoundKey {
-    /// The key's public fingerprint: a hash prefix, enough to tell keys apart.
+    /// The key's public fingerprint: the first 12 hex digits of its keyed hash (HMAC under
+    /// the namespace's hash key), the same digits its ConfigMap entry starts with. Enough to
+    /// tell keys apart; it lets nobody test a guess without the hash key, but anyone who
+    /// holds the hash key Secret can, so that Secret is as sensitive as the keys.
     pub fn fingerprint(&self) -> String {
         self.sha256[..12].to_string()
     }
@@ -102,8 +105,21 @@ pub fn secret_ref(key: &ApiKey) -> (String, String) {
     }
 }
 
-/// Resolves an ApiKey against its Secret. The plaintext is hashed here and dropped.
-pub fn bind_key(key: &ApiKey, secret: Option<&Secret>) -> Result<BoundKey, KeyProblem> {
+/// The key-hash scheme every document the operator renders declares.
+pub fn key_hash_scheme() -> dp::KeyHash {
+    dp::KeyHash {
+        algorithm: dp::KeyHashAlgorithm::HmacSha256,
+        secret: Some(dp::HASH_KEY_SECRET.to_string()),
+    }
+}
+
+/// Resolves an ApiKey against its Secret. The plaintext is hashed here, with `hasher` (the
+/// namespace's HMAC key, see [`key_hash_scheme`]), and dropped.
+pub fn bind_key(
+    key: &ApiKey,
+    secret: Option<&Secret>,
+    hasher: &dp::KeyHasher,
+) -> Result<BoundKey, KeyProblem> {
     let (secret_name, data_key) = secret_ref(key);
     let secret = secret.ok_or_else(|| KeyProblem::SecretNotFound(secret_name.clone()))?;
     let material = secret
@@ -147,7 +163,7 @@ pub fn bind_key(key: &ApiKey, secret: Option<&Secret>) -> Result<BoundKey, KeyPr
             .creation_timestamp
             .as_ref()
             .map(|t| t.0.as_second()),
-        sha256: dp::hash_key(material),
+        sha256: hasher.hash_hex(material),
         disabled: key.spec.disabled,
         expires_at,
         overrides: key.spec.overrides.as_ref().map(limits_from_spec),
@@ -235,7 +251,10 @@ pub fn policy_config(
     spec: &RateLimitPolicySpec,
 ) -> dp::PolicyConfig {
     let key_source = match &spec.key_source {
-        None => dp::KeySource::default(),
+        None => dp::KeySource {
+            key_hash: key_hash_scheme(),
+            ..dp::KeySource::default()
+        },
         Some(ks) => dp::KeySource {
             // The header is always read (default `X-API-Key`): it costs nothing and keeps
             // a policy that only adds bearer or query lookup from locking out header users.
@@ -248,6 +267,7 @@ pub fn policy_config(
             query_param: ks.query_param.clone(),
             strip: ks.strip,
             identity_header: dp::DEFAULT_IDENTITY_HEADER.to_string(),
+            key_hash: key_hash_scheme(),
         },
     };
     dp::PolicyConfig {
@@ -574,11 +594,15 @@ pub mod tests {
         }
     }
 
+    fn hasher() -> dp::KeyHasher {
+        dp::KeyHasher::hmac(&[42u8; dp::HASH_KEY_LEN]).unwrap()
+    }
+
     fn mk_bound(name: &str) -> BoundKey {
         BoundKey {
             name: name.into(),
             created: None,
-            sha256: dp::hash_key(format!("kl_{name}_0123456789abcdef").as_bytes()),
+            sha256: hasher().hash_hex(format!("kl_{name}_0123456789abcdef").as_bytes()),
             disabled: false,
             expires_at: None,
             overrides: None,
@@ -589,17 +613,47 @@ pub mod tests {
     fn bind_hashes_the_key_and_trims_newline() {
         let k = mk_apikey("a", "p");
         let s = mk_secret("a-key", "key", b"kl_0123456789abcdef\n");
-        let b = bind_key(&k, Some(&s)).unwrap();
-        assert_eq!(b.sha256, dp::hash_key(b"kl_0123456789abcdef"));
+        let b = bind_key(&k, Some(&s), &hasher()).unwrap();
+        assert_eq!(b.sha256, hasher().hash_hex(b"kl_0123456789abcdef"));
         assert_eq!(b.fingerprint().len(), 12);
         assert!(b.sha256.starts_with(&b.fingerprint()));
+    }
+
+    #[test]
+    fn key_hashes_and_fingerprint_are_keyed_not_plain_sha256() {
+        let k = mk_apikey("a", "p");
+        let s = mk_secret("a-key", "key", b"kl_0123456789abcdef");
+        let b = bind_key(&k, Some(&s), &hasher()).unwrap();
+        let plain = dp::hash_key(b"kl_0123456789abcdef");
+        assert_ne!(
+            b.sha256, plain,
+            "the ConfigMap entry is not an unkeyed hash"
+        );
+        assert!(
+            !plain.starts_with(&b.fingerprint()),
+            "the fingerprint is not an unkeyed hash prefix"
+        );
+        // Another namespace's hash key gives other hashes for the same key.
+        let other = dp::KeyHasher::hmac(&[43u8; dp::HASH_KEY_LEN]).unwrap();
+        assert_ne!(bind_key(&k, Some(&s), &other).unwrap().sha256, b.sha256);
+        // Every document says how its hashes were made, so a sidecar can match them.
+        let r = render(&mk_policy("p"), std::slice::from_ref(&b)).unwrap();
+        let doc =
+            dp::PolicyDocument::parse(r.config_maps[0].data["policy.json"].as_bytes()).unwrap();
+        assert_eq!(doc.policy.key_source.key_hash, key_hash_scheme());
+        let sidecar = dp::KeyHasher::for_scheme(
+            &doc.policy.key_source.key_hash,
+            Some(&[42u8; dp::HASH_KEY_LEN]),
+        )
+        .unwrap();
+        assert_eq!(sidecar.hash_hex(b"kl_0123456789abcdef"), doc.keys[0].sha256);
     }
 
     #[test]
     fn bind_reports_each_problem() {
         let mut k = mk_apikey("a", "p");
         assert_eq!(
-            bind_key(&k, None),
+            bind_key(&k, None, &hasher()),
             Err(KeyProblem::SecretNotFound("a-key".into()))
         );
         k.spec.secret_ref = Some(SecretKeyRef {
@@ -608,7 +662,7 @@ pub mod tests {
         });
         let s = mk_secret("mine", "other", b"kl_0123456789abcdef");
         assert_eq!(
-            bind_key(&k, Some(&s)),
+            bind_key(&k, Some(&s), &hasher()),
             Err(KeyProblem::SecretKeyMissing {
                 secret: "mine".into(),
                 key: "token".into()
@@ -616,18 +670,18 @@ pub mod tests {
         );
         let s = mk_secret("mine", "token", b"short");
         assert!(matches!(
-            bind_key(&k, Some(&s)),
+            bind_key(&k, Some(&s), &hasher()),
             Err(KeyProblem::KeyTooShort { .. })
         ));
         let s = mk_secret("mine", "token", b"kl_0123456789abcdef");
         k.spec.expires_at = Some("tomorrow".into());
         assert_eq!(
-            bind_key(&k, Some(&s)),
+            bind_key(&k, Some(&s), &hasher()),
             Err(KeyProblem::InvalidExpiry("tomorrow".into()))
         );
         k.spec.expires_at = Some("2027-01-01T00:00:00Z".into());
         assert_eq!(
-            bind_key(&k, Some(&s)).unwrap().expires_at,
+            bind_key(&k, Some(&s), &hasher()).unwrap().expires_at,
             Some(1_798_761_600)
         );
         assert_eq!(
@@ -640,7 +694,7 @@ pub mod tests {
     fn plaintext_never_reaches_the_configmap() {
         let k = mk_apikey("a", "p");
         let s = mk_secret("a-key", "key", b"kl_supersecretvalue123");
-        let b = bind_key(&k, Some(&s)).unwrap();
+        let b = bind_key(&k, Some(&s), &hasher()).unwrap();
         let r = render(&mk_policy("p"), &[b]).unwrap();
         for cm in &r.config_maps {
             for v in cm.data.values() {
@@ -827,7 +881,7 @@ pub mod tests {
     fn mk_bound_at(name: &str, material: &str, created: i64) -> BoundKey {
         BoundKey {
             created: Some(created),
-            sha256: dp::hash_key(material.as_bytes()),
+            sha256: hasher().hash_hex(material.as_bytes()),
             ..mk_bound(name)
         }
     }
@@ -894,7 +948,7 @@ pub mod tests {
                 ));
         }
         let s = mk_secret("shared", "key", b"kl_0123456789abcdef0123");
-        let bound = [&b, &a].map(|k| bind_key(k, Some(&s)).unwrap());
+        let bound = [&b, &a].map(|k| bind_key(k, Some(&s), &hasher()).unwrap());
         assert_eq!(bound[1].created, Some(100));
         let r = render(&mk_policy("p"), &bound).unwrap();
         assert_eq!(doc_key_names(&r), ["a"]);
