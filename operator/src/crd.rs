@@ -142,7 +142,9 @@ pub struct ApiKeyStatus {
     /// The Secret that holds the key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_name: Option<String>,
-    /// First 12 hex digits of sha256(key): enough to tell keys apart, useless to an attacker.
+    /// First 12 hex digits of the key's HMAC-SHA256 under the namespace's `keylimit-hash-key`
+    /// Secret (the start of its ConfigMap entry): enough to tell keys apart. It cannot be
+    /// checked against a guessed key without that Secret; with it, it can.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fingerprint: Option<String>,
     /// While Exhausted is True: when the key is admitted again (RFC 3339).
