@@ -39,6 +39,13 @@ use crate::Error;
 pub const MANAGER: &str = "keylimit-operator";
 /// Label on Secrets the operator generated, naming their ApiKey.
 pub const GENERATED_LABEL: &str = "keylimit.dev/apikey";
+/// Opt-in label (value `"true"`) on every Secret keylimit may read: the ones it generates, and
+/// any a user names in an ApiKey's `secretRef`. The operator watches, lists and caches only
+/// Secrets that carry it, so it never holds other Secrets in memory, and an ApiKey author
+/// cannot make it hash and publish a Secret its owner did not offer (a database password).
+pub const SECRET_LABEL: &str = "keylimit.dev/secret";
+/// [`SECRET_LABEL`] as the label selector of every Secret watch.
+pub const SECRET_SELECTOR: &str = "keylimit.dev/secret=true";
 /// How often a healthy object is looked at again even without events (drift repair).
 const RESYNC: Duration = Duration::from_secs(300);
 
@@ -180,15 +187,13 @@ pub async fn run(
     };
     let (secret_api, apikey_api, policy_api, cm_api) = scoped(&client);
     let cm_cfg = watcher::Config::default().labels(POLICY_LABEL);
+    let secret_cfg = watcher::Config::default().labels(SECRET_SELECTOR);
 
     // Reflectors feed the caches; their streams must be polled to make progress.
     let caches = futures::future::join4(
-        reflector::reflector(
-            secrets_w,
-            watcher(secret_api.clone(), watcher::Config::default()),
-        )
-        .default_backoff()
-        .for_each(|_| async {}),
+        reflector::reflector(secrets_w, watcher(secret_api.clone(), secret_cfg.clone()))
+            .default_backoff()
+            .for_each(|_| async {}),
         reflector::reflector(
             apikeys_w,
             watcher(apikey_api.clone(), watcher::Config::default()),
@@ -248,7 +253,7 @@ pub async fn run(
     // A Secret event re-reconciles the ApiKeys that read it.
     let keys_for_secret = apikeys.clone();
     let apikey_ctl = Controller::new(apikey_api.clone(), watcher::Config::default())
-        .watches(secret_api, watcher::Config::default(), move |s: Secret| {
+        .watches(secret_api, secret_cfg, move |s: Secret| {
             let ns = s.namespace().unwrap_or_default();
             let name = s.name_any();
             keys_for_secret
@@ -319,10 +324,14 @@ pub fn generate_key() -> String {
 
 /// Labels of the namespace's key-hash Secret ([`dp::HASH_KEY_SECRET`]).
 pub fn hash_key_labels() -> BTreeMap<String, String> {
-    BTreeMap::from([(
-        "app.kubernetes.io/managed-by".to_string(),
-        "keylimit".to_string(),
-    )])
+    BTreeMap::from([
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            "keylimit".to_string(),
+        ),
+        // In the operator's (label-selected) Secret cache, not read by a GET per reconcile.
+        (SECRET_LABEL.to_string(), "true".to_string()),
+    ])
 }
 
 /// The namespace's key-hash HMAC key, as a keyed hasher: read from the `keylimit-hash-key`
@@ -396,18 +405,31 @@ async fn ensure_generated_secret(key: &ApiKey, ctx: &Context) -> Result<Option<S
         return Ok(Some((*s).clone()));
     }
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    // The cache may lag a Secret created moments ago; never overwrite an existing key.
+    // The cache may lag a Secret created moments ago; never overwrite an existing key. A GET
+    // by name also finds what the labelled watch cannot: a Secret generated before the
+    // opt-in label existed (labelled here, so the watch sees it from now on), or a Secret of
+    // that name the operator did not generate, which it neither reads nor replaces.
     if let Some(s) = api.get_opt(&name).await? {
-        return Ok(Some(s));
+        return match generated_for(&s, key) {
+            true if !opted_in(&s) => {
+                let labels = json!({"metadata": {"labels": {SECRET_LABEL: "true"}}});
+                Ok(Some(
+                    api.patch(&name, &PatchParams::default(), &Patch::Merge(&labels))
+                        .await?,
+                ))
+            }
+            true => Ok(Some(s)),
+            false => Ok(None),
+        };
     }
     let secret = Secret {
         metadata: ObjectMeta {
             name: Some(name.clone()),
             namespace: Some(ns.clone()),
-            labels: Some(BTreeMap::from([(
-                GENERATED_LABEL.to_string(),
-                key.name_any(),
-            )])),
+            labels: Some(BTreeMap::from([
+                (GENERATED_LABEL.to_string(), key.name_any()),
+                (SECRET_LABEL.to_string(), "true".to_string()),
+            ])),
             owner_references: key.controller_owner_ref(&()).map(|o| vec![o]),
             ..Default::default()
         },
@@ -430,9 +452,34 @@ async fn ensure_generated_secret(key: &ApiKey, ctx: &Context) -> Result<Option<S
             .await;
             Ok(Some(s))
         }
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(api.get_opt(&name).await?),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(api
+            .get_opt(&name)
+            .await?
+            .filter(|s| generated_for(s, key) && opted_in(s))),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Whether keylimit wrote this ConfigMap for the policy `name`: it carries the policy label
+/// and an owner reference to a RateLimitPolicy of that name (any uid: a re-created policy
+/// adopts the ConfigMaps its predecessor left until the garbage collector removes them).
+pub fn owned_by_policy(c: &ConfigMap, name: &str) -> bool {
+    c.labels().get(POLICY_LABEL).map(String::as_str) == Some(name)
+        && c.owner_references().iter().any(|o| {
+            o.kind == "RateLimitPolicy"
+                && o.name == name
+                && o.api_version.starts_with("keylimit.dev/")
+        })
+}
+
+/// Whether a Secret carries the opt-in label ([`SECRET_LABEL`]`=true`).
+pub fn opted_in(s: &Secret) -> bool {
+    s.labels().get(SECRET_LABEL).map(String::as_str) == Some("true")
+}
+
+/// Whether the operator generated this Secret for `key` (its label names the key).
+pub fn generated_for(s: &Secret, key: &ApiKey) -> bool {
+    s.labels().get(GENERATED_LABEL) == Some(&key.name_any())
 }
 
 pub async fn publish(
@@ -719,6 +766,18 @@ async fn write_config_maps(
         {
             continue;
         }
+        // Never take over a ConfigMap keylimit did not create: the cache holds only labelled
+        // ones, so one it lacks may be a user's of the same name (or ours, not yet seen).
+        let live = match current {
+            Some(c) => Some(c),
+            None => api.get_opt(&cm.name).await?.map(Arc::new),
+        };
+        if let Some(c) = live.filter(|c| !owned_by_policy(c, &name)) {
+            return Err(Error::Config(format!(
+                "ConfigMap {ns}/{} exists and is not owned by RateLimitPolicy {name}: refusing to overwrite it",
+                c.name_any()
+            )));
+        }
         let obj = ConfigMap {
             metadata: ObjectMeta {
                 name: Some(cm.name.clone()),
@@ -755,7 +814,7 @@ async fn write_config_maps(
         .iter()
         .filter(|c| {
             c.namespace().as_deref() == Some(ns.as_str())
-                && c.labels().get(POLICY_LABEL) == Some(&name)
+                && owned_by_policy(c, &name)
                 && !wanted.contains(&c.name_any())
         })
         .map(|c| c.name_any())
