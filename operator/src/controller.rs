@@ -405,22 +405,13 @@ async fn ensure_generated_secret(key: &ApiKey, ctx: &Context) -> Result<Option<S
         return Ok(Some((*s).clone()));
     }
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    // The cache may lag a Secret created moments ago; never overwrite an existing key. A GET
-    // by name also finds what the labelled watch cannot: a Secret generated before the
-    // opt-in label existed (labelled here, so the watch sees it from now on), or a Secret of
-    // that name the operator did not generate, which it neither reads nor replaces.
+    // The cache may lag a Secret created moments ago; never overwrite an existing key. A
+    // Secret of that name without the opt-in label (a user's, or one generated before the
+    // label existed) is neither read nor replaced: the key reports SecretNotFound, whose
+    // message names the label. Labelling it here would need `patch` on every Secret in the
+    // cluster; docs/install.md has the one-line upgrade step instead.
     if let Some(s) = api.get_opt(&name).await? {
-        return match generated_for(&s, key) {
-            true if !opted_in(&s) => {
-                let labels = json!({"metadata": {"labels": {SECRET_LABEL: "true"}}});
-                Ok(Some(
-                    api.patch(&name, &PatchParams::default(), &Patch::Merge(&labels))
-                        .await?,
-                ))
-            }
-            true => Ok(Some(s)),
-            false => Ok(None),
-        };
+        return Ok(opted_in(&s).then_some(s));
     }
     let secret = Secret {
         metadata: ObjectMeta {
@@ -452,10 +443,7 @@ async fn ensure_generated_secret(key: &ApiKey, ctx: &Context) -> Result<Option<S
             .await;
             Ok(Some(s))
         }
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(api
-            .get_opt(&name)
-            .await?
-            .filter(|s| generated_for(s, key) && opted_in(s))),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(api.get_opt(&name).await?.filter(opted_in)),
         Err(e) => Err(e.into()),
     }
 }
@@ -475,11 +463,6 @@ pub fn owned_by_policy(c: &ConfigMap, name: &str) -> bool {
 /// Whether a Secret carries the opt-in label ([`SECRET_LABEL`]`=true`).
 pub fn opted_in(s: &Secret) -> bool {
     s.labels().get(SECRET_LABEL).map(String::as_str) == Some("true")
-}
-
-/// Whether the operator generated this Secret for `key` (its label names the key).
-pub fn generated_for(s: &Secret, key: &ApiKey) -> bool {
-    s.labels().get(GENERATED_LABEL) == Some(&key.name_any())
 }
 
 pub async fn publish(
