@@ -241,11 +241,11 @@ async fn user_secret_problems_are_reported() {
                 }
             };
             reason("SecretNotFound").await?;
-            env.apply_yaml("apiVersion: v1\nkind: Secret\nmetadata: {name: my-secret}\nstringData: {other: x}\n").await?;
+            env.apply_yaml("apiVersion: v1\nkind: Secret\nmetadata: {name: my-secret, labels: {keylimit.dev/secret: \"true\"}}\nstringData: {other: x}\n").await?;
             reason("SecretKeyMissing").await?;
-            env.apply_yaml("apiVersion: v1\nkind: Secret\nmetadata: {name: my-secret}\nstringData: {token: short}\n").await?;
+            env.apply_yaml("apiVersion: v1\nkind: Secret\nmetadata: {name: my-secret, labels: {keylimit.dev/secret: \"true\"}}\nstringData: {token: short}\n").await?;
             reason("KeyTooShort").await?;
-            env.apply_yaml("apiVersion: v1\nkind: Secret\nmetadata: {name: my-secret}\nstringData: {token: a-long-enough-customer-key}\n").await?;
+            env.apply_yaml("apiVersion: v1\nkind: Secret\nmetadata: {name: my-secret, labels: {keylimit.dev/secret: \"true\"}}\nstringData: {token: a-long-enough-customer-key}\n").await?;
             reason("Bound").await?;
             let cms = configmaps(env);
             let h = dp::hash_key(b"a-long-enough-customer-key");
