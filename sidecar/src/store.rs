@@ -13,9 +13,15 @@
 //! (sorted set of lease ids scored by their expiry). Limit ids are stable fingerprints of
 //! the limit's scope, name and parameters, so every sidecar (and every release) agrees.
 //!
-//! Times in Redis are microseconds since the epoch (exact in a Lua double for centuries);
-//! `now` comes from the sidecar's clock, as in local mode, so quota window ends are computed
-//! in Rust (calendar rules) and passed in.
+//! Times in Redis are microseconds since the epoch (exact in a Lua double for centuries) on
+//! Redis' own clock: every script reads `TIME` and makes every comparison (GCRA, lease
+//! pruning and expiry, "is this quota window over") against it, so one sidecar with a skewed
+//! clock cannot refill a bucket, end a window or prune other sidecars' leases early. The
+//! sidecar still computes calendar quota windows (UTC boundaries, in Rust) from its estimate
+//! of Redis' clock (its own clock plus the offset seen in earlier replies) and passes them
+//! in; the script opens a window only if it contains Redis' now, and otherwise answers with
+//! its now so the sidecar recomputes. Times the scripts return are converted to the sidecar's
+//! clock by their distance from Redis' now, so `Retry-After` and `resetAt` stay right.
 //!
 //! Failure handling: every call is bounded by the policy's `timeoutMs`. The first failure
 //! marks the store down; from then on decisions go straight to the fail mode without
@@ -24,12 +30,12 @@
 //! up again.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use keylimit_dataplane::{ExhaustionReason, FailMode, RedisStore};
+use keylimit_dataplane::{ExhaustionReason, FailMode, QuotaAlignment, QuotaPeriod, RedisStore};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 
@@ -47,36 +53,49 @@ pub const PASSWORD_ENV: &str = "KEYLIMIT_REDIS_PASSWORD";
 
 const NS_PER_US: u64 = 1_000;
 
-/// Checks, then (only if every limit passes) charges, one scope's limits.
+/// Checks, then (only if every limit passes) charges, one scope's limits, on Redis' clock.
 ///
-/// ARGV: now, cost, max delay (-1: refuse instead of delaying), lease id, lease expiry, then
-/// three values per key: kind (`q` quota, `r` rate, `c` concurrency) and two parameters:
-///   q: limit, window end to use if this request opens a new window
-///   r: interval, tolerance ((burst + 1) * interval)
-///   c: max in flight, unused
-/// Returns `{0, i, reset}` when limit `i` refuses, else `{1, delay, ...}` followed by, per
-/// key: quota count and window end; rate TAT; concurrency count in flight.
+/// ARGV: cost, max delay (-1: refuse instead of delaying), lease id, lease TTL, then four
+/// values per key: kind and three parameters:
+///   q (calendar quota): limit, start and end of the window the sidecar believes is current
+///   o (rolling quota): limit, window length, unused
+///   r (rate): interval, tolerance ((burst + 1) * interval), unused
+///   c (concurrency): max in flight, unused, unused
+/// Returns `{0, i, reset, now}` when limit `i` refuses; `{2, now}` when a quota window must
+/// be opened and the sidecar's calendar window does not contain Redis' now (its clock
+/// estimate is off: recompute from `now` and call again; nothing was charged); else
+/// `{1, delay, now, ...}` followed by, per key: quota count and window end; rate TAT;
+/// concurrency count in flight. Every time is microseconds on Redis' clock.
 const DECIDE_LUA: &str = r#"
 local function int(x) return string.format('%d', x) end
--- Expiry one second past the logical end: tolerates clock skew between the sidecar and
--- Redis (the script itself compares against the sidecar's now, never Redis' expiry).
-local function expire_ms(us) return int(math.ceil(us / 1000) + 1000) end
-local now = tonumber(ARGV[1])
-local cost = tonumber(ARGV[2])
-local max_delay = tonumber(ARGV[3])
+local function expire_ms(us) return int(math.ceil(us / 1000)) end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local cost = tonumber(ARGV[1])
+local max_delay = tonumber(ARGV[2])
 local n = #KEYS
 local delay = 0
 local seen = {}
 for i = 1, n do
-  local kind = ARGV[3 * i + 3]
-  local a = tonumber(ARGV[3 * i + 4])
-  local b = tonumber(ARGV[3 * i + 5])
+  local kind = ARGV[4 * i + 1]
+  local a = tonumber(ARGV[4 * i + 2])
+  local b = tonumber(ARGV[4 * i + 3])
+  local c = tonumber(ARGV[4 * i + 4])
   local k = KEYS[i]
-  if kind == 'q' then
+  if kind == 'q' or kind == 'o' then
     local v = redis.call('HMGET', k, 'c', 'e')
     local used, e = tonumber(v[1]) or 0, tonumber(v[2]) or 0
-    if e <= now then used, e = 0, b end
-    if used + cost > a then return {0, i, e} end
+    if e <= now then
+      used = 0
+      if kind == 'o' then
+        e = now + b
+      elseif b <= now and now < c then
+        e = c
+      else
+        return {2, now}
+      end
+    end
+    if used + cost > a then return {0, i, e, now} end
     seen[i] = {used, e}
   elseif kind == 'r' then
     local tat = tonumber(redis.call('GET', k)) or 0
@@ -90,7 +109,7 @@ for i = 1, n do
       if max_delay >= 0 and wait <= max_delay then
         if wait > delay then delay = wait end
       else
-        return {0, i, admit_at}
+        return {0, i, admit_at, now}
       end
     end
     seen[i] = tat
@@ -98,16 +117,17 @@ for i = 1, n do
     -- Leases of crashed sidecars stop being renewed and fall out here.
     redis.call('ZREMRANGEBYSCORE', k, '-inf', int(now))
     local held = redis.call('ZCARD', k)
-    if held >= a then return {0, i, now + 1000000} end
+    if held >= a then return {0, i, now + 1000000, now} end
     seen[i] = held
   end
 end
-local out = {1, delay}
+local out = {1, delay, now}
+local lease_expiry = int(now + tonumber(ARGV[4]))
 for i = 1, n do
-  local kind = ARGV[3 * i + 3]
-  local a = tonumber(ARGV[3 * i + 4])
+  local kind = ARGV[4 * i + 1]
+  local a = tonumber(ARGV[4 * i + 2])
   local k = KEYS[i]
-  if kind == 'q' then
+  if kind == 'q' or kind == 'o' then
     local used, e = seen[i][1] + cost, seen[i][2]
     redis.call('HSET', k, 'c', int(used), 'e', int(e))
     redis.call('PEXPIREAT', k, expire_ms(e))
@@ -118,7 +138,7 @@ for i = 1, n do
     redis.call('SET', k, int(tat), 'PXAT', expire_ms(tat))
     out[#out + 1] = tat
   else
-    redis.call('ZADD', k, ARGV[5], ARGV[4])
+    redis.call('ZADD', k, lease_expiry, ARGV[3])
     local last = redis.call('ZRANGE', k, -1, -1, 'WITHSCORES')
     redis.call('PEXPIREAT', k, expire_ms(tonumber(last[2])))
     out[#out + 1] = seen[i] + 1
@@ -131,20 +151,34 @@ return out
 /// (policy-wide limits) or the throttle queue refuses a request the key scope admitted.
 const UNDO_LUA: &str = r#"
 local function int(x) return string.format('%d', x) end
-local cost = tonumber(ARGV[2])
+local cost = tonumber(ARGV[1])
 for i = 1, #KEYS do
-  local kind = ARGV[3 * i + 3]
-  local a = tonumber(ARGV[3 * i + 4])
+  local kind = ARGV[4 * i + 1]
+  local a = tonumber(ARGV[4 * i + 2])
   local k = KEYS[i]
-  if kind == 'q' then
+  if kind == 'q' or kind == 'o' then
     if redis.call('EXISTS', k) == 1 then redis.call('HINCRBY', k, 'c', int(-cost)) end
   elseif kind == 'r' then
     local tat = tonumber(redis.call('GET', k))
     if tat then redis.call('SET', k, int(tat - a * cost), 'KEEPTTL') end
   else
-    redis.call('ZREM', k, ARGV[4])
+    redis.call('ZREM', k, ARGV[3])
   end
 end
+return 1
+"#;
+
+/// Moves the expiry of live leases (ARGV[2..]) in one sorted set (KEYS[1]) to Redis' now
+/// plus the TTL (ARGV[1], µs), so renewal is on the same clock as pruning.
+const RENEW_LUA: &str = r#"
+local t = redis.call('TIME')
+local expiry = tonumber(t[1]) * 1000000 + tonumber(t[2]) + tonumber(ARGV[1])
+local score = string.format('%d', expiry)
+for i = 2, #ARGV do
+  -- XX: never resurrect a lease that was released meanwhile.
+  redis.call('ZADD', KEYS[1], 'XX', 'GT', score, ARGV[i])
+end
+redis.call('PEXPIREAT', KEYS[1], string.format('%d', math.ceil(expiry / 1000)), 'GT')
 return 1
 "#;
 
@@ -220,44 +254,69 @@ impl<'a> Group<'a> {
             .map(|(k, _)| k)
     }
 
-    fn invocation<'s>(&self, script: &'s Script, a: &Args<'_>) -> redis::ScriptInvocation<'s> {
+    /// The script call for this scope; calendar quota windows are placed at `est_us`, the
+    /// sidecar's estimate of Redis' now.
+    fn invocation<'s>(
+        &self,
+        script: &'s Script,
+        a: &Args<'_>,
+        est_us: u64,
+    ) -> redis::ScriptInvocation<'s> {
         let mut inv = script.prepare_invoke();
         for k in &self.keys {
             inv.key(k);
         }
-        inv.arg(a.now_us)
-            .arg(a.cost)
+        inv.arg(a.cost)
             .arg(a.max_delay_us)
             .arg(a.lease_id)
-            .arg(a.lease_expiry_us);
+            .arg(a.lease_ttl_us);
+        let est_ns = est_us.saturating_mul(NS_PER_US);
         for rule in &self.rules {
             match rule {
-                Rule::Quota(q) => {
-                    let end = window::window_end_ns(q.period, q.alignment, a.now_ns);
-                    inv.arg("q").arg(q.requests).arg(end / NS_PER_US);
-                }
+                Rule::Quota(q) => match q.alignment {
+                    QuotaAlignment::Calendar => {
+                        let (start, end) = calendar_window_us(q.period, est_us);
+                        inv.arg("q").arg(q.requests).arg(start).arg(end);
+                    }
+                    QuotaAlignment::Rolling => {
+                        // The script adds its own now: only the length (a calendar month's,
+                        // for Month) comes from here.
+                        let len = window::window_end_ns(q.period, q.alignment, est_ns)
+                            .saturating_sub(est_ns)
+                            / NS_PER_US;
+                        inv.arg("o").arg(q.requests).arg(len).arg(0);
+                    }
+                },
                 Rule::Rate(r) => {
                     let interval = interval_us(r);
                     inv.arg("r")
                         .arg(interval)
-                        .arg(interval.saturating_mul(r.burst.saturating_add(1)));
+                        .arg(interval.saturating_mul(r.burst.saturating_add(1)))
+                        .arg(0);
                 }
                 Rule::Concurrency(c) => {
-                    inv.arg("c").arg(c.max).arg(0);
+                    inv.arg("c").arg(c.max).arg(0).arg(0);
                 }
             }
         }
         inv
     }
 
-    fn refusal(&self, index: i64, reset_us: i64, now_ns: u64) -> Option<Refusal> {
+    /// The refusal for limit `index` (1-based, as the script numbers it), with `reset_us`
+    /// (Redis' clock) moved onto the sidecar's: `now_ns` is the sidecar's clock when Redis'
+    /// clock read `redis_now_us`.
+    fn refusal(
+        &self,
+        index: i64,
+        reset_us: i64,
+        redis_now_us: i64,
+        now_ns: u64,
+    ) -> Option<Refusal> {
         let rule = usize::try_from(index)
             .ok()
             .and_then(|i| i.checked_sub(1))
             .and_then(|i| self.rules.get(i))?;
-        let reset_at_ns = u64::try_from(reset_us)
-            .unwrap_or(0)
-            .saturating_mul(NS_PER_US);
+        let reset_at_ns = now_ns.saturating_add(ns_until(reset_us, redis_now_us));
         Some(match rule {
             Rule::Quota(q) => Refusal {
                 reason: ExhaustionReason::QuotaExceeded,
@@ -293,11 +352,14 @@ impl<'a> Group<'a> {
     }
 
     /// Folds the script's per-limit values into the most restrictive status (as the local
-    /// limiter's commit does) and mirrors quota counts into the local view.
+    /// limiter's commit does) and mirrors quota counts into the local view. Window ends reach
+    /// the view through the sidecar's steady offset to Redis (`offset_us`, Redis minus
+    /// sidecar), so the same window keeps the same end from one reply to the next.
     fn admitted(
         &self,
         values: &[i64],
-        now_ns: u64,
+        redis_now_us: i64,
+        offset_us: i64,
         key_id: u64,
         view: &Limiter,
         status: &mut Option<LimitStatus>,
@@ -310,34 +372,36 @@ impl<'a> Group<'a> {
                 *status = Some(s);
             }
         };
-        let now_us = now_ns / NS_PER_US;
-        let mut v = values.iter().map(|x| u64::try_from(*x).unwrap_or(0));
+        let mut v = values.iter().copied();
         for rule in &self.rules {
             match rule {
                 Rule::Quota(q) => {
-                    let used = v.next().unwrap_or(0);
-                    let end_ns = v.next().unwrap_or(0).saturating_mul(NS_PER_US);
-                    view.note_quota(key_id, q.id(), used, end_ns);
+                    let used = u64::try_from(v.next().unwrap_or(0)).unwrap_or(0);
+                    let end_us = v.next().unwrap_or(0);
+                    let local_end_ns = u64::try_from(end_us.saturating_sub(offset_us))
+                        .unwrap_or(0)
+                        .saturating_mul(NS_PER_US);
+                    view.note_quota(key_id, q.id(), used, local_end_ns);
                     offer(LimitStatus {
                         kind: LimitKind::Quota,
                         name: q.name.clone(),
                         limit: q.requests,
                         window_s: window::nominal_secs(q.period),
                         remaining: q.requests.saturating_sub(used),
-                        reset_secs: end_ns.saturating_sub(now_ns).div_ceil(NANOS_PER_SEC),
+                        reset_secs: ns_until(end_us, redis_now_us).div_ceil(NANOS_PER_SEC),
                     });
                 }
                 Rule::Rate(r) => {
                     let interval = interval_us(r);
                     let tolerance = interval.saturating_mul(r.burst.saturating_add(1));
-                    let ahead = v.next().unwrap_or(0).saturating_sub(now_us);
+                    let ahead_ns = ns_until(v.next().unwrap_or(0), redis_now_us);
                     offer(LimitStatus {
                         kind: LimitKind::Rate,
                         name: r.name.clone(),
                         limit: r.requests,
                         window_s: r.period_s,
-                        remaining: tolerance.saturating_sub(ahead) / interval,
-                        reset_secs: ahead.saturating_mul(NS_PER_US).div_ceil(NANOS_PER_SEC),
+                        remaining: tolerance.saturating_sub(ahead_ns / NS_PER_US) / interval,
+                        reset_secs: ahead_ns.div_ceil(NANOS_PER_SEC),
                     });
                 }
                 Rule::Concurrency(_) => {
@@ -348,6 +412,40 @@ impl<'a> Group<'a> {
     }
 }
 
+/// Nanoseconds from `now_us` until `at_us` (both on Redis' clock), zero if already past.
+fn ns_until(at_us: i64, now_us: i64) -> u64 {
+    u64::try_from(at_us.saturating_sub(now_us))
+        .unwrap_or(0)
+        .saturating_mul(NS_PER_US)
+}
+
+/// Start and end (µs) of the calendar window containing `at_us`. The start is found by
+/// walking boundaries from a point at least one whole period earlier, so it needs nothing
+/// but [`window::calendar_end_secs`] (months have no fixed length).
+fn calendar_window_us(period: QuotaPeriod, at_us: u64) -> (u64, u64) {
+    const US_PER_SEC: u64 = 1_000_000;
+    let at = at_us / US_PER_SEC;
+    let longest = match period {
+        QuotaPeriod::Month => 31 * 86_400,
+        other => window::nominal_secs(other),
+    };
+    let mut start = window::calendar_end_secs(period, at.saturating_sub(longest));
+    if start > at {
+        // Only before the first boundary after the epoch (a broken clock).
+        start = 0;
+    }
+    loop {
+        let next = window::calendar_end_secs(period, start);
+        if next > at || next <= start {
+            return (
+                start.saturating_mul(US_PER_SEC),
+                next.saturating_mul(US_PER_SEC),
+            );
+        }
+        start = next;
+    }
+}
+
 /// The local limiter's interval in whole microseconds, rounded up like the local one so
 /// `requests` intervals never fit in one period.
 fn interval_us(r: &RateRule) -> u64 {
@@ -355,28 +453,40 @@ fn interval_us(r: &RateRule) -> u64 {
 }
 
 struct Args<'a> {
-    now_ns: u64,
-    now_us: u64,
     cost: u64,
     max_delay_us: i64,
     lease_id: &'a str,
-    lease_expiry_us: u64,
+    lease_ttl_us: u64,
 }
 
+#[derive(Debug)]
 enum ScriptResult {
-    Refused { index: i64, reset_us: i64 },
-    Admitted { delay_us: u64, values: Vec<i64> },
+    Refused {
+        index: i64,
+        reset_us: i64,
+        now_us: i64,
+    },
+    /// The sidecar's calendar window did not contain Redis' now; nothing was charged.
+    Stale { now_us: i64 },
+    Admitted {
+        delay_us: u64,
+        now_us: i64,
+        values: Vec<i64>,
+    },
 }
 
 fn parse(v: Vec<i64>) -> Result<ScriptResult, Error> {
     match v.as_slice() {
-        [0, index, reset_us] => Ok(ScriptResult::Refused {
+        [0, index, reset_us, now_us] => Ok(ScriptResult::Refused {
             index: *index,
             reset_us: *reset_us,
+            now_us: *now_us,
         }),
-        [1, delay, ..] => Ok(ScriptResult::Admitted {
+        [2, now_us] => Ok(ScriptResult::Stale { now_us: *now_us }),
+        [1, delay, now_us, ..] => Ok(ScriptResult::Admitted {
             delay_us: u64::try_from(*delay).unwrap_or(0),
-            values: v[2..].to_vec(),
+            now_us: *now_us,
+            values: v[3..].to_vec(),
         }),
         _ => Err(Error::Redis(format!("unexpected script reply {v:?}"))),
     }
@@ -401,7 +511,13 @@ struct Inner {
     next_lease: AtomicU64,
     /// Timeout of the last decision, for the background calls (same bound).
     last_timeout_ms: AtomicU64,
+    /// Redis' clock minus the sidecar's (µs), as last learned from a reply: where the
+    /// sidecar places calendar quota windows, and how Redis' window ends reach the local view.
+    offset_us: AtomicI64,
 }
+
+/// Round-trip noise in a measured clock offset, below which the steady offset is kept.
+const OFFSET_SLACK_US: u64 = 20_000;
 
 /// One Redis connection (manager) and its scripts, shared by every snapshot that names the
 /// same URL and prefix; the rest of the store config is read per decision so an operator
@@ -483,6 +599,7 @@ impl RedisLimiter {
             instance,
             next_lease: AtomicU64::new(0),
             last_timeout_ms: AtomicU64::new(cfg.timeout_ms.max(1)),
+            offset_us: AtomicI64::new(0),
         });
         if inner.conn.is_some() {
             tokio::spawn(probe_loop(Arc::downgrade(&inner)));
@@ -574,14 +691,58 @@ impl Inner {
         }
     }
 
+    /// The sidecar's estimate of Redis' clock now, in µs.
+    fn redis_now_estimate_us(&self) -> u64 {
+        (self.clock.now_ns() / NS_PER_US)
+            .saturating_add_signed(self.offset_us.load(Ordering::Relaxed))
+    }
+
+    /// Learns Redis' clock from a reply: `redis_now_us` was read between `sent_ns` and
+    /// `got_ns` on the sidecar's clock. The steady offset moves only when it is off by more
+    /// than round-trip noise, so window ends mirrored into the local view stay put.
+    fn observe_redis_clock(&self, redis_now_us: i64, sent_ns: u64, got_ns: u64) {
+        let mid_us = (sent_ns / 2 + got_ns / 2) / NS_PER_US;
+        let measured = redis_now_us.saturating_sub(i64::try_from(mid_us).unwrap_or(i64::MAX));
+        let current = self.offset_us.load(Ordering::Relaxed);
+        if measured.abs_diff(current) > OFFSET_SLACK_US {
+            self.offset_us.store(measured, Ordering::Relaxed);
+        }
+    }
+
+    /// Runs one scope's decision and returns the reply with the sidecar's clock when it
+    /// arrived. A `Stale` reply (the calendar window was placed from a clock estimate that
+    /// is off, e.g. before the first reply of a skewed sidecar, or one round trip after a
+    /// boundary) is retried from Redis' own now; it is returned only if that keeps failing.
     async fn run(
         &self,
         conn: &mut ConnectionManager,
         g: &Group<'_>,
         a: &Args<'_>,
-    ) -> Result<ScriptResult, Error> {
-        let v: Vec<i64> = g.invocation(&self.decide, a).invoke_async(conn).await?;
-        parse(v)
+    ) -> Result<(ScriptResult, u64), Error> {
+        let mut est_us = self.redis_now_estimate_us();
+        let mut attempts = 0;
+        loop {
+            let sent_ns = self.clock.now_ns();
+            let v: Vec<i64> = g
+                .invocation(&self.decide, a, est_us)
+                .invoke_async(conn)
+                .await?;
+            let got_ns = self.clock.now_ns();
+            let r = parse(v)?;
+            let redis_now_us = match &r {
+                ScriptResult::Refused { now_us, .. }
+                | ScriptResult::Stale { now_us }
+                | ScriptResult::Admitted { now_us, .. } => *now_us,
+            };
+            self.observe_redis_clock(redis_now_us, sent_ns, got_ns);
+            attempts += 1;
+            match r {
+                ScriptResult::Stale { now_us } if attempts < 3 => {
+                    est_us = u64::try_from(now_us).unwrap_or(0);
+                }
+                r => return Ok((r, got_ns)),
+            }
+        }
     }
 
     async fn decide_redis(
@@ -590,7 +751,6 @@ impl Inner {
         c: &Check<'_>,
         view: &Limiter,
     ) -> Result<Decision, Error> {
-        let now_ns = self.clock.now_ns();
         let key_group = Group::new(
             &self.prefix,
             c.key_id,
@@ -601,29 +761,32 @@ impl Inner {
             POLICY_SCOPE_ID,
             &[c.policy_limits.filter(|p| !p.is_empty())],
         );
-        let needs_lease =
-            key_group.lease_keys().next().is_some() || policy_group.lease_keys().next().is_some();
-        let lease_id = if needs_lease {
+        let lease_keys: Vec<String> = key_group
+            .lease_keys()
+            .chain(policy_group.lease_keys())
+            .cloned()
+            .collect();
+        let lease_id = if lease_keys.is_empty() {
+            String::new()
+        } else {
             format!(
                 "{:016x}-{}",
                 self.instance,
                 self.next_lease.fetch_add(1, Ordering::Relaxed)
             )
-        } else {
-            String::new()
         };
+        // The guard exists before any script can add the lease: if this future is dropped
+        // (the policy timeout) after Redis ran the script, dropping the guard still releases
+        // the slot instead of leaving it taken until the lease TTL.
+        let mut lease = (!lease_keys.is_empty()).then(|| self.lease(lease_id.clone(), lease_keys));
         let args = Args {
-            now_ns,
-            now_us: now_ns / NS_PER_US,
             cost: c.cost.max(1),
             max_delay_us: match (c.dry_run, c.throttle) {
                 (false, Some(t)) => i64::try_from(t.max_delay_ns / NS_PER_US).unwrap_or(i64::MAX),
                 _ => -1,
             },
             lease_id: &lease_id,
-            lease_expiry_us: (now_ns / NS_PER_US).saturating_add(
-                u64::try_from(self.settings.lease_ttl.as_micros()).unwrap_or(u64::MAX),
-            ),
+            lease_ttl_us: u64::try_from(self.settings.lease_ttl.as_micros()).unwrap_or(u64::MAX),
         };
         let mut status = None;
         let mut delay_us = 0;
@@ -633,18 +796,35 @@ impl Inner {
                 continue;
             }
             match self.run(&mut conn, g, &args).await? {
-                ScriptResult::Admitted {
-                    delay_us: d,
-                    values,
-                } => {
-                    g.admitted(&values, now_ns, scope, view, &mut status);
+                (
+                    ScriptResult::Admitted {
+                        delay_us: d,
+                        now_us,
+                        values,
+                    },
+                    _,
+                ) => {
+                    let offset_us = self.offset_us.load(Ordering::Relaxed);
+                    g.admitted(&values, now_us, offset_us, scope, view, &mut status);
                     delay_us = delay_us.max(d);
                     charged.push(g);
                 }
-                ScriptResult::Refused { index, reset_us } => {
+                (
+                    ScriptResult::Refused {
+                        index,
+                        reset_us,
+                        now_us,
+                    },
+                    at_ns,
+                ) => {
+                    // This scope refused before adding the lease; the undo takes it out of
+                    // the scopes that admitted.
                     self.spawn_undo(&charged, &args);
+                    if let Some(l) = lease.take() {
+                        l.disarm();
+                    }
                     let mut r = g
-                        .refusal(index, reset_us, now_ns)
+                        .refusal(index, reset_us, now_us, at_ns)
                         .ok_or_else(|| Error::Redis(format!("script named limit {index}")))?;
                     r.dry_run = c.dry_run;
                     return Ok(if r.dry_run {
@@ -657,6 +837,11 @@ impl Inner {
                         Decision::Refuse(r)
                     });
                 }
+                (ScriptResult::Stale { now_us }, _) => {
+                    return Err(Error::Redis(format!(
+                        "no calendar quota window contains Redis' clock ({now_us} µs) after 3 tries"
+                    )));
+                }
             }
         }
         let delay_ns = delay_us.saturating_mul(NS_PER_US);
@@ -667,6 +852,10 @@ impl Inner {
                 Some(slot) => queued = Some(slot),
                 None => {
                     self.spawn_undo(&charged, &args);
+                    if let Some(l) = lease.take() {
+                        l.disarm();
+                    }
+                    let now_ns = self.clock.now_ns();
                     return Ok(Decision::Refuse(Refusal {
                         reason: ExhaustionReason::Throttled,
                         kind: LimitKind::Rate,
@@ -680,29 +869,26 @@ impl Inner {
                 }
             }
         }
-        let permit = needs_lease.then(|| {
-            let keys: Vec<String> = key_group
-                .lease_keys()
-                .chain(policy_group.lease_keys())
-                .cloned()
-                .collect();
-            self.leases
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .insert(lease_id.clone(), keys.clone());
-            Permit::Redis(Lease {
-                inner: self.clone(),
-                id: lease_id,
-                keys,
-            })
-        });
         Ok(Decision::Allow(Admission {
             delay_ns,
             status,
-            permit,
+            permit: lease.map(Permit::Redis),
             queued,
             dry_run_refusal: None,
         }))
+    }
+
+    /// Registers a lease for renewal and returns its guard, whose drop releases it.
+    fn lease(self: &Arc<Self>, id: String, keys: Vec<String>) -> Lease {
+        self.leases
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id.clone(), keys.clone());
+        Lease {
+            inner: self.clone(),
+            id,
+            keys,
+        }
     }
 
     /// Rolls back scopes already charged, off the request path (bounded by the timeout).
@@ -732,11 +918,18 @@ impl Inner {
         Duration::from_millis(self.last_timeout_ms.load(Ordering::Relaxed))
     }
 
-    fn release(&self, id: &str, keys: &[String]) {
+    /// Stops renewing a lease.
+    fn forget(&self, id: &str) {
         self.leases
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(id);
+    }
+
+    /// Stops renewing a lease and removes it from Redis (sent on the same connection as,
+    /// so after, the script that may have added it).
+    fn release(&self, id: &str, keys: &[String]) {
+        self.forget(id);
         let Some(conn) = self.conn.clone() else {
             return;
         };
@@ -747,7 +940,10 @@ impl Inner {
         for k in keys {
             pipe.cmd("ZREM").arg(k).arg(id).ignore();
         }
-        let timeout = self.timeout();
+        // Off the request path, so it may wait longer than the policy timeout: redis-rs
+        // drops a command whose caller gave up before it was written, and a release cut
+        // short that way would hold the slot for the whole TTL, so wait up to that TTL.
+        let timeout = self.settings.lease_ttl.max(self.timeout());
         rt.spawn(async move {
             let mut conn = conn;
             let r = tokio::time::timeout(timeout, pipe.query_async::<()>(&mut conn)).await;
@@ -764,21 +960,20 @@ fn undo_cmd(g: &Group<'_>, a: &Args<'_>) -> redis::Cmd {
     for k in &g.keys {
         cmd.arg(k);
     }
-    cmd.arg(a.now_us)
-        .arg(a.cost)
+    cmd.arg(a.cost)
         .arg(a.max_delay_us)
         .arg(a.lease_id)
-        .arg(a.lease_expiry_us);
+        .arg(a.lease_ttl_us);
     for rule in &g.rules {
         match rule {
             Rule::Quota(q) => {
-                cmd.arg("q").arg(q.requests).arg(0);
+                cmd.arg("q").arg(q.requests).arg(0).arg(0);
             }
             Rule::Rate(r) => {
-                cmd.arg("r").arg(interval_us(r)).arg(0);
+                cmd.arg("r").arg(interval_us(r)).arg(0).arg(0);
             }
             Rule::Concurrency(c) => {
-                cmd.arg("c").arg(c.max).arg(0);
+                cmd.arg("c").arg(c.max).arg(0).arg(0);
             }
         }
     }
@@ -798,9 +993,20 @@ impl std::fmt::Debug for Lease {
     }
 }
 
+impl Lease {
+    /// For a lease no script holds (its scope refused before adding it, or the undo script
+    /// takes it back): stop renewing it without a round trip.
+    fn disarm(mut self) {
+        self.inner.forget(&self.id);
+        self.keys.clear();
+    }
+}
+
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.inner.release(&self.id, &self.keys);
+        if !self.keys.is_empty() {
+            self.inner.release(&self.id, &self.keys);
+        }
     }
 }
 
@@ -875,25 +1081,24 @@ async fn renew_loop(inner: Weak<Inner>) {
         let Some(mut conn) = inner.conn.clone() else {
             return;
         };
-        let expiry_us = (inner.clock.now_ns() / NS_PER_US)
-            .saturating_add(u64::try_from(ttl.as_micros()).unwrap_or(u64::MAX));
-        let expire_ms = expiry_us.div_ceil(1_000) + 1_000;
-        let mut pipe = redis::pipe();
+        // One call per sorted set (one slot each, Cluster-friendly); EVAL rather than
+        // EVALSHA: a few calls per third of a TTL, and no dependence on the script cache.
+        let mut by_key: HashMap<&str, Vec<&str>> = HashMap::new();
         for (id, keys) in &live {
             for k in keys {
-                // XX: never resurrect a lease that was released meanwhile.
-                pipe.cmd("ZADD")
-                    .arg(k)
-                    .arg("XX")
-                    .arg(expiry_us)
-                    .arg(id)
-                    .ignore();
-                pipe.cmd("PEXPIREAT")
-                    .arg(k)
-                    .arg(expire_ms)
-                    .arg("GT")
-                    .ignore();
+                by_key.entry(k).or_default().push(id);
             }
+        }
+        let ttl_us = u64::try_from(ttl.as_micros()).unwrap_or(u64::MAX);
+        let mut pipe = redis::pipe();
+        for (k, ids) in &by_key {
+            pipe.cmd("EVAL")
+                .arg(RENEW_LUA)
+                .arg(1)
+                .arg(k)
+                .arg(ttl_us)
+                .arg(ids)
+                .ignore();
         }
         let timeout = inner.timeout();
         let r = tokio::time::timeout(timeout, pipe.query_async::<()>(&mut conn)).await;
@@ -988,17 +1193,84 @@ mod tests {
     #[test]
     fn script_replies_parse() {
         assert!(matches!(
-            parse(vec![0, 2, 5]),
+            parse(vec![0, 2, 5, 3]),
             Ok(ScriptResult::Refused {
                 index: 2,
-                reset_us: 5
+                reset_us: 5,
+                now_us: 3
             })
         ));
         assert!(matches!(
-            parse(vec![1, 0, 7]),
-            Ok(ScriptResult::Admitted { delay_us: 0, .. })
+            parse(vec![1, 0, 3, 7]),
+            Ok(ScriptResult::Admitted {
+                delay_us: 0,
+                now_us: 3,
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse(vec![2, 9]),
+            Ok(ScriptResult::Stale { now_us: 9 })
         ));
         assert!(parse(vec![]).is_err());
+        assert!(parse(vec![0, 2, 5]).is_err());
+    }
+
+    #[test]
+    fn calendar_windows_contain_their_instant() {
+        use chrono::{TimeZone, Utc};
+        let us = |y, mo, d, h, mi, s| {
+            u64::try_from(
+                Utc.with_ymd_and_hms(y, mo, d, h, mi, s)
+                    .unwrap()
+                    .timestamp(),
+            )
+            .unwrap()
+                * 1_000_000
+        };
+        let at = us(2026, 3, 31, 23, 59, 59) + 999_999;
+        assert_eq!(
+            calendar_window_us(QuotaPeriod::Month, at),
+            (us(2026, 3, 1, 0, 0, 0), us(2026, 4, 1, 0, 0, 0))
+        );
+        assert_eq!(
+            calendar_window_us(QuotaPeriod::Month, us(2026, 3, 1, 0, 0, 0)),
+            (us(2026, 3, 1, 0, 0, 0), us(2026, 4, 1, 0, 0, 0))
+        );
+        assert_eq!(
+            calendar_window_us(QuotaPeriod::Month, us(2024, 2, 29, 12, 0, 0)),
+            (us(2024, 2, 1, 0, 0, 0), us(2024, 3, 1, 0, 0, 0))
+        );
+        // 2026-03-04 is a Wednesday; weeks start on Monday.
+        assert_eq!(
+            calendar_window_us(QuotaPeriod::Week, us(2026, 3, 4, 8, 0, 0)),
+            (us(2026, 3, 2, 0, 0, 0), us(2026, 3, 9, 0, 0, 0))
+        );
+        assert_eq!(
+            calendar_window_us(QuotaPeriod::Hour, us(2026, 3, 4, 8, 0, 0) - 1),
+            (us(2026, 3, 4, 7, 0, 0), us(2026, 3, 4, 8, 0, 0))
+        );
+        for period in [
+            QuotaPeriod::Minute,
+            QuotaPeriod::Hour,
+            QuotaPeriod::Day,
+            QuotaPeriod::Week,
+            QuotaPeriod::Month,
+        ] {
+            for at in (0..400u64).map(|i| us(2025, 12, 20, 0, 0, 0) + i * 7_777_777_777) {
+                let (start, end) = calendar_window_us(period, at);
+                assert!(start <= at && at < end, "{period:?} {at}: [{start}, {end})");
+                assert_eq!(
+                    end / 1_000_000,
+                    window::calendar_end_secs(period, at / 1_000_000)
+                );
+                assert_eq!(
+                    window::calendar_end_secs(period, start / 1_000_000 - 1),
+                    start / 1_000_000,
+                    "{period:?}: the start is the boundary just before"
+                );
+            }
+        }
     }
 
     #[test]

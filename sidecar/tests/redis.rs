@@ -15,12 +15,12 @@ use std::time::{Duration, Instant};
 use common::*;
 use http::StatusCode;
 use keylimit_dataplane::{
-    FailMode, Limits, Mode, PolicyDocument, QuotaAlignment, QuotaPeriod, QuotaWindow, RateWindow,
-    RedisStore, Store,
+    ExhaustionReason, FailMode, Limits, Mode, PolicyDocument, QuotaAlignment, QuotaPeriod,
+    QuotaWindow, RateWindow, RedisStore, Store,
 };
-use keylimit_sidecar::clock::SystemClock;
+use keylimit_sidecar::clock::{Clock, SystemClock};
 use keylimit_sidecar::config::{hash_presented, key_id};
-use keylimit_sidecar::limiter::{Check, Decision, LimitSet};
+use keylimit_sidecar::limiter::{Admission, Check, Decision, LimitSet, Limiter, Refusal};
 use keylimit_sidecar::metrics::Metrics;
 use keylimit_sidecar::store::{RedisLimiter, RedisSettings};
 use keylimit_sidecar::Sidecar;
@@ -118,11 +118,20 @@ impl Drop for RedisServer {
     }
 }
 
+/// The store timeout of tests that are not about timeouts: generous, because a debug build
+/// sharing two loaded cores with a fleet of sidecars can take 200 ms for one call, and a
+/// timeout there turns an accuracy test into a fail-mode one.
+const TIMEOUT_MS: u64 = 1000;
+
 fn store(url: String, fail_mode: FailMode, replicas: u32) -> Store {
+    store_with_timeout(url, fail_mode, replicas, TIMEOUT_MS)
+}
+
+fn store_with_timeout(url: String, fail_mode: FailMode, replicas: u32, timeout_ms: u64) -> Store {
     Store::Redis(RedisStore {
         url,
         key_prefix: "kl:test".into(),
-        timeout_ms: 200,
+        timeout_ms,
         fail_mode,
         replicas,
     })
@@ -415,7 +424,7 @@ async fn fail_mode_holds_while_redis_is_down(mode: FailMode, label: &str) {
     assert_eq!((ok, limited), (10, 2), "exact while Redis is up");
 
     redis.stop();
-    let budget = Duration::from_millis(200) + Duration::from_millis(800);
+    let budget = Duration::from_millis(TIMEOUT_MS) + Duration::from_millis(800);
     let mut statuses = Vec::new();
     let mut slowest = Duration::ZERO;
     for _ in 0..10 {
@@ -484,7 +493,7 @@ async fn a_stalled_redis_costs_at_most_the_timeout() {
     let mut dir = ConfigDir::new();
     dir.write_doc(&with_store(
         rate(1000, 3600, 999),
-        store(redis.url(), FailMode::FailClosed, 1),
+        store_with_timeout(redis.url(), FailMode::FailClosed, 1, 200),
     ));
     let up = upstream().await;
     let sc = start_redis_sidecar(&dir, &up, Duration::from_secs(30)).await;
@@ -537,4 +546,420 @@ async fn dry_run_counts_in_redis_but_forwards() {
     let name = "keylimit_requests_total{policy=\"shop/orders\",decision=\"dry_run_refused\"}";
     assert_eq!(metric(&text, name), Some(3.0), "{text}");
     sc.stop().await;
+}
+
+// ---- Clock skew between sidecars, and leases when the timeout fires mid-call ----
+
+/// The system clock moved by a fixed offset: a sidecar whose host clock is wrong.
+struct Skewed(i64);
+
+impl Clock for Skewed {
+    fn now_ns(&self) -> u64 {
+        SystemClock.now_ns().saturating_add_signed(self.0)
+    }
+    fn mono_ns(&self) -> u64 {
+        SystemClock.mono_ns().saturating_add_signed(self.0)
+    }
+}
+
+const HOUR_NS: i64 = 3_600_000_000_000;
+
+fn redis_cfg(url: String, timeout_ms: u64) -> RedisStore {
+    RedisStore {
+        url,
+        key_prefix: "kl:test".into(),
+        timeout_ms,
+        fail_mode: FailMode::FailClosed,
+        replicas: 1,
+    }
+}
+
+/// A sidecar's Redis limiter without the HTTP around it.
+fn redis_limiter(cfg: &RedisStore, clock: Arc<dyn Clock>, lease_ttl: Duration) -> RedisLimiter {
+    RedisLimiter::new(
+        cfg,
+        clock,
+        Arc::new(Metrics::new(false)),
+        RedisSettings {
+            lease_ttl,
+            probe_interval: Duration::from_millis(50),
+        },
+    )
+}
+
+async fn decide(l: &RedisLimiter, cfg: &RedisStore, set: &LimitSet, key: u64) -> Option<Decision> {
+    let view = Limiter::new(Arc::new(SystemClock));
+    let check = Check {
+        key_id: key,
+        key_limits: set,
+        route_limits: None,
+        policy_limits: None,
+        cost: 1,
+        throttle: None,
+        dry_run: false,
+    };
+    l.decide(cfg, &check, &view).await
+}
+
+async fn admitted(l: &RedisLimiter, cfg: &RedisStore, set: &LimitSet, key: u64) -> Admission {
+    match decide(l, cfg, set, key).await {
+        Some(Decision::Allow(a)) => a,
+        other => panic!("expected an admission, got {other:?}"),
+    }
+}
+
+async fn refused(l: &RedisLimiter, cfg: &RedisStore, set: &LimitSet, key: u64) -> Refusal {
+    match decide(l, cfg, set, key).await {
+        Some(Decision::Refuse(r)) => r,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+/// A separate connection that looks at Redis directly, never through a limiter.
+async fn inspector(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("inspector connection")
+}
+
+/// Leases held in every concurrency sorted set, with their expiry scores.
+async fn leases(conn: &mut redis::aio::MultiplexedConnection) -> Vec<(String, i64)> {
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*:c:*")
+        .query_async(conn)
+        .await
+        .expect("KEYS");
+    let mut out = Vec::new();
+    for k in keys {
+        let members: Vec<(String, i64)> = redis::cmd("ZRANGE")
+            .arg(&k)
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES")
+            .query_async(conn)
+            .await
+            .expect("ZRANGE");
+        out.extend(members);
+    }
+    out
+}
+
+async fn redis_time_us(conn: &mut redis::aio::MultiplexedConnection) -> i64 {
+    let (s, us): (i64, i64) = redis::cmd("TIME").query_async(conn).await.expect("TIME");
+    s * 1_000_000 + us
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_clock_does_not_prune_other_sidecars_live_leases() {
+    let redis = RedisServer::start();
+    let cfg = redis_cfg(redis.url(), 1000);
+    let set = LimitSet::compile(
+        &Limits {
+            concurrency: Some(2),
+            ..Limits::default()
+        },
+        "key",
+    );
+    let ttl = Duration::from_secs(30);
+    let honest = redis_limiter(&cfg, Arc::new(SystemClock), ttl);
+    let fast = redis_limiter(&cfg, Arc::new(Skewed(HOUR_NS)), ttl);
+    let mut ins = inspector(&redis.url()).await;
+
+    let _a = admitted(&honest, &cfg, &set, 7).await;
+    // The fast sidecar's "now" is an hour past the honest lease's expiry.
+    let _b = admitted(&fast, &cfg, &set, 7).await;
+    let held = leases(&mut ins).await;
+    eprintln!("MEASURED leases after a fast sidecar's decision: {held:?}");
+    assert_eq!(held.len(), 2, "the honest sidecar's live lease was pruned");
+    let now = redis_time_us(&mut ins).await;
+    for (id, expiry) in &held {
+        let ahead = Duration::from_micros(u64::try_from(expiry - now).unwrap_or(0));
+        assert!(
+            ahead <= ttl && ahead + Duration::from_secs(5) >= ttl,
+            "lease {id} expires {ahead:?} from Redis' now, not one TTL"
+        );
+    }
+    for l in [&honest, &fast] {
+        let r = refused(l, &cfg, &set, 7).await;
+        assert_eq!(r.reason, ExhaustionReason::ConcurrencyLimited);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_clock_keeps_its_leases_and_a_fast_ones_expire_after_one_ttl() {
+    let redis = RedisServer::start();
+    let cfg = redis_cfg(redis.url(), 1000);
+    let set = LimitSet::compile(
+        &Limits {
+            concurrency: Some(1),
+            ..Limits::default()
+        },
+        "key",
+    );
+    let ttl = Duration::from_secs(1);
+    let honest = redis_limiter(&cfg, Arc::new(SystemClock), ttl);
+    let mut ins = inspector(&redis.url()).await;
+
+    // An hour slow: its lease (taken and renewed) must stay live past its first expiry.
+    let slow = redis_limiter(&cfg, Arc::new(Skewed(-HOUR_NS)), ttl);
+    let held = admitted(&slow, &cfg, &set, 8).await;
+    let first_expiry = leases(&mut ins)
+        .await
+        .first()
+        .map(|l| l.1)
+        .expect("a lease");
+    eventually("Redis' clock to pass the lease's first expiry", || {
+        let ins = ins.clone();
+        async move { redis_time_us(&mut ins.clone()).await > first_expiry + 200_000 }
+    })
+    .await;
+    let r = refused(&honest, &cfg, &set, 8).await;
+    assert_eq!(
+        r.reason,
+        ExhaustionReason::ConcurrencyLimited,
+        "renewed lease"
+    );
+    drop(held);
+    eventually("the slow sidecar's lease to be released", || {
+        let mut ins = ins.clone();
+        async move { leases(&mut ins).await.is_empty() }
+    })
+    .await;
+
+    // An hour fast, then crashed: its lease frees after one TTL of Redis time, not an hour.
+    let fast = redis_limiter(&cfg, Arc::new(Skewed(HOUR_NS)), ttl);
+    let a = admitted(&fast, &cfg, &set, 8).await;
+    let taken = Instant::now();
+    std::mem::forget(a.permit);
+    fast.halt();
+    drop(fast);
+    let deadline = taken + ttl + Duration::from_secs(5);
+    loop {
+        if let Some(Decision::Allow(_)) = decide(&honest, &cfg, &set, 8).await {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a fast sidecar's crashed lease outlived its TTL"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let freed = taken.elapsed();
+    eprintln!("MEASURED fast sidecar's crashed lease freed after {freed:?} (ttl {ttl:?})");
+    assert!(
+        freed + Duration::from_millis(100) >= ttl,
+        "freed before its TTL"
+    );
+}
+
+fn secs_to_next_hour() -> u64 {
+    3600 - (SystemClock.now_ns() / 1_000_000_000) % 3600
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_clock_does_not_refill_rate_windows() {
+    let redis = RedisServer::start();
+    let cfg = redis_cfg(redis.url(), 1000);
+    let honest = redis_limiter(&cfg, Arc::new(SystemClock), Duration::from_secs(30));
+    let fast = redis_limiter(&cfg, Arc::new(Skewed(HOUR_NS)), Duration::from_secs(30));
+
+    // Rate: 2 per hour, both at once (interval 30 min).
+    let rate_set = LimitSet::compile(&rate(2, 3600, 1), "key");
+    admitted(&honest, &cfg, &rate_set, 1).await;
+    admitted(&honest, &cfg, &rate_set, 1).await;
+    for (who, l) in [("honest", &honest), ("fast", &fast)] {
+        let r = refused(l, &cfg, &rate_set, 1).await;
+        assert_eq!(r.reason, ExhaustionReason::RateLimited, "{who}");
+        let retry = r.retry_after_secs();
+        eprintln!("MEASURED {who} sidecar: rate Retry-After {retry}s (interval 1800s)");
+        assert!((1795..=1800).contains(&retry), "{who}: Retry-After {retry}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_clock_neither_ends_nor_misplaces_quota_windows() {
+    let redis = RedisServer::start();
+    let cfg = redis_cfg(redis.url(), 1000);
+    let honest = redis_limiter(&cfg, Arc::new(SystemClock), Duration::from_secs(30));
+    let fast = redis_limiter(&cfg, Arc::new(Skewed(HOUR_NS)), Duration::from_secs(30));
+
+    // Quota: 3 per calendar hour. Keep clear of the hour's end, where the window turns over
+    // under the test (bounded: at most 20 s).
+    let start = Instant::now();
+    while secs_to_next_hour() < 20 {
+        assert!(start.elapsed() < Duration::from_secs(25));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let quota_set = LimitSet::compile(
+        &Limits {
+            quotas: vec![QuotaWindow {
+                name: "hourly".into(),
+                requests: 3,
+                period: QuotaPeriod::Hour,
+                alignment: QuotaAlignment::Calendar,
+            }],
+            ..Limits::default()
+        },
+        "key",
+    );
+    let expect_reset = |who: &str, r: &Refusal| {
+        assert_eq!(r.reason, ExhaustionReason::QuotaExceeded, "{who}");
+        let retry = r.retry_after_secs();
+        let left = secs_to_next_hour();
+        eprintln!("MEASURED {who} sidecar: quota Retry-After {retry}s, {left}s left in the hour");
+        assert!(retry.abs_diff(left) <= 2, "{who}: Retry-After {retry}s");
+    };
+    // Key 2: the honest sidecar opens the window; the fast one must not see it as over.
+    admitted(&honest, &cfg, &quota_set, 2).await;
+    admitted(&honest, &cfg, &quota_set, 2).await;
+    let third = admitted(&fast, &cfg, &quota_set, 2).await;
+    let status = third.status.expect("quota status");
+    assert_eq!(status.remaining, 0, "the fast sidecar started a new window");
+    assert!(status.reset_secs.abs_diff(secs_to_next_hour()) <= 2);
+    expect_reset("honest", &refused(&honest, &cfg, &quota_set, 2).await);
+    expect_reset("fast", &refused(&fast, &cfg, &quota_set, 2).await);
+
+    // Key 3: a fresh fast sidecar (no reply seen yet, so it guesses the window from its own
+    // clock) opens the window: Redis' hour, not the one an hour ahead.
+    let fresh = redis_limiter(&cfg, Arc::new(Skewed(HOUR_NS)), Duration::from_secs(30));
+    admitted(&fresh, &cfg, &quota_set, 3).await;
+    admitted(&honest, &cfg, &quota_set, 3).await;
+    admitted(&honest, &cfg, &quota_set, 3).await;
+    expect_reset("honest", &refused(&honest, &cfg, &quota_set, 3).await);
+    expect_reset("fresh fast", &refused(&fresh, &cfg, &quota_set, 3).await);
+}
+
+/// A loopback TCP proxy in front of Redis that can hold Redis' replies while commands still
+/// flow in: Redis runs a script, and the caller's timeout fires before it hears back.
+struct ReplyHoldingProxy {
+    addr: SocketAddr,
+    hold: tokio::sync::watch::Sender<bool>,
+    /// Every byte Redis sent while replies were held.
+    held: Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl ReplyHoldingProxy {
+    async fn start(redis_port: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr");
+        let (hold, hold_rx) = tokio::sync::watch::channel(false);
+        let held = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = held.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", redis_port)).await
+                else {
+                    continue;
+                };
+                let (mut client_r, mut client_w) = client.into_split();
+                let (mut server_r, mut server_w) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut client_r, &mut server_w).await;
+                });
+                let (mut hold_rx, log) = (hold_rx.clone(), log.clone());
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut buf = vec![0u8; 64 * 1024];
+                    // Keeps reading while holding, so every reply Redis sends is logged.
+                    let mut pending = Vec::new();
+                    loop {
+                        tokio::select! {
+                            r = server_r.read(&mut buf) => match r {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => {
+                                    if *hold_rx.borrow() {
+                                        log.lock().unwrap().extend_from_slice(&buf[..n]);
+                                    }
+                                    pending.extend_from_slice(&buf[..n]);
+                                }
+                            },
+                            changed = hold_rx.changed() => {
+                                if changed.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                        if !*hold_rx.borrow() && !pending.is_empty() {
+                            if client_w.write_all(&pending).await.is_err() {
+                                return;
+                            }
+                            pending.clear();
+                        }
+                    }
+                });
+            }
+        });
+        Self { addr, hold, held }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://{}/0", self.addr)
+    }
+
+    fn hold(&self, on: bool) {
+        self.hold.send_replace(on);
+    }
+
+    fn held(&self) -> Vec<u8> {
+        self.held.lock().unwrap().clone()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_is_released_when_the_timeout_fires_after_the_script_ran() {
+    let redis = RedisServer::start();
+    let proxy = ReplyHoldingProxy::start(redis.port).await;
+    // Generous, so even a loaded machine writes the script before the timeout drops it.
+    let cfg = redis_cfg(proxy.url(), 500);
+    let set = LimitSet::compile(
+        &Limits {
+            concurrency: Some(1),
+            ..Limits::default()
+        },
+        "key",
+    );
+    let ttl = Duration::from_secs(60);
+    let l = redis_limiter(&cfg, Arc::new(SystemClock), ttl);
+    let mut ins = inspector(&redis.url()).await;
+
+    // Connected, script loaded, and a lease taken and released normally.
+    let a = admitted(&l, &cfg, &set, 9).await;
+    assert_eq!(leases(&mut ins).await.len(), 1);
+    drop(a);
+    eventually("the first lease to be released", || {
+        let mut ins = ins.clone();
+        async move { leases(&mut ins).await.is_empty() }
+    })
+    .await;
+
+    proxy.hold(true);
+    let t = Instant::now();
+    let d = decide(&l, &cfg, &set, 9).await;
+    let waited = t.elapsed();
+    assert!(d.is_none(), "FailClosed after the timeout, got {d:?}");
+    assert!(
+        waited >= Duration::from_millis(490),
+        "returned after {waited:?}"
+    );
+    // Redis did run the script: its reply is the only array reply (`*` at the start of a
+    // reply) among what the proxy holds; probe PINGs (`+PONG`) may be held too.
+    eventually("Redis to have answered the script", || async {
+        let held = proxy.held();
+        held.first() == Some(&b'*') || held.windows(2).any(|w| w == b"\n*")
+    })
+    .await;
+    eventually("the timed-out request's lease to be released", || {
+        let mut ins = ins.clone();
+        async move { leases(&mut ins).await.is_empty() }
+    })
+    .await;
+    eprintln!(
+        "MEASURED lease of a timed-out decision freed {:?} after the decision returned (ttl {ttl:?})",
+        t.elapsed().saturating_sub(waited)
+    );
+    proxy.hold(false);
 }
