@@ -28,8 +28,10 @@ use k8s_openapi::api::core::v1::{
     SeccompProfile, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount,
     VolumeProjection,
 };
+use k8s_openapi::api::core::v1::{KeyToPath, SecretProjection};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use keylimit_dataplane as dp;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
 use kube::core::DynamicObject;
 use tokio::net::TcpListener;
@@ -60,6 +62,10 @@ pub const TOKEN_VOLUME: &str = "keylimit-token";
 pub const CONFIG_DIR: &str = "/etc/keylimit";
 pub const TOKEN_DIR: &str = "/var/run/secrets/keylimit";
 pub const TOKEN_FILE: &str = "token";
+/// File name of the namespace's key-hash HMAC key inside [`CONFIG_DIR`]: the
+/// `keylimit-hash-key` Secret is a source of the same projected volume as the policy's
+/// ConfigMaps, so kubelet swaps the key and the documents hashed with it in one atomic step.
+pub const HASH_KEY_FILE: &str = "keylimit-hash-key";
 /// Key shards the projected volume lists (all optional): render.rs never writes more.
 pub const MAX_SHARDS: usize = 32;
 /// Short-lived and audience-bound: a leaked token is only good for reporting usage to the
@@ -431,12 +437,32 @@ fn config_volume(policy: &str) -> Volume {
         }),
         ..Default::default()
     });
+    // Not optional either: the operator creates it with the namespace's first policy, and a
+    // sidecar without it would refuse every document (their key hashes are keyed with it).
+    let hash_key = VolumeProjection {
+        secret: Some(SecretProjection {
+            name: dp::HASH_KEY_SECRET.into(),
+            optional: Some(false),
+            items: Some(vec![KeyToPath {
+                key: dp::HASH_KEY_DATA.into(),
+                path: HASH_KEY_FILE.into(),
+                ..Default::default()
+            }]),
+        }),
+        ..Default::default()
+    };
     Volume {
         name: CONFIG_VOLUME.into(),
         projected: Some(ProjectedVolumeSource {
-            // Read-only for everyone: the sidecar only reads.
+            // Read-only for everyone: the sidecar only reads. Only the sidecar container
+            // mounts this volume, so the app container never sees the hash key.
             default_mode: Some(0o444),
-            sources: Some(std::iter::once(main).chain(shards).collect()),
+            sources: Some(
+                std::iter::once(main)
+                    .chain(shards)
+                    .chain(std::iter::once(hash_key))
+                    .collect(),
+            ),
             ..Default::default()
         }),
         ..Default::default()
@@ -530,6 +556,8 @@ pub fn sidecar_args(s: &SidecarSettings, fail_mode: FailMode, upstream_port: i32
         format!("http://127.0.0.1:{upstream_port}"),
         "--config-dir".to_string(),
         CONFIG_DIR.to_string(),
+        "--hash-key-file".to_string(),
+        format!("{CONFIG_DIR}/{HASH_KEY_FILE}"),
         "--sidecar-name".to_string(),
         // Expanded by kubelet from the env var below.
         "$(POD_NAME)".to_string(),
@@ -1016,7 +1044,8 @@ mod tests {
             .as_ref()
             .and_then(|p| p.sources.clone())
             .unwrap_or_default();
-        assert_eq!(sources.len(), 1 + MAX_SHARDS);
+        // The main ConfigMap, every possible shard, and the hash key.
+        assert_eq!(sources.len(), 2 + MAX_SHARDS);
         let names: Vec<(String, Option<bool>)> = sources
             .iter()
             .filter_map(|s| s.config_map.as_ref().map(|c| (c.name.clone(), c.optional)))
@@ -1055,6 +1084,56 @@ mod tests {
                 .and_then(|a| a.get(INJECTED_ANNOTATION))
                 .map(String::as_str),
             Some("gold")
+        );
+    }
+
+    #[test]
+    fn sidecar_gets_the_hash_key_from_the_config_volume() {
+        let out = injected(&app_pod(&[(POLICY_ANNOTATION, "gold")], &[]));
+        let spec = out.spec.as_ref().expect("spec");
+        let cfg = spec
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == CONFIG_VOLUME)
+            .expect("config volume");
+        let secrets: Vec<_> = cfg
+            .projected
+            .as_ref()
+            .and_then(|p| p.sources.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.secret.clone())
+            .collect();
+        assert_eq!(secrets.len(), 1, "{secrets:?}");
+        assert_eq!(secrets[0].name, "keylimit-hash-key");
+        assert_eq!(secrets[0].optional, Some(false));
+        let items = secrets[0].items.clone().unwrap_or_default();
+        assert_eq!(items.len(), 1);
+        assert_eq!(
+            (items[0].key.as_str(), items[0].path.as_str()),
+            ("key", HASH_KEY_FILE)
+        );
+        // Only the sidecar mounts the volume; the app container never sees the key.
+        assert!(spec.containers.iter().all(|c| c
+            .volume_mounts
+            .iter()
+            .flatten()
+            .all(|m| m.name != CONFIG_VOLUME)));
+        let sidecar = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .find(|c| c.name == SIDECAR_NAME)
+            .expect("sidecar");
+        let args = sidecar.args.clone().unwrap_or_default();
+        let i = args
+            .iter()
+            .position(|a| a == "--hash-key-file")
+            .expect("--hash-key-file");
+        assert_eq!(
+            args.get(i + 1).map(String::as_str),
+            Some("/etc/keylimit/keylimit-hash-key")
         );
     }
 
