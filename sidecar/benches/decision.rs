@@ -185,5 +185,36 @@ fn benches(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(decision, benches);
+/// What the hardened request path adds before the decision: path normalisation (the common
+/// already-normal case and a path that needs rewriting), route matching, and key extraction
+/// from a realistic header map.
+fn request_path(c: &mut Criterion) {
+    use keylimit_sidecar::path::{match_form, normalize};
+    let mut g = c.benchmark_group("request_path");
+    g.throughput(Throughput::Elements(1));
+    let rules = keylimit_dataplane::PathMatching::default();
+    g.bench_function("normalize_already_normal", |b| {
+        b.iter(|| normalize(black_box("/v1/orders/42/items")).map(|p| p.len()))
+    });
+    g.bench_function("normalize_rewrite", |b| {
+        b.iter(|| normalize(black_box("/v1//orders/./42/%69tems")).map(|p| p.len()))
+    });
+    g.bench_function("match_form_lowercase", |b| {
+        b.iter(|| match_form(black_box("/v1/orders/42/items"), &rules).map(|p| p.len()))
+    });
+    let snap = snapshot(1);
+    let req = http::Request::get("/v1/orders/42?expand=items")
+        .header("host", "app")
+        .header("user-agent", "bench")
+        .header("accept", "application/json")
+        .header("x-api-key", material(0))
+        .body(())
+        .unwrap_or_default();
+    g.bench_function("find_key_header", |b| {
+        b.iter(|| keylimit_sidecar::proxy::find_key(&snap.source, black_box(&req)))
+    });
+    g.finish();
+}
+
+criterion_group!(decision, benches, request_path);
 criterion_main!(decision);
