@@ -58,7 +58,22 @@ wait_http "http://127.0.0.1:$OP_PORT/readyz" "the operator"
 
 say "kubectl apply -f examples/"
 kubectl apply -n "$NS" -f examples/
-kubectl wait -n "$NS" --for=condition=Ready --timeout=60s apikey/acme apikey/globex
+kubectl wait -n "$NS" --for=condition=Ready --timeout=60s apikey/acme apikey/globex apikey/initech
+say "A key pointed at a Secret that did not opt in (no keylimit.dev/secret=true label)"
+kubectl create secret generic db-password -n "$NS" --from-literal=token=s3cret-database-password \
+  --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+kubectl apply -n "$NS" -f - >/dev/null <<'KEY'
+apiVersion: keylimit.dev/v1alpha1
+kind: ApiKey
+metadata: {name: sneaky}
+spec:
+  policyRef: {name: standard}
+  secretRef: {name: db-password, key: token}
+KEY
+kubectl wait -n "$NS" --for=jsonpath='{.status.conditions[?(@.type=="Ready")].reason}'=SecretNotFound \
+  --timeout=30s apikey/sneaky
+kubectl get apikey sneaky -n "$NS" -o jsonpath='{.status.conditions[?(@.type=="Ready")].message}'
+echo
 
 say "Starting an upstream app, and the keylimit sidecar in front of it"
 UP_PORT=$(free_port)
