@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Debian packages the tests need. Idempotent: installs only what is missing.
+# Debian packages the tests need, and cargo-fuzz. Idempotent: installs only what is missing.
 set -euo pipefail
 need=()
 for pkg in openssl redis-server redis-tools; do
@@ -11,3 +11,9 @@ if ((${#need[@]})); then
   DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq "${need[@]}"
 fi
 echo "system packages present: openssl redis-server redis-tools"
+
+# cargo-fuzz for hack/fuzz.sh (built from crates.io; the fuzz build itself uses stable Rust).
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  cargo install cargo-fuzz --version 0.13.2 --locked
+fi
+echo "cargo-fuzz present: $(cargo fuzz --version)"
