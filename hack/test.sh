@@ -26,6 +26,9 @@ git diff --exit-code -- crds charts/keylimit/crds || {
 step "unit and integration tests"
 cargo test --workspace
 
+step "fuzz targets, 20s each (hack/fuzz.sh)"
+bash hack/fuzz.sh 20
+
 step "Kubernetes control plane (build once, then cached)"
 bash hack/build-tools.sh
 export KEYLIMIT_CP_DIR="${KEYLIMIT_CP_DIR:-$(mktemp -d /tmp/keylimit-cp.XXXXXX)}"
