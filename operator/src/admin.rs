@@ -1,5 +1,8 @@
 //! The operator's own HTTP endpoints: `/healthz`, `/readyz`, `/metrics`. Kept off the
 //! webhook's TLS port so probes never depend on certificates.
+//!
+//! Usage reports carry the sidecar's ServiceAccount token, so they go to the TLS port
+//! (webhook.rs); here they are refused unless `--allow-plaintext-reports` is set.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -25,6 +28,11 @@ pub struct Health {
     pub ready: AtomicBool,
 }
 
+/// The answer to a report sent in plain HTTP.
+pub const PLAINTEXT_REFUSED: &str = "usage reports are accepted over TLS only: send them to \
+    https://<webhook service>.<namespace>.svc/v1/reports with --report-ca-file (the operator's \
+    --allow-plaintext-reports accepts them here)\n";
+
 fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
@@ -39,7 +47,17 @@ async fn handle(
     health: Arc<Health>,
     metrics: Arc<Metrics>,
     reports: Arc<Reports>,
+    allow_plaintext_reports: bool,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.uri().path() == "/v1/reports" && !allow_plaintext_reports {
+        // Refused before anything is read or reviewed: the token has crossed the network in
+        // clear already, and answering 2xx would teach a misconfigured sidecar to keep doing so.
+        return Ok(respond(
+            StatusCode::GONE,
+            "text/plain",
+            PLAINTEXT_REFUSED.into(),
+        ));
+    }
     if req.uri().path() == "/v1/reports" {
         if req.method() != http::Method::POST {
             return Ok(respond(
@@ -79,6 +97,7 @@ pub async fn serve(
     health: Arc<Health>,
     metrics: Arc<Metrics>,
     reports: Arc<Reports>,
+    allow_plaintext_reports: bool,
 ) -> Result<SocketAddr, Error> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
@@ -93,7 +112,15 @@ pub async fn serve(
         listener,
         config,
         keylimit_httpserver::tcp,
-        move |_peer, req| handle(req, health.clone(), metrics.clone(), reports.clone()),
+        move |_peer, req| {
+            handle(
+                req,
+                health.clone(),
+                metrics.clone(),
+                reports.clone(),
+                allow_plaintext_reports,
+            )
+        },
         std::future::pending(),
     ));
     Ok(local)

@@ -387,6 +387,10 @@ pub fn certified_key(cert_pem: &[u8], key_pem: &[u8]) -> Result<CertifiedKey, Er
 #[derive(Debug, Default)]
 pub struct CertStore {
     current: RwLock<Option<(Arc<CertifiedKey>, String)>>,
+    /// The CA bundle clients should trust (during rotation the old and the new CA), when
+    /// known: sidecars get it through the `keylimit-ca` ConfigMap, and a standby verifies the
+    /// leader with it when forwarding reports.
+    ca: RwLock<Option<String>>,
 }
 
 impl CertStore {
@@ -412,6 +416,19 @@ impl CertStore {
 
     pub fn is_loaded(&self) -> bool {
         self.current.read().map(|c| c.is_some()).unwrap_or(false)
+    }
+
+    pub fn set_ca(&self, ca_pem: &str) {
+        if let Ok(mut c) = self.ca.write() {
+            if c.as_deref() != Some(ca_pem) {
+                *c = Some(ca_pem.to_string());
+            }
+        }
+    }
+
+    /// The CA bundle to trust for this certificate, if known.
+    pub fn ca_pem(&self) -> Option<String> {
+        self.ca.read().ok().and_then(|c| c.clone())
     }
 }
 
@@ -603,6 +620,7 @@ async fn refresh(
             if store.install(&bundle.cert_pem, &bundle.key_pem)? {
                 info!(secret = %secret, not_after = %bundle.not_after, "serving webhook certificate");
             }
+            store.set_ca(&bundle.ca_pem);
             Ok(())
         }
     }
@@ -613,6 +631,12 @@ async fn load_dir(dir: &Path, store: &CertStore) -> Result<(), Error> {
     let key = tokio::fs::read_to_string(dir.join("tls.key")).await?;
     if store.install(&cert, &key)? {
         info!(dir = %dir.display(), "serving webhook certificate from files");
+    }
+    // cert-manager writes the issuing CA next to the certificate.
+    if let Ok(ca) = tokio::fs::read_to_string(dir.join("ca.crt")).await {
+        if !ca.trim().is_empty() {
+            store.set_ca(&ca);
+        }
     }
     Ok(())
 }

@@ -12,6 +12,7 @@ pub mod leader;
 pub mod metrics;
 pub mod render;
 pub mod reports;
+pub mod trust;
 pub mod webhook;
 
 use std::net::SocketAddr;
@@ -98,6 +99,10 @@ pub struct RunArgs {
     /// refused (429) until others go stale, so one namespace cannot fill the leader's memory.
     #[arg(long, default_value_t = 1000)]
     pub max_sidecars_per_namespace: usize,
+    /// Also accept usage reports in plain HTTP on the admin address. Off by default: reports
+    /// carry ServiceAccount tokens, and go to the webhook's TLS address instead.
+    #[arg(long)]
+    pub allow_plaintext_reports: bool,
     /// Boxed: the webhook's many flags would make `Command::Run` far larger than `Crd`.
     #[command(flatten)]
     pub webhook: Box<WebhookArgs>,
@@ -149,9 +154,20 @@ impl WebhookArgs {
         names
     }
 
-    /// Starts the webhook if configured. Runs on every replica, before leader election:
-    /// admission is stateless, so standbys answer too.
-    pub async fn start(&self, client: &kube::Client) -> Result<Option<SocketAddr>, Error> {
+    /// The name sidecars and standbys verify the report endpoint's certificate as.
+    pub fn report_server_name(&self) -> String {
+        format!("{}.{}.svc", self.webhook_service, self.webhook_namespace)
+    }
+
+    /// Starts the webhook (and the TLS report endpoint) if configured, serving the
+    /// certificate `store` is kept filled with. Runs on every replica, before leader
+    /// election: admission is stateless and reports are forwarded, so standbys answer too.
+    pub async fn start(
+        &self,
+        client: &kube::Client,
+        store: Arc<certs::CertStore>,
+        reports: Option<Arc<reports::Reports>>,
+    ) -> Result<Option<SocketAddr>, Error> {
         let Some(addr) = self.webhook_addr else {
             return Ok(None);
         };
@@ -166,10 +182,16 @@ impl WebhookArgs {
                 validity: Duration::from_secs(self.webhook_cert_validity_days.max(1) * 86400),
             },
         };
-        let store = Arc::new(certs::CertStore::default());
         certs::start(source, store.clone()).await?;
         Ok(Some(
-            webhook::serve(addr, store, self.sidecar.clone(), Some(client.clone())).await?,
+            webhook::serve(
+                addr,
+                store,
+                self.sidecar.clone(),
+                Some(client.clone()),
+                reports,
+            )
+            .await?,
         ))
     }
 }
@@ -278,6 +300,7 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
     let client = kube::Client::try_default().await?;
     let metrics = Arc::new(metrics::Metrics::default());
     let health = Arc::new(admin::Health::default());
+    let certs = Arc::new(certs::CertStore::default());
     let identity = args.identity.clone().unwrap_or_else(|| {
         std::env::var("HOSTNAME").unwrap_or_else(|_| format!("keylimit-{}", std::process::id()))
     });
@@ -286,12 +309,21 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
             sidecars_per_namespace: args.max_sidecars_per_namespace.max(1),
             ..Default::default()
         },
-        // A standby forwards reports to the leader's pod on this same admin port.
+        // A standby forwards reports to the leader's pod: over TLS on the webhook port,
+        // verified as the webhook Service's name; in plain HTTP on the admin port only when
+        // there is no TLS port.
         peers: (!args.no_leader_election).then(|| reports::Peers {
             namespace: args.lease_namespace.clone(),
             lease: args.lease_name.clone(),
             identity: identity.clone(),
-            port: args.admin_addr.port(),
+            port: args
+                .webhook
+                .webhook_addr
+                .map_or(args.admin_addr.port(), |a| a.port()),
+            tls: args.webhook.webhook_addr.map(|_| reports::PeerTls {
+                server_name: args.webhook.report_server_name(),
+                certs: certs.clone(),
+            }),
         }),
     };
     let reports = Arc::new(reports::Reports::new(
@@ -304,9 +336,14 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
         health.clone(),
         metrics.clone(),
         reports.clone(),
+        args.allow_plaintext_reports,
     )
     .await?;
-    args.webhook.start(&client).await?;
+    let tls = args
+        .webhook
+        .start(&client, certs.clone(), Some(reports.clone()))
+        .await?
+        .is_some();
 
     let shutdown = futures::future::FutureExt::shared(Box::pin(shutdown_signal()));
 
@@ -336,6 +373,15 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
     }
     metrics.leader.set(1);
     reports.set_leader(true);
+    // The CA bundle sidecars verify reports with, in every namespace with a policy.
+    let trust = tls.then(|| {
+        tokio::spawn(trust::publish(
+            client.clone(),
+            args.watch_namespace.clone(),
+            certs.clone(),
+            futures::future::pending(),
+        ))
+    });
 
     let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<()>();
     let holder = lock.clone().map(|l| {
@@ -375,6 +421,9 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
     metrics.caches_synced.set(0);
     if let Some(h) = holder {
         h.abort();
+    }
+    if let Some(t) = trust {
+        t.abort();
     }
     reports.set_leader(false);
     metrics.leader.set(0);

@@ -97,14 +97,32 @@ const STARTUP_GRACE: Duration = Duration::from_secs(5);
 const MAX_WRITES_PER_TICK: usize = 100;
 
 /// Where a standby finds the leader: the Lease's holder is the leader's pod name (its
-/// `--identity`), in the Lease's namespace; reports go to that pod's IP on this same admin
-/// port (every replica listens on the same one).
+/// `--identity`), in the Lease's namespace; reports go to that pod's IP on `port` (every
+/// replica listens on the same ones): the TLS port when `tls` is set, else the admin port.
 #[derive(Debug, Clone)]
 pub struct Peers {
     pub namespace: String,
     pub lease: String,
     pub identity: String,
     pub port: u16,
+    pub tls: Option<PeerTls>,
+}
+
+/// How a standby verifies the leader: every replica serves the same certificate, so the
+/// leader's pod IP is checked as the Service name the certificate carries, against the CA
+/// bundle this replica serves under.
+#[derive(Clone)]
+pub struct PeerTls {
+    pub server_name: String,
+    pub certs: Arc<crate::certs::CertStore>,
+}
+
+impl std::fmt::Debug for PeerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerTls")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -481,8 +499,12 @@ impl Reports {
             .header(FORWARDED_HEADER, "1")
             .body(Full::new(body))
             .map_err(|e| Refusal::unavailable(format!("forwarding: {e}")))?;
+        let tls = self.peers.as_ref().and_then(|p| p.tls.clone());
         let sent = tokio::time::timeout(FORWARD_TIMEOUT, async {
-            let resp = self.http.request(req).await.map_err(|e| e.to_string())?;
+            let resp = match &tls {
+                Some(tls) => send_tls(tls, req).await?,
+                None => self.http.request(req).await.map_err(|e| e.to_string())?,
+            };
             let status = resp.status();
             let text = Limited::new(resp.into_body(), 4096)
                 .collect()
@@ -552,7 +574,8 @@ impl Reports {
         } else {
             ip
         };
-        let url = format!("http://{host}:{}/v1/reports", peers.port);
+        let scheme = if peers.tls.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{host}:{}/v1/reports", peers.port);
         if let Ok(mut l) = self.leader_url.lock() {
             *l = Some((holder, url.clone(), now + LEADER_ADDR_SECS));
         }
@@ -660,6 +683,62 @@ impl Reports {
         book.expire(now, STALE_AFTER_SECS);
         book.views(now)
     }
+}
+
+/// One request to a peer over TLS on a fresh connection, verified against the CA bundle this
+/// replica serves under, for the Service name (not the pod IP the URL carries).
+async fn send_tls(
+    tls: &PeerTls,
+    req: http::Request<Full<Bytes>>,
+) -> Result<http::Response<hyper::body::Incoming>, String> {
+    use rustls_pki_types::pem::PemObject;
+    let ca = tls
+        .certs
+        .ca_pem()
+        .ok_or("no CA bundle to verify the leader with")?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(ca.as_bytes()) {
+        roots
+            .add(c.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls_pki_types::ServerName::try_from(tls.server_name.clone())
+        .map_err(|e| e.to_string())?;
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.to_string())
+        .ok_or("no address")?;
+    let tcp = tokio::net::TcpStream::connect(&authority)
+        .await
+        .map_err(|e| e.to_string())?;
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    // Origin form with a Host header, as a client library would send it.
+    let (mut parts, body) = req.into_parts();
+    parts.uri = http::Uri::from_static("/v1/reports");
+    if let Ok(h) = http::HeaderValue::from_str(&authority) {
+        parts.headers.insert(http::header::HOST, h);
+    }
+    let req = http::Request::from_parts(parts, body);
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            debug!(error = %e, "connection to the leader");
+        }
+    });
+    sender.send_request(req).await.map_err(|e| e.to_string())
 }
 
 fn current(key: &ApiKey) -> (Option<KeyStatus>, Option<String>) {

@@ -62,6 +62,13 @@ pub const TOKEN_VOLUME: &str = "keylimit-token";
 pub const CONFIG_DIR: &str = "/etc/keylimit";
 pub const TOKEN_DIR: &str = "/var/run/secrets/keylimit";
 pub const TOKEN_FILE: &str = "token";
+/// The CA bundle sidecars verify the operator's report endpoint with: the operator keeps a
+/// ConfigMap of this name, key [`CA_FILE`], in every namespace with a policy
+/// (operator/src/trust.rs); it holds the old and the new CA during a rotation.
+pub const CA_CONFIG_MAP: &str = "keylimit-ca";
+pub const CA_VOLUME: &str = "keylimit-ca";
+pub const CA_DIR: &str = "/etc/keylimit-ca";
+pub const CA_FILE: &str = "ca.crt";
 /// File name of the namespace's key-hash HMAC key inside [`CONFIG_DIR`]: the
 /// `keylimit-hash-key` Secret is a source of the same projected volume as the policy's
 /// ConfigMaps, so kubelet swaps the key and the documents hashed with it in one atomic step.
@@ -121,7 +128,9 @@ pub struct SidecarSettings {
     pub sidecar_memory_request: Option<String>,
     #[arg(long)]
     pub sidecar_memory_limit: Option<String>,
-    /// Where sidecars push usage reports (the operator's admin Service); none: no reporting.
+    /// Where sidecars push usage reports: `https://<webhook service>.<namespace>.svc/v1/reports`
+    /// (the sidecar then verifies the operator with the `keylimit-ca` ConfigMap); none: no
+    /// reporting.
     #[arg(long)]
     pub sidecar_report_url: Option<String>,
     /// Per request, not a flag: the (Secret, key) holding the Redis password of the pod's
@@ -381,17 +390,30 @@ pub fn inject(pod: &Pod, s: &SidecarSettings) -> Decision {
     let volumes = spec.volumes.get_or_insert_with(Vec::new);
     if volumes
         .iter()
-        .any(|v| v.name == CONFIG_VOLUME || v.name == TOKEN_VOLUME)
+        .any(|v| v.name == CONFIG_VOLUME || v.name == TOKEN_VOLUME || v.name == CA_VOLUME)
     {
         return Decision::Deny(format!(
-            "keylimit: volume names {CONFIG_VOLUME} and {TOKEN_VOLUME} are reserved for the sidecar"
+            "keylimit: volume names {CONFIG_VOLUME}, {TOKEN_VOLUME} and {CA_VOLUME} are reserved for the sidecar"
         ));
     }
     volumes.push(config_volume(&o.policy));
     volumes.push(token_volume());
+    let mut sidecar = sidecar_container(s, &o, upstream_port);
+    if reports_over_tls(s) {
+        volumes.push(ca_volume());
+        sidecar
+            .volume_mounts
+            .get_or_insert_with(Vec::new)
+            .push(VolumeMount {
+                name: CA_VOLUME.into(),
+                mount_path: CA_DIR.into(),
+                read_only: Some(true),
+                ..Default::default()
+            });
+    }
     spec.init_containers
         .get_or_insert_with(Vec::new)
-        .push(sidecar_container(s, &o, upstream_port));
+        .push(sidecar);
 
     let mut out = pod.clone();
     out.spec = Some(spec);
@@ -463,6 +485,29 @@ fn config_volume(policy: &str) -> Volume {
                     .chain(std::iter::once(hash_key))
                     .collect(),
             ),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Reports go to an `https` URL: the sidecar needs the CA to verify the operator with.
+pub fn reports_over_tls(s: &SidecarSettings) -> bool {
+    s.sidecar_report_url
+        .as_deref()
+        .is_some_and(|u| u.starts_with("https://"))
+}
+
+/// The `keylimit-ca` ConfigMap: not optional, so a pod waits for it rather than running a
+/// sidecar that cannot verify where it sends its token. Kubelet updates it in place during
+/// a CA rotation, and the sidecar re-reads it when it changes.
+fn ca_volume() -> Volume {
+    Volume {
+        name: CA_VOLUME.into(),
+        config_map: Some(k8s_openapi::api::core::v1::ConfigMapVolumeSource {
+            name: CA_CONFIG_MAP.into(),
+            optional: Some(false),
+            default_mode: Some(0o444),
             ..Default::default()
         }),
         ..Default::default()
@@ -572,6 +617,12 @@ pub fn sidecar_args(s: &SidecarSettings, fail_mode: FailMode, upstream_port: i32
             "--report-token-file".to_string(),
             format!("{TOKEN_DIR}/{TOKEN_FILE}"),
         ]);
+        if reports_over_tls(s) {
+            args.extend([
+                "--report-ca-file".to_string(),
+                format!("{CA_DIR}/{CA_FILE}"),
+            ]);
+        }
     }
     args
 }
@@ -756,10 +807,19 @@ async fn handle(
     req: Request<Incoming>,
     settings: Arc<SidecarSettings>,
     client: Option<kube::Client>,
+    reports: Option<Arc<crate::reports::Reports>>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    match (req.method(), req.uri().path()) {
-        (&http::Method::POST, "/mutate") => {}
-        (&http::Method::GET, "/healthz") => {
+    match (req.method(), req.uri().path(), reports) {
+        // Sidecars report here, over TLS, so their tokens never cross the network in clear
+        // (the admin port refuses reports by default). Same handler as ever: authenticated
+        // from the headers before the body is read; a standby forwards to the leader.
+        (&http::Method::POST, "/v1/reports", Some(reports)) => {
+            let (parts, body) = req.into_parts();
+            let (status, text) = reports.handle(&parts.headers, body).await;
+            return Ok(respond(status, "text/plain", text.into_bytes()));
+        }
+        (&http::Method::POST, "/mutate", _) => {}
+        (&http::Method::GET, "/healthz", _) => {
             return Ok(respond(StatusCode::OK, "text/plain", b"ok\n".to_vec()))
         }
         _ => {
@@ -816,6 +876,7 @@ pub async fn serve(
     certs: Arc<CertStore>,
     settings: SidecarSettings,
     client: Option<kube::Client>,
+    reports: Option<Arc<crate::reports::Reports>>,
 ) -> Result<SocketAddr, Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
@@ -842,10 +903,12 @@ pub async fn serve(
         listener,
         keylimit_httpserver::ServerConfig {
             name: "webhook",
+            // Every sidecar keeps a pooled connection here for its reports.
+            max_connections: 16_384,
             ..keylimit_httpserver::ServerConfig::default()
         },
         tls,
-        move |_peer, req| handle(req, settings.clone(), client.clone()),
+        move |_peer, req| handle(req, settings.clone(), client.clone(), reports.clone()),
         std::future::pending(),
     ));
     Ok(local)
@@ -1356,5 +1419,58 @@ mod tests {
         for bad in ["", "m", "lots", "1 GB", "1.2.3", "64MB"] {
             assert!(!valid_quantity(bad), "{bad}");
         }
+    }
+
+    /// An https report URL brings the CA ConfigMap (not optional) and the flag naming it; a
+    /// plain one (development) brings neither.
+    #[test]
+    fn https_reports_mount_the_ca_bundle() {
+        let pod = app_pod(&[(POLICY_ANNOTATION, "gold")], &[]);
+        let tls = SidecarSettings {
+            sidecar_report_url: Some(
+                "https://keylimit-webhook.keylimit-system.svc/v1/reports".into(),
+            ),
+            ..settings()
+        };
+        let Decision::Inject(out) = inject(&pod, &tls) else {
+            panic!("expected injection");
+        };
+        let c = sidecar(&out);
+        assert_eq!(
+            arg_after(&c, "--report-ca-file").as_deref(),
+            Some("/etc/keylimit-ca/ca.crt")
+        );
+        let mount = c
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == CA_VOLUME)
+            .expect("CA mount");
+        assert_eq!(mount.mount_path, CA_DIR);
+        assert_eq!(mount.read_only, Some(true));
+        let vol = out
+            .spec
+            .iter()
+            .flat_map(|s| s.volumes.iter().flatten())
+            .find(|v| v.name == CA_VOLUME)
+            .and_then(|v| v.config_map.clone())
+            .expect("CA volume");
+        assert_eq!(vol.name, CA_CONFIG_MAP);
+        assert_eq!(vol.optional, Some(false));
+
+        let plain = SidecarSettings {
+            sidecar_report_url: Some("http://127.0.0.1:8080/v1/reports".into()),
+            ..settings()
+        };
+        let Decision::Inject(out) = inject(&pod, &plain) else {
+            panic!("expected injection");
+        };
+        let c = sidecar(&out);
+        assert!(arg_after(&c, "--report-ca-file").is_none());
+        assert!(!out
+            .spec
+            .iter()
+            .flat_map(|s| s.volumes.iter().flatten())
+            .any(|v| v.name == CA_VOLUME));
     }
 }

@@ -59,6 +59,9 @@ impl Env {
     }
 
     /// Starts the operator scoped to this namespace, with leader election on a Lease here.
+    /// Without the TLS (webhook) server: these scenarios test what the operator does with
+    /// reports, so they post them in plain HTTP to the admin port, which then has to allow
+    /// it; tests/tests/report_tls.rs covers the TLS transport and the refusal by default.
     pub async fn start_operator(&mut self, identity: &str) -> anyhow::Result<Proc> {
         let port = free_port()?;
         let admin = format!("127.0.0.1:{port}");
@@ -79,6 +82,7 @@ impl Env {
                     "6",
                     "--admin-addr",
                     &admin,
+                    "--allow-plaintext-reports",
                 ],
             )
             .await?;
@@ -415,6 +419,35 @@ pub async fn request(
     body: Bytes,
 ) -> anyhow::Result<Reply> {
     let client: HttpClient<_, Full<Bytes>> = HttpClient::builder(TokioExecutor::new()).build_http();
+    request_with(&client, method, url, headers, body).await
+}
+
+/// [`request`] over https, trusting exactly the CA bundle in `ca_file` (the sidecar's own
+/// report client, so the name in the URL is verified as the sidecar verifies it).
+pub async fn request_tls(
+    ca_file: &Path,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> anyhow::Result<Reply> {
+    let client = keylimit_sidecar::report::TlsTransport::new(ca_file)
+        .client()
+        .await
+        .map_err(|e| anyhow!(e))?;
+    request_with(&client, method, url, headers, body).await
+}
+
+async fn request_with<C>(
+    client: &HttpClient<C, Full<Bytes>>,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> anyhow::Result<Reply>
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+{
     let mut req = http::Request::builder().method(method).uri(url);
     for (k, v) in headers {
         req = req.header(*k, *v);

@@ -532,9 +532,21 @@ async fn operator_does_its_job_with_only_the_charts_rbac() {
             let pod = sidecar_pod(&env.client, &app_ns, "api-0", "gold").await?;
             let sidecar_token = pod_token(&pod, "keylimit").await?;
             let auth = format!("Bearer {}", sidecar_token.trim());
-            let reply = request(
+            // Over TLS, as sidecars report (the admin port refuses reports), trusting the CA
+            // in the chart's certificate Secret.
+            let secrets: Api<Secret> = env.api();
+            let cert = secrets.get(&format!("{name}-webhook-cert")).await?;
+            let ca = cert
+                .data
+                .as_ref()
+                .and_then(|d| d.get("ca.crt"))
+                .context("ca.crt in the webhook certificate Secret")?;
+            let ca_file = env.dir.path().join("chart-ca.crt");
+            std::fs::write(&ca_file, &ca.0)?;
+            let reply = request_tls(
+                &ca_file,
                 "POST",
-                &format!("http://127.0.0.1:{admin_port}/v1/reports"),
+                &format!("https://127.0.0.1:{webhook_port}/v1/reports"),
                 &[("authorization", &auth), ("content-type", "application/json")],
                 bytes::Bytes::from_static(b"not a report"),
             )

@@ -611,6 +611,8 @@ async fn exhaustion_survives_operator_restart() {
                     "6",
                     "--admin-addr",
                     &admin,
+                    // As env.start_operator: this sidecar reports in plain HTTP.
+                    "--allow-plaintext-reports",
                 ],
             )
             .await?;

@@ -303,6 +303,7 @@ async fn book_is_capped_per_namespace_and_config_failures_show() {
                     "6",
                     "--admin-addr",
                     &format!("127.0.0.1:{port}"),
+                    "--allow-plaintext-reports",
                     "--max-sidecars-per-namespace",
                     "2",
                 ],
@@ -458,6 +459,9 @@ async fn both_replicas_ready_and_standby_forwards_reports() {
                         "6",
                         "--admin-addr",
                         &format!("{ip}:{port}"),
+                        // Reports in plain HTTP to the admin port, forwarded the same way
+                        // (no TLS port here); report_tls.rs covers the TLS transport.
+                        "--allow-plaintext-reports",
                     ],
                 )
                 .await?;

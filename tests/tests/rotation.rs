@@ -111,6 +111,7 @@ async fn replica(client: &Client, ns: &str, config: &str, port: u16) -> anyhow::
         store,
         SidecarSettings::default(),
         Some(client.clone()),
+        None,
     )
     .await?)
 }

@@ -66,8 +66,10 @@ app.kubernetes.io/component: operator
 {{- end }}
 
 {{/* Where sidecars push usage reports: the admin Service of this release. */}}
+{{/* Sidecars report over TLS to the webhook Service (the name its certificate carries) and
+verify it with the keylimit-ca ConfigMap the operator publishes. */}}
 {{- define "keylimit.reportURL" -}}
-{{- printf "http://%s.%s.svc:%d/v1/reports" (include "keylimit.fullname" .) .Release.Namespace (int .Values.service.port) }}
+{{- printf "https://%s.%s.svc/v1/reports" (include "keylimit.webhookServiceName" .) .Release.Namespace }}
 {{- end }}
 
 {{/* The part both webhook entries share (templates/mutatingwebhookconfiguration.yaml). */}}
