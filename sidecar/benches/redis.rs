@@ -4,8 +4,9 @@
 //! `cargo bench -p keylimit-sidecar --bench redis` starts its own `redis-server` (or uses
 //! `REDIS_PORT` if set), then for each concurrency level runs `RedisLimiter::decide` (one
 //! EVALSHA per decision, rate window + monthly quota on one of 1000 keys) for `SECS` seconds,
-//! and `redis-benchmark -t incr -P 1` with the same number of clients. Under `cargo test` it
-//! only checks that it starts.
+//! and `redis-benchmark -t incr -P 1` with the same number of clients. It also prints Redis'
+//! own time per decision script (`INFO commandstats`). Under `cargo test` it only checks that
+//! it starts.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -179,6 +180,7 @@ fn main() {
     };
     let levels: &[usize] = if bench { &[1, 8, 32] } else { &[1] };
     for &clients in levels {
+        let before = rt.block_on(script_stats(port));
         let ours = rt.block_on(async {
             let limiter = Arc::new(RedisLimiter::new(
                 &cfg,
@@ -188,19 +190,54 @@ fn main() {
             ));
             decisions_per_sec(limiter, &cfg, clients, secs).await
         });
+        // Redis' own time per decision script: the server-side cost (e.g. of `TIME`), which
+        // a loaded machine blurs far less than decisions per second.
+        let script_us = match (before, rt.block_on(script_stats(port))) {
+            (Some((c0, u0)), Some((c1, u1))) if c1 > c0 => {
+                format!(
+                    "{:.2} µs/script in Redis",
+                    (u1 - u0) as f64 / (c1 - c0) as f64
+                )
+            }
+            _ => "script time unavailable".to_string(),
+        };
         if !bench {
-            println!("redis bench smoke: {ours:.0} decisions/s");
+            println!("redis bench smoke: {ours:.0} decisions/s, {script_us}");
             return;
         }
         let incr = redis_benchmark(port, clients);
         match incr {
             Some(incr) => println!(
-                "clients {clients:>3}: keylimit {ours:>9.0} decisions/s | redis-benchmark INCR {incr:>9.0} ops/s | ratio {:.2}",
+                "clients {clients:>3}: keylimit {ours:>9.0} decisions/s ({script_us}) | redis-benchmark INCR {incr:>9.0} ops/s | ratio {:.2}",
                 ours / incr
             ),
             None => println!(
-                "clients {clients:>3}: keylimit {ours:>9.0} decisions/s | redis-benchmark unavailable"
+                "clients {clients:>3}: keylimit {ours:>9.0} decisions/s ({script_us}) | redis-benchmark unavailable"
             ),
         }
     }
+}
+
+/// Calls and total µs of `EVALSHA` so far, from `INFO commandstats` (read, never reset:
+/// `REDIS_PORT` may be someone's Redis).
+async fn script_stats(port: u16) -> Option<(u64, u64)> {
+    let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}/0"))
+        .ok()?
+        .get_multiplexed_async_connection()
+        .await
+        .ok()?;
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .ok()?;
+    let Some(line) = info.lines().find(|l| l.starts_with("cmdstat_evalsha:")) else {
+        return Some((0, 0)); // no EVALSHA yet
+    };
+    let field = |name: &str| {
+        line.split([':', ','])
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    Some((field("calls")?, field("usec")?))
 }
