@@ -89,7 +89,9 @@ impl Env {
         Ok(p.with_admin(port))
     }
 
-    /// Starts a sidecar reading `config_dir`, proxying to `upstream`.
+    /// Starts a sidecar reading `config_dir`, proxying to `upstream`. Unless `extra` names one,
+    /// the sidecar gets the namespace's key-hash key as `--hash-key-file`, written from the
+    /// operator's `keylimit-hash-key` Secret (what the webhook's projected volume mounts).
     pub async fn start_sidecar(
         &mut self,
         name: &str,
@@ -112,6 +114,10 @@ impl Env {
             name.to_string(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
+        if !extra.contains(&"--hash-key-file") {
+            let file = self.hash_key_file().await?;
+            args.extend(["--hash-key-file".to_string(), file.display().to_string()]);
+        }
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         let p = self
             .spawn(&format!("sidecar-{name}"), &bin("keylimit-sidecar"), &argv)
@@ -119,6 +125,29 @@ impl Env {
         let p = p.with_admin(admin).with_port(port);
         p.await_ready(Duration::from_secs(30)).await?;
         Ok(p)
+    }
+
+    /// Writes the namespace's key-hash key (once the operator has created its Secret) into a
+    /// file, as kubelet would project it for an injected sidecar.
+    pub async fn hash_key_file(&self) -> anyhow::Result<PathBuf> {
+        let api: Api<k8s_openapi::api::core::v1::Secret> = self.api();
+        let s = eventually(
+            Duration::from_secs(30),
+            "the keylimit-hash-key Secret",
+            || async { api.get_opt("keylimit-hash-key").await.ok().flatten() },
+        )
+        .await?;
+        let key = s
+            .data
+            .unwrap_or_default()
+            .remove("key")
+            .ok_or_else(|| anyhow!("keylimit-hash-key has no data key 'key'"))?;
+        let file = self
+            .dir
+            .path()
+            .join(format!("hash-key-{}", rand::random::<u16>()));
+        std::fs::write(&file, key.0)?;
+        Ok(file)
     }
 
     /// Projects the policy's ConfigMaps into a fresh directory, as kubelet would.

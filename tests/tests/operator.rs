@@ -14,6 +14,12 @@ use kube::Api;
 
 const T: Duration = Duration::from_secs(30);
 
+/// The namespace's keyed hash, as the operator computes it.
+async fn namespace_hasher(env: &Env) -> anyhow::Result<dp::KeyHasher> {
+    let key = std::fs::read(env.hash_key_file().await?)?;
+    dp::KeyHasher::hmac(&key).map_err(|e| anyhow::anyhow!(e))
+}
+
 fn policy_yaml(name: &str, per_minute: u64) -> String {
     format!(
         r#"
@@ -161,9 +167,10 @@ async fn apikey_to_configmap_holds_only_the_hash() {
             .status
             .and_then(|s| s.fingerprint)
             .context("fingerprint")?;
+        let hasher = namespace_hasher(env).await?;
         ensure!(
-            dp::hash_key(key.as_bytes()).starts_with(&fp),
-            "fingerprint is a hash prefix"
+            hasher.hash_hex(key.as_bytes()).starts_with(&fp),
+            "fingerprint is a prefix of the keyed hash"
         );
 
         let cms = configmaps(env);
@@ -178,7 +185,7 @@ async fn apikey_to_configmap_holds_only_the_hash() {
             "plaintext key leaked into the ConfigMap"
         );
         ensure!(
-            cm.contains(&dp::hash_key(key.as_bytes())),
+            cm.contains(&hasher.hash_hex(key.as_bytes())),
             "hash missing from ConfigMap"
         );
         let doc = dp::PolicyDocument::parse(cm.as_bytes())?;
@@ -248,7 +255,7 @@ async fn user_secret_problems_are_reported() {
             env.apply_yaml("apiVersion: v1\nkind: Secret\nmetadata: {name: my-secret, labels: {keylimit.dev/secret: \"true\"}}\nstringData: {token: a-long-enough-customer-key}\n").await?;
             reason("Bound").await?;
             let cms = configmaps(env);
-            let h = dp::hash_key(b"a-long-enough-customer-key");
+            let h = namespace_hasher(env).await?.hash_hex(b"a-long-enough-customer-key");
             eventually(T, "the user key's hash in the ConfigMap", || async {
                 let cm = cms.get_opt("keylimit-p").await.ok().flatten()?;
                 cm.data?.get("policy.json")?.contains(&h).then_some(())
@@ -364,7 +371,9 @@ async fn leader_election_and_restart_converge_without_rewrites() {
         secrets
             .patch("k1-key", &PatchParams::default(), &Patch::Merge(&patch))
             .await?;
-        let h = dp::hash_key(b"kl_rotated_key_0123456789abcdef");
+        let h = namespace_hasher(env)
+            .await?
+            .hash_hex(b"kl_rotated_key_0123456789abcdef");
         eventually(T, "the rotated key's hash in the ConfigMap", || async {
             let cm = cms.get_opt("keylimit-p").await.ok().flatten()?;
             cm.data?.get("policy.json")?.contains(&h).then_some(())

@@ -252,7 +252,8 @@ async fn webhook_injects_opted_in_pods_over_tls() {
             let vols = spec.volumes.clone().unwrap_or_default();
             let cfg_vol = vols.iter().find(|v| v.name == "keylimit-config").ok_or_else(|| anyhow!("no config volume: {vols:?}"))?;
             let sources = cfg_vol.projected.as_ref().and_then(|p| p.sources.clone()).unwrap_or_default();
-            ensure!(sources.len() == 33, "projected sources: {}", sources.len());
+            ensure!(sources.len() == 34, "projected sources (main, 32 shards, hash key): {}", sources.len());
+            ensure!(sources.iter().any(|s| s.secret.as_ref().is_some_and(|s| s.name == "keylimit-hash-key")), "no hash-key source: {sources:?}");
             ensure!(vols.iter().any(|v| v.name == "keylimit-token"), "no token volume");
 
             // A Redis policy: the sidecar gets the password from the policy's Secret, by
