@@ -434,9 +434,13 @@ pub enum Store {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RedisStore {
-    /// `redis://host:port/db` or `rediss://…` for TLS. Never carries a password: the sidecar
-    /// reads that from its environment (`KEYLIMIT_REDIS_PASSWORD`), filled from a Secret.
-    pub url: String,
+    /// `redis://host:port/db` or `rediss://…` for TLS, never carrying a password. Absent when
+    /// the policy names a connection Secret: the sidecar then takes the URL (which may carry
+    /// the password), the password and the CA from its environment (`KEYLIMIT_REDIS_URL`,
+    /// `KEYLIMIT_REDIS_PASSWORD`, `KEYLIMIT_REDIS_CA`), all filled from that one Secret, so a
+    /// policy author cannot send the password to a server of their choosing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
     /// Prefix of every Redis key this policy writes.
     pub key_prefix: String,
     /// Longest a decision may wait for Redis before the fail mode applies.

@@ -267,15 +267,29 @@ pub enum StoreType {
     Redis,
 }
 
+/// Where Redis is and how to log in. A password goes only to the server named in the same
+/// Secret, so whoever may edit the policy (but not read the Secret) cannot redirect it to a
+/// server of their own.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.url) != has(self.connectionSecretRef)").message("give exactly one of url (an open Redis) and connectionSecretRef (a Secret with url, password, ca.crt)"))]
+#[x_kube(validation = Rule::new("!has(self.passwordSecretRef)").message("passwordSecretRef is refused: a password may only travel with a URL from the same Secret; put url (and password) in one Secret and name it in connectionSecretRef"))]
 pub struct RedisSpec {
-    /// `redis://host:port/db`, or `rediss://` for TLS. Put no password here: name a Secret.
+    /// `redis://host:port/db`, or `rediss://` for TLS, of a Redis that needs no password.
+    /// For one that does, name a Secret in `connectionSecretRef` instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.startsWith('redis://') || self.startsWith('rediss://')").message("url must start with redis:// or rediss://"))]
-    #[x_kube(validation = Rule::new("!self.contains('@')").message("put credentials in passwordSecretRef, not in the url"))]
+    #[x_kube(validation = Rule::new("!self.contains('@')").message("put credentials in the Secret named by connectionSecretRef, not in the url"))]
     #[schemars(length(min = 9, max = 1024))]
-    pub url: String,
-    /// Secret (same namespace) and data key holding the Redis password.
+    pub url: Option<String>,
+    /// A Secret in the policy's namespace with data keys `url` (`redis://` or `rediss://`,
+    /// may carry the password: `rediss://:pw@host:6380/0`), optional `password`, and optional
+    /// `ca.crt` (PEM: a `rediss://` server must then chain to exactly this CA). The sidecar
+    /// reads them from its environment, never from the policy's ConfigMap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_secret_ref: Option<ConnectionSecretRef>,
+    /// Refused by validation: it sent the password wherever `url` pointed. Kept in the schema
+    /// so an old manifest fails with a message instead of losing the field silently.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_secret_ref: Option<SecretKeyRef>,
     /// Prefix of this policy's Redis keys (default `keylimit:<namespace>:<policy>`).
@@ -289,6 +303,14 @@ pub struct RedisSpec {
     /// What happens when Redis is unreachable or slow.
     #[serde(default)]
     pub fail_mode: FailModeSpec,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionSecretRef {
+    /// Secret name in the policy's namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
 }
 
 fn default_redis_timeout() -> u64 {
@@ -539,6 +561,55 @@ mod tests {
     #[test]
     fn valid_policy_passes_cel() {
         mk_policy("p").validate_cel().unwrap();
+    }
+
+    fn with_redis(url: Option<&str>, conn: Option<&str>, pw: Option<&str>) -> RateLimitPolicy {
+        let mut p = mk_policy("p");
+        p.spec.store = Some(StoreSpec {
+            type_: StoreType::Redis,
+            redis: Some(RedisSpec {
+                url: url.map(Into::into),
+                connection_secret_ref: conn.map(|n| ConnectionSecretRef { name: n.into() }),
+                password_secret_ref: pw.map(|n| SecretKeyRef {
+                    name: n.into(),
+                    key: "password".into(),
+                }),
+                key_prefix: None,
+                timeout_millis: 50,
+                fail_mode: FailModeSpec::FailClosed,
+            }),
+        });
+        p
+    }
+
+    #[test]
+    fn a_redis_password_travels_only_with_a_url_from_the_same_secret() {
+        // Allowed: the connection Secret alone, or an open Redis by URL.
+        with_redis(None, Some("redis-conn"), None)
+            .validate_cel()
+            .unwrap();
+        with_redis(Some("rediss://redis.ns.svc:6380/0"), None, None)
+            .validate_cel()
+            .unwrap();
+        // A policy URL next to the Secret: which would win is exactly the foot-gun.
+        rejects(
+            &with_redis(Some("redis://evil:6379"), Some("redis-conn"), None),
+            "exactly one of url",
+        );
+        // A password Secret with the Secret, or with a plain URL the author chose.
+        rejects(
+            &with_redis(None, Some("redis-conn"), Some("redis-auth")),
+            "passwordSecretRef is refused",
+        );
+        rejects(
+            &with_redis(Some("redis://evil:6379"), None, Some("redis-auth")),
+            "passwordSecretRef is refused",
+        );
+        rejects(&with_redis(None, None, None), "exactly one of url");
+        rejects(
+            &with_redis(Some("redis://:pw@host:6379"), None, None),
+            "not in the url",
+        );
     }
 
     #[test]

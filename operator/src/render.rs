@@ -226,6 +226,7 @@ pub fn store_config(
             type_: StoreType::Redis,
             redis: Some(r),
         }) => dp::Store::Redis(dp::RedisStore {
+            // None: the sidecar takes the URL from the connection Secret (its environment).
             url: r.url.clone(),
             key_prefix: r
                 .key_prefix
@@ -853,7 +854,10 @@ pub mod tests {
         p.spec.store = Some(StoreSpec {
             type_: StoreType::Redis,
             redis: Some(crate::crd::RedisSpec {
-                url: "redis://127.0.0.1:6379/0".into(),
+                url: None,
+                connection_secret_ref: Some(crate::crd::ConnectionSecretRef {
+                    name: "redis-conn".into(),
+                }),
                 password_secret_ref: None,
                 key_prefix: None,
                 timeout_millis: 50,
@@ -872,6 +876,7 @@ pub mod tests {
                 assert_eq!(r.key_prefix, "keylimit:ns:p");
                 assert_eq!(r.replicas, 3);
                 assert_eq!(r.fail_mode, dp::FailMode::FailClosed);
+                assert_eq!(r.url, None, "the URL stays in the Secret");
             }
             other => panic!("expected Redis, got {other:?}"),
         }

@@ -133,10 +133,12 @@ pub struct SidecarSettings {
     /// reporting.
     #[arg(long)]
     pub sidecar_report_url: Option<String>,
-    /// Per request, not a flag: the (Secret, key) holding the Redis password of the pod's
-    /// policy, which the sidecar gets as `KEYLIMIT_REDIS_PASSWORD` (never via a ConfigMap).
+    /// Per request, not a flag: the Secret holding the Redis connection (`url`, optional
+    /// `password` and `ca.crt`) of the pod's policy. The sidecar gets all three from it, by
+    /// reference, as `KEYLIMIT_REDIS_URL`, `KEYLIMIT_REDIS_PASSWORD` and `KEYLIMIT_REDIS_CA`:
+    /// the password reaches only the server its Secret names, never one the policy names.
     #[arg(skip)]
-    pub redis_password: Option<(String, String)>,
+    pub redis_connection: Option<String>,
 }
 
 impl Default for SidecarSettings {
@@ -155,7 +157,7 @@ impl Default for SidecarSettings {
             sidecar_memory_request: None,
             sidecar_memory_limit: None,
             sidecar_report_url: None,
-            redis_password: None,
+            redis_connection: None,
         }
     }
 }
@@ -669,17 +671,26 @@ fn sidecar_container(s: &SidecarSettings, o: &Overrides, upstream_port: i32) -> 
                 },
             ]
             .into_iter()
-            .chain(s.redis_password.as_ref().map(|(name, key)| EnvVar {
-                name: "KEYLIMIT_REDIS_PASSWORD".into(),
-                value_from: Some(EnvVarSource {
-                    secret_key_ref: Some(k8s_openapi::api::core::v1::SecretKeySelector {
-                        name: name.clone(),
-                        key: key.clone(),
-                        optional: Some(false),
+            .chain(s.redis_connection.iter().flat_map(|secret| {
+                // `url` must exist (the pod waits for it rather than run without a store);
+                // `password` and `ca.crt` are optional, so the webhook never reads the Secret.
+                [
+                    ("KEYLIMIT_REDIS_URL", "url", false),
+                    ("KEYLIMIT_REDIS_PASSWORD", "password", true),
+                    ("KEYLIMIT_REDIS_CA", "ca.crt", true),
+                ]
+                .map(|(env, key, optional)| EnvVar {
+                    name: env.into(),
+                    value_from: Some(EnvVarSource {
+                        secret_key_ref: Some(k8s_openapi::api::core::v1::SecretKeySelector {
+                            name: secret.clone(),
+                            key: key.into(),
+                            optional: Some(optional),
+                        }),
+                        ..Default::default()
                     }),
                     ..Default::default()
-                }),
-                ..Default::default()
+                })
             }))
             .collect(),
         ),
@@ -777,11 +788,13 @@ fn respond(status: StatusCode, content_type: &'static str, body: Vec<u8>) -> Res
     r
 }
 
-/// The Secret holding the Redis password of the policy a pod names, if the policy uses Redis.
+/// The connection Secret of the policy a pod names, if the policy uses Redis through one.
 /// Looked up per admission (a GET): every replica serves the webhook, not only the leader
-/// whose caches are warm. A failed lookup injects without it; the sidecar then logs Redis
-/// authentication errors and applies the policy's fail mode.
-async fn redis_password_ref(client: &kube::Client, body: &[u8]) -> Option<(String, String)> {
+/// whose caches are warm. A failed lookup injects without it; the sidecar then has no URL,
+/// logs so, and applies the policy's fail mode. A `passwordSecretRef` (refused by the CRD,
+/// but an object stored before that rule may still hold one) is never injected: it would
+/// send the password to whatever URL the policy names.
+async fn redis_connection_ref(client: &kube::Client, body: &[u8]) -> Option<String> {
     let review: AdmissionReview<Pod> = serde_json::from_slice(body).ok()?;
     let req: AdmissionRequest<Pod> = review.try_into().ok()?;
     let ns = req.namespace.clone()?;
@@ -799,8 +812,7 @@ async fn redis_password_ref(client: &kube::Client, body: &[u8]) -> Option<(Strin
         .ok()?
         .ok()??;
     let store = p.spec.store?;
-    let r = store.redis?.password_secret_ref?;
-    Some((r.name, r.key))
+    Some(store.redis?.connection_secret_ref?.name)
 }
 
 async fn handle(
@@ -845,12 +857,12 @@ async fn handle(
         }
     };
     let redis = match &client {
-        Some(c) => redis_password_ref(c, &body).await,
+        Some(c) => redis_connection_ref(c, &body).await,
         None => None,
     };
     let settings = match redis {
         Some(r) => Arc::new(SidecarSettings {
-            redis_password: Some(r),
+            redis_connection: Some(r),
             ..(*settings).clone()
         }),
         None => settings,
@@ -979,35 +991,39 @@ mod tests {
     }
 
     #[test]
-    fn redis_password_comes_from_the_secret() {
+    fn redis_url_password_and_ca_come_from_one_secret() {
         let pod = app_pod(
             &[("keylimit.dev/policy", "orders")],
             &[("keylimit.dev/inject", "enabled")],
         );
         let s = SidecarSettings {
-            redis_password: Some(("redis-auth".into(), "password".into())),
+            redis_connection: Some("redis-conn".into()),
             ..settings()
         };
         let Decision::Inject(p) = inject(&pod, &s) else {
             panic!("expected injection");
         };
         let env = sidecar(&p).env.unwrap_or_default();
-        let e = env
-            .iter()
-            .find(|e| e.name == "KEYLIMIT_REDIS_PASSWORD")
-            .expect("env");
-        let r = e
-            .value_from
-            .as_ref()
-            .and_then(|v| v.secret_key_ref.as_ref())
-            .expect("secretKeyRef");
-        assert_eq!(
-            (r.name.as_str(), r.key.as_str()),
-            ("redis-auth", "password")
-        );
-        assert!(e.value.is_none(), "the password is never inlined");
+        for (name, key, optional) in [
+            ("KEYLIMIT_REDIS_URL", "url", false),
+            ("KEYLIMIT_REDIS_PASSWORD", "password", true),
+            ("KEYLIMIT_REDIS_CA", "ca.crt", true),
+        ] {
+            let e = env.iter().find(|e| e.name == name).expect(name);
+            let r = e
+                .value_from
+                .as_ref()
+                .and_then(|v| v.secret_key_ref.as_ref())
+                .expect("secretKeyRef");
+            assert_eq!(
+                (r.name.as_str(), r.key.as_str(), r.optional),
+                ("redis-conn", key, Some(optional)),
+                "{name}"
+            );
+            assert!(e.value.is_none(), "{name} is never inlined");
+        }
         let plain = sidecar(&injected(&pod)).env.unwrap_or_default();
-        assert!(plain.iter().all(|e| e.name != "KEYLIMIT_REDIS_PASSWORD"));
+        assert!(plain.iter().all(|e| !e.name.starts_with("KEYLIMIT_REDIS")));
     }
 
     fn injected(pod: &Pod) -> Pod {

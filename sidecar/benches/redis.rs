@@ -172,7 +172,7 @@ fn main() {
         .build()
         .expect("runtime");
     let cfg = RedisStore {
-        url: format!("redis://127.0.0.1:{port}/0"),
+        url: Some(format!("redis://127.0.0.1:{port}/0")),
         key_prefix: "kl:bench".into(),
         timeout_ms: 1000,
         fail_mode: FailMode::FailClosed,

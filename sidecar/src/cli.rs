@@ -162,7 +162,8 @@ impl Args {
             redis: crate::store::RedisSettings {
                 lease_ttl: Duration::from_secs(self.redis_lease_ttl_secs.max(1)),
                 ..crate::store::RedisSettings::default()
-            },
+            }
+            .with_env(),
             header_read_timeout: Duration::from_secs(self.header_read_timeout_secs.max(1)),
             idle_timeout: Duration::from_secs(self.idle_timeout_secs.max(1)),
             max_connections: self.max_connections.max(1),

@@ -50,6 +50,13 @@ use crate::Error;
 
 /// Environment variable holding the Redis password (from a Secret); never in the document.
 pub const PASSWORD_ENV: &str = "KEYLIMIT_REDIS_PASSWORD";
+/// Environment variable holding the Redis URL when the document has none: the webhook fills
+/// it from the policy's connection Secret, the same Secret as the password, so the password
+/// only ever goes to the server its owner named.
+pub const URL_ENV: &str = "KEYLIMIT_REDIS_URL";
+/// Environment variable holding a PEM CA (from the same Secret): a `rediss://` server is then
+/// verified against exactly this CA instead of the system roots.
+pub const CA_ENV: &str = "KEYLIMIT_REDIS_CA";
 
 const NS_PER_US: u64 = 1_000;
 
@@ -182,14 +189,20 @@ redis.call('PEXPIREAT', KEYS[1], string.format('%d', math.ceil(expiry / 1000)), 
 return 1
 "#;
 
-/// Tunables that are not part of the policy document.
-#[derive(Debug, Clone)]
+/// Tunables and credentials that are not part of the policy document.
+#[derive(Clone)]
 pub struct RedisSettings {
     /// How long a concurrency lease lives without renewal: how long a crashed sidecar's
     /// in-flight slots stay taken. Live leases are renewed every third of it.
     pub lease_ttl: Duration,
     /// How often a down store is probed.
     pub probe_interval: Duration,
+    /// The URL used when the document carries none (`KEYLIMIT_REDIS_URL`); may hold a password.
+    pub url: Option<String>,
+    /// Password sent to Redis, over any the URL carries (`KEYLIMIT_REDIS_PASSWORD`).
+    pub password: Option<String>,
+    /// PEM CA a `rediss://` server must chain to (`KEYLIMIT_REDIS_CA`); none: system roots.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 impl Default for RedisSettings {
@@ -197,7 +210,47 @@ impl Default for RedisSettings {
         Self {
             lease_ttl: Duration::from_secs(30),
             probe_interval: Duration::from_millis(200),
+            url: None,
+            password: None,
+            ca_pem: None,
         }
+    }
+}
+
+impl RedisSettings {
+    /// Takes the connection from the environment the webhook injects (empty counts as unset).
+    pub fn with_env(mut self) -> Self {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        self.url = var(URL_ENV);
+        self.password = var(PASSWORD_ENV);
+        self.ca_pem = var(CA_ENV).map(String::into_bytes);
+        self
+    }
+}
+
+// By hand: the URL and password are secrets and never reach a log line.
+impl std::fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field("lease_ttl", &self.lease_ttl)
+            .field("probe_interval", &self.probe_interval)
+            .field("url", &self.url.as_deref().map(redact_url))
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("ca_pem", &self.ca_pem.is_some())
+            .finish()
+    }
+}
+
+/// The URL with any userinfo (`user:password@`) replaced, for logs.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{}***{}", &url[..scheme_end], &rest[at..]),
+        None => url.to_string(),
     }
 }
 
@@ -494,6 +547,10 @@ fn parse(v: Vec<i64>) -> Result<ScriptResult, Error> {
 
 struct Inner {
     conn: Option<ConnectionManager>,
+    /// The document's URL (none: the environment's), to tell whether a new document still
+    /// names this connection.
+    source: Option<String>,
+    /// The URL in use with any password redacted: the only form that is logged.
     url: String,
     prefix: String,
     up: AtomicBool,
@@ -536,15 +593,30 @@ impl std::fmt::Debug for RedisLimiter {
     }
 }
 
-fn connect(url: &str, timeout: Duration) -> Result<ConnectionManager, Error> {
+fn connect(
+    url: &str,
+    settings: &RedisSettings,
+    timeout: Duration,
+) -> Result<ConnectionManager, Error> {
     let mut info = redis::IntoConnectionInfo::into_connection_info(url)?;
-    if let Ok(pw) = std::env::var(PASSWORD_ENV) {
-        if !pw.is_empty() {
-            let settings = info.redis_settings().clone().set_password(pw);
-            info = info.set_redis_settings(settings);
-        }
+    if let Some(pw) = &settings.password {
+        let s = info.redis_settings().clone().set_password(pw.clone());
+        info = info.set_redis_settings(s);
     }
-    let client = redis::Client::open(info)?;
+    let client = match &settings.ca_pem {
+        // Exactly this CA, not the system roots: the Secret that names the server also names
+        // who vouches for it. The redis crate refuses a CA with a plain `redis://` URL, so a
+        // CA never silently goes unused. Verification is always on: the build has no
+        // `tls-rustls-insecure`, so a `#insecure` URL fails to connect.
+        Some(ca) => redis::Client::build_with_tls(
+            info,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(ca.clone()),
+            },
+        )?,
+        None => redis::Client::open(info)?,
+    };
     // Lazy: the first connect happens in the background, never on a request. Retries are
     // short and few because the probe keeps asking; requests are bounded by our own timeout.
     let config = ConnectionManagerConfig::new()
@@ -566,10 +638,20 @@ impl RedisLimiter {
         settings: RedisSettings,
     ) -> Self {
         let timeout = Duration::from_millis(cfg.timeout_ms.max(1));
-        let conn = match connect(&cfg.url, timeout) {
+        let url = cfg.url.clone().or_else(|| settings.url.clone());
+        let shown = url
+            .as_deref()
+            .map_or_else(|| format!("${URL_ENV} (unset)"), redact_url);
+        let conn = match url {
+            Some(u) => connect(&u, &settings, timeout),
+            None => Err(Error::Redis(format!(
+                "the policy takes its Redis URL from a Secret but {URL_ENV} is unset"
+            ))),
+        };
+        let conn = match conn {
             Ok(c) => Some(c),
             Err(e) => {
-                tracing::error!(url = %cfg.url, error = %e,
+                tracing::error!(url = %shown, error = %e,
                     "redis store misconfigured; every decision uses the fail mode");
                 None
             }
@@ -586,7 +668,8 @@ impl RedisLimiter {
         metrics.store_up.set(i64::from(up));
         let inner = Arc::new(Inner {
             conn,
-            url: cfg.url.clone(),
+            source: cfg.url.clone(),
+            url: shown,
             prefix: cfg.key_prefix.clone(),
             up: AtomicBool::new(up),
             halted: AtomicBool::new(false),
@@ -609,7 +692,7 @@ impl RedisLimiter {
     }
 
     fn serves(&self, cfg: &RedisStore) -> bool {
-        self.inner.url == cfg.url && self.inner.prefix == cfg.key_prefix
+        self.inner.source == cfg.url && self.inner.prefix == cfg.key_prefix
     }
 
     /// Whether decisions currently go to Redis (false: the fail mode applies).
@@ -1164,6 +1247,25 @@ impl RedisBackends {
 mod tests {
     use super::*;
     use keylimit_dataplane::{Limits, RateWindow};
+
+    #[test]
+    fn redact_url_hides_credentials_only() {
+        assert_eq!(
+            redact_url("rediss://:s3cret@redis.ns.svc:6380/0"),
+            "rediss://***@redis.ns.svc:6380/0"
+        );
+        assert_eq!(
+            redact_url("redis://user:p@ss@host/1?x=@"),
+            "redis://***@host/1?x=@"
+        );
+        assert_eq!(redact_url("redis://host:6379/0"), "redis://host:6379/0");
+        let s = RedisSettings {
+            url: Some("redis://:s3cret@h".into()),
+            password: Some("s3cret".into()),
+            ..RedisSettings::default()
+        };
+        assert!(!format!("{s:?}").contains("s3cret"));
+    }
 
     #[test]
     fn one_key_shares_one_hash_tag() {

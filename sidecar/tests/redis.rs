@@ -129,7 +129,7 @@ fn store(url: String, fail_mode: FailMode, replicas: u32) -> Store {
 
 fn store_with_timeout(url: String, fail_mode: FailMode, replicas: u32, timeout_ms: u64) -> Store {
     Store::Redis(RedisStore {
-        url,
+        url: Some(url),
         key_prefix: "kl:test".into(),
         timeout_ms,
         fail_mode,
@@ -160,6 +160,7 @@ async fn start_redis_sidecar(dir: &ConfigDir, up: &Upstream, lease_ttl: Duration
         s.redis = RedisSettings {
             lease_ttl,
             probe_interval: Duration::from_millis(50),
+            ..RedisSettings::default()
         };
     })
     .await
@@ -566,7 +567,7 @@ const HOUR_NS: i64 = 3_600_000_000_000;
 
 fn redis_cfg(url: String, timeout_ms: u64) -> RedisStore {
     RedisStore {
-        url,
+        url: Some(url),
         key_prefix: "kl:test".into(),
         timeout_ms,
         fail_mode: FailMode::FailClosed,
@@ -583,6 +584,7 @@ fn redis_limiter(cfg: &RedisStore, clock: Arc<dyn Clock>, lease_ttl: Duration) -
         RedisSettings {
             lease_ttl,
             probe_interval: Duration::from_millis(50),
+            ..RedisSettings::default()
         },
     )
 }
@@ -962,4 +964,237 @@ async fn a_lease_is_released_when_the_timeout_fires_after_the_script_ran() {
         t.elapsed().saturating_sub(waited)
     );
     proxy.hold(false);
+}
+
+/// Runs `openssl` with `args` in `dir`; panics with its stderr if it fails.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("run openssl (hack/install-deps.sh installs it)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A self-signed CA named `name`: `<name>.crt` and `<name>.key` in `dir`.
+fn make_ca(dir: &std::path::Path, name: &str) {
+    let (crt, key, subj) = (
+        format!("{name}.crt"),
+        format!("{name}.key"),
+        format!("/CN={name}"),
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &crt,
+            "-days",
+            "2",
+            "-subj",
+            &subj,
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+    );
+}
+
+/// `redis-server` serving only TLS on 127.0.0.1 with a certificate from `ca` (CA `ca` in
+/// `dir`, made by `make_ca`), requiring the password `pw`.
+struct TlsRedis {
+    server: RedisServer,
+}
+
+impl TlsRedis {
+    fn start(dir: &std::path::Path, ca: &str, pw: &str) -> Self {
+        openssl(
+            dir,
+            &[
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=localhost",
+            ],
+        );
+        std::fs::write(
+            dir.join("server.ext"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
+             extendedKeyUsage=serverAuth\n",
+        )
+        .expect("write server.ext");
+        let (ca_crt, ca_key) = (format!("{ca}.crt"), format!("{ca}.key"));
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                &ca_crt,
+                "-CAkey",
+                &ca_key,
+                "-CAcreateserial",
+                "-out",
+                "server.crt",
+                "-days",
+                "2",
+                "-extfile",
+                "server.ext",
+            ],
+        );
+        let port = free_port();
+        let child = Command::new(redis_binary())
+            .current_dir(dir)
+            .args([
+                "--port",
+                "0",
+                "--tls-port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .args([
+                "--tls-cert-file",
+                "server.crt",
+                "--tls-key-file",
+                "server.key",
+            ])
+            .args(["--tls-ca-cert-file", &ca_crt, "--tls-auth-clients", "no"])
+            .args(["--requirepass", pw, "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn redis-server");
+        let mut server = RedisServer {
+            child: Some(child),
+            port,
+        };
+        // Listening means the certificate loaded; a build without TLS exits instead, and its
+        // own words say why.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(c) = server.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    let mut log = String::new();
+                    if let Some(mut out) = c.stdout.take() {
+                        let _ = out.read_to_string(&mut log);
+                    }
+                    panic!("redis-server with --tls-port exited ({status}): {log}");
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not listen on TLS port {port} within 10s"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Self { server }
+    }
+}
+
+/// A limiter whose URL, password and CA come from the settings (the environment the webhook
+/// fills from the policy's connection Secret); the document carries no URL.
+fn secret_limiter(url: String, ca_pem: Option<Vec<u8>>) -> (RedisLimiter, RedisStore) {
+    let cfg = RedisStore {
+        url: None,
+        ..redis_cfg(String::new(), TIMEOUT_MS)
+    };
+    let l = RedisLimiter::new(
+        &cfg,
+        Arc::new(SystemClock),
+        Arc::new(Metrics::new(false)),
+        RedisSettings {
+            probe_interval: Duration::from_millis(50),
+            url: Some(url),
+            ca_pem,
+            ..RedisSettings::default()
+        },
+    );
+    (l, cfg)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_decides_exactly_through_a_server_verified_by_the_secrets_ca() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    make_ca(dir.path(), "ca");
+    make_ca(dir.path(), "other-ca");
+    let redis = TlsRedis::start(dir.path(), "ca", "s3cret");
+    let pem = |name: &str| std::fs::read(dir.path().join(name)).expect("read CA");
+    // The password travels inside the Secret's URL.
+    let url = format!("rediss://:s3cret@127.0.0.1:{}/0", redis.server.port);
+    let set = LimitSet::compile(
+        &Limits {
+            concurrency: Some(2),
+            ..Limits::default()
+        },
+        "key",
+    );
+
+    // The right CA: exact limits, decided by Redis (FailClosed has no local answer, so a
+    // refusal can only come from the server).
+    let (good, cfg) = secret_limiter(url.clone(), Some(pem("ca.crt")));
+    let _a = admitted(&good, &cfg, &set, 5).await;
+    let _b = admitted(&good, &cfg, &set, 5).await;
+    let r = refused(&good, &cfg, &set, 5).await;
+    assert_eq!(r.reason, ExhaustionReason::ConcurrencyLimited);
+    assert!(good.is_up());
+
+    // A CA that did not sign the server's certificate, and the system roots (no CA at all):
+    // the handshake fails, so no decision is taken through the server, only the fail mode
+    // (FailClosed: no decision, a 503).
+    for (what, ca) in [
+        ("another CA", Some(pem("other-ca.crt"))),
+        ("system roots", None),
+    ] {
+        let (bad, cfg) = secret_limiter(url.clone(), ca);
+        for _ in 0..3 {
+            let d = decide(&bad, &cfg, &set, 6).await;
+            assert!(
+                d.is_none(),
+                "{what}: decided through an unverified server: {d:?}"
+            );
+        }
+        assert!(!bad.is_up(), "{what}");
+    }
+
+    // A CA with a plain redis:// URL is refused, never silently dropped.
+    let plain = format!("redis://:s3cret@127.0.0.1:{}/0", redis.server.port);
+    let (bad, cfg) = secret_limiter(plain, Some(pem("ca.crt")));
+    assert!(decide(&bad, &cfg, &set, 6).await.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_without_url_and_no_env_url_applies_the_fail_mode() {
+    let cfg = RedisStore {
+        url: None,
+        ..redis_cfg(String::new(), 200)
+    };
+    let l = redis_limiter(&cfg, Arc::new(SystemClock), Duration::from_secs(30));
+    let set = LimitSet::compile(&rate(10, 60, 10), "key");
+    assert!(decide(&l, &cfg, &set, 1).await.is_none());
+    assert!(!l.is_up());
 }

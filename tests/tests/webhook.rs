@@ -256,14 +256,18 @@ async fn webhook_injects_opted_in_pods_over_tls() {
             ensure!(sources.iter().any(|s| s.secret.as_ref().is_some_and(|s| s.name == "keylimit-hash-key")), "no hash-key source: {sources:?}");
             ensure!(vols.iter().any(|v| v.name == "keylimit-token"), "no token volume");
 
-            // A Redis policy: the sidecar gets the password from the policy's Secret, by
-            // reference (the policy need not exist before the pod; here it does).
-            env.apply_yaml("apiVersion: keylimit.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {name: orders}\nspec:\n  selector: {matchLabels: {app: orders}}\n  limits: {concurrency: 5}\n  store:\n    type: Redis\n    redis: {url: 'redis://127.0.0.1:6379/0', passwordSecretRef: {name: redis-auth, key: password}}\n").await?;
+            // A Redis policy: the sidecar gets URL and password from the policy's one
+            // connection Secret, by reference (the policy need not exist before the pod; here
+            // it does).
+            env.apply_yaml("apiVersion: keylimit.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {name: orders}\nspec:\n  selector: {matchLabels: {app: orders}}\n  limits: {concurrency: 5}\n  store:\n    type: Redis\n    redis: {connectionSecretRef: {name: redis-conn}}\n").await?;
             let redis_pod = create_pod(env, &opted_ns, &app_pod("redis-user", json!({}), json!({"keylimit.dev/policy": "orders"}))?).await?;
             let side = sidecar_of(&redis_pod).context("no sidecar on the Redis policy's pod")?;
-            let pw = side.env.unwrap_or_default().into_iter().find(|e| e.name == "KEYLIMIT_REDIS_PASSWORD").context("no KEYLIMIT_REDIS_PASSWORD")?;
-            let sref = pw.value_from.and_then(|v| v.secret_key_ref).context("password not from a Secret")?;
-            ensure!(sref.name == "redis-auth" && sref.key == "password", "{sref:?}");
+            let side_env = side.env.unwrap_or_default();
+            for (name, key) in [("KEYLIMIT_REDIS_URL", "url"), ("KEYLIMIT_REDIS_PASSWORD", "password")] {
+                let e = side_env.iter().find(|e| e.name == name).with_context(|| format!("no {name}"))?;
+                let sref = e.value_from.clone().and_then(|v| v.secret_key_ref).with_context(|| format!("{name} not from a Secret"))?;
+                ensure!(sref.name == "redis-conn" && sref.key == key, "{name}: {sref:?}");
+            }
 
             // Pod-label opt-in in a namespace that did not opt in; and the opt-outs.
             let labelled = create_pod(
