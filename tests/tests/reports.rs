@@ -413,10 +413,11 @@ fn port_free_on(a: Ipv4Addr, b: Ipv4Addr) -> anyhow::Result<u16> {
     bail!("no port free on both {a} and {b}")
 }
 
-/// Readiness is not leadership: both replicas become Ready, and a report sent to the standby
-/// is forwarded to the leader (found from the Lease holder's pod IP) and becomes status. The
-/// two replicas run as the pods `op-a` and `op-b` with pod IPs 127.0.0.2 and 127.0.0.3 (one
-/// admin port, as in the chart), since there is no kubelet to give them real ones.
+/// Readiness is not leadership: both replicas become Ready, and a report sent over TLS to the
+/// standby is forwarded over TLS to the leader (found from the Lease holder's pod IP, verified
+/// as the webhook Service's name) and becomes status. The two replicas run as the pods `op-a`
+/// and `op-b` with pod IPs 127.0.0.2 and 127.0.0.3 (one admin and one TLS port, as in the
+/// chart), since there is no kubelet to give them real ones.
 #[tokio::test]
 #[ignore = "needs a control plane: run hack/test.sh"]
 async fn both_replicas_ready_and_standby_forwards_reports() {
@@ -424,6 +425,7 @@ async fn both_replicas_ready_and_standby_forwards_reports() {
         let ns = env.ns.clone();
         let ips = [Ipv4Addr::new(127, 0, 0, 2), Ipv4Addr::new(127, 0, 0, 3)];
         let port = port_free_on(ips[0], ips[1])?;
+        let tls_port = port_free_on(ips[0], ips[1])?;
         let mut procs = vec![];
         for (name, ip) in ["op-a", "op-b"].into_iter().zip(ips) {
             let pod = sidecar_pod(&env.client, &ns, name, "none").await?;
@@ -459,9 +461,14 @@ async fn both_replicas_ready_and_standby_forwards_reports() {
                         "6",
                         "--admin-addr",
                         &format!("{ip}:{port}"),
-                        // Reports in plain HTTP to the admin port, forwarded the same way
-                        // (no TLS port here); report_tls.rs covers the TLS transport.
-                        "--allow-plaintext-reports",
+                        "--webhook-addr",
+                        &format!("{ip}:{tls_port}"),
+                        "--webhook-namespace",
+                        &ns,
+                        // The test posts to a replica by IP; forwards are verified as the
+                        // Service name, which the certificate carries anyway.
+                        "--webhook-extra-san",
+                        "127.0.0.2,127.0.0.3",
                     ],
                 )
                 .await?;
@@ -500,18 +507,53 @@ async fn both_replicas_ready_and_standby_forwards_reports() {
         }
         let sidecar = sidecar_pod(&env.client, &ns, "api-1", "p").await?;
         let token = pod_token(&sidecar, "keylimit").await?;
-        let standby = url(standby_ip, "/v1/reports");
-        let r = post_report(&standby, &token, &report(&ns, "p", "api-1", true)).await?;
+        // Both replicas serve the certificate of the one Secret; trust its CA.
+        let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> = env.api();
+        let ca = eventually(T, "the webhook certificate Secret", || async {
+            secrets
+                .get_opt("keylimit-webhook-cert")
+                .await
+                .ok()??
+                .data?
+                .get("ca.crt")
+                .cloned()
+        })
+        .await?;
+        let ca_file = env.dir.path().join("ha-ca.crt");
+        std::fs::write(&ca_file, &ca.0)?;
+        let standby = format!("https://{standby_ip}:{tls_port}/v1/reports");
+        let body = Bytes::from(serde_json::to_vec(&report(&ns, "p", "api-1", true))?);
+        let auth = format!("Bearer {token}");
+        let headers = [
+            ("content-type", "application/json"),
+            ("authorization", auth.as_str()),
+        ];
+        let r = request_tls(&ca_file, "POST", &standby, &headers, body.clone()).await?;
         ensure!(
             r.status == 204,
             "report sent to the standby: {} {:?}",
             r.status,
             r.body
         );
-        let _reporting = keep_reporting(
-            standby.clone(),
-            vec![(token.clone(), report(&ns, "p", "api-1", true))],
-        );
+        // The plain admin port refuses the same report (no --allow-plaintext-reports).
+        let plain = request("POST", &url(standby_ip, "/v1/reports"), &headers, body.clone()).await?;
+        ensure!(plain.status == 410, "plain HTTP report: {}", plain.status);
+        let reporting = {
+            let (ca_file, standby, auth, body) = (ca_file.clone(), standby.clone(), auth.clone(), body.clone());
+            Reporting(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tick.tick().await;
+                    let headers = [
+                        ("content-type", "application/json"),
+                        ("authorization", auth.as_str()),
+                    ];
+                    if let Err(e) = request_tls(&ca_file, "POST", &standby, &headers, body.clone()).await {
+                        tracing::warn!(error = %e, "report not sent");
+                    }
+                }
+            }))
+        };
         await_object(
             &apikeys(env),
             "acme",
@@ -520,6 +562,7 @@ async fn both_replicas_ready_and_standby_forwards_reports() {
             has_condition("Exhausted", "True"),
         )
         .await?;
+        drop(reporting);
         let forwarded = metric(
             &url(standby_ip, "/metrics"),
             "keylimit_operator_reports_total{result=\"forwarded\"}",
