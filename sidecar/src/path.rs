@@ -63,7 +63,28 @@ fn already_normal(path: &[u8]) -> bool {
     let mut i = 0;
     while i < path.len() {
         match path[i] {
-            b'%' | b'\\' => return false,
+            b'%' => {
+                // Already normal only if the escape is upper-case hex of a byte that must stay
+                // escaped; anything else is decoded, refused or re-cased by the slow path.
+                let hex = |b: u8| matches!(b, b'0'..=b'9' | b'A'..=b'F');
+                let (Some(&hi), Some(&lo)) = (path.get(i + 1), path.get(i + 2)) else {
+                    return false;
+                };
+                if !hex(hi) || !hex(lo) {
+                    return false;
+                }
+                let v = hex_val(hi).unwrap_or(0) << 4 | hex_val(lo).unwrap_or(0);
+                if v == 0 || v == b'/' || v == b'\\' || is_unreserved(v) {
+                    return false;
+                }
+                prev_slash = false;
+                i += 3;
+                continue;
+            }
+            b'\\' => return false,
+            // A segment that is only parameters (`/;x/`) is empty once they are dropped for
+            // matching: the slow path removes it, like any empty segment.
+            b';' if prev_slash => return false,
             b'/' => {
                 if prev_slash {
                     return false;
@@ -285,6 +306,21 @@ mod tests {
         assert_eq!(n("/a/..").unwrap(), "/");
         assert_eq!(n("/..").unwrap(), "/");
         assert_eq!(n("/a/%7e%2d").unwrap(), "/a/~-");
+        // Found by the path_normalize fuzz target: a parameters-only segment used to pass the
+        // fast path, and its match form `//admin/users` escaped a `/admin` route.
+        assert_eq!(n("/;/admin/users").unwrap(), "/admin/users");
+        assert_eq!(n("/;x=1/admin").unwrap(), "/admin");
+        assert_eq!(n("/a/;").unwrap(), "/a/");
+    }
+
+    #[test]
+    fn normal_forms_with_escapes_are_borrowed() {
+        for p in ["/caf%C3%A9", "/a%20b/%3F"] {
+            assert!(matches!(normalize(p), Ok(Cow::Borrowed(_))), "{p}");
+        }
+        for p in ["/caf%c3%a9", "/%41", "/%2F", "/%00", "/%5C", "/%G0", "/%4"] {
+            assert!(!already_normal(p.as_bytes()), "{p}");
+        }
     }
 
     #[test]

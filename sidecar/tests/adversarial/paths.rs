@@ -46,6 +46,8 @@ async fn every_equivalent_spelling_of_a_limited_path_is_limited() {
         "/Admin/users",
         "/admin;jsessionid=1/users",
         "/admin;/users",
+        "/;/admin/users",
+        "/;x=1/admin/users",
         "/admin",
         "/admin/",
     ] {
