@@ -54,6 +54,9 @@ pub struct Context {
     pub client: Client,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
+    /// Every apiserver write goes through `leader.fenced`: a replica whose claim lapsed (a
+    /// stalled renewal) stops writing at once, before another can take over.
+    pub leader: crate::leader::LeaderState,
     pub secrets: Store<Secret>,
     pub apikeys: Store<ApiKey>,
     pub policies: Store<RateLimitPolicy>,
@@ -150,12 +153,15 @@ fn render_inputs(
 }
 
 /// Starts the caches, then runs both controllers until `shutdown` resolves.
+// Each argument is a separate piece of shared state wired once in `lib.rs`.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     client: Client,
     namespace: Option<String>,
     metrics: Arc<Metrics>,
     reports: Arc<crate::reports::Reports>,
     instance: String,
+    leader: crate::leader::LeaderState,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
     ready: impl FnOnce(),
 ) -> Result<(), Error> {
@@ -234,6 +240,7 @@ pub async fn run(
             },
         ),
         metrics,
+        leader,
         secrets,
         apikeys: apikeys.clone(),
         policies,
@@ -365,7 +372,11 @@ pub async fn ensure_hash_key(ctx: &Context, ns: &str) -> Result<dp::KeyHasher, E
                         )])),
                         ..Default::default()
                     };
-                    match api.create(&PostParams::default(), &secret).await {
+                    match ctx
+                        .leader
+                        .fenced(api.create(&PostParams::default(), &secret))
+                        .await?
+                    {
                         Ok(s) => {
                             info!(namespace = ns, "created key-hash Secret {name}");
                             s
@@ -431,7 +442,11 @@ async fn ensure_generated_secret(key: &ApiKey, ctx: &Context) -> Result<Option<S
         )])),
         ..Default::default()
     };
-    match api.create(&PostParams::default(), &secret).await {
+    match ctx
+        .leader
+        .fenced(api.create(&PostParams::default(), &secret))
+        .await?
+    {
         Ok(s) => {
             publish(
                 ctx,
@@ -480,7 +495,12 @@ pub async fn publish(
         secondary: None,
     };
     // Events are best effort: losing one must not fail a reconcile.
-    if let Err(e) = ctx.recorder.publish(&ev, &obj.object_ref(&())).await {
+    // A standby (or a lapsed leader) publishes nothing: `fenced` refuses without a claim.
+    if let Ok(Err(e)) = ctx
+        .leader
+        .fenced(ctx.recorder.publish(&ev, &obj.object_ref(&())))
+        .await
+    {
         warn!(error = %e, "publishing event failed");
     }
 }
@@ -647,12 +667,13 @@ async fn reconcile_apikey(key: Arc<ApiKey>, ctx: Arc<Context>) -> Result<Action,
             }
         });
         let api: Api<ApiKey> = Api::namespaced(ctx.client.clone(), &ns);
-        api.patch_status(
-            &name,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&status),
-        )
-        .await?;
+        ctx.leader
+            .fenced(api.patch_status(
+                &name,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&status),
+            ))
+            .await??;
         ctx.metrics.status_writes.inc();
         if was_ready != Some(ready.status) {
             let type_ = if ready.status {
@@ -781,12 +802,13 @@ async fn write_config_maps(
         let mut patch = serde_json::to_value(&obj)?;
         patch["apiVersion"] = json!("v1");
         patch["kind"] = json!("ConfigMap");
-        api.patch(
-            &cm.name,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
+        ctx.leader
+            .fenced(api.patch(
+                &cm.name,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&patch),
+            ))
+            .await??;
         ctx.metrics.configmap_writes.inc();
         changed += 1;
     }
@@ -803,7 +825,11 @@ async fn write_config_maps(
         .map(|c| c.name_any())
         .collect();
     for s in &stale {
-        match api.delete(s, &DeleteParams::default()).await {
+        match ctx
+            .leader
+            .fenced(api.delete(s, &DeleteParams::default()))
+            .await?
+        {
             Ok(_) => {}
             Err(kube::Error::Api(e)) if e.code == 404 => {}
             Err(e) => return Err(e.into()),
@@ -962,12 +988,13 @@ async fn reconcile_policy(
             .await;
         }
         let papi: Api<RateLimitPolicy> = Api::namespaced(ctx.client.clone(), &ns);
-        papi.patch_status(
-            &name,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&status),
-        )
-        .await?;
+        ctx.leader
+            .fenced(papi.patch_status(
+                &name,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&status),
+            ))
+            .await??;
         ctx.metrics.status_writes.inc();
     }
     Ok(Action::requeue(RESYNC))

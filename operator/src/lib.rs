@@ -403,12 +403,18 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
             tokio::select! { _ = s => {}, _ = l => {} }
         }
     };
+    // Writers ask this before every write; without leader election this replica always may.
+    let leader = lock
+        .as_ref()
+        .map(|l| l.state())
+        .unwrap_or_else(|| leader::LeaderState::unconditional(&identity));
     controller::run(
         client,
         args.watch_namespace.clone(),
         metrics.clone(),
         reports.clone(),
         identity,
+        leader,
         stop,
         {
             let m = metrics.clone();

@@ -827,14 +827,16 @@ pub async fn write_status(
                 }
             });
             let api: Api<ApiKey> = Api::namespaced(ctx.client.clone(), &ns);
-            match api
-                .patch_status(
+            let written = ctx
+                .leader
+                .fenced(api.patch_status(
                     &key.name_any(),
                     &PatchParams::apply(MANAGER).force(),
                     &Patch::Apply(&patch),
-                )
+                ))
                 .await
-            {
+                .and_then(|r| r.map_err(crate::Error::from));
+            match written {
                 Ok(_) => {
                     ctx.metrics.status_writes.inc();
                     usage_written.insert(slot, now.as_second());
@@ -889,14 +891,16 @@ pub async fn write_status(
                 }
             });
             let api: Api<RateLimitPolicy> = Api::namespaced(ctx.client.clone(), &id.0);
-            match api
-                .patch_status(
+            let written = ctx
+                .leader
+                .fenced(api.patch_status(
                     &id.1,
                     &PatchParams::apply(MANAGER).force(),
                     &Patch::Apply(&patch),
-                )
+                ))
                 .await
-            {
+                .and_then(|r| r.map_err(crate::Error::from));
+            match written {
                 Ok(_) => {
                     ctx.metrics.status_writes.inc();
                 }
