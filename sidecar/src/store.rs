@@ -863,7 +863,7 @@ impl Inner {
         // the slot instead of leaving it taken until the lease TTL.
         let mut lease = (!lease_keys.is_empty()).then(|| self.lease(lease_id.clone(), lease_keys));
         let args = Args {
-            cost: c.cost.max(1),
+            cost: c.cost,
             max_delay_us: match (c.dry_run, c.throttle) {
                 (false, Some(t)) => i64::try_from(t.max_delay_ns / NS_PER_US).unwrap_or(i64::MAX),
                 _ => -1,

@@ -1198,3 +1198,40 @@ async fn a_document_without_url_and_no_env_url_applies_the_fail_mode() {
     assert!(decide(&l, &cfg, &set, 1).await.is_none());
     assert!(!l.is_up());
 }
+
+/// `cost: 0` is free in Redis mode too (the local limiter's rule): a key whose rate is spent
+/// is still served on a free route, and the free requests do not spend anything.
+#[tokio::test]
+async fn a_free_route_costs_nothing_in_redis_either() {
+    let redis = RedisServer::start();
+    let mut dir = ConfigDir::new();
+    let mut d = with_store(
+        rate(1, 3600, 0),
+        store_with_timeout(redis.url(), FailMode::FailClosed, 1, 1000),
+    );
+    d.policy.routes = vec![keylimit_dataplane::Route {
+        name: "health".into(),
+        path_prefix: "/health".into(),
+        methods: vec![],
+        cost: 0,
+        limits: None,
+    }];
+    dir.write_doc(&d);
+    let up = upstream().await;
+    let sc = start_redis_sidecar(&dir, &up, Duration::from_secs(30)).await;
+    let c = client();
+    for _ in 0..3 {
+        let r = with_key(&c, sc.traffic_addr, "/health", "k").await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    }
+    assert_eq!(
+        with_key(&c, sc.traffic_addr, "/", "k").await.status,
+        StatusCode::OK,
+        "free requests spent nothing"
+    );
+    let r = with_key(&c, sc.traffic_addr, "/", "k").await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{:?}", r.body);
+    let r = with_key(&c, sc.traffic_addr, "/health", "k").await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    sc.stop().await;
+}
