@@ -51,8 +51,10 @@ kubectl create namespace "$NS" --dry-run=client -o yaml | kubectl apply -f - >/d
 
 say "Starting the operator"
 OP_PORT=$(free_port)
+# No webhook (and so no TLS port) in the demo: the sidecar reports over plain HTTP on
+# loopback, which the operator refuses unless told otherwise. In a cluster reports go over TLS.
 "$BIN/keylimit-operator" run --admin-addr "127.0.0.1:$OP_PORT" --lease-namespace "$NS" --identity demo-operator \
-  >"$WORK/operator.log" 2>&1 &
+  --allow-plaintext-reports >"$WORK/operator.log" 2>&1 &
 PIDS+=($!)
 wait_http "http://127.0.0.1:$OP_PORT/readyz" "the operator"
 
@@ -98,9 +100,18 @@ done
 POD_UID=$(kubectl get pod demo-app -n "$NS" -o jsonpath='{.metadata.uid}')
 kubectl create token default -n "$NS" --audience keylimit --duration 1h \
   --bound-object-kind Pod --bound-object-name demo-app --bound-object-uid "$POD_UID" >"$WORK/token"
+# Keys are hashed with the namespace's HMAC key (Secret keylimit-hash-key); the webhook
+# projects it next to the policy, here it is written to a file the same way.
+for _ in $(seq 1 60); do
+  kubectl get secret keylimit-hash-key -n "$NS" -o jsonpath='{.data.key}' 2>/dev/null \
+    | base64 -d >"$WORK/hash-key" && [ -s "$WORK/hash-key" ] && break
+  sleep 0.5 # the operator creates it with the first policy
+done
+[ -s "$WORK/hash-key" ] || { echo "the operator never created keylimit-hash-key" >&2; exit 1; }
 SC_PORT=$(free_port); SC_ADMIN=$(free_port)
 "$BIN/keylimit-sidecar" --listen "127.0.0.1:$SC_PORT" --admin-listen "127.0.0.1:$SC_ADMIN" \
   --upstream "http://127.0.0.1:$UP_PORT" --config-dir "$WORK/config" --sidecar-name demo-sidecar \
+  --hash-key-file "$WORK/hash-key" \
   --report-url "http://127.0.0.1:$OP_PORT/v1/reports" --report-token-file "$WORK/token" \
   >"$WORK/sidecar.log" 2>&1 &
 PIDS+=($!)
