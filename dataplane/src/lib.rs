@@ -15,6 +15,19 @@ use sha2::{Digest, Sha256};
 
 /// Version tag of the document format. Bumped on any incompatible change.
 pub const API_VERSION: &str = "dataplane.keylimit.dev/v1";
+/// The version of documents whose keys are hashed under a declared keyed scheme
+/// (`keySource.keyHash: HmacSha256`). A sidecar from before keyed hashes knows only
+/// [`API_VERSION`]: it refuses such a document and keeps serving its last good config, where
+/// reading it as plain sha256 would refuse every key.
+pub const API_VERSION_KEYED: &str = "dataplane.keylimit.dev/v2";
+
+/// The version a document (and its shards) must carry for its key-hash scheme.
+pub fn api_version_for(algorithm: KeyHashAlgorithm) -> &'static str {
+    match algorithm {
+        KeyHashAlgorithm::Sha256 => API_VERSION,
+        KeyHashAlgorithm::HmacSha256 => API_VERSION_KEYED,
+    }
+}
 /// File (ConfigMap data key) that holds the [`PolicyDocument`].
 pub const POLICY_FILE: &str = "policy.json";
 /// The message a 429 carries unless the policy says otherwise.
@@ -487,12 +500,18 @@ fn is_false(b: &bool) -> bool {
 }
 
 impl PolicyDocument {
+    /// How the document's key entries are hashed.
+    pub fn key_hash_algorithm(&self) -> KeyHashAlgorithm {
+        self.policy.key_source.key_hash.algorithm
+    }
+
     pub fn parse(bytes: &[u8]) -> Result<Self, Error> {
         let doc: PolicyDocument = serde_json::from_slice(bytes)?;
-        if doc.api_version != API_VERSION {
+        let expected = api_version_for(doc.key_hash_algorithm());
+        if doc.api_version != expected {
             return Err(Error::ApiVersion {
                 found: doc.api_version,
-                expected: API_VERSION,
+                expected,
             });
         }
         doc.validate()?;
@@ -541,10 +560,10 @@ impl PolicyDocument {
                 });
             }
             let shard: KeyShard = serde_json::from_slice(&bytes)?;
-            if shard.api_version != API_VERSION {
+            if shard.api_version != self.api_version {
                 return Err(Error::ApiVersion {
                     found: shard.api_version,
-                    expected: API_VERSION,
+                    expected: api_version_for(self.key_hash_algorithm()),
                 });
             }
             keys.extend(shard.keys);
@@ -778,7 +797,24 @@ mod tests {
             json.contains(r#""keyHash":{"algorithm":"HmacSha256","secret":"keylimit-hash-key"}"#),
             "{json}"
         );
+        // A keyed document under the v1 tag would be read as plain sha256 by a sidecar that
+        // predates keyed hashes (refusing every key): it must carry v2, which such a sidecar
+        // refuses whole, keeping its last good config.
+        assert!(matches!(
+            PolicyDocument::parse(json.as_bytes()),
+            Err(Error::ApiVersion { .. })
+        ));
+        d.api_version = API_VERSION_KEYED.into();
+        let json = serde_json::to_string(&d).unwrap();
         assert_eq!(PolicyDocument::parse(json.as_bytes()).unwrap(), d);
+        // ... and a plain document must not claim v2.
+        let mut plain = mk_doc(vec![]);
+        plain.api_version = API_VERSION_KEYED.into();
+        let json = serde_json::to_string(&plain).unwrap();
+        assert!(matches!(
+            PolicyDocument::parse(json.as_bytes()),
+            Err(Error::ApiVersion { .. })
+        ));
     }
 
     #[test]

@@ -430,8 +430,9 @@ pub fn render_config(
     let policy_name = config.name.clone();
     let main = main_config_map(&policy_name);
 
+    let api_version = dp::api_version_for(config.key_source.key_hash.algorithm);
     let mut doc = dp::PolicyDocument {
-        api_version: dp::API_VERSION.to_string(),
+        api_version: api_version.to_string(),
         policy: config,
         keys: entries,
         shards: vec![],
@@ -486,7 +487,7 @@ pub fn render_config(
         let (cm, file) = shard_names(&policy_name, n);
         let count = keys.len();
         let body = serde_json::to_string(&dp::KeyShard {
-            api_version: dp::API_VERSION.to_string(),
+            api_version: api_version.to_string(),
             policy: policy_name.clone(),
             index: n as u32,
             keys,

@@ -40,6 +40,7 @@ fn hmac_doc(names: &[&str]) -> PolicyDocument {
         algorithm: KeyHashAlgorithm::HmacSha256,
         secret: Some(HASH_KEY_SECRET.into()),
     };
+    d.api_version = keylimit_dataplane::API_VERSION_KEYED.into();
     d
 }
 
