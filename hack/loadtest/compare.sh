@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Throughput of two sidecar builds side by side in one run, e.g. before and after a change to
+# the request path:
+#
+#   hack/loadtest/compare.sh <sidecar binary A> <sidecar binary B> [rounds]
+#
+# Each sidecar runs with one tokio worker pinned to core 0, next to an nginx upstream (also on
+# core 0, keep-alive, answering from memory); wrk runs on core 1 with one valid key. The rounds
+# alternate A and B so drifting machine load hits both alike; the median req/s of each and
+# their ratio are printed. Config: 1,000 keys in kubelet's `..data` layout. Needs wrk and nginx
+# (apt-get install -y wrk nginx-light).
+set -euo pipefail
+
+A="${1:?sidecar binary A}"
+B="${2:?sidecar binary B}"
+ROUNDS="${3:-3}"
+DURATION="${DURATION:-5s}"
+CONNS="${CONNS:-32}"
+UP_PORT=18281 A_PORT=18280 B_PORT=18282 A_ADMIN=18290 B_ADMIN=18292
+WORK="$(mktemp -d /tmp/keylimit-compare.XXXXXX)"
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+command -v wrk >/dev/null || { echo "wrk missing: apt-get install -y wrk" >&2; exit 1; }
+NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
+
+mkdir -p "$WORK/config/..2026_01_01_00_00_00.1"
+python3 - "$WORK/config/..2026_01_01_00_00_00.1" <<'PY'
+import hashlib, json, sys
+keys = [{"name": f"key-{i}",
+         "sha256": hashlib.sha256(f"loadtest-key-{i}-0123456789abcdef".encode()).hexdigest()}
+        for i in range(1000)]
+doc = {"apiVersion": "dataplane.keylimit.dev/v1",
+       "policy": {"name": "load", "namespace": "bench", "generation": 1,
+                  "limits": {"rates": [{"name": "second", "requests": 1000000,
+                                        "periodSeconds": 1, "burst": 1000000}]}},
+       "keys": sorted(keys, key=lambda k: k["name"])}
+json.dump(doc, open(f"{sys.argv[1]}/policy.json", "w"))
+PY
+ln -s ..2026_01_01_00_00_00.1 "$WORK/config/..data"
+ln -s ..data/policy.json "$WORK/config/policy.json"
+
+cat > "$WORK/upstream.conf" <<CONF
+daemon off; worker_processes 1; pid $WORK/upstream.pid; error_log $WORK/upstream.err;
+events { worker_connections 4096; }
+http { access_log off;
+  server { listen 127.0.0.1:$UP_PORT; keepalive_requests 10000000;
+    location / { return 200 "ok\n"; } } }
+CONF
+taskset -c 0 "$NGINX" -c "$WORK/upstream.conf" -p "$WORK" & PIDS+=($!)
+for side in A B; do
+  bin=${!side}; port_var=${side}_PORT; admin_var=${side}_ADMIN
+  TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c 0 "$bin" --listen "127.0.0.1:${!port_var}" \
+    --admin-listen "127.0.0.1:${!admin_var}" --upstream "http://127.0.0.1:$UP_PORT" \
+    --config-dir "$WORK/config" --log-format text >"$WORK/$side.log" 2>&1 & PIDS+=($!)
+done
+KEY="loadtest-key-7-0123456789abcdef"
+for port in $A_PORT $B_PORT; do
+  for _ in $(seq 1 100); do
+    [ "$(curl -s -o /dev/null -w '%{http_code}' -H "X-API-Key: $KEY" "http://127.0.0.1:$port/")" = 200 ] && break
+    sleep 0.1
+  done
+done
+run() { taskset -c 1 wrk -t1 -c"$CONNS" -d"$DURATION" -H "X-API-Key: $KEY" "http://127.0.0.1:$1/" \
+  | awk '/Requests\/sec/ {print $2}'; }
+for i in $(seq 1 "$ROUNDS"); do
+  echo "A $(run $A_PORT)" >>"$WORK/rps"
+  echo "B $(run $B_PORT)" >>"$WORK/rps"
+done
+cat "$WORK/rps"
+python3 - "$WORK/rps" <<'PY'
+import statistics, sys
+r = {"A": [], "B": []}
+for line in open(sys.argv[1]):
+    k, v = line.split()
+    r[k].append(float(v))
+a, b = statistics.median(r["A"]), statistics.median(r["B"])
+print(f"median req/s: A {a:.0f}  B {b:.0f}  B/A = {b / a:.3f}")
+PY
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); load $(cut -d' ' -f1-3 /proc/loadavg)"
