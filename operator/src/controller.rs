@@ -1121,6 +1121,79 @@ mod tests {
     use super::*;
     use crate::render::tests::{mk_apikey, mk_secret};
 
+    /// A Context whose client reaches a stand-in apiserver that counts requests (answering
+    /// 404 to each).
+    fn mk_ctx(
+        leader: crate::leader::LeaderState,
+    ) -> (Arc<Context>, Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let calls = Arc::new(AtomicUsize::new(0));
+        let seen = calls.clone();
+        let svc = tower::service_fn(move |_req: http::Request<kube::client::Body>| {
+            seen.fetch_add(1, Ordering::SeqCst);
+            async {
+                let body = http_body_util::Full::new(bytes::Bytes::from_static(b"{}"));
+                let mut resp = http::Response::new(body);
+                *resp.status_mut() = http::StatusCode::NOT_FOUND;
+                Ok::<_, std::convert::Infallible>(resp)
+            }
+        });
+        let client = Client::new(svc, "ns");
+        let ctx = Context {
+            client: client.clone(),
+            recorder: Recorder::new(
+                client,
+                Reporter {
+                    controller: MANAGER.into(),
+                    instance: None,
+                },
+            ),
+            metrics: Arc::new(Metrics::default()),
+            leader,
+            secrets: reflector::store::<Secret>().0,
+            apikeys: reflector::store::<ApiKey>().0,
+            policies: reflector::store::<RateLimitPolicy>().0,
+            config_maps: reflector::store::<ConfigMap>().0,
+            render_memo: RenderMemo::default(),
+            duplicates: DuplicateBook::default(),
+            recheck_apikey: futures::channel::mpsc::unbounded().0,
+        };
+        (Arc::new(ctx), calls)
+    }
+
+    #[tokio::test]
+    async fn a_replica_without_a_current_claim_sends_no_write() {
+        use std::sync::atomic::Ordering;
+        let key = mk_apikey("k", "p");
+        let (standby, calls) = mk_ctx(crate::leader::LeaderState::standby());
+        publish(
+            &standby,
+            &key,
+            EventType::Normal,
+            "Test",
+            "from a standby".into(),
+        )
+        .await;
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            0,
+            "a standby reached the apiserver"
+        );
+        let (leader, calls) = mk_ctx(crate::leader::LeaderState::unconditional("me"));
+        publish(
+            &leader,
+            &key,
+            EventType::Normal,
+            "Test",
+            "from the leader".into(),
+        )
+        .await;
+        assert!(
+            calls.load(Ordering::SeqCst) > 0,
+            "the leader's write was sent"
+        );
+    }
+
     fn test_hasher() -> dp::KeyHasher {
         dp::KeyHasher::hmac(&[5u8; dp::HASH_KEY_LEN]).unwrap()
     }
