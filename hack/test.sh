@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test keylimit has, on a fresh machine with Rust and Go:
-#   formatting, clippy, CRD freshness, unit tests, the fuzz targets (hack/fuzz.sh), then the end-to-end suite against a real
-#   kube-apiserver + etcd + kube-controller-manager built from pinned Go modules and started on
-#   127.0.0.1 (hack/build-tools.sh, hack/controlplane.sh).
+#   formatting, clippy, CRD freshness, unit tests, the fuzz targets (hack/fuzz.sh), then the
+#   end-to-end suite against a real kube-apiserver + etcd + kube-controller-manager built from
+#   pinned Go modules and started on 127.0.0.1 (hack/build-tools.sh, hack/controlplane.sh).
 # Binaries are cached in ${KEYLIMIT_CACHE:-~/.cache/keylimit}; nothing built lands in the repo.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
