@@ -7,7 +7,7 @@
 # Each sidecar runs with one tokio worker pinned to core 0, next to an nginx upstream (also on
 # core 0, keep-alive, answering from memory); wrk runs on core 1 with one valid key. The rounds
 # alternate A and B so drifting machine load hits both alike; the median req/s of each and
-# their ratio are printed. Config: 1,000 keys in kubelet's `..data` layout. Needs wrk and nginx
+# their ratio are printed (NGINX_TOO=1 adds nginx doing the same job). Config: 1,000 keys in kubelet's `..data` layout. Needs wrk and nginx
 # (apt-get install -y wrk nginx-light).
 set -euo pipefail
 
@@ -16,7 +16,7 @@ B="${2:?sidecar binary B}"
 ROUNDS="${3:-3}"
 DURATION="${DURATION:-5s}"
 CONNS="${CONNS:-32}"
-UP_PORT=18281 A_PORT=18280 B_PORT=18282 A_ADMIN=18290 B_ADMIN=18292
+UP_PORT=18281 A_PORT=18280 B_PORT=18282 N_PORT=18283 A_ADMIN=18290 B_ADMIN=18292
 WORK="$(mktemp -d /tmp/keylimit-compare.XXXXXX)"
 PIDS=()
 cleanup() {
@@ -52,6 +52,31 @@ http { access_log off;
     location / { return 200 "ok\n"; } } }
 CONF
 taskset -c 0 "$NGINX" -c "$WORK/upstream.conf" -p "$WORK" & PIDS+=($!)
+# With NGINX=1, a third target: nginx doing the sidecar's job the way its best users would
+# (one worker on core 0; a map of the same 1,000 keys, unknown -> 401; limit_req per key that
+# never refuses, like the sidecar's limit here; upstream keep-alive with keepalive_requests
+# raised on both sides so it never reconnects; the same forwarded headers).
+if [ "${NGINX_TOO:-0}" = 1 ]; then
+  {
+    echo "daemon off; worker_processes 1; pid $WORK/proxy.pid; error_log $WORK/proxy.err;"
+    echo "events { worker_connections 4096; }"
+    echo "http { access_log off; map_hash_max_size 65536; map_hash_bucket_size 128;"
+    echo "  map \$http_x_api_key \$key_name { default \"\";"
+    for i in $(seq 0 999); do echo "    \"loadtest-key-$i-0123456789abcdef\" key-$i;"; done
+    echo "  }"
+    echo "  limit_req_zone \$key_name zone=perkey:16m rate=1000000r/s;"
+    echo "  upstream app { server 127.0.0.1:$UP_PORT; keepalive 64; keepalive_requests 10000000; }"
+    echo "  server { listen 127.0.0.1:$N_PORT; keepalive_requests 10000000;"
+    echo "    location / {"
+    echo "      if (\$key_name = \"\") { return 401 '{\"error\":\"invalid_key\"}'; }"
+    echo "      limit_req zone=perkey burst=1000000 nodelay;"
+    echo "      proxy_http_version 1.1; proxy_set_header Connection \"\";"
+    echo "      proxy_set_header X-KeyLimit-Key \$key_name;"
+    echo "      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;"
+    echo "      proxy_pass http://app; } } }"
+  } >"$WORK/proxy.conf"
+  taskset -c 0 "$NGINX" -c "$WORK/proxy.conf" -p "$WORK" & PIDS+=($!)
+fi
 for side in A B; do
   bin=${!side}; port_var=${side}_PORT; admin_var=${side}_ADMIN
   TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c 0 "$bin" --listen "127.0.0.1:${!port_var}" \
@@ -59,7 +84,8 @@ for side in A B; do
     --config-dir "$WORK/config" --log-format text >"$WORK/$side.log" 2>&1 & PIDS+=($!)
 done
 KEY="loadtest-key-7-0123456789abcdef"
-for port in $A_PORT $B_PORT; do
+ports="$A_PORT $B_PORT"; [ "${NGINX_TOO:-0}" = 1 ] && ports="$ports $N_PORT"
+for port in $ports; do
   for _ in $(seq 1 100); do
     [ "$(curl -s -o /dev/null -w '%{http_code}' -H "X-API-Key: $KEY" "http://127.0.0.1:$port/")" = 200 ] && break
     sleep 0.1
@@ -70,15 +96,19 @@ run() { taskset -c 1 wrk -t1 -c"$CONNS" -d"$DURATION" -H "X-API-Key: $KEY" "http
 for i in $(seq 1 "$ROUNDS"); do
   echo "A $(run $A_PORT)" >>"$WORK/rps"
   echo "B $(run $B_PORT)" >>"$WORK/rps"
+  if [ "${NGINX_TOO:-0}" = 1 ]; then echo "N $(run $N_PORT)" >>"$WORK/rps"; fi
 done
 cat "$WORK/rps"
 python3 - "$WORK/rps" <<'PY'
 import statistics, sys
-r = {"A": [], "B": []}
+r = {"A": [], "B": [], "N": []}
 for line in open(sys.argv[1]):
     k, v = line.split()
     r[k].append(float(v))
 a, b = statistics.median(r["A"]), statistics.median(r["B"])
 print(f"median req/s: A {a:.0f}  B {b:.0f}  B/A = {b / a:.3f}")
+if r["N"]:
+    n = statistics.median(r["N"])
+    print(f"median req/s: nginx {n:.0f}  A/nginx = {a / n:.3f}  B/nginx = {b / n:.3f}")
 PY
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); load $(cut -d' ' -f1-3 /proc/loadavg)"
