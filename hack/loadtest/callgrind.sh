@@ -16,45 +16,13 @@ BIN="${1:-$ROOT/target/release/keylimit-sidecar}"
 REQUESTS="${2:-2000}"
 KEYS="${KEYS:-1000}"
 UP_PORT=18181 SIDECAR_PORT=18180 ADMIN_PORT=18190
-WORK="$(mktemp -d /tmp/keylimit-callgrind.XXXXXX)"
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
 command -v valgrind >/dev/null || { echo "valgrind missing: apt-get install -y valgrind" >&2; exit 1; }
-NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
-[ -x "$NGINX" ] || { echo "nginx missing: apt-get install -y nginx-light" >&2; exit 1; }
 [ -x "$BIN" ] || { echo "no sidecar binary at $BIN (cargo build --release -p keylimit-sidecar)" >&2; exit 1; }
-
-mkdir -p "$WORK/config/..2026_01_01_00_00_00.1"
-python3 - "$WORK/config/..2026_01_01_00_00_00.1" "$KEYS" <<'PY'
-import hashlib, json, sys
-out, n = sys.argv[1], int(sys.argv[2])
-keys = [{"name": f"key-{i}",
-         "sha256": hashlib.sha256(f"loadtest-key-{i}-0123456789abcdef".encode()).hexdigest()}
-        for i in range(n)]
-doc = {"apiVersion": "dataplane.keylimit.dev/v1",
-       "policy": {"name": "load", "namespace": "bench", "generation": 1,
-                  "limits": {"rates": [{"name": "second", "requests": 1000000,
-                                        "periodSeconds": 1, "burst": 1000000}]}},
-       "keys": sorted(keys, key=lambda k: k["name"])}
-json.dump(doc, open(f"{out}/policy.json", "w"))
-PY
-ln -s ..2026_01_01_00_00_00.1 "$WORK/config/..data"
-ln -s ..data/policy.json "$WORK/config/policy.json"
-
-cat > "$WORK/upstream.conf" <<CONF
-daemon off; worker_processes 1; pid $WORK/upstream.pid; error_log $WORK/upstream.err;
-events { worker_connections 1024; }
-http { access_log off;
-  server { listen 127.0.0.1:$UP_PORT; keepalive_requests 1000000;
-    location / { return 200 "ok\n"; } } }
-CONF
-"$NGINX" -c "$WORK/upstream.conf" -p "$WORK" & PIDS+=($!)
+# shellcheck source=hack/loadtest/lib.sh
+. "$(dirname "$0")/lib.sh"
+lt_init callgrind
+lt_config "$KEYS"
+lt_upstream "$UP_PORT"
 
 TOKIO_WORKER_THREADS=1 RUST_LOG=warn valgrind --tool=callgrind --quiet \
   --callgrind-out-file="$WORK/cg.out.%p" --dump-instr=no --separate-threads=no --collect-atstart=yes \

@@ -17,42 +17,13 @@ ROUNDS="${3:-3}"
 DURATION="${DURATION:-5s}"
 CONNS="${CONNS:-32}"
 UP_PORT=18281 A_PORT=18280 B_PORT=18282 N_PORT=18283 A_ADMIN=18290 B_ADMIN=18292
-WORK="$(mktemp -d /tmp/keylimit-compare.XXXXXX)"
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
 command -v wrk >/dev/null || { echo "wrk missing: apt-get install -y wrk" >&2; exit 1; }
-NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
-
-mkdir -p "$WORK/config/..2026_01_01_00_00_00.1"
-python3 - "$WORK/config/..2026_01_01_00_00_00.1" <<'PY'
-import hashlib, json, sys
-keys = [{"name": f"key-{i}",
-         "sha256": hashlib.sha256(f"loadtest-key-{i}-0123456789abcdef".encode()).hexdigest()}
-        for i in range(1000)]
-doc = {"apiVersion": "dataplane.keylimit.dev/v1",
-       "policy": {"name": "load", "namespace": "bench", "generation": 1,
-                  "limits": {"rates": [{"name": "second", "requests": 1000000,
-                                        "periodSeconds": 1, "burst": 1000000}]}},
-       "keys": sorted(keys, key=lambda k: k["name"])}
-json.dump(doc, open(f"{sys.argv[1]}/policy.json", "w"))
-PY
-ln -s ..2026_01_01_00_00_00.1 "$WORK/config/..data"
-ln -s ..data/policy.json "$WORK/config/policy.json"
-
-cat > "$WORK/upstream.conf" <<CONF
-daemon off; worker_processes 1; pid $WORK/upstream.pid; error_log $WORK/upstream.err;
-events { worker_connections 4096; }
-http { access_log off;
-  server { listen 127.0.0.1:$UP_PORT; keepalive_requests 10000000;
-    location / { return 200 "ok\n"; } } }
-CONF
-taskset -c 0 "$NGINX" -c "$WORK/upstream.conf" -p "$WORK" & PIDS+=($!)
-# With NGINX=1, a third target: nginx doing the sidecar's job the way its best users would
+# shellcheck source=hack/loadtest/lib.sh
+. "$(dirname "$0")/lib.sh"
+lt_init compare
+lt_config 1000
+lt_upstream "$UP_PORT" 0
+# With NGINX_TOO=1, a third target: nginx doing the sidecar's job the way its best users would
 # (one worker on core 0; a map of the same 1,000 keys, unknown -> 401; limit_req per key that
 # never refuses, like the sidecar's limit here; upstream keep-alive with keepalive_requests
 # raised on both sides so it never reconnects; the same forwarded headers).

@@ -14,52 +14,22 @@ DURATION="${DURATION:-10s}"
 CONNS="${CONNS:-32}"
 KEYS="${KEYS:-1000}"
 UP_PORT=18081 SIDECAR_PORT=18080 ADMIN_PORT=18090 NGINX_PORT=18082
-WORK="$(mktemp -d /tmp/keylimit-load.XXXXXX)"
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
 command -v wrk >/dev/null || { echo "wrk missing: apt-get install -y wrk" >&2; exit 1; }
-NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
-[ -x "$NGINX" ] || { echo "nginx missing: apt-get install -y nginx-light" >&2; exit 1; }
+# shellcheck source=hack/loadtest/lib.sh
+. "$(dirname "$0")/lib.sh"
+lt_init load
 
 echo "building the sidecar (release)..." >&2
 cargo build --release -q -p keylimit-sidecar --manifest-path "$ROOT/Cargo.toml"
 BIN="$ROOT/target/release/keylimit-sidecar"
 
-# Keys: key-N with material "loadtest-key-N-0123456789abcdef"; the tested key is key-0.
+# The tested key is key-0.
 KEY="loadtest-key-0-0123456789abcdef"
-mkdir -p "$WORK/config"
-python3 - "$WORK" "$KEYS" <<'PY'
-import hashlib, json, sys
-work, n = sys.argv[1], int(sys.argv[2])
-keys = []
-for i in range(n):
-    m = f"loadtest-key-{i}-0123456789abcdef"
-    keys.append({"name": f"key-{i}", "sha256": hashlib.sha256(m.encode()).hexdigest()})
-doc = {"apiVersion": "dataplane.keylimit.dev/v1",
-       "policy": {"name": "load", "namespace": "bench", "generation": 1,
-                  "limits": {"rates": [{"name": "second", "requests": 1000000,
-                                        "periodSeconds": 1, "burst": 1000000}]}},
-       "keys": sorted(keys, key=lambda k: k["name"])}
-json.dump(doc, open(f"{work}/config/policy.json", "w"))
-with open(f"{work}/keys.map", "w") as f:
-    for i in range(n):
-        f.write(f'    "loadtest-key-{i}-0123456789abcdef" 1;\n')
-PY
-
-# Upstream: nginx answering 200 from memory.
-cat > "$WORK/upstream.conf" <<CONF
-daemon off; worker_processes 1; pid $WORK/upstream.pid; error_log $WORK/upstream.err;
-events { worker_connections 4096; }
-http { access_log off;
-  server { listen 127.0.0.1:$UP_PORT; keepalive_requests 1000000;
-    location / { return 200 "ok\n"; } } }
-CONF
+lt_config "$KEYS"
+for i in $(seq 0 $((KEYS - 1))); do
+  echo "    \"loadtest-key-$i-0123456789abcdef\" 1;"
+done >"$WORK/keys.map"
+lt_upstream "$UP_PORT" 0
 # nginx doing the sidecar's job: unknown key -> 401, limit_req per key, proxy with keepalive.
 cat > "$WORK/proxy.conf" <<CONF
 daemon off; worker_processes 1; pid $WORK/proxy.pid; error_log $WORK/proxy.err;
@@ -70,17 +40,17 @@ http { access_log off; map_hash_max_size 65536; map_hash_bucket_size 128;
 $(cat "$WORK/keys.map")
   }
   limit_req_zone \$http_x_api_key zone=perkey:16m rate=1000000r/s;
-  upstream app { server 127.0.0.1:$UP_PORT; keepalive 64; }
-  server { listen 127.0.0.1:$NGINX_PORT; keepalive_requests 1000000;
+  upstream app { server 127.0.0.1:$UP_PORT; keepalive 64; keepalive_requests 10000000; }
+  server { listen 127.0.0.1:$NGINX_PORT; keepalive_requests 10000000;
     location / {
       if (\$key_ok = 0) { return 401 '{"error":"invalid_key"}'; }
       limit_req zone=perkey burst=1000000 nodelay;
       proxy_http_version 1.1; proxy_set_header Connection "";
       proxy_set_header X-KeyLimit-Key \$http_x_api_key;
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
       proxy_pass http://app; } } }
 CONF
 
-taskset -c 0 "$NGINX" -c "$WORK/upstream.conf" -p "$WORK" & PIDS+=($!)
 taskset -c 0 "$NGINX" -c "$WORK/proxy.conf" -p "$WORK" & PIDS+=($!)
 TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c 0 "$BIN" --listen 127.0.0.1:$SIDECAR_PORT \
   --admin-listen 127.0.0.1:$ADMIN_PORT --upstream http://127.0.0.1:$UP_PORT \
