@@ -310,31 +310,46 @@ impl LimitStatus {
     }
 }
 
-/// One reading of both timelines: quotas live on wall time (calendar boundaries), rate
-/// windows on monotonic time (a wall-clock step must not refuse or refill them).
-#[derive(Debug, Clone, Copy)]
-struct Now {
-    wall: u64,
+/// One decision's view of both timelines: quotas live on wall time (calendar boundaries),
+/// rate windows on monotonic time (a wall-clock step must not refuse or refill them). The
+/// wall clock is read only when something needs it (a quota, a refusal's timestamps): a
+/// clock read is a third of a rate-only decision's cost.
+struct Now<'c> {
     mono: u64,
+    /// 0 until read.
+    wall: std::cell::Cell<u64>,
+    clock: &'c dyn Clock,
 }
 
-impl Now {
-    fn read(clock: &dyn Clock) -> Self {
+impl<'c> Now<'c> {
+    fn new(clock: &'c dyn Clock) -> Self {
         Now {
-            wall: clock.now_ns(),
             mono: clock.mono_ns(),
+            wall: std::cell::Cell::new(0),
+            clock,
+        }
+    }
+
+    fn wall(&self) -> u64 {
+        match self.wall.get() {
+            0 => {
+                let w = self.clock.now_ns().max(1);
+                self.wall.set(w);
+                w
+            }
+            w => w,
         }
     }
 
     /// A slot whose `until` is at or before this is dead on either timeline, so eviction
     /// never drops live state of either kind.
-    fn earliest(self) -> u64 {
-        self.wall.min(self.mono)
+    fn earliest(&self) -> u64 {
+        self.wall().min(self.mono)
     }
 
     /// A monotonic instant as wall time, for `resetAt`.
-    fn wall_of(self, mono: u64) -> u64 {
-        self.wall.saturating_add(mono.saturating_sub(self.mono))
+    fn wall_of(&self, mono: u64) -> u64 {
+        self.wall().saturating_add(mono.saturating_sub(self.mono))
     }
 }
 
@@ -540,7 +555,7 @@ impl Limiter {
     }
 
     pub fn decide(&self, c: &Check<'_>) -> Decision {
-        let now = Now::read(&*self.clock);
+        let now = Now::new(&*self.clock);
         let max_delay = match (c.dry_run, c.throttle) {
             (false, Some(t)) => Some(t.max_delay_ns),
             _ => None,
@@ -552,9 +567,9 @@ impl Limiter {
 
         let mut delay = {
             let mut st = self.store.shard(c.key_id);
-            match check_group(&st, c.key_id, &key_sets, cost, now, max_delay) {
+            match check_group(&st, c.key_id, &key_sets, cost, &now, max_delay) {
                 Ok(d) => {
-                    commit_group(&mut st, c.key_id, &key_sets, cost, now, &mut status);
+                    commit_group(&mut st, c.key_id, &key_sets, cost, &now, &mut status);
                     d
                 }
                 Err(mut r) => {
@@ -568,14 +583,14 @@ impl Limiter {
         let policy_sets: Sets<'_> = [c.policy_limits.filter(|p| !p.is_empty()), None];
         if policy_sets[0].is_some() {
             let mut st = self.store.shard(POLICY_SCOPE_ID);
-            match check_group(&st, POLICY_SCOPE_ID, &policy_sets, cost, now, max_delay) {
+            match check_group(&st, POLICY_SCOPE_ID, &policy_sets, cost, &now, max_delay) {
                 Ok(d) => {
                     commit_group(
                         &mut st,
                         POLICY_SCOPE_ID,
                         &policy_sets,
                         cost,
-                        now,
+                        &now,
                         &mut status,
                     );
                     delay = delay.max(d);
@@ -604,8 +619,8 @@ impl Limiter {
                         name: Arc::from("throttle"),
                         limit: u64::from(max_queue),
                         window_s: 0,
-                        now_ns: now.wall,
-                        reset_at_ns: now.wall.saturating_add(delay),
+                        now_ns: now.wall(),
+                        reset_at_ns: now.wall().saturating_add(delay),
                         dry_run: false,
                     };
                     self.store
@@ -723,8 +738,8 @@ impl Limiter {
 
     /// Key ids (excluding the policy scope) that hold live state or a live refusal.
     pub fn active_keys(&self) -> Vec<u64> {
-        let now = Now::read(&*self.clock);
-        let (live, wall) = (now.earliest(), now.wall);
+        let now = Now::new(&*self.clock);
+        let (live, wall) = (now.earliest(), now.wall());
         let mut keys = Vec::new();
         for shard in self.store.shards.iter() {
             let st = shard.0.lock().unwrap_or_else(PoisonError::into_inner);
@@ -749,8 +764,8 @@ impl Limiter {
     /// Drops every slot that is equivalent to a fresh one, so idle keys cost nothing, and
     /// gives memory back once a shard is mostly empty. Returns the number of slots dropped.
     pub fn evict_idle(&self) -> usize {
-        let now = Now::read(&*self.clock);
-        let (live, wall) = (now.earliest(), now.wall);
+        let now = Now::new(&*self.clock);
+        let (live, wall) = (now.earliest(), now.wall());
         let mut dropped = 0;
         for shard in self.store.shards.iter() {
             let mut st = shard.0.lock().unwrap_or_else(PoisonError::into_inner);
@@ -818,7 +833,7 @@ fn check_group(
     key: u64,
     sets: &Sets<'_>,
     cost: u64,
-    now: Now,
+    now: &Now<'_>,
     max_delay: Option<u64>,
 ) -> Result<u64, Refusal> {
     let mut delay = 0;
@@ -828,8 +843,8 @@ fn check_group(
         // reset is the more useful answer.
         for q in &set.quotas {
             let (used, end) = match slot(q.id) {
-                Some(s) if s.until > now.wall => (s.count, s.until),
-                _ => (0, window::window_end_ns(q.period, q.alignment, now.wall)),
+                Some(s) if s.until > now.wall() => (s.count, s.until),
+                _ => (0, window::window_end_ns(q.period, q.alignment, now.wall())),
             };
             if used.saturating_add(cost) > q.requests {
                 return Err(Refusal {
@@ -838,7 +853,7 @@ fn check_group(
                     name: q.name.clone(),
                     limit: q.requests,
                     window_s: window::nominal_secs(q.period),
-                    now_ns: now.wall,
+                    now_ns: now.wall(),
                     reset_at_ns: end,
                     dry_run: false,
                 });
@@ -862,7 +877,7 @@ fn check_group(
                             name: r.name.clone(),
                             limit: r.requests,
                             window_s: r.period_s,
-                            now_ns: now.wall,
+                            now_ns: now.wall(),
                             reset_at_ns: now.wall_of(admit_at),
                             dry_run: false,
                         })
@@ -879,9 +894,9 @@ fn check_group(
                     name: Arc::from("concurrency"),
                     limit: u64::from(c.max),
                     window_s: 0,
-                    now_ns: now.wall,
+                    now_ns: now.wall(),
                     // A slot frees when any in-flight response ends; one second is a hint.
-                    reset_at_ns: now.wall.saturating_add(NANOS_PER_SEC),
+                    reset_at_ns: now.wall().saturating_add(NANOS_PER_SEC),
                     dry_run: false,
                 });
             }
@@ -895,7 +910,7 @@ fn commit_group(
     key: u64,
     sets: &Sets<'_>,
     cost: u64,
-    now: Now,
+    now: &Now<'_>,
     status: &mut Option<LimitStatus>,
 ) {
     let mut offer = |s: LimitStatus| {
@@ -919,8 +934,8 @@ fn commit_group(
         }
         for q in &set.quotas {
             let s = st.slots.entry(SlotId { key, limit: q.id }).or_default();
-            if s.until <= now.wall {
-                s.until = window::window_end_ns(q.period, q.alignment, now.wall);
+            if s.until <= now.wall() {
+                s.until = window::window_end_ns(q.period, q.alignment, now.wall());
                 s.count = 0;
             }
             s.count = s.count.saturating_add(cost);
@@ -930,7 +945,7 @@ fn commit_group(
                 limit: q.requests,
                 window_s: window::nominal_secs(q.period),
                 remaining: q.requests.saturating_sub(s.count),
-                reset_secs: (s.until - now.wall).div_ceil(NANOS_PER_SEC),
+                reset_secs: (s.until - now.wall()).div_ceil(NANOS_PER_SEC),
             });
         }
         for r in &set.rates {
