@@ -1,0 +1,3 @@
+module keylimit.dev/hack/kind/runc-wrapper
+
+go 1.22
