@@ -49,6 +49,11 @@ pub const CPU_ANNOTATION: &str = "keylimit.dev/sidecar-cpu";
 pub const MEMORY_ANNOTATION: &str = "keylimit.dev/sidecar-memory";
 pub const FAIL_MODE_ANNOTATION: &str = "keylimit.dev/fail-mode";
 pub const LOG_LEVEL_ANNOTATION: &str = "keylimit.dev/log-level";
+/// `volume` (default): the policy reaches the sidecar through kubelet's projected ConfigMap
+/// volume (up to about a minute per change, no RBAC needed). `api`: the sidecar watches the
+/// policy's ConfigMaps through the API (about a second per change); the pod's
+/// ServiceAccount then needs get/list/watch on configmaps in its namespace.
+pub const CONFIG_SOURCE_ANNOTATION: &str = "keylimit.dev/config-source";
 /// Set on injected pods: which policy and that keylimit changed the pod (for humans and for
 /// `kubectl get pods -l`... annotations are not selectable, so this is informational).
 pub const INJECTED_ANNOTATION: &str = "keylimit.dev/injected";
@@ -60,6 +65,11 @@ pub const ADMIN_PORT_NAME: &str = "kl-admin";
 pub const CONFIG_VOLUME: &str = "keylimit-config";
 pub const TOKEN_VOLUME: &str = "keylimit-token";
 pub const CONFIG_DIR: &str = "/etc/keylimit";
+/// In API-watch mode the sidecar writes the documents it watches into [`CONFIG_DIR`], an
+/// emptyDir of this name, and reads the hash key from the projected volume mounted at
+/// [`PROJECTED_DIR`] instead.
+pub const CONFIG_CACHE_VOLUME: &str = "keylimit-config-cache";
+pub const PROJECTED_DIR: &str = "/etc/keylimit-projected";
 pub const TOKEN_DIR: &str = "/var/run/secrets/keylimit";
 pub const TOKEN_FILE: &str = "token";
 /// The CA bundle sidecars verify the operator's report endpoint with: the operator keeps a
@@ -225,6 +235,14 @@ struct Overrides {
     memory: Option<String>,
     fail_mode: FailMode,
     log_level: String,
+    config_source: ConfigSource,
+}
+
+/// Where the sidecar reads its policy from ([`CONFIG_SOURCE_ANNOTATION`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigSource {
+    Volume,
+    Api,
 }
 
 fn overrides(
@@ -279,6 +297,15 @@ fn overrides(
             "{LOG_LEVEL_ANNOTATION}: {log_level:?} is not a log filter (e.g. info, debug)"
         ));
     }
+    let config_source = match get(CONFIG_SOURCE_ANNOTATION).as_deref() {
+        None | Some("volume") => ConfigSource::Volume,
+        Some("api") => ConfigSource::Api,
+        Some(v) => {
+            return Err(format!(
+                "{CONFIG_SOURCE_ANNOTATION}: {v:?} is not \"volume\" or \"api\""
+            ))
+        }
+    };
     Ok(Overrides {
         policy: policy.to_string(),
         port_name,
@@ -286,6 +313,7 @@ fn overrides(
         memory,
         fail_mode,
         log_level,
+        config_source,
     })
 }
 
@@ -390,16 +418,26 @@ pub fn inject(pod: &Pod, s: &SidecarSettings) -> Decision {
     };
 
     let volumes = spec.volumes.get_or_insert_with(Vec::new);
-    if volumes
-        .iter()
-        .any(|v| v.name == CONFIG_VOLUME || v.name == TOKEN_VOLUME || v.name == CA_VOLUME)
-    {
+    let reserved = [CONFIG_VOLUME, TOKEN_VOLUME, CA_VOLUME, CONFIG_CACHE_VOLUME];
+    if volumes.iter().any(|v| reserved.contains(&v.name.as_str())) {
         return Decision::Deny(format!(
-            "keylimit: volume names {CONFIG_VOLUME}, {TOKEN_VOLUME} and {CA_VOLUME} are reserved for the sidecar"
+            "keylimit: volume names {} are reserved for the sidecar",
+            reserved.join(", ")
         ));
     }
     volumes.push(config_volume(&o.policy));
     volumes.push(token_volume());
+    if o.config_source == ConfigSource::Api {
+        volumes.push(Volume {
+            name: CONFIG_CACHE_VOLUME.into(),
+            empty_dir: Some(k8s_openapi::api::core::v1::EmptyDirVolumeSource {
+                // A few documents; the limit keeps a runaway writer from filling the node.
+                size_limit: Some(Quantity("64Mi".into())),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
     let mut sidecar = sidecar_container(s, &o, upstream_port);
     if reports_over_tls(s) {
         volumes.push(ca_volume());
@@ -593,7 +631,17 @@ fn resources(s: &SidecarSettings, o: &Overrides) -> Option<ResourceRequirements>
 }
 
 /// The sidecar's command line (see sidecar/src/cli.rs).
-pub fn sidecar_args(s: &SidecarSettings, fail_mode: FailMode, upstream_port: i32) -> Vec<String> {
+pub fn sidecar_args(
+    s: &SidecarSettings,
+    fail_mode: FailMode,
+    source: ConfigSource,
+    policy: &str,
+    upstream_port: i32,
+) -> Vec<String> {
+    let hash_key_dir = match source {
+        ConfigSource::Volume => CONFIG_DIR,
+        ConfigSource::Api => PROJECTED_DIR,
+    };
     let mut args = vec![
         "--listen".to_string(),
         format!("0.0.0.0:{}", s.sidecar_port),
@@ -604,11 +652,18 @@ pub fn sidecar_args(s: &SidecarSettings, fail_mode: FailMode, upstream_port: i32
         "--config-dir".to_string(),
         CONFIG_DIR.to_string(),
         "--hash-key-file".to_string(),
-        format!("{CONFIG_DIR}/{HASH_KEY_FILE}"),
+        format!("{hash_key_dir}/{HASH_KEY_FILE}"),
         "--sidecar-name".to_string(),
         // Expanded by kubelet from the env var below.
         "$(POD_NAME)".to_string(),
     ];
+    if source == ConfigSource::Api {
+        // Expanded by kubelet from the env var below: the pod's own namespace.
+        args.extend([
+            "--configmap".to_string(),
+            format!("$(POD_NAMESPACE)/{policy}"),
+        ]);
+    }
     if fail_mode == FailMode::Open {
         args.push("--fail-open-before-config".into());
     }
@@ -650,7 +705,13 @@ fn sidecar_container(s: &SidecarSettings, o: &Overrides, upstream_port: i32) -> 
         // A native sidecar: started before the app containers, kept running beside them, and
         // stopped after them, so no request reaches the app unlimited and draining works.
         restart_policy: Some("Always".into()),
-        args: Some(sidecar_args(s, o.fail_mode, upstream_port)),
+        args: Some(sidecar_args(
+            s,
+            o.fail_mode,
+            o.config_source,
+            &o.policy,
+            upstream_port,
+        )),
         env: Some(
             vec![
                 EnvVar {
@@ -658,6 +719,17 @@ fn sidecar_container(s: &SidecarSettings, o: &Overrides, upstream_port: i32) -> 
                     value_from: Some(EnvVarSource {
                         field_ref: Some(ObjectFieldSelector {
                             field_path: "metadata.name".into(),
+                            api_version: None,
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                EnvVar {
+                    name: "POD_NAMESPACE".into(),
+                    value_from: Some(EnvVarSource {
+                        field_ref: Some(ObjectFieldSelector {
+                            field_path: "metadata.namespace".into(),
                             api_version: None,
                         }),
                         ..Default::default()
@@ -713,21 +785,29 @@ fn sidecar_container(s: &SidecarSettings, o: &Overrides, upstream_port: i32) -> 
         liveness_probe: Some(http_probe("/healthz", 10, 3)),
         resources: resources(s, o),
         security_context: Some(restricted_security_context(s.sidecar_run_as_user)),
-        volume_mounts: Some(vec![
-            VolumeMount {
-                name: CONFIG_VOLUME.into(),
-                mount_path: CONFIG_DIR.into(),
-                read_only: Some(true),
-                ..Default::default()
-            },
-            VolumeMount {
-                name: TOKEN_VOLUME.into(),
-                mount_path: TOKEN_DIR.into(),
-                read_only: Some(true),
-                ..Default::default()
-            },
-        ]),
+        volume_mounts: Some(config_mounts(o.config_source)),
         ..Default::default()
+    }
+}
+
+/// Volume mode: the projected volume is the config directory. API mode: the sidecar mirrors
+/// the ConfigMaps into a writable emptyDir there, and the projected volume (read for the hash
+/// key only) moves aside.
+fn config_mounts(source: ConfigSource) -> Vec<VolumeMount> {
+    let mount = |name: &str, path: &str, read_only: bool| VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only: Some(read_only),
+        ..Default::default()
+    };
+    let token = mount(TOKEN_VOLUME, TOKEN_DIR, true);
+    match source {
+        ConfigSource::Volume => vec![mount(CONFIG_VOLUME, CONFIG_DIR, true), token],
+        ConfigSource::Api => vec![
+            mount(CONFIG_CACHE_VOLUME, CONFIG_DIR, false),
+            mount(CONFIG_VOLUME, PROJECTED_DIR, true),
+            token,
+        ],
     }
 }
 
@@ -1049,6 +1129,73 @@ mod tests {
         let args = c.args.clone().unwrap_or_default();
         let i = args.iter().position(|a| a == flag)?;
         args.get(i + 1).cloned()
+    }
+
+    #[test]
+    fn api_config_source_watches_the_policy_into_a_writable_dir() {
+        let pod = app_pod(
+            &[
+                (POLICY_ANNOTATION, "gold"),
+                (CONFIG_SOURCE_ANNOTATION, "api"),
+            ],
+            &[],
+        );
+        let out = injected(&pod);
+        let c = sidecar(&out);
+        assert_eq!(
+            arg_after(&c, "--configmap").as_deref(),
+            Some("$(POD_NAMESPACE)/gold")
+        );
+        assert_eq!(
+            arg_after(&c, "--hash-key-file"),
+            Some(format!("{PROJECTED_DIR}/{HASH_KEY_FILE}"))
+        );
+        let env = c.env.clone().unwrap_or_default();
+        let ns = env.iter().find(|e| e.name == "POD_NAMESPACE").expect("env");
+        assert_eq!(
+            ns.value_from
+                .as_ref()
+                .and_then(|v| v.field_ref.as_ref())
+                .map(|f| f.field_path.as_str()),
+            Some("metadata.namespace")
+        );
+        let mounts = c.volume_mounts.clone().unwrap_or_default();
+        let at = |path: &str| mounts.iter().find(|m| m.mount_path == path).cloned();
+        let cache = at(CONFIG_DIR).expect("config dir mount");
+        assert_eq!(
+            (cache.name.as_str(), cache.read_only),
+            (CONFIG_CACHE_VOLUME, Some(false))
+        );
+        let projected = at(PROJECTED_DIR).expect("projected mount");
+        assert_eq!(projected.read_only, Some(true));
+        let vols = out
+            .spec
+            .as_ref()
+            .and_then(|s| s.volumes.clone())
+            .unwrap_or_default();
+        assert!(vols
+            .iter()
+            .any(|v| v.name == CONFIG_CACHE_VOLUME && v.empty_dir.is_some()));
+
+        // The default stays the kubelet volume, with no API access needed.
+        let plain = sidecar(&injected(&app_pod(&[(POLICY_ANNOTATION, "gold")], &[])));
+        assert_eq!(arg_after(&plain, "--configmap"), None);
+        assert_eq!(
+            arg_after(&plain, "--hash-key-file"),
+            Some(format!("{CONFIG_DIR}/{HASH_KEY_FILE}"))
+        );
+
+        let bad = app_pod(
+            &[
+                (POLICY_ANNOTATION, "gold"),
+                (CONFIG_SOURCE_ANNOTATION, "etcd"),
+            ],
+            &[],
+        );
+        match inject(&bad, &settings()) {
+            Decision::Deny(m) => assert!(m.contains(CONFIG_SOURCE_ANNOTATION), "{m}"),
+            other => panic!("expected a denial, got {other:?}"),
+        }
     }
 
     #[test]
