@@ -79,8 +79,10 @@ if [[ ! -s "${tarball}" ]]; then
   "${SUDO[@]}" tar --numeric-owner --xattrs -C "${r}" -cf "${tarball}.tmp" .
   "${SUDO[@]}" mv -f "${tarball}.tmp" "${tarball}"
   # Older builds of the same tag (other hash) are dead weight now.
-  for old in "${tarball%-*}"-*.tar; do
-    [[ "${old}" == "${tarball}" || ! -f "${old}" ]] || rm -f "${old}" "${old}.lock"
+  # Exactly <tag>-<16 hex>.tar, so tag "a" never deletes the tarball of tag "a-b".
+  for old in "${tarball%-*}"-????????????????.tar; do
+    [[ "${old}" == "${tarball}" || ! -f "${old}" || ! "${old##*-}" =~ ^[0-9a-f]{16}\.tar$ ]] \
+      || rm -f "${old}" "${old}.lock"
   done
   log "rootfs tarball $(du -h "${tarball}" | cut -f1) in $((SECONDS - start)) s: ${tarball}"
 fi
