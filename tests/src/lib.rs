@@ -497,6 +497,15 @@ where
 
 /// Runs kubectl against `$KUBECONFIG`; returns stdout, or an error with stderr.
 pub async fn kubectl(args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
+    kubectl_for(Duration::from_secs(60), args, stdin).await
+}
+
+/// [`kubectl`] for commands that wait longer than a minute (`rollout status`, `wait`).
+pub async fn kubectl_for(
+    timeout: Duration,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> anyhow::Result<String> {
     use tokio::io::AsyncWriteExt;
     let mut child = tokio::process::Command::new("kubectl")
         .args(args)
@@ -509,7 +518,7 @@ pub async fn kubectl(args: &[&str], stdin: Option<&str>) -> anyhow::Result<Strin
             sin.write_all(s.as_bytes()).await?;
         }
     }
-    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+    let out = tokio::time::timeout(timeout, child.wait_with_output())
         .await
         .map_err(|_| anyhow!("kubectl {} hung", args.join(" ")))??;
     if !out.status.success() {
