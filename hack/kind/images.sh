@@ -6,7 +6,8 @@
 #   keylimit/operator:$TAG        the repo's Dockerfile, BINARIES=prebuilt, RUNTIME_BASE above
 #   keylimit/sidecar:$TAG         idem
 #   keylimit/testapp:$TAG         keylimit-testapp (tests/src/bin/testapp.rs) on runtime-base
-#   keylimit/redis:$TAG           Debian's redis-server (rootfs.sh), as the redis user
+#   keylimit/redis:$TAG           Debian's redis-server and its libraries (rootfs.sh) on
+#                                 runtime-base, user 65532
 # TAG defaults to dev. Binaries come from `cargo build --release` (workspace release profile).
 # Sizes go to stdout and <cache>/kind/image-sizes.txt. Needs dockerd (hack/kind/docker.sh).
 set -euo pipefail
@@ -98,6 +99,10 @@ WORKDIR /home/nonroot
 EOF2
   "${DOCKER}" build -q -t "${RUNTIME_BASE}" "${WORK}/base" >/dev/null
 fi
+# Older runtime-base tags are only names now (images built on them keep their layers).
+for old in $("${DOCKER}" image ls --format '{{.Repository}}:{{.Tag}}' keylimit/runtime-base); do
+  [[ "${old}" == "${RUNTIME_BASE}" ]] || "${DOCKER}" rmi "${old}" >/dev/null 2>&1 || true
+done
 
 # --- operator and sidecar: the repo's Dockerfile with prebuilt binaries -------------------------
 # A context of two files: the repo's target/ never goes to the daemon.
@@ -124,21 +129,34 @@ ENTRYPOINT ["/usr/local/bin/keylimit-testapp"]
 EOF2
 
 # --- redis --------------------------------------------------------------------------------------
+# Debian's redis-server and exactly the libraries it links, copied from its rootfs onto
+# runtime-base: the same shape as our images (no shell, 65532) at a tenth of the rootfs size.
 redis_rootfs="$("${KIND_DIR}/rootfs.sh" keylimit/debian-redis:"${DEBIAN_SUITE}" redis-server)"
-# Numeric ids, so Pod Security (runAsNonRoot) can verify the user without reading /etc/passwd.
-redis_ids="$("${DOCKER}" run --rm --network none --entrypoint /usr/bin/id "${redis_rootfs}" -u redis):$(
-  "${DOCKER}" run --rm --network none --entrypoint /usr/bin/id "${redis_rootfs}" -g redis)"
-[[ "${redis_ids}" =~ ^[1-9][0-9]*:[1-9][0-9]*$ ]] || die "unexpected redis uid:gid ${redis_ids}"
-log "building keylimit/redis:${TAG} (user ${redis_ids})"
+redis_libs="$("${DOCKER}" run --rm --network none --entrypoint /bin/sh "${redis_rootfs}" -c \
+  'ldd /usr/bin/redis-server' | awk '$2 == "=>" && $3 ~ /^\// { print $3 }')"
+grep -q libc.so.6 <<<"${redis_libs}" || die "ldd of redis-server in ${redis_rootfs} gave no libraries"
+log "building keylimit/redis:${TAG} ($(wc -l <<<"${redis_libs}") libraries)"
 mkdir -p "${WORK}/redis"
-"${DOCKER}" build -q -t "keylimit/redis:${TAG}" "${WORK}/redis" -f - >/dev/null <<EOF2
-FROM ${redis_rootfs}
-USER ${redis_ids}
-WORKDIR /var/lib/redis
+{
+  printf 'FROM %s AS src\nFROM %s\n' "${redis_rootfs}" "${RUNTIME_BASE}"
+  # COPY follows a symlinked source, so every soname lands as a regular file. libc and friends
+  # come from the redis rootfs too, so redis always runs with the glibc it was resolved against.
+  for lib in ${redis_libs}; do
+    printf 'COPY --from=src %s /usr/lib/x86_64-linux-gnu/\n' "${lib}"
+  done
+  # /usr/bin/redis-server links to redis-check-rdb, which picks its mode from argv[0]: copied
+  # under the server's name.
+  cat <<'EOF2'
+COPY --from=src /usr/bin/redis-server /usr/bin/redis-server
+COPY --from=src /usr/share/doc/redis-server/copyright /usr/share/doc/redis-server/copyright
+USER 65532:65532
 EXPOSE 6379
-# No persistence and no protected mode: a throwaway store for tests, reached over the pod network.
+# No persistence and no protected mode: a throwaway store for tests, reached over the pod
+# network. Nothing is written, so a read-only root filesystem works.
 ENTRYPOINT ["/usr/bin/redis-server", "--protected-mode", "no", "--save", "", "--appendonly", "no", "--bind", "0.0.0.0", "--port", "6379"]
 EOF2
+} >"${WORK}/redis/Dockerfile"
+"${DOCKER}" build -q -t "keylimit/redis:${TAG}" "${WORK}/redis" >/dev/null
 
 # --- sizes --------------------------------------------------------------------------------------
 sizes="$(for img in "${RUNTIME_BASE}" "keylimit/operator:${TAG}" "keylimit/sidecar:${TAG}" \
