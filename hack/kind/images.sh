@@ -53,9 +53,10 @@ if ! "${DOCKER}" image inspect "${RUNTIME_BASE}" >/dev/null 2>&1; then
   log "building ${RUNTIME_BASE} from ${base_rootfs} (libs: $(tr '\n' ' ' <<<"${sonames}"))"
   src="${WORK}/rootfs" dst="${WORK}/base/root"
   mkdir -p "${src}" "${dst}"
-  # Extract the rootfs tarball (same hash as the image) rather than exporting a container.
-  tarball="$(ls "${CACHE_DIR}/rootfs/"*"-${rootfs_hash}.tar")"
-  tar --numeric-owner -C "${src}" -xf "${tarball}" ./etc ./usr/lib ./usr/lib64 ./usr/share/doc
+  # From the image itself (not rootfs.sh's tarball cache, which may have been cleared).
+  cid="$("${DOCKER}" create --network none "${base_rootfs}" /bin/true)"
+  "${DOCKER}" export "${cid}" | tar --numeric-owner -C "${src}" -xf - etc usr/lib usr/lib64 usr/share/doc
+  "${DOCKER}" rm "${cid}" >/dev/null
   libdir=usr/lib/x86_64-linux-gnu
   mkdir -p "${dst}/${libdir}" "${dst}/usr/lib64" "${dst}/etc/ssl/certs" "${dst}/tmp" \
     "${dst}/home/nonroot" "${dst}/usr/share/doc"
