@@ -1,0 +1,3 @@
+module keylimit.local/hack/kind/pause
+
+go 1.26.0
