@@ -30,6 +30,15 @@ NODE_BIN="${CACHE_DIR}/kind/node-bin"
 KIND_BIN="${CACHE_DIR}/kind/bin"
 CP_BIN="${CACHE_DIR}/bin"
 log() { printf '[node-image] %s\n' "$*" >&2; }
+# Runs a command with its output kept back unless it fails (docker CLI 28 prints a deprecation
+# notice for every legacy-builder build; dockerd 20.10 has no BuildKit here).
+quiet() {
+  local out
+  if ! out="$("$@" 2>&1)"; then
+    printf '%s\n' "${out}" >&2
+    die "failed: $*"
+  fi
+}
 die() { printf '[node-image] error: %s\n' "$*" >&2; exit 1; }
 start=${SECONDS}
 mkdir -p "${NODE_BIN}/.stamps"
@@ -130,7 +139,7 @@ ENV PATH=/usr/local/bin:/usr/bin:/bin
 USER ${user}
 ENTRYPOINT ["${path}"]
 EOF
-  docker build -q -t "${IMAGE[${name}]}" "${ctx}" >/dev/null
+  quiet docker build -q -t "${IMAGE[${name}]}" "${ctx}"
 }
 # Static pods run as root like upstream's; pause (65535) and coredns (65532) keep upstream's
 # users. coredns binds :53 as non-root through containerd's enable_unprivileged_ports.
@@ -155,7 +164,7 @@ RUN for t in iptables ip6tables; do \\
     done
 ENTRYPOINT ["/usr/local/bin/kube-proxy"]
 EOF
-docker build -q -t "${IMAGE[kube-proxy]}" "${ctx}" >/dev/null
+quiet docker build -q -t "${IMAGE[kube-proxy]}" "${ctx}"
 log "component images built ($((SECONDS - start)) s)"
 
 # --- node root filesystem additions -------------------------------------------------------
@@ -179,7 +188,7 @@ install -m 0755 "${KIND_BIN}"/{kubelet,kubeadm,kubectl} "${root}/usr/bin/"
 install -m 0755 "${KIND_BIN}"/{bridge,host-local,loopback,portmap} "${root}/opt/cni/bin/"
 printf '%s\n' "${K8S_VERSION}" > "${root}/kind/version"
 cp "${KIND_DIR}/node/Dockerfile" "${work}/node/"
-docker build -q --build-arg "BASE=${node_rootfs}" -t "${TAG}-base" "${work}/node" >/dev/null
+quiet docker build -q --build-arg "BASE=${node_rootfs}" -t "${TAG}-base" "${work}/node"
 log "node base built ($((SECONDS - start)) s)"
 
 # --- preload the images into the node's containerd, then commit ---------------------------
@@ -194,8 +203,8 @@ until docker exec "${builder}" ctr version >/dev/null 2>&1; do
   sleep 0.5
 done
 docker save "${IMAGE[@]}" | docker exec -i "${builder}" ctr --namespace=k8s.io images import \
-  --label=io.cri-containerd.pinned=pinned --all-platforms --no-unpack --digests - >/dev/null
-imported="$(docker exec "${builder}" ctr --namespace=k8s.io images list -q)"
+  --label=io.cri-containerd.pinned=pinned --all-platforms --no-unpack --digests - >/dev/null 2>&1
+imported="$(docker exec "${builder}" ctr --namespace=k8s.io images list -q 2>/dev/null)"
 missing="$(comm -23 <(printf '%s\n' "${want_images}") <(sort <<<"${imported}"))"
 [[ -z "${missing}" ]] || die "not in the node's containerd after the import: ${missing}"
 docker exec "${builder}" pkill -TERM -x containerd
@@ -206,6 +215,7 @@ docker commit \
   --change 'CMD []' \
   --change "LABEL dev.keylimit.kind-node=${hash}" \
   "${builder}" "${TAG}" >/dev/null
+docker rm -v "${builder}" >/dev/null
 docker rmi "${TAG}-base" >/dev/null
 size="$(docker image inspect --format '{{.Size}}' "${TAG}")"
 log "built ${TAG} ($((size / 1000000)) MB) in $((SECONDS - start)) s"
