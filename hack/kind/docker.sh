@@ -5,9 +5,9 @@
 #    runtime in /etc/docker/daemon.json (other keys kept). Our capability bounding set lacks
 #    CAP_SYS_RESOURCE, so `docker run --privileged` (every kind node) fails with stock runc:
 #    "unable to apply caps: operation not permitted"; the wrapper drops what we cannot grant;
-#  - starts dockerd in the background when `docker info` fails (log in the cache dir), or
-#    reloads it (SIGHUP) when daemon.json changed under a running daemon, and waits until it
-#    answers. The host's cgroup mounts are left as they are.
+#  - starts dockerd in the background when none runs (log in the cache dir), or reloads it
+#    (SIGHUP) when daemon.json changed under a running daemon, and waits (bounded) until it
+#    answers with our default runtime. The host's cgroup mounts are left as they are.
 # The docker CLI first on PATH may be newer than dockerd 20.10 (API 1.41); it negotiates the
 # API version down, which is checked at the end.
 set -euo pipefail
@@ -73,31 +73,47 @@ fi
 
 # --- dockerd ----------------------------------------------------------------------------------
 docker_ok() { "${SUDO[@]}" docker info >/dev/null 2>&1; }
-wait_docker() {
-  local deadline=$((SECONDS + WAIT_SECONDS))
-  until docker_ok; do
-    ((SECONDS < deadline)) || die "dockerd did not answer within ${WAIT_SECONDS}s; see ${CACHE_DIR}/dockerd.log"
-    sleep 0.5
-  done
+runtime_ok() {
+  [[ "$("${SUDO[@]}" docker info --format '{{.DefaultRuntime}}' 2>/dev/null)" == "${RUNTIME_NAME}" ]]
 }
-if docker_ok; then
-  if ((daemon_json_changed)); then
-    # runtimes and default-runtime are reloadable: SIGHUP instead of a restart keeps containers.
-    pid="$(cat /var/run/docker.pid 2>/dev/null || true)"
-    [[ -n "${pid}" ]] || die "dockerd runs but /var/run/docker.pid is missing; restart it to load ${DAEMON_JSON}"
-    log "reloading dockerd (pid ${pid}) for ${DAEMON_JSON}"
-    "${SUDO[@]}" kill -HUP "${pid}"
-  fi
-else
+dockerd_pid() { # the pid in docker.pid if that process is alive
+  local pid
+  pid="$(cat /var/run/docker.pid 2>/dev/null || true)"
+  [[ -n "${pid}" ]] && "${SUDO[@]}" kill -0 "${pid}" 2>/dev/null && printf '%s\n' "${pid}"
+}
+start_dockerd() {
+  # A dockerd that died (crash, kill -9) leaves docker.pid behind and the next one refuses to
+  # start; a live one must not get a second instance.
+  [[ -n "$(dockerd_pid || true)" ]] || "${SUDO[@]}" rm -f /var/run/docker.pid
   log "starting dockerd (log: ${CACHE_DIR}/dockerd.log)..."
-  # setsid + nohup: dockerd outlives this script and its terminal.
+  # setsid + nohup: dockerd outlives this script and its terminal. 8>&-: it must not inherit
+  # (and so hold forever) the lock below.
   "${SUDO[@]}" setsid nohup dockerd --host unix:///var/run/docker.sock \
-    >>"${CACHE_DIR}/dockerd.log" 2>&1 </dev/null &
-  wait_docker
+    >>"${CACHE_DIR}/dockerd.log" 2>&1 </dev/null 8>&- &
+  started_pid=$!
+}
+started_pid=
+# One docker.sh at a time: two concurrent callers would both start a dockerd.
+exec 8>"${CACHE_DIR}/docker.sh.lock"
+flock -w $((WAIT_SECONDS * 2)) 8 || die "another docker.sh holds ${CACHE_DIR}/docker.sh.lock"
+if docker_ok && ((daemon_json_changed)); then
+  # runtimes and default-runtime are reloadable: SIGHUP keeps running containers. daemon.json
+  # always names our runtime in both keys together: dockerd 20.10 panics on a reload whose
+  # default-runtime is missing from runtimes.
+  pid="$(dockerd_pid || true)"
+  [[ -n "${pid}" ]] || die "dockerd answers but /var/run/docker.pid names no live process; restart it to load ${DAEMON_JSON}"
+  log "reloading dockerd (pid ${pid}) for ${DAEMON_JSON}"
+  "${SUDO[@]}" kill -HUP "${pid}"
 fi
 deadline=$((SECONDS + WAIT_SECONDS))
-until [[ "$("${SUDO[@]}" docker info --format '{{.DefaultRuntime}}' 2>/dev/null)" == "${RUNTIME_NAME}" ]]; do
-  ((SECONDS < deadline)) || die "dockerd's default runtime is not ${RUNTIME_NAME}; see ${CACHE_DIR}/dockerd.log"
+until runtime_ok; do
+  # Not answering and no live dockerd (never started, or died): start one. Otherwise it is
+  # starting up or reloading: wait. (The one we started may not have written docker.pid yet.)
+  if [[ -z "$(dockerd_pid || true)" ]] && ! { [[ -n "${started_pid}" ]] && kill -0 "${started_pid}" 2>/dev/null; }; then
+    [[ -z "${started_pid}" ]] || die "dockerd exited during start-up; see ${CACHE_DIR}/dockerd.log"
+    start_dockerd
+  fi
+  ((SECONDS < deadline)) || die "dockerd not answering with default runtime ${RUNTIME_NAME} within ${WAIT_SECONDS}s; see ${CACHE_DIR}/dockerd.log"
   sleep 0.5
 done
 log "dockerd $("${SUDO[@]}" docker version --format '{{.Server.Version}} (API {{.Server.APIVersion}}), client {{.Client.Version}}') ready, default runtime ${RUNTIME_NAME}"
