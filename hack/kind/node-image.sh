@@ -106,7 +106,7 @@ for b in "${bins[@]}"; do [[ -x "$b" ]] || die "missing binary $b"; done
 hash="$( {
   sha256sum "${bins[@]}" | cut -d' ' -f1
   cat "${BASH_SOURCE[0]}" "${KIND_DIR}/versions.sh" \
-    "${KIND_DIR}"/node/{Dockerfile,containerd-config.toml,10-keylimit-bridge.conflist,iptables-wrapper}
+    "${KIND_DIR}"/node/{Dockerfile,containerd-config.toml,10-keylimit-bridge.conflist,iptables-wrapper,default-storage.yaml}
   printf '%s\n' "${KIND_VERSION}" "${want_images}"
   docker image inspect --format '{{.Id}}' "${node_rootfs}" "${proxy_rootfs}"
 } | sha256sum | cut -c1-12)"
@@ -182,6 +182,7 @@ install -m 0644 "${KIND_FILES}/etc/default/kubelet" "${root}/etc/default/"
 install -m 0644 "${KIND_FILES}"/etc/sysctl.d/*.conf "${root}/etc/sysctl.d/"
 install -m 0644 "${KIND_DIR}/node/containerd-config.toml" "${root}/etc/containerd/config.toml"
 install -m 0644 "${KIND_DIR}/node/10-keylimit-bridge.conflist" "${root}/etc/cni/net.d/"
+install -m 0644 "${KIND_DIR}/node/default-storage.yaml" "${root}/kind/manifests/"
 install -m 0755 "${KIND_BIN}"/{containerd,containerd-shim-runc-v2,ctr,crictl} "${root}/usr/local/bin/"
 install -m 0755 "${runc_wrapper}" "${root}/usr/local/sbin/runc-wrapper"
 install -m 0755 "${KIND_BIN}"/{kubelet,kubeadm,kubectl} "${root}/usr/bin/"
@@ -217,6 +218,10 @@ docker commit \
   "${builder}" "${TAG}" >/dev/null
 docker rm -v "${builder}" >/dev/null
 docker rmi "${TAG}-base" >/dev/null
+# Older node images (about 0.5 GB of preloaded images each) go; one a container still uses
+# (a running cluster) is refused by docker and stays.
+docker images --format '{{.Repository}}:{{.Tag}}' keylimit/kind-node | grep -vxF "${TAG}" \
+  | xargs -r docker rmi >/dev/null 2>&1 || true
 size="$(docker image inspect --format '{{.Size}}' "${TAG}")"
 log "built ${TAG} ($((size / 1000000)) MB) in $((SECONDS - start)) s"
 printf '%s\n' "${TAG}"
