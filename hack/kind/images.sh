@@ -5,7 +5,8 @@
 #                                 passwd/group with nonroot 65532, CA certificates, /tmp. No shell.
 #   keylimit/operator:$TAG        the repo's Dockerfile, BINARIES=prebuilt, RUNTIME_BASE above
 #   keylimit/sidecar:$TAG         idem
-#   keylimit/testapp:$TAG         keylimit-testapp (tests/src/bin/testapp.rs) on runtime-base
+#   keylimit/testapp:$TAG         keylimit-testapp (tests/src/bin/testapp.rs) on runtime-base, with
+#                                 keylimit-probe (the kind tier's in-cluster client) beside it
 #   keylimit/redis:$TAG           Debian's redis-server and its libraries (rootfs.sh) on
 #                                 runtime-base, user 65532
 # TAG defaults to dev. Binaries come from `cargo build --release` (workspace release profile).
@@ -31,10 +32,10 @@ trap 'rm -rf "${WORK}"' EXIT
 start=$SECONDS
 
 # --- release binaries ---------------------------------------------------------------------------
-log "cargo build --release (operator, sidecar, testapp)..."
+log "cargo build --release (operator, sidecar, testapp, probe)..."
 (cd "${REPO_DIR}" && cargo build -q --release -p keylimit-operator -p keylimit-sidecar \
-  && cargo build -q --release -p keylimit-e2e --bin keylimit-testapp)
-bins=(keylimit-operator keylimit-sidecar keylimit-testapp)
+  && cargo build -q --release -p keylimit-e2e --bin keylimit-testapp --bin keylimit-probe)
+bins=(keylimit-operator keylimit-sidecar keylimit-testapp keylimit-probe)
 for b in "${bins[@]}"; do
   [[ -x "${TARGET_DIR}/release/${b}" ]] || die "${TARGET_DIR}/release/${b} missing after cargo build"
 done
@@ -109,7 +110,7 @@ done
 # A context of two files: the repo's target/ never goes to the daemon.
 ctx="${WORK}/bins"
 mkdir -p "${ctx}"
-for b in keylimit-operator keylimit-sidecar keylimit-testapp; do
+for b in "${bins[@]}"; do
   cp "${TARGET_DIR}/release/${b}" "${ctx}/"
 done
 for target in operator sidecar; do
@@ -123,7 +124,7 @@ done
 log "building keylimit/testapp:${TAG}"
 "${DOCKER}" build -q -f - -t "keylimit/testapp:${TAG}" "${ctx}" >/dev/null <<EOF2
 FROM ${RUNTIME_BASE}
-COPY keylimit-testapp /usr/local/bin/keylimit-testapp
+COPY keylimit-testapp keylimit-probe /usr/local/bin/
 USER 65532:65532
 EXPOSE 8080
 ENTRYPOINT ["/usr/local/bin/keylimit-testapp"]
