@@ -1,6 +1,6 @@
 //! `keylimit-testapp`: the workload the kind tier deploys behind the sidecar (our own, so no
 //! image has to be pulled). Every request gets 200 and a JSON echo of what arrived,
-//! `{"method", "path", "query", "headers": {name: value}, "body_bytes"}`, so a test sees the
+//! `{"method", "path", "query", "headers": {name: value}, "body_bytes", "pod"}`, so a test sees the
 //! identity header the sidecar added and that the API key was stripped. `/healthz` answers 200
 //! `ok`. SIGTERM or SIGINT stops accepting and drains in-flight requests (up to
 //! `--drain-timeout-s`) before exiting 0, so a rolling restart loses nothing on our side.
@@ -85,6 +85,9 @@ async fn handle(req: http::Request<Incoming>) -> Result<http::Response<Full<Byte
         "query": query,
         "headers": headers,
         "body_bytes": body_bytes,
+        // Which replica answered (the Deployment passes the pod name in POD_NAME), so a test
+        // can tell that traffic through a Service was spread.
+        "pod": std::env::var("POD_NAME").unwrap_or_default(),
     });
     let mut body = echo.to_string().into_bytes();
     body.push(b'\n');
