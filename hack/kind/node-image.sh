@@ -111,6 +111,10 @@ hash="$( {
   docker image inspect --format '{{.Id}}' "${node_rootfs}" "${proxy_rootfs}"
 } | sha256sum | cut -c1-12)"
 TAG="keylimit/kind-node:${K8S_VERSION}-${hash}"
+# One build at a time (a second caller waits, then finds the tag).
+mkdir -p "${CACHE_DIR}/kind"
+exec 9>"${CACHE_DIR}/kind/.node-image.lock"
+flock 9
 if docker image inspect "${TAG}" >/dev/null 2>&1; then
   log "${TAG} is up to date ($((SECONDS - start)) s)"
   printf '%s\n' "${TAG}"
@@ -118,7 +122,6 @@ if docker image inspect "${TAG}" >/dev/null 2>&1; then
 fi
 
 log "building ${TAG}..."
-mkdir -p "${CACHE_DIR}/kind"
 work="$(mktemp -d "${CACHE_DIR}/kind/.node-image.XXXXXX")"
 builder="keylimit-node-build-$$"
 cleanup() {
