@@ -339,13 +339,19 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
         args.allow_plaintext_reports,
     )
     .await?;
+    let shutdown = futures::future::FutureExt::shared(Box::pin(shutdown_signal()));
+    // A pod's network can lag its start (seen on kind: the first connect to the API Service
+    // was refused and the operator crash-looped twice). Wait for the apiserver, with backoff,
+    // before the webhook setup's first API call, instead of exiting on it.
+    tokio::select! {
+        _ = await_apiserver(&client) => {},
+        _ = shutdown.clone() => return Ok(()),
+    }
     let tls = args
         .webhook
         .start(&client, certs.clone(), Some(reports.clone()))
         .await?
         .is_some();
-
-    let shutdown = futures::future::FutureExt::shared(Box::pin(shutdown_signal()));
 
     let lock = (!args.no_leader_election).then(|| {
         leader::LeaseLock::new(
@@ -357,13 +363,10 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
         )
     });
     // Ready once this replica can do what the Services send it: answer the webhook (its
-    // certificate is loaded above) and take reports (which needs the apiserver, for
-    // TokenReviews and, on a standby, to find the leader). Not leadership: a standby is
-    // Ready too, or a rolling update's surge pod never becomes Ready and no drain is allowed.
-    tokio::select! {
-        _ = await_apiserver(&client) => {},
-        _ = shutdown.clone() => return Ok(()),
-    }
+    // certificate is loaded above) and take reports (which needs the apiserver, reached
+    // above, for TokenReviews and, on a standby, to find the leader). Not leadership: a
+    // standby is Ready too, or a rolling update's surge pod never becomes Ready and no drain
+    // is allowed.
     health.ready.store(true, Ordering::Relaxed);
     if let Some(lock) = &lock {
         tokio::select! {

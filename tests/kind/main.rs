@@ -713,11 +713,27 @@ fn ready(p: &Pod) -> bool {
 }
 
 async fn await_operator_ready(env: &Env, n: usize) -> anyhow::Result<()> {
-    eventually(T, &format!("{n} Ready operator pods"), || async {
+    let pods = eventually(T, &format!("{n} Ready operator pods"), || async {
         let pods = operator_pods(env).await.ok()?;
-        (pods.len() == n && pods.iter().all(ready)).then_some(())
+        (pods.len() == n && pods.iter().all(ready)).then_some(pods)
     })
-    .await
+    .await?;
+    // A replica that crashed on its way up (the first kind run showed both crash twice: their
+    // first API call raced the pod network) is a defect even when it recovers.
+    for p in &pods {
+        let restarts: i32 = p
+            .status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .map(|cs| cs.iter().map(|c| c.restart_count).sum())
+            .unwrap_or(0);
+        ensure!(
+            restarts == 0,
+            "operator pod {} restarted {restarts} times",
+            p.metadata.name.as_deref().unwrap_or("?")
+        );
+    }
+    Ok(())
 }
 
 /// An opted-in pod, created with a server-side dry run: it passes admission (and so the
