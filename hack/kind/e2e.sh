@@ -39,7 +39,7 @@ helm upgrade --install keylimit charts/keylimit --namespace keylimit-system --cr
   --set image.tag="${TAG}" --set image.pullPolicy=Never \
   --set sidecar.image.tag="${TAG}" --set sidecar.image.pullPolicy=Never \
   --wait --timeout 180s
-kubectl -n keylimit-system rollout status deploy/keylimit --timeout=120s
+kubectl -n keylimit-system rollout status deploy/keylimit-operator --timeout=120s
 
 dump() {
   kubectl get nodes,pods -A -o wide || true

@@ -23,6 +23,8 @@ use serde_json::Value;
 
 const RELEASE: &str = "keylimit";
 const RELEASE_NS: &str = "keylimit-system";
+/// The chart's Deployment for release `keylimit` (its Lease and PDB are named `keylimit`).
+const OPERATOR_DEPLOY: &str = "keylimit-operator";
 const T: Duration = Duration::from_secs(120);
 
 fn image(name: &str) -> String {
@@ -107,7 +109,7 @@ fn app_container(listen: &str) -> String {
     format!(
         r#"{{"name": "app", "image": "{img}", "imagePullPolicy": "Never",
             "args": ["--listen", "{listen}"],
-            "env": [{{"name": "POD_NAME", "valueFrom": {{"fieldRef": {{"fieldPath": "metadata.name"}}}}}}],
+            "env": [{{"name": "POD_NAME", "valueFrom": {{"fieldRef": {{"apiVersion": "v1", "fieldPath": "metadata.name"}}}}}}],
             "ports": [{{"name": "http", "containerPort": 8080}}],
             "resources": {{"requests": {{"cpu": "10m", "memory": "16Mi"}}}},
             "securityContext": {RESTRICTED_CONTAINER}}}"#,
@@ -202,6 +204,16 @@ async fn probe(env: &Env, timeout: Duration, args: &[&str]) -> anyhow::Result<Va
     serde_json::from_str(line).with_context(|| format!("probe printed {out:?}"))
 }
 
+/// Waits until the Service answers at all (any status): kube-proxy programs a new Service's
+/// endpoints a moment after its pods are Ready, and until then connections are refused.
+async fn await_service(env: &Env, url: &str) -> anyhow::Result<()> {
+    eventually(T, &format!("{url} to answer"), || async {
+        let r = probe(env, T, &[url]).await.ok()?;
+        r.get("status").map(|_| ())
+    })
+    .await
+}
+
 fn svc(env: &Env, name: &str) -> String {
     format!("http://{name}.{}.svc.cluster.local/", env.ns)
 }
@@ -233,7 +245,9 @@ async fn policy_and_keys(
             "apiVersion: keylimit.dev/v1alpha1\nkind: ApiKey\nmetadata: {{name: {k}}}\nspec: {{policyRef: {{name: p}}, disabled: {disabled}}}\n"
         ))
         .await?;
-        await_object(&ak, k, "Ready=True", T, has_condition("Ready", "True")).await?;
+        if !disabled {
+            await_object(&ak, k, "Ready=True", T, has_condition("Ready", "True")).await?;
+        }
     }
     Ok(())
 }
@@ -268,9 +282,10 @@ fn percentile(sorted: &[u128], p: f64) -> u128 {
 #[tokio::test]
 async fn workload_served_through_its_service() {
     kind_scenario("svc", async |env: &mut Env| {
-        policy_and_keys(env, &policy(3, ""), &[("acme", false), ("off", true)]).await?;
+        policy_and_keys(env, &policy(3, ""), &[("acme", false), ("frozen", true)]).await?;
         deploy_app(env, "api", "p", 1, "0.0.0.0:8080", &[]).await?;
         client_pod(env).await?;
+        await_service(env, &svc(env, "api")).await?;
 
         // The native sidecar comes first; the app container is what we submitted, except for
         // the port name the sidecar takes over.
@@ -323,14 +338,15 @@ async fn workload_served_through_its_service() {
                 serde_json::to_value(&got.resources)?,
                 serde_json::to_value(&want.resources)?,
             ),
-            (
-                "volumeMounts",
-                serde_json::to_value(&got.volume_mounts)?,
-                Value::Null,
-            ),
         ] {
             ensure!(a == b, "app container {what} changed: {a} != {b}");
         }
+        // The sidecar's volumes (policy, hash key, token) are mounted into the sidecar only.
+        let mounts = got.volume_mounts.clone().unwrap_or_default();
+        ensure!(
+            mounts.iter().all(|m| !m.name.starts_with("keylimit")),
+            "the app container got keylimit's volumes: {mounts:?}"
+        );
         let port = got.ports.clone().unwrap_or_default();
         ensure!(
             port.len() == 1
@@ -406,7 +422,7 @@ async fn workload_served_through_its_service() {
             status(&bad) == 401 && body(&bad)["error"] == "invalid_key",
             "bad key: {bad}"
         );
-        let off = read_key(env, "off-key").await?;
+        let off = read_key(env, "frozen-key").await?;
         let dis = probe(env, T, &[&url, "-H", &format!("X-API-Key: {off}")]).await?;
         ensure!(
             status(&dis) == 403 && body(&dis)["error"] == "key_disabled",
@@ -450,6 +466,7 @@ async fn workload_direct_pod_ip_traffic() {
         deploy_app(env, "open", "p", 1, "0.0.0.0:8080", &[]).await?;
         deploy_app(env, "closed", "p", 1, "127.0.0.1:8080", &[]).await?;
         client_pod(env).await?;
+        await_service(env, &svc(env, "closed")).await?;
         let ip = |p: &Pod| p.status.as_ref().and_then(|s| s.pod_ip.clone());
         let open_ip = pods_of(env, "open")
             .await?
@@ -504,6 +521,8 @@ async fn workload_policy_changes_reach_enforcement() {
         deploy_app(env, "vol", "p", 1, "0.0.0.0:8080", &[]).await?;
         deploy_app(env, "apiw", "p", 1, "0.0.0.0:8080", &[("keylimit.dev/config-source", "api")]).await?;
         client_pod(env).await?;
+        await_service(env, &svc(env, "vol")).await?;
+        await_service(env, &svc(env, "apiw")).await?;
         let key = read_key(env, "acme-key").await?;
         let hk = format!("X-API-Key: {key}");
         let (mut vol, mut api) = (vec![], vec![]);
@@ -552,6 +571,7 @@ async fn workload_rolling_restart_loses_no_request() {
         policy_and_keys(env, &policy(1_000_000, ""), &[("acme", false)]).await?;
         deploy_app(env, "api", "p", 2, "0.0.0.0:8080", &[]).await?;
         client_pod(env).await?;
+        await_service(env, &svc(env, "api")).await?;
         let key = read_key(env, "acme-key").await?;
         let hk = format!("X-API-Key: {key}");
         let url = svc(env, "api");
@@ -667,6 +687,7 @@ async fn workload_redis_limit_is_exact_across_replicas() {
         policy_and_keys(env, &policy(10, &store), &[("acme", false)]).await?;
         deploy_app(env, "api", "p", 3, "0.0.0.0:8080", &[]).await?;
         client_pod(env).await?;
+        await_service(env, &svc(env, "api")).await?;
         let key = read_key(env, "acme-key").await?;
         let hk = format!("X-API-Key: {key}");
         let url = svc(env, "api");
@@ -903,7 +924,7 @@ async fn operator_scaled_to_zero_fails_closed() {
         await_operator_ready(env, 2).await?;
         policy_and_keys(env, &policy(5, ""), &[]).await?;
         kubectl(
-            &["scale", "deploy", RELEASE, "-n", RELEASE_NS, "--replicas=0"],
+            &["scale", "deploy", OPERATOR_DEPLOY, "-n", RELEASE_NS, "--replicas=0"],
             None,
         )
         .await?;
@@ -939,7 +960,7 @@ async fn operator_scaled_to_zero_fails_closed() {
         }
         .await;
         kubectl(
-            &["scale", "deploy", RELEASE, "-n", RELEASE_NS, "--replicas=2"],
+            &["scale", "deploy", OPERATOR_DEPLOY, "-n", RELEASE_NS, "--replicas=2"],
             None,
         )
         .await?;
