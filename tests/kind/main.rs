@@ -104,7 +104,12 @@ const RESTRICTED_POD: &str = r#"{"runAsNonRoot": true, "runAsUser": 65532, "runA
 const RESTRICTED_CONTAINER: &str = r#"{"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "capabilities": {"drop": ["ALL"]}}"#;
 
 /// The app container the tests deploy; the injected pod must keep it as it is, except for the
-/// port name the sidecar takes over.
+/// port name the sidecar takes over. Its preStop sleep is what any app needs for a rollout
+/// without errors, sidecar or not: endpoints are removed when termination starts, but
+/// kube-proxy applies that a moment later, so the app keeps serving for those seconds. Without
+/// it the first kind run lost 9 of 6,538 requests in a rolling restart (7 refused, 2 × 502:
+/// the app exits at once, and the native sidecar, stopped only after the app, forwarded to
+/// it or had closed its listener while traffic still arrived).
 fn app_container(listen: &str) -> String {
     format!(
         r#"{{"name": "app", "image": "{img}", "imagePullPolicy": "Never",
@@ -112,6 +117,7 @@ fn app_container(listen: &str) -> String {
             "env": [{{"name": "POD_NAME", "valueFrom": {{"fieldRef": {{"apiVersion": "v1", "fieldPath": "metadata.name"}}}}}}],
             "ports": [{{"name": "http", "containerPort": 8080}}],
             "resources": {{"requests": {{"cpu": "10m", "memory": "16Mi"}}}},
+            "lifecycle": {{"preStop": {{"sleep": {{"seconds": 5}}}}}},
             "securityContext": {RESTRICTED_CONTAINER}}}"#,
         img = image("testapp")
     )
@@ -252,9 +258,11 @@ async fn policy_and_keys(
     Ok(())
 }
 
+/// A policy that admits `rate` requests a minute, all of them at once if they come at once.
 fn policy(rate: u64, extra: &str) -> String {
+    let burst = rate.saturating_sub(1);
     format!(
-        "apiVersion: keylimit.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {{name: p}}\nspec:\n  selector: {{matchLabels: {{app: api}}}}\n  limits:\n    rates: [{{name: per-minute, requests: {rate}, per: Minute}}]\n  response: {{message: Keys Temporarily Exhausted}}\n{extra}"
+        "apiVersion: keylimit.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {{name: p}}\nspec:\n  selector: {{matchLabels: {{app: api}}}}\n  limits:\n    rates: [{{name: per-minute, requests: {rate}, per: Minute, burst: {burst}}}]\n  response: {{message: Keys Temporarily Exhausted}}\n{extra}"
     )
 }
 
