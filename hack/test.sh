@@ -2,7 +2,9 @@
 # Runs every test keylimit has, on a fresh machine with Rust and Go:
 #   formatting, clippy, CRD freshness, unit tests, the fuzz targets (hack/fuzz.sh), then the
 #   end-to-end suite against a real kube-apiserver + etcd + kube-controller-manager built from
-#   pinned Go modules and started on 127.0.0.1 (hack/build-tools.sh, hack/controlplane.sh).
+#   pinned Go modules and started on 127.0.0.1 (hack/build-tools.sh, hack/controlplane.sh),
+#   then the kind tier: Docker (Debian's docker.io, installed and started if missing), a kind
+#   node image and every image built on this machine, and tests/kind/main.rs in real pods.
 # Binaries are cached in ${KEYLIMIT_CACHE:-~/.cache/keylimit}; nothing built lands in the repo.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -15,6 +17,7 @@ bash hack/install-deps.sh
 step "format and lint"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+cargo clippy -p keylimit-e2e --features kind --all-targets -- -D warnings
 
 step "CRDs are generated from the Rust types"
 cargo run -q -p keylimit-operator -- crd --out crds --out charts/keylimit/crds
@@ -41,5 +44,9 @@ kubectl wait --for=condition=Established --timeout=60s crd/apikeys.keylimit.dev 
 step "end-to-end suite"
 cargo build -p keylimit-operator -p keylimit-sidecar -p keylimit-e2e --bins
 cargo test -p keylimit-e2e --tests -- --ignored --test-threads=3
+bash hack/controlplane.sh down || true
+
+step "kind tier: real pods on a kind cluster built here (hack/kind/e2e.sh)"
+bash hack/kind/e2e.sh
 
 step "done"

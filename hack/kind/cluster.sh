@@ -83,7 +83,8 @@ diagnose() {
 up() {
   bash "${KIND_DIR}/docker.sh"
   local image
-  image="$(bash "${KIND_DIR}/node-image.sh" | tail -n1)"
+  # KIND_NODE_IMAGE (e.g. kindest/node:v1.37.2, with a registry at hand) skips the local build.
+  image="${KIND_NODE_IMAGE:-$(bash "${KIND_DIR}/node-image.sh" | tail -n1)}"
   [[ -x "${KIND_BIN}/kind" ]] || bash "${KIND_DIR}/build-bins.sh" >&2
   if cluster_exists; then
     if cluster_healthy "${image}"; then
@@ -95,7 +96,13 @@ up() {
     kind delete cluster --name "${NAME}" >&2
   fi
   log "creating cluster ${NAME} from ${image}..."
-  if ! kind create cluster --name "${NAME}" --image "${image}" --config "${KIND_DIR}/node/kind-config.yaml" \
+  local config="${KIND_DIR}/node/kind-config.yaml"
+  if [[ -n "${KIND_NODE_IMAGE:-}" ]]; then
+    # A public node image has kindnet but not our bridge conflist: keep kind's default CNI.
+    config="$(mktemp)"
+    sed 's/disableDefaultCNI: true/disableDefaultCNI: false/' "${KIND_DIR}/node/kind-config.yaml" >"${config}"
+  fi
+  if ! kind create cluster --name "${NAME}" --image "${image}" --config "${config}" \
       --wait "${KIND_WAIT:-180s}" --retain --kubeconfig "${KUBECONFIG_FILE}" >&2; then
     diagnose
     die "kind create cluster failed (node container kept for inspection; cluster.sh down removes it)"

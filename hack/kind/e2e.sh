@@ -6,6 +6,8 @@
 #
 #   bash hack/kind/e2e.sh            # from hack/test.sh, after the local-control-plane suite
 #   KEEP_CLUSTER=1 bash hack/kind/e2e.sh   # leave the cluster up afterwards (warm re-runs)
+#   PUBLIC_IMAGES=1 bash hack/kind/e2e.sh  # with registry access: kindest/node and the
+#                                          # Dockerfile's public bases instead of local builds
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 CACHE_DIR="${KEYLIMIT_CACHE:-${HOME}/.cache/keylimit}"
@@ -17,6 +19,12 @@ step "Go-built tools and node binaries"
 bash hack/build-tools.sh
 bash hack/kind/build-bins.sh
 export PATH="${CACHE_DIR}/bin:${PATH}"
+
+if [[ "${PUBLIC_IMAGES:-0}" == 1 ]]; then
+  # shellcheck source=versions.sh
+  source hack/kind/versions.sh
+  export PUBLIC_IMAGES KIND_NODE_IMAGE="${KIND_NODE_IMAGE:-kindest/node:${K8S_VERSION}}"
+fi
 
 step "Docker engine"
 bash hack/kind/docker.sh

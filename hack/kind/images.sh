@@ -115,6 +115,13 @@ for b in "${bins[@]}"; do
 done
 for target in operator sidecar; do
   log "building keylimit/${target}:${TAG}"
+  if [[ "${PUBLIC_IMAGES:-0}" == 1 ]]; then
+    # With a registry at hand: the same Dockerfile with its public defaults (rust builder,
+    # distroless runtime) and the repo as context (.dockerignore keeps target/ out).
+    "${DOCKER}" build -q -f "${REPO_DIR}/Dockerfile" --target "${target}" \
+      -t "keylimit/${target}:${TAG}" "${REPO_DIR}" >/dev/null
+    continue
+  fi
   "${DOCKER}" build -q -f "${REPO_DIR}/Dockerfile" --target "${target}" \
     --build-arg BINARIES=prebuilt --build-arg RUNTIME_BASE="${RUNTIME_BASE}" \
     -t "keylimit/${target}:${TAG}" "${ctx}" >/dev/null

@@ -932,7 +932,14 @@ async fn operator_scaled_to_zero_fails_closed() {
         await_operator_ready(env, 2).await?;
         policy_and_keys(env, &policy(5, ""), &[]).await?;
         kubectl(
-            &["scale", "deploy", OPERATOR_DEPLOY, "-n", RELEASE_NS, "--replicas=0"],
+            &[
+                "scale",
+                "deploy",
+                OPERATOR_DEPLOY,
+                "-n",
+                RELEASE_NS,
+                "--replicas=0",
+            ],
             None,
         )
         .await?;
@@ -968,7 +975,14 @@ async fn operator_scaled_to_zero_fails_closed() {
         }
         .await;
         kubectl(
-            &["scale", "deploy", OPERATOR_DEPLOY, "-n", RELEASE_NS, "--replicas=2"],
+            &[
+                "scale",
+                "deploy",
+                OPERATOR_DEPLOY,
+                "-n",
+                RELEASE_NS,
+                "--replicas=2",
+            ],
             None,
         )
         .await?;
