@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 use crate::limiter::{BuildMix, LimitSet, ThrottleRule, POLICY_SCOPE_ID};
 use crate::metrics::{Metrics, PolicyCounters};
 use crate::path::SegmentPrefix;
+use crate::response::LimitHeaderCache;
 use crate::Error;
 
 /// One key as the request path needs it.
@@ -182,6 +183,9 @@ pub struct Snapshot {
     pub hasher: dp::KeyHasher,
     pub dry_run: bool,
     pub counters: PolicyCounters,
+    /// The rate-limit header values that depend only on the policy's limits, built once here
+    /// so an allowed response formats only `remaining` and `reset`.
+    pub limit_headers: LimitHeaderCache,
 }
 
 fn header_name(name: &str, what: &str) -> Result<HeaderName, Error> {
@@ -283,6 +287,11 @@ impl Snapshot {
             max_delay_ns: t.max_delay_ms.saturating_mul(1_000_000),
             max_queue: t.max_queue,
         });
+        let limit_headers = LimitHeaderCache::build(
+            std::iter::once(&*defaults)
+                .chain(routes.iter().filter_map(|r| r.limits.as_ref()))
+                .chain(policy_limits.as_ref()),
+        );
         let counters = metrics.policy_counters(&format!("{}/{}", policy.namespace, policy.name));
         Ok(Snapshot {
             generation,
@@ -296,6 +305,7 @@ impl Snapshot {
             source,
             hasher,
             counters,
+            limit_headers,
         })
     }
 

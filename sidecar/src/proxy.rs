@@ -295,7 +295,7 @@ impl Proxy {
         };
         let mut resp = self.forward(req, peer, admission.permit, upgrade).await;
         if let Some(status) = &admission.status {
-            response::limit_headers(resp.headers_mut(), status);
+            snap.limit_headers.apply(resp.headers_mut(), status);
         }
         resp
     }

@@ -1,13 +1,16 @@
 //! Responses the sidecar writes itself (errors and refusals) and the rate-limit headers.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use serde::Serialize;
 
-use crate::limiter::{LimitKind, LimitStatus, Refusal};
+use crate::limiter::{LimitKind, LimitSet, LimitStatus, Refusal};
 use crate::metrics::Outcome;
+use crate::window;
 
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
@@ -163,7 +166,8 @@ fn sf_string(name: &str) -> String {
 }
 
 /// `RateLimit-Policy`/`RateLimit` (draft-ietf-httpapi-ratelimit-headers) and the de-facto
-/// `X-RateLimit-*` fields for one limit. Reset values are delta-seconds.
+/// `X-RateLimit-*` fields for one limit. Reset values are delta-seconds. Formats everything;
+/// the request path uses [`LimitHeaderCache::apply`], which formats only what varies.
 pub fn limit_headers(h: &mut HeaderMap, s: &LimitStatus) {
     let name = sf_string(&s.name);
     let policy = match s.kind {
@@ -185,11 +189,152 @@ pub fn limit_headers(h: &mut HeaderMap, s: &LimitStatus) {
     h.insert(X_RATELIMIT_RESET.clone(), HeaderValue::from(s.reset_secs));
 }
 
+/// The header values that depend only on a limit (kind, name, size, window), not on the
+/// request: `RateLimit-Policy`, `X-RateLimit-Limit` and the `"name";r=` start of `RateLimit`.
+#[derive(Debug, Clone)]
+pub struct LimitHeaderValues {
+    kind: LimitKind,
+    name: Arc<str>,
+    limit: u64,
+    window_s: u64,
+    policy: HeaderValue,
+    limit_value: HeaderValue,
+    /// `"name";r=`
+    current_prefix: Box<[u8]>,
+}
+
+impl LimitHeaderValues {
+    /// `None` only if the policy value is not a valid header value, which [`sf_string`] rules
+    /// out; such a limit is then formatted per request by [`limit_headers`].
+    fn new(kind: LimitKind, name: &Arc<str>, limit: u64, window_s: u64) -> Option<Self> {
+        let quoted = sf_string(name);
+        let policy = match kind {
+            LimitKind::Concurrency => format!("{quoted};q={limit};qu=\"concurrent-requests\""),
+            _ => format!("{quoted};q={limit};w={window_s}"),
+        };
+        Some(Self {
+            kind,
+            name: name.clone(),
+            limit,
+            window_s,
+            policy: HeaderValue::from_str(&policy).ok()?,
+            limit_value: HeaderValue::from(limit),
+            current_prefix: format!("{quoted};r=").into_bytes().into_boxed_slice(),
+        })
+    }
+
+    fn describes(&self, s: &LimitStatus) -> bool {
+        self.kind == s.kind
+            && self.limit == s.limit
+            && self.window_s == s.window_s
+            && (Arc::ptr_eq(&self.name, &s.name) || self.name == s.name)
+    }
+
+    fn apply(&self, h: &mut HeaderMap, s: &LimitStatus) {
+        h.insert(RATELIMIT_POLICY.clone(), self.policy.clone());
+        h.insert(X_RATELIMIT_LIMIT.clone(), self.limit_value.clone());
+        apply_varying(h, &self.current_prefix, s);
+    }
+}
+
+/// `RateLimit` (`"name";r=R;t=T`), `X-RateLimit-Remaining` and `X-RateLimit-Reset`, written
+/// into one buffer and sliced, so the three values cost one allocation. `prefix` is `"name";r=`.
+fn apply_varying(h: &mut HeaderMap, prefix: &[u8], s: &LimitStatus) {
+    let mut remaining = [0u8; 20];
+    let remaining = decimal(s.remaining, &mut remaining);
+    let mut reset = [0u8; 20];
+    let reset = decimal(s.reset_secs, &mut reset);
+    // "name";r=R;t=T followed by R and T again for the X- fields.
+    let mut buf = Vec::with_capacity(prefix.len() + 3 + 2 * (remaining.len() + reset.len()));
+    buf.extend_from_slice(prefix);
+    buf.extend_from_slice(remaining);
+    buf.extend_from_slice(b";t=");
+    buf.extend_from_slice(reset);
+    let current_end = buf.len();
+    buf.extend_from_slice(remaining);
+    let remaining_end = buf.len();
+    buf.extend_from_slice(reset);
+    let buf = Bytes::from(buf);
+    if let Ok(v) = HeaderValue::from_maybe_shared(buf.slice(..current_end)) {
+        h.insert(RATELIMIT.clone(), v);
+    }
+    if let Ok(v) = HeaderValue::from_maybe_shared(buf.slice(current_end..remaining_end)) {
+        h.insert(X_RATELIMIT_REMAINING.clone(), v);
+    }
+    if let Ok(v) = HeaderValue::from_maybe_shared(buf.slice(remaining_end..)) {
+        h.insert(X_RATELIMIT_RESET.clone(), v);
+    }
+}
+
+/// `n` in decimal, written at the end of `buf`.
+fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
+/// The fixed header values of every limit a snapshot's shared limit sets hold (key defaults,
+/// routes, the policy scope), built once per config load. Keys with their own overrides are
+/// not in here (there can be a million of them) and are formatted per request.
+#[derive(Debug, Default)]
+pub struct LimitHeaderCache {
+    entries: Vec<LimitHeaderValues>,
+}
+
+impl LimitHeaderCache {
+    pub fn build<'a>(sets: impl IntoIterator<Item = &'a LimitSet>) -> Self {
+        let mut entries: Vec<LimitHeaderValues> = Vec::new();
+        let mut add = |kind, name: &Arc<str>, limit, window_s| {
+            let known = entries.iter().any(|e| {
+                e.kind == kind && e.limit == limit && e.window_s == window_s && e.name == *name
+            });
+            if !known {
+                entries.extend(LimitHeaderValues::new(kind, name, limit, window_s));
+            }
+        };
+        for set in sets {
+            for r in &set.rates {
+                add(LimitKind::Rate, &r.name, r.requests, r.period_s);
+            }
+            for q in &set.quotas {
+                add(
+                    LimitKind::Quota,
+                    &q.name,
+                    q.requests,
+                    window::nominal_secs(q.period),
+                );
+            }
+        }
+        Self { entries }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// [`limit_headers`], with the fixed values taken from the cache when it has the limit.
+    pub fn apply(&self, h: &mut HeaderMap, s: &LimitStatus) {
+        match self.entries.iter().find(|e| e.describes(s)) {
+            Some(fixed) => fixed.apply(h, s),
+            None => limit_headers(h, s),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use keylimit_dataplane::ExhaustionReason;
-    use std::sync::Arc;
+    use keylimit_dataplane::{self as dp, ExhaustionReason};
 
     #[test]
     fn refusal_body_and_headers_follow_the_documented_shape() {
@@ -211,6 +356,89 @@ mod tests {
         assert_eq!(h["ratelimit"], "\"minute\";r=0;t=12");
         assert_eq!(h["x-ratelimit-remaining"], "0");
         assert_eq!(h["x-ratelimit-reset"], "12");
+    }
+
+    fn status(kind: LimitKind, name: &Arc<str>, limit: u64, window_s: u64) -> LimitStatus {
+        LimitStatus {
+            kind,
+            name: name.clone(),
+            limit,
+            window_s,
+            remaining: 0,
+            reset_secs: 0,
+        }
+    }
+
+    #[test]
+    fn cached_limit_headers_are_byte_for_byte_the_formatted_ones() {
+        let limits: dp::Limits = serde_json::from_value(serde_json::json!({
+            "rates": [{"name": "min\"ute\\é", "requests": 10, "periodSeconds": 60, "burst": 0},
+                      {"name": "second", "requests": 1000000, "periodSeconds": 1, "burst": 5}],
+            "quotas": [{"name": "month", "requests": 5000, "period": "Month"}]
+        }))
+        .expect("limits");
+        let set = LimitSet::compile(&limits, "key");
+        let cache = LimitHeaderCache::build([&set, &set]);
+        assert_eq!(cache.len(), 3, "one entry per distinct limit");
+        let mut statuses: Vec<LimitStatus> = set
+            .rates
+            .iter()
+            .map(|r| status(LimitKind::Rate, &r.name, r.requests, r.period_s))
+            .chain(set.quotas.iter().map(|q| {
+                status(
+                    LimitKind::Quota,
+                    &q.name,
+                    q.requests,
+                    window::nominal_secs(q.period),
+                )
+            }))
+            .collect();
+        // Not in the cache (a key's own override, a concurrency limit): formatted per request.
+        statuses.push(status(LimitKind::Rate, &Arc::from("other"), 7, 60));
+        statuses.push(status(LimitKind::Concurrency, &Arc::from("c"), 3, 0));
+        for (i, s) in statuses.iter().enumerate() {
+            assert_eq!(
+                cache.entries.iter().any(|e| e.describes(s)),
+                i < 3,
+                "cache hit for {s:?}"
+            );
+            for (remaining, reset) in [(0, 0), (9, 6), (u64::MAX, 1_000_000_007)] {
+                let s = LimitStatus {
+                    remaining,
+                    reset_secs: reset,
+                    ..s.clone()
+                };
+                let mut want = HeaderMap::new();
+                limit_headers(&mut want, &s);
+                let mut got = HeaderMap::new();
+                got.insert(X_RATELIMIT_RESET.clone(), HeaderValue::from_static("stale"));
+                cache.apply(&mut got, &s);
+                assert_eq!(want.len(), 5);
+                assert_eq!(got, want, "{s:?}");
+            }
+        }
+        let mut h = HeaderMap::new();
+        cache.apply(
+            &mut h,
+            &LimitStatus {
+                remaining: 9,
+                reset_secs: 6,
+                ..statuses[0].clone()
+            },
+        );
+        assert_eq!(h["ratelimit-policy"], "\"min\\\"ute\\\\\";q=10;w=60");
+        assert_eq!(h["ratelimit"], "\"min\\\"ute\\\\\";r=9;t=6");
+        assert_eq!(h["x-ratelimit-limit"], "10");
+        assert_eq!(h["x-ratelimit-remaining"], "9");
+        assert_eq!(h["x-ratelimit-reset"], "6");
+    }
+
+    #[test]
+    fn decimal_writes_every_digit() {
+        for n in [0, 7, 10, 99, 12345, u64::MAX] {
+            let mut buf = [0u8; 20];
+            assert_eq!(decimal(n, &mut buf), n.to_string().as_bytes());
+        }
     }
 
     #[test]
