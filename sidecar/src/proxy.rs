@@ -670,38 +670,78 @@ fn is_upgrade(h: &HeaderMap) -> bool {
 }
 
 /// Fields that never cross a proxy (RFC 9110 §7.6.1), besides those `Connection` names.
-fn is_hop_by_hop(n: &HeaderName) -> bool {
-    n == header::CONNECTION
-        || n == header::TE
-        || n == header::TRAILER
-        || n == header::TRANSFER_ENCODING
-        || n == header::UPGRADE
-        || n == header::PROXY_AUTHENTICATE
-        || n == header::PROXY_AUTHORIZATION
-        || n.as_str() == "keep-alive"
-        || n.as_str() == "proxy-connection"
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "keep-alive",
+    "proxy-connection",
+];
+
+/// The bit of `n` in [`HOP_BY_HOP`] (bit 0: `connection`), 0 if it is not one of them.
+fn hop_by_hop_bit(n: &HeaderName) -> u16 {
+    let standard = [
+        &header::CONNECTION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+        &header::PROXY_AUTHENTICATE,
+        &header::PROXY_AUTHORIZATION,
+    ];
+    if let Some(i) = standard.iter().position(|s| *s == n) {
+        return 1 << i;
+    }
+    match n.as_str() {
+        "keep-alive" => 1 << 7,
+        "proxy-connection" => 1 << 8,
+        _ => 0,
+    }
 }
 
 /// RFC 9110 §7.6.1: connection-specific fields, plus any the `Connection` header names.
 fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // Most messages carry none of them: one pass over the names present is cheaper than a
-    // hashed removal for every name on the list.
-    if !h.keys().any(is_hop_by_hop) {
+    // One pass over the names present, then removals only for what is there: most requests
+    // carry none of these, and most responses only `Connection: keep-alive`.
+    let present = h.keys().fold(0, |acc, n| acc | hop_by_hop_bit(n));
+    if present == 0 {
         return;
     }
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|s| s.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        h.remove(n);
+    if present & 1 != 0 {
+        // Taken out of the map first so the map can change while its tokens are read; more
+        // than one `Connection` line is rare enough to pay for a Vec.
+        if h.get_all(header::CONNECTION).iter().nth(1).is_none() {
+            if let Some(v) = h.remove(header::CONNECTION) {
+                remove_connection_named(h, &v);
+            }
+        } else {
+            let values: Vec<HeaderValue> = h.get_all(header::CONNECTION).iter().cloned().collect();
+            h.remove(header::CONNECTION);
+            for v in &values {
+                remove_connection_named(h, v);
+            }
+        }
     }
-    let listed: Vec<HeaderName> = h.keys().filter(|n| is_hop_by_hop(n)).cloned().collect();
-    for n in listed {
-        h.remove(n);
+    for (i, name) in HOP_BY_HOP.iter().enumerate().skip(1) {
+        if present & (1 << i) != 0 {
+            h.remove(*name);
+        }
+    }
+}
+
+/// Removes the fields one `Connection` value names.
+fn remove_connection_named(h: &mut HeaderMap, v: &HeaderValue) {
+    let Ok(s) = v.to_str() else { return };
+    for token in s.split(',').map(str::trim) {
+        // The fixed names go in [`strip_hop_by_hop`] when present; any other valid name goes
+        // here (a token that is no valid name cannot name a field and matches nothing).
+        if !HOP_BY_HOP.iter().any(|n| token.eq_ignore_ascii_case(n)) {
+            h.remove(token);
+        }
     }
 }
 
@@ -747,5 +787,37 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn every_connection_line_and_every_listed_field_is_removed() {
+        let mut h = HeaderMap::new();
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("X-One , close"),
+        );
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("x-two,,Upgrade, bad name"),
+        );
+        for name in ["x-one", "x-two", "close", "upgrade", "te", "trailer"] {
+            h.append(name, HeaderValue::from_static("v"));
+        }
+        h.append("proxy-connection", HeaderValue::from_static("keep-alive"));
+        h.append(header::PROXY_AUTHORIZATION, HeaderValue::from_static("a"));
+        h.append(header::PROXY_AUTHENTICATE, HeaderValue::from_static("a"));
+        h.append("x-kept", HeaderValue::from_static("1"));
+        h.append("x-kept", HeaderValue::from_static("2"));
+        strip_hop_by_hop(&mut h);
+        let left: Vec<_> = h.iter().map(|(n, v)| (n.as_str(), v.as_bytes())).collect();
+        assert_eq!(left, [("x-kept", &b"1"[..]), ("x-kept", &b"2"[..])]);
+
+        // Nothing hop-by-hop: the map is left as it was.
+        let mut h = HeaderMap::new();
+        h.append("x-kept", HeaderValue::from_static("1"));
+        h.append(header::HOST, HeaderValue::from_static("app"));
+        let before = h.clone();
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before);
     }
 }
