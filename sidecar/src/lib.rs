@@ -23,6 +23,7 @@ pub mod report;
 pub mod response;
 pub mod server;
 pub mod store;
+pub mod upstream;
 pub mod window;
 
 pub use cli::{run, Args};

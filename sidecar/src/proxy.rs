@@ -13,9 +13,7 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 
 use crate::authbudget::{AuthFailureBudget, AuthFailureLimit};
 use crate::config::{ConfigStore, KeyPolicy, KeySourceRule, Snapshot};
@@ -24,13 +22,13 @@ use crate::metrics::{Metrics, Outcome};
 use crate::path;
 use crate::response::{self, ProxyBody};
 use crate::store::RedisBackends;
+use crate::upstream::{Lent, UpstreamPool};
 use crate::Error;
 use keylimit_dataplane::{KeyHasher, Store};
 
 /// Where allowed requests go.
 #[derive(Debug, Clone)]
 pub struct Upstream {
-    scheme: Scheme,
     authority: Authority,
 }
 
@@ -49,7 +47,7 @@ impl Upstream {
             .authority()
             .cloned()
             .ok_or_else(|| Error::Argument(format!("--upstream {s:?}: host:port required")))?;
-        Ok(Self { scheme, authority })
+        Ok(Self { authority })
     }
 }
 
@@ -64,7 +62,7 @@ pub struct Proxy {
     pub fail_open: bool,
     pub metrics_per_key: bool,
     auth_budget: AuthFailureBudget,
-    client: Client<HttpConnector, Incoming>,
+    pool: UpstreamPool<Incoming>,
 }
 
 impl Proxy {
@@ -80,13 +78,7 @@ impl Proxy {
         fail_open: bool,
         metrics_per_key: bool,
     ) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(upstream_timeout));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(1024)
-            .build(connector);
+        let pool = UpstreamPool::new(&upstream.authority, 1024, Duration::from_secs(30));
         Self {
             config,
             limiter,
@@ -97,7 +89,7 @@ impl Proxy {
             fail_open,
             metrics_per_key,
             auth_budget: AuthFailureBudget::new(AuthFailureLimit::default()),
-            client,
+            pool,
         }
     }
 
@@ -124,7 +116,7 @@ impl Proxy {
                 // No config means no identity to vouch for: never pass a client's own claim.
                 req.headers_mut()
                     .remove(keylimit_dataplane::DEFAULT_IDENTITY_HEADER);
-                return Ok(self.forward(req, peer, None, upgrade).await);
+                return Ok(self.forward(req, peer, started, None, upgrade).await);
             }
             return Ok(response::error(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -293,7 +285,9 @@ impl Proxy {
             Some(v) => headers.insert(snap.source.identity_header.clone(), v.clone()),
             None => headers.remove(&snap.source.identity_header),
         };
-        let mut resp = self.forward(req, peer, admission.permit, upgrade).await;
+        let mut resp = self
+            .forward(req, peer, started, admission.permit, upgrade)
+            .await;
         if let Some(status) = &admission.status {
             snap.limit_headers.apply(resp.headers_mut(), status);
         }
@@ -327,6 +321,16 @@ impl Proxy {
         response::error(StatusCode::BAD_REQUEST, code, message)
     }
 
+    /// Closes upstream connections idle for 30 s (called by the eviction sweep).
+    pub fn evict_idle_upstream(&self) {
+        self.pool.evict_idle(Instant::now());
+    }
+
+    /// Idle upstream connections in the pool.
+    pub fn idle_upstream_connections(&self) -> usize {
+        self.pool.idle()
+    }
+
     /// Drops peers whose failed-key budget is full again (called by the eviction sweep).
     pub fn evict_idle_peers(&self) {
         let n = self.auth_budget.evict_idle(self.limiter.mono_ns());
@@ -341,6 +345,7 @@ impl Proxy {
         &self,
         mut req: Request<Incoming>,
         peer: SocketAddr,
+        started: Instant,
         permit: Option<Permit>,
         upgrade: Option<HeaderValue>,
     ) -> Response<ProxyBody> {
@@ -360,20 +365,8 @@ impl Proxy {
                 }
             }
         }
-        let mut builder = Uri::builder()
-            .scheme(self.upstream.scheme.clone())
-            .authority(self.upstream.authority.clone());
-        builder = builder.path_and_query(path);
-        parts.uri = match builder.build() {
-            Ok(u) => u,
-            Err(_) => {
-                return response::error(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    "invalid request target",
-                )
-            }
-        };
+        // Origin form: the pool's connections all go to the one upstream.
+        parts.uri = Uri::from(path);
         parts.version = Version::HTTP_11;
         if let Some(proto) = upgrade {
             parts
@@ -385,8 +378,9 @@ impl Proxy {
 
         let upstream_req = Request::from_parts(parts, body);
         let result =
-            tokio::time::timeout(self.upstream_timeout, self.client.request(upstream_req)).await;
-        let mut resp = match result {
+            tokio::time::timeout(self.upstream_timeout, self.pool.send(upstream_req, started))
+                .await;
+        let (mut resp, lent) = match result {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
                 self.metrics.upstream_errors.inc();
@@ -434,23 +428,33 @@ impl Proxy {
 
         strip_hop_by_hop(resp.headers_mut());
         let (parts, body) = resp.into_parts();
-        let body = match permit {
-            Some(permit) => GuardedBody {
-                inner: body,
-                permit: Some(permit),
-            }
-            .boxed(),
-            None => body.boxed(),
+        let body = GuardedBody {
+            inner: body,
+            permit,
+            lent: Some(lent),
         };
-        Response::from_parts(parts, body)
+        Response::from_parts(parts, body.boxed())
     }
 }
 
 /// Keeps the request's concurrency slots until the response body ends or is dropped (the
-/// client went away), whichever comes first.
+/// client went away), whichever comes first, and returns the upstream connection to the pool
+/// when the body was read to its end (hyper stops polling once `is_end_stream`, so the check
+/// is on drop). A body dropped half-read drops the connection: hyper closes it.
 struct GuardedBody {
     inner: Incoming,
     permit: Option<Permit>,
+    lent: Option<Lent<Incoming>>,
+}
+
+impl Drop for GuardedBody {
+    fn drop(&mut self) {
+        if let Some(lent) = self.lent.take() {
+            if self.inner.is_end_stream() {
+                lent.give_back();
+            }
+        }
+    }
 }
 
 impl Body for GuardedBody {

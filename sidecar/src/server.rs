@@ -333,6 +333,7 @@ async fn evict_loop(
         }
         let dropped = limiter.evict_idle();
         proxy.evict_idle_peers();
+        proxy.evict_idle_upstream();
         let slots = limiter.slots();
         metrics.limiter_slots.set(slots as i64);
         tracing::debug!(dropped, slots, "evicted idle limiter state");
