@@ -267,7 +267,7 @@ fn apply_varying(h: &mut HeaderMap, prefix: &[u8], s: &LimitStatus) {
 }
 
 /// `n` in decimal, written at the end of `buf`.
-fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+pub(crate) fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
     let mut i = buf.len();
     loop {
         i -= 1;
