@@ -411,9 +411,36 @@ pub struct ConfigStore {
     metrics: Arc<Metrics>,
     /// Set while the latest reload attempt failed (the last good snapshot keeps serving).
     failure: std::sync::Mutex<Option<dp::ConfigFailure>>,
-    /// File holding the namespace's HMAC key (a mounted Secret), read on every parse so a
+    /// File holding the namespace's HMAC key (a mounted Secret), read on every reload so a
     /// document is always matched with the key present at its load.
     hash_key_file: Option<PathBuf>,
+    /// The inputs of the serving snapshot and of the latest rejection, by digest: a re-read
+    /// with the same inputs repeats that answer without parsing.
+    seen: std::sync::Mutex<Seen>,
+}
+
+#[derive(Debug, Default)]
+struct Seen {
+    /// [`fingerprint`] of the serving snapshot's inputs.
+    loaded: Option<[u8; 32]>,
+    /// The latest rejection that the same inputs would repeat, and why.
+    rejected: Option<([u8; 32], Rejection)>,
+}
+
+#[derive(Debug, Clone)]
+struct Rejection {
+    reason: &'static str,
+    message: String,
+}
+
+/// Whether a rejection follows from the fingerprinted inputs alone. A missing shard or one
+/// whose digest does not match `policy.json` means the volume is mid-update: the shard can
+/// catch up while `policy.json` stays the same, so that attempt is made again.
+fn rejection_is_repeatable(e: &Error) -> bool {
+    !matches!(
+        e,
+        Error::Document(dp::Error::MissingShard { .. } | dp::Error::ShardDigest { .. })
+    )
 }
 
 impl ConfigStore {
@@ -429,16 +456,30 @@ impl ConfigStore {
             metrics,
             failure: std::sync::Mutex::new(None),
             hash_key_file,
+            seen: std::sync::Mutex::new(Seen::default()),
         }
     }
 
-    /// The hash key, read only when the document needs it: a sha256 document loads even if
-    /// the file is missing.
-    fn hash_key(&self, doc: &PolicyDocument) -> Result<Option<Vec<u8>>, Error> {
+    /// The hash key file as read for this attempt; an error counts only for a document that
+    /// needs the key: a sha256 document loads even if the file is missing.
+    fn read_hash_key(&self) -> Option<Result<Vec<u8>, Error>> {
+        self.hash_key_file.as_deref().map(read_file)
+    }
+
+    fn hash_key(
+        doc: &PolicyDocument,
+        read: Option<Result<Vec<u8>, Error>>,
+    ) -> Result<Option<Vec<u8>>, Error> {
         if doc.policy.key_source.key_hash.algorithm == dp::KeyHashAlgorithm::Sha256 {
             return Ok(None);
         }
-        self.hash_key_file.as_deref().map(read_file).transpose()
+        read.transpose()
+    }
+
+    fn seen(&self) -> std::sync::MutexGuard<'_, Seen> {
+        self.seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Why the latest reload failed and since when; None while the latest attempt succeeded
@@ -479,43 +520,70 @@ impl ConfigStore {
 
     /// Reads, validates and swaps in the source's config. On any error the current snapshot
     /// stays, and the failure is counted and logged with its reason.
+    ///
+    /// Inputs (see [`fingerprint`]) identical to the serving config's are not parsed again
+    /// ([`ReloadOutcome::Unchanged`]), nor are inputs identical to the latest attempt's when
+    /// that was rejected: the answer is then [`Error::StillRejected`] with the same reason,
+    /// neither logged nor counted as a new failure (both count as `result="unchanged"`).
     pub fn reload(&self, source: &ConfigSource) -> Result<ReloadOutcome, Error> {
         let _serial = self
             .reloading
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         self.metrics.config_reads.inc();
-        let result = source.read_policy().and_then(|policy| {
-            // Hash first, parse only on a change: a re-read of the same bytes (a periodic
-            // tick, an unrelated event in the directory) costs a read and a sha256.
-            if self
-                .current
-                .load()
-                .as_ref()
-                .is_some_and(|cur| cur.digest == policy.digest)
-            {
-                return Ok(None);
+        let policy = match source.read_policy() {
+            Ok(p) => p,
+            Err(e) => {
+                self.seen().rejected = None;
+                return Err(self.rejected(e));
             }
-            self.metrics.config_parses.inc();
-            let raw = source.parse(policy)?;
+        };
+        let hash_key = self.read_hash_key();
+        let inputs = fingerprint(&policy.digest, hash_key.as_ref());
+        // Hash first, parse only on a change: a re-read of the same bytes (a periodic tick, an
+        // unrelated event in the directory) costs a read and a sha256.
+        let repeat = {
+            let mut seen = self.seen();
+            if seen.loaded == Some(inputs) {
+                // A rejection is repeated only while it is the latest outcome: the same bad
+                // bytes coming back after this are a new failure, logged and counted.
+                seen.rejected = None;
+                Some(None)
+            } else {
+                seen.rejected
+                    .as_ref()
+                    .filter(|(i, _)| *i == inputs)
+                    .map(|(_, r)| Some(r.clone()))
+            }
+        };
+        if let Some(rejected) = repeat {
+            self.metrics.reload_unchanged();
+            return match rejected {
+                None => {
+                    self.set_failure(None);
+                    Ok(ReloadOutcome::Unchanged)
+                }
+                Some(r) => Err(Error::StillRejected {
+                    reason: r.reason,
+                    message: r.message,
+                }),
+            };
+        }
+        self.metrics.config_parses.inc();
+        let result = source.parse(policy).and_then(|raw| {
             let generation = self.loads.load(Ordering::Acquire) + 1;
-            let hash_key = self.hash_key(&raw.doc)?;
-            let snap = Snapshot::build_keyed(
+            let hash_key = Self::hash_key(&raw.doc, hash_key)?;
+            Snapshot::build_keyed(
                 raw.doc,
                 raw.keys,
                 raw.digest,
                 generation,
                 &self.metrics,
                 hash_key.as_deref(),
-            )?;
-            Ok(Some(snap))
+            )
         });
         match result {
-            Ok(None) => {
-                self.set_failure(None);
-                Ok(ReloadOutcome::Unchanged)
-            }
-            Ok(Some(snap)) => {
+            Ok(snap) => {
                 let generation = snap.generation;
                 tracing::info!(
                     generation,
@@ -525,6 +593,10 @@ impl ConfigStore {
                     "config loaded"
                 );
                 self.current.store(Some(Arc::new(snap)));
+                *self.seen() = Seen {
+                    loaded: Some(inputs),
+                    rejected: None,
+                };
                 self.loads.store(generation, Ordering::Release);
                 self.metrics.config_generation.set(generation as i64);
                 self.metrics.config_last_success.set(unix_now());
@@ -533,15 +605,45 @@ impl ConfigStore {
                 Ok(ReloadOutcome::Loaded { generation })
             }
             Err(e) => {
-                let serving = self.current.load().as_ref().map(|s| s.generation);
-                tracing::warn!(error = %e, reason = e.reason(), serving_generation = ?serving,
-                    "config rejected; keeping the last good config");
-                self.metrics.reload(Err(e.reason()));
-                self.set_failure(Some(e.reason()));
-                Err(e)
+                self.seen().rejected = rejection_is_repeatable(&e).then(|| {
+                    (
+                        inputs,
+                        Rejection {
+                            reason: e.reason(),
+                            message: e.to_string(),
+                        },
+                    )
+                });
+                Err(self.rejected(e))
             }
         }
     }
+
+    /// Logs and counts a failed attempt; the last good snapshot keeps serving.
+    fn rejected(&self, e: Error) -> Error {
+        let serving = self.current.load().as_ref().map(|s| s.generation);
+        tracing::warn!(error = %e, reason = e.reason(), serving_generation = ?serving,
+            "config rejected; keeping the last good config");
+        self.metrics.reload(Err(e.reason()));
+        self.set_failure(Some(e.reason()));
+        e
+    }
+}
+
+/// Digest of one attempt's inputs: `policy.json` (by its digest) and the hash key file, which
+/// decides how a keyed document's entries are matched, so a new key is a new config.
+fn fingerprint(policy: &[u8; 32], hash_key: Option<&Result<Vec<u8>, Error>>) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(policy);
+    match hash_key {
+        None => h.update([0]),
+        Some(Err(_)) => h.update([1]),
+        Some(Ok(key)) => {
+            h.update([2]);
+            h.update(key);
+        }
+    }
+    h.finalize().into()
 }
 
 fn unix_now() -> i64 {

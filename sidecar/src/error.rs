@@ -24,6 +24,12 @@ pub enum Error {
         #[source]
         source: notify::Error,
     },
+    /// The config's inputs are the same as at its last rejection, so it was not parsed again.
+    #[error("config unchanged since it was rejected: {message}")]
+    StillRejected {
+        reason: &'static str,
+        message: String,
+    },
     #[error("invalid argument: {0}")]
     Argument(String),
     #[error("logging setup failed: {0}")]
@@ -54,6 +60,7 @@ impl Error {
             Error::Document(keylimit_dataplane::Error::MissingShard { .. }) => "missing_shard",
             Error::Document(keylimit_dataplane::Error::ShardDigest { .. }) => "shard_digest",
             Error::Document(keylimit_dataplane::Error::Invalid(_)) => "invalid",
+            Error::StillRejected { reason, .. } => reason,
             Error::Bind { .. } => "bind",
             Error::Watch { .. } => "watch",
             Error::Argument(_) => "argument",

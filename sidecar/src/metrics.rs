@@ -138,7 +138,8 @@ pub struct Metrics {
     pub config_last_success: Gauge,
     /// Every reload attempt (watcher event, periodic tick, manual), changed or not.
     pub config_reads: Counter,
-    /// Reload attempts whose bytes differed from the serving config, so were parsed.
+    /// Reload attempts whose inputs differed from the serving config's and the latest
+    /// rejection's, so were parsed.
     pub config_parses: Counter,
     pub in_flight: Gauge,
     /// 1 while the shared store (Redis) answers, 0 while decisions use the fail mode.
@@ -203,7 +204,7 @@ impl Metrics {
         let reloads = Family::<ReloadLabels, Counter>::default();
         registry.register(
             "config_reloads",
-            "Config reload attempts that changed something, by result",
+            "Config reload attempts by result: success, failure (with reason), or unchanged (same inputs as the serving config or the latest rejection, not parsed)",
             reloads.clone(),
         );
         let config_generation = Gauge::default();
@@ -392,6 +393,17 @@ impl Metrics {
             .get_or_create(&ReloadLabels {
                 result: result.to_string(),
                 reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    /// A reload attempt that found the inputs of the serving config or of the latest
+    /// rejection again, so did not parse.
+    pub fn reload_unchanged(&self) {
+        self.reloads
+            .get_or_create(&ReloadLabels {
+                result: "unchanged".to_string(),
+                reason: String::new(),
             })
             .inc();
     }
