@@ -18,7 +18,9 @@ step() { printf '\n== kind: %s (%ss)\n' "$*" "${SECONDS}"; }
 step "Go-built tools and node binaries"
 bash hack/build-tools.sh
 bash hack/kind/build-bins.sh
-export PATH="${CACHE_DIR}/bin:${PATH}"
+# The pinned kubectl v1.37.2 (build-bins.sh) and helm first: the host's kubectl may be outside
+# the cluster's version skew (a v1.32 kubectl here could not parse the tests' JSON manifests).
+export PATH="${CACHE_DIR}/kind/bin:${CACHE_DIR}/bin:${PATH}"
 
 if [[ "${PUBLIC_IMAGES:-0}" == 1 ]]; then
   # shellcheck source=versions.sh
