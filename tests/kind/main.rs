@@ -165,6 +165,32 @@ async fn deploy_app(
     )
     .await
     .with_context(|| format!("Deployment {name} did not become available"))?;
+    // Available is not enough: a sidecar that crashed once on its way up (as the operator did
+    // on the first kind run) is a defect even when it recovers.
+    for p in pods_of(env, name).await? {
+        for c in p
+            .status
+            .as_ref()
+            .and_then(|s| s.init_container_statuses.as_ref())
+            .into_iter()
+            .flatten()
+            .chain(
+                p.status
+                    .as_ref()
+                    .and_then(|s| s.container_statuses.as_ref())
+                    .into_iter()
+                    .flatten(),
+            )
+        {
+            ensure!(
+                c.restart_count == 0,
+                "container {} of {} restarted {} times",
+                c.name,
+                p.metadata.name.as_deref().unwrap_or("?"),
+                c.restart_count
+            );
+        }
+    }
     Ok(())
 }
 
