@@ -636,28 +636,57 @@ impl ConfigStore {
 /// Frees a replaced snapshot off the request path. Freeing one with a million keys takes
 /// about 165 ms; a request still holding it would otherwise do that on a runtime worker when
 /// it finishes, and every connection on that worker would wait. Here it is freed by the
-/// reload's own (blocking) thread, or, while requests still hold it, by a thread that keeps
-/// one reference until it is the last.
+/// reload's own (blocking) thread, or, while requests still hold it, by one retiring thread
+/// that keeps a reference to every such snapshot until it is the last. One thread, not one per
+/// reload: a long-lived upgraded connection can hold a snapshot across many reloads.
 fn retire(old: Arc<Snapshot>) {
     let Err(old) = Arc::try_unwrap(old) else {
         return;
     };
-    let spawned = std::thread::Builder::new()
-        .name("keylimit-retire".into())
-        .spawn(move || {
-            let mut old = old;
-            let mut wait = std::time::Duration::from_millis(1);
-            // Requests hold a snapshot for their own duration only; polling with back-off
-            // costs nothing next to that.
-            while let Err(still) = Arc::try_unwrap(old) {
-                old = still;
-                std::thread::sleep(wait);
-                wait = (wait * 2).min(std::time::Duration::from_millis(100));
+    static RETIRING: std::sync::OnceLock<Option<std::sync::mpsc::Sender<Arc<Snapshot>>>> =
+        std::sync::OnceLock::new();
+    let sender = RETIRING.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Arc<Snapshot>>();
+        let spawned = std::thread::Builder::new()
+            .name("keylimit-retire".into())
+            .spawn(move || {
+                let mut held: Vec<Arc<Snapshot>> = Vec::new();
+                let mut wait = std::time::Duration::from_millis(1);
+                loop {
+                    // Requests hold a snapshot for their own duration only; polling with
+                    // back-off costs nothing next to that, and nothing at all when idle.
+                    let next = if held.is_empty() {
+                        rx.recv().map_err(|_| ())
+                    } else {
+                        match rx.recv_timeout(wait) {
+                            Ok(s) => Ok(s),
+                            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(()),
+                            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(()),
+                        }
+                    };
+                    match next {
+                        Ok(s) => {
+                            held.push(s);
+                            wait = std::time::Duration::from_millis(1);
+                        }
+                        Err(()) if held.is_empty() => return,
+                        Err(()) => wait = (wait * 2).min(std::time::Duration::from_millis(100)),
+                    }
+                    // Dropping the last reference here frees the snapshot on this thread.
+                    held.retain(|s| Arc::strong_count(s) > 1);
+                }
+            });
+        match spawned {
+            Ok(_) => Some(tx),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start a thread to free replaced configs");
+                None
             }
-        });
-    // Without a thread, the last request holding it frees it, as before.
-    if let Err(e) = spawned {
-        tracing::warn!(error = %e, "cannot start a thread to free the replaced config");
+        }
+    });
+    // Without the thread, the last request holding it frees it, as before.
+    if let Some(tx) = sender {
+        let _ = tx.send(old);
     }
 }
 
