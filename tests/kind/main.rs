@@ -346,35 +346,15 @@ async fn workload_served_through_its_service() {
             p.name = Some("kl-app".into());
         }
         let got = spec.containers.first().context("no app container")?;
-        for (what, a, b) in [
-            (
-                "image",
-                serde_json::to_value(&got.image)?,
-                serde_json::to_value(&want.image)?,
-            ),
-            (
-                "args",
-                serde_json::to_value(&got.args)?,
-                serde_json::to_value(&want.args)?,
-            ),
-            (
-                "env",
-                serde_json::to_value(&got.env)?,
-                serde_json::to_value(&want.env)?,
-            ),
-            (
-                "securityContext",
-                serde_json::to_value(&got.security_context)?,
-                serde_json::to_value(&want.security_context)?,
-            ),
-            (
-                "resources",
-                serde_json::to_value(&got.resources)?,
-                serde_json::to_value(&want.resources)?,
-            ),
-        ] {
-            ensure!(a == b, "app container {what} changed: {a} != {b}");
-        }
+        // What the app asked for, compared whole (the apiserver's defaults aside).
+        let asked = |c: &k8s_openapi::api::core::v1::Container| {
+            serde_json::json!({
+                "image": c.image, "args": c.args, "env": c.env, "lifecycle": c.lifecycle,
+                "securityContext": c.security_context, "resources": c.resources,
+            })
+        };
+        let (a, b) = (asked(got), asked(&want));
+        ensure!(a == b, "app container changed: {a} != {b}");
         // The sidecar's volumes (policy, hash key, token) are mounted into the sidecar only.
         let mounts = got.volume_mounts.clone().unwrap_or_default();
         ensure!(
