@@ -86,6 +86,10 @@ pub struct RunArgs {
     pub identity: Option<String>,
     #[arg(long, default_value_t = 15)]
     pub lease_seconds: u64,
+    /// After SIGTERM, keep answering the webhook and reports for this long (seconds) while the
+    /// Service stops routing here. The lease is given up at once, so failover is not delayed.
+    #[arg(long, default_value_t = 8)]
+    pub shutdown_delay_seconds: u64,
     /// Skip leader election (a single replica, e.g. local development).
     #[arg(long)]
     pub no_leader_election: bool,
@@ -263,6 +267,9 @@ pub async fn main_entry(cli: Cli) -> Result<(), Error> {
     }
 }
 
+type ShutdownSignal =
+    futures::future::Shared<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>;
+
 async fn shutdown_signal() {
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -339,7 +346,57 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
         args.allow_plaintext_reports,
     )
     .await?;
-    let shutdown = futures::future::FutureExt::shared(Box::pin(shutdown_signal()));
+    let shutdown: ShutdownSignal = futures::future::FutureExt::shared(Box::pin(shutdown_signal()));
+    let drain = Duration::from_secs(args.shutdown_delay_seconds);
+    let started = Started {
+        client,
+        metrics,
+        health: health.clone(),
+        certs,
+        reports,
+        identity,
+    };
+    let result = run_until_shutdown(args, started, shutdown.clone()).await;
+    // Lame duck: the apiserver reaches the webhook through the Service, and kube-proxy keeps
+    // routing to a deleted pod until its endpoint removal reaches every node (seen on kind:
+    // "connection refused", then "no route to host", for about a second after the old leader
+    // exited, and opted-in pods were refused). The servers run on their own tasks, so they keep
+    // answering while this waits; only a signal-driven exit waits, a lost lease exits at once.
+    health.ready.store(false, Ordering::Relaxed);
+    if futures::FutureExt::now_or_never(shutdown).is_some() && !drain.is_zero() {
+        info!(
+            seconds = drain.as_secs(),
+            "draining: still serving the webhook while endpoints update"
+        );
+        tokio::time::sleep(drain).await;
+    }
+    result
+}
+
+/// What `run` sets up before the webhook: it outlives `run_until_shutdown`, so the servers it
+/// feeds keep answering during the drain.
+struct Started {
+    client: kube::Client,
+    metrics: Arc<metrics::Metrics>,
+    health: Arc<admin::Health>,
+    certs: Arc<certs::CertStore>,
+    reports: Arc<reports::Reports>,
+    identity: String,
+}
+
+async fn run_until_shutdown(
+    args: RunArgs,
+    started: Started,
+    shutdown: ShutdownSignal,
+) -> Result<(), Error> {
+    let Started {
+        client,
+        metrics,
+        health,
+        certs,
+        reports,
+        identity,
+    } = started;
     // A pod's network can lag its start (seen on kind: the first connect to the API Service
     // was refused and the operator crash-looped twice). Wait for the apiserver, with backoff,
     // before the webhook setup's first API call, instead of exiting on it.

@@ -326,12 +326,29 @@ impl Proc {
 
     /// SIGTERM, then wait for exit within `grace`.
     pub async fn terminate(&mut self, grace: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        self.send_sigterm()?;
+        self.await_exit(grace).await
+    }
+
+    pub fn send_sigterm(&self) -> anyhow::Result<()> {
         if let Some(pid) = self.child.id() {
             nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid as i32),
                 nix::sys::signal::Signal::SIGTERM,
             )?;
         }
+        Ok(())
+    }
+
+    /// Whether the process is still running (not yet reaped).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub async fn await_exit(
+        &mut self,
+        grace: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
         match tokio::time::timeout(grace, self.child.wait()).await {
             Ok(r) => Ok(r?),
             Err(_) => bail!(

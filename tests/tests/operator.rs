@@ -315,14 +315,22 @@ async fn leader_election_and_restart_converge_without_rewrites() {
             "leader gauge"
         );
 
-        let status = a.terminate(Duration::from_secs(20)).await?;
-        ensure!(status.success(), "operator exited with {status} on SIGTERM");
-        b.await_ready(T).await?;
+        // SIGTERM: op-a gives the lease up at once, but keeps answering (not Ready) while a
+        // Service would still route to it, so the webhook is never unreachable in a failover.
+        a.send_sigterm()?;
         eventually(T, "op-b to hold the lease", || async {
             let l = leases.get("keylimit-operator").await.ok()?;
             (holder(l) == "op-b").then_some(())
         })
         .await?;
+        let draining = get(&a.admin_url("/readyz"), &[]).await;
+        ensure!(
+            a.is_running() && matches!(&draining, Ok(r) if r.status == 503),
+            "op-a should still answer, not Ready, after handing the lease over: {draining:?}"
+        );
+        let status = a.await_exit(Duration::from_secs(20)).await?;
+        ensure!(status.success(), "operator exited with {status} on SIGTERM");
+        b.await_ready(T).await?;
         // The new leader must do real work...
         env.apply_yaml(&apikey_yaml("k2", "p")).await?;
         await_object(&keys, "k2", "Ready=True", T, has_condition("Ready", "True")).await?;
