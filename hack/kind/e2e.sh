@@ -8,6 +8,8 @@
 #   KEEP_CLUSTER=1 bash hack/kind/e2e.sh   # leave the cluster up afterwards (warm re-runs)
 #   PUBLIC_IMAGES=1 bash hack/kind/e2e.sh  # with registry access: kindest/node and the
 #                                          # Dockerfile's public bases instead of local builds
+#   KIND_ONLY=operator_leader bash hack/kind/e2e.sh  # only the tests matching a filter, one at
+#                                                    # a time (re-running one scenario)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 CACHE_DIR="${KEYLIMIT_CACHE:-${HOME}/.cache/keylimit}"
@@ -57,6 +59,11 @@ dump() {
 }
 trap 'dump; if [[ "${KEEP_CLUSTER:-0}" != 1 ]]; then bash hack/kind/cluster.sh down || true; fi' ERR
 
+if [[ -n "${KIND_ONLY:-}" ]]; then
+  step "kind tier: only ${KIND_ONLY}"
+  cargo test -p keylimit-e2e --features kind --test kind -- "${KIND_ONLY}" --test-threads=1 --nocapture
+  exit 0
+fi
 step "kind tier: workloads (side by side)"
 cargo test -p keylimit-e2e --features kind --test kind -- workload_ --test-threads=3 --nocapture
 step "kind tier: operator disruptions (one at a time)"

@@ -729,15 +729,23 @@ async fn workload_redis_limit_is_exact_across_replicas() {
 
 // ----- operator_ tests: run one at a time, after the workload_ tests -------------------------
 
+/// The operator pods not being deleted.
 async fn operator_pods(env: &Env) -> anyhow::Result<Vec<Pod>> {
+    Ok(operator_pods_with_terminating(env)
+        .await?
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect())
+}
+
+/// Every operator pod, terminating ones too: a terminating operator still answers the webhook
+/// for its shutdown delay.
+async fn operator_pods_with_terminating(env: &Env) -> anyhow::Result<Vec<Pod>> {
     let api: Api<Pod> = Api::namespaced(env.client.clone(), RELEASE_NS);
     Ok(api
         .list(&ListParams::default().labels("app.kubernetes.io/name=keylimit"))
         .await?
-        .items
-        .into_iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .collect())
+        .items)
 }
 
 fn ready(p: &Pod) -> bool {
@@ -973,8 +981,12 @@ async fn operator_scaled_to_zero_fails_closed() {
         )
         .await?;
         let result = async {
-            eventually(T, "no operator pods", || async {
-                operator_pods(env).await.ok()?.is_empty().then_some(())
+            eventually(T, "no operator pods, terminating ones included", || async {
+                operator_pods_with_terminating(env)
+                    .await
+                    .ok()?
+                    .is_empty()
+                    .then_some(())
             })
             .await?;
             let err = match admit_opted_in_pod(env).await {
