@@ -71,7 +71,7 @@ fn decide(snap: &Snapshot, limiter: &Limiter, hash: &[u8; 32]) -> bool {
     matches!(
         limiter.decide(&Check {
             key_id: key.id,
-            key_limits: &key.limits,
+            key_limits: key.limits,
             route_limits: None,
             policy_limits: snap.policy_limits.as_ref(),
             cost: 1,

@@ -228,7 +228,7 @@ fn main() {
     // The index finds every key, and its decisions land on the state made above.
     for h in &hashes {
         let key = snap.index.lookup(h).expect("indexed key");
-        assert!(decide(&limiter, key.id, &key.limits));
+        assert!(decide(&limiter, key.id, key.limits));
     }
     drop(snap);
     let steady = rss();

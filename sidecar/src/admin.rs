@@ -150,7 +150,7 @@ pub fn usage_report(
             })
             .collect();
         report.keys.push(KeyUsage {
-            name: key.name.to_string(),
+            name: key.name().to_string(),
             exhaustion: limiter.current_refusal(id).map(|r| r.to_exhaustion()),
             quotas,
         });

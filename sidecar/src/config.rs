@@ -5,146 +5,29 @@
 //! current one at its start (so a reload reaches already-open connections) and keeps it to the
 //! end (so in-flight requests finish on the config they started with).
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
-use http::{HeaderName, HeaderValue, Method};
+use http::{HeaderName, Method};
 use keylimit_dataplane::{self as dp, KeyEntry, Mode, PolicyConfig, PolicyDocument};
+
+mod index;
+pub use index::{key_id, KeyIndex, KeyPolicy, KeyTable, SkippedKey, HASH_LEN};
 use sha2::{Digest, Sha256};
 
-use crate::limiter::{BuildMix, LimitSet, ThrottleRule, POLICY_SCOPE_ID};
+use crate::limiter::{LimitSet, ThrottleRule};
 use crate::metrics::{Metrics, PolicyCounters};
 use crate::path::SegmentPrefix;
 use crate::response::LimitHeaderCache;
 use crate::Error;
-
-/// One key as the request path needs it.
-#[derive(Debug)]
-pub struct KeyPolicy {
-    pub name: Arc<str>,
-    hash: [u8; 32],
-    pub id: u64,
-    pub disabled: bool,
-    /// Unix seconds after which the key is refused.
-    pub expires_at: Option<i64>,
-    pub limits: Arc<LimitSet>,
-    /// The ApiKey name as a header value; `None` if the name cannot be one.
-    pub identity: Option<HeaderValue>,
-}
-
-/// The first 8 bytes of the key's sha256: the id its limiter state is stored under.
-pub fn key_id(hash: &[u8; 32]) -> u64 {
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&hash[..8]);
-    u64::from_le_bytes(b)
-}
 
 /// Hashes presented key material under the plain sha256 scheme (`dataplane::hash_key`), raw.
 /// The request path hashes with its snapshot's [`Snapshot::hasher`] instead, which is keyed
 /// HMAC for documents that say so.
 pub fn hash_presented(key: &[u8]) -> [u8; 32] {
     Sha256::digest(key).into()
-}
-
-/// Immutable map from key hash to key policy. Only keys in here ever get limiter state, so
-/// spraying random keys costs a hash and a failed lookup, never memory.
-///
-/// Buckets are chosen by the key id (the hash's first 8 bytes, which also names the key's
-/// limiter state and Redis keys); a lookup then compares the full 32-byte hash. Two entries
-/// with one id would share limiter state, so the later one is skipped and reported, like a
-/// duplicate or malformed entry: one bad entry never costs the other keys their config.
-/// (Choosing a key whose id equals a given victim's means a 64-bit second preimage of
-/// sha256; a collision between two keys one author controls only hurts that author.)
-#[derive(Debug, Default)]
-pub struct KeyIndex {
-    by_id: HashMap<u64, KeyPolicy, BuildMix>,
-    skipped: Vec<SkippedKey>,
-}
-
-/// A key entry left out of the index, and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SkippedKey {
-    pub name: String,
-    pub reason: &'static str,
-}
-
-impl KeyIndex {
-    pub fn build(keys: &[KeyEntry], defaults: &Arc<LimitSet>, base: &dp::Limits) -> Self {
-        let mut by_id: HashMap<u64, KeyPolicy, BuildMix> =
-            HashMap::with_capacity_and_hasher(keys.len(), BuildMix);
-        let mut skipped = Vec::new();
-        for k in keys {
-            let mut hash = [0u8; 32];
-            // Decoding once here keeps hex off the request path.
-            if dp::validate_key(k).is_err() || hex::decode_to_slice(&k.sha256, &mut hash).is_err() {
-                skipped.push(SkippedKey {
-                    name: k.name.clone(),
-                    reason: "invalid",
-                });
-                continue;
-            }
-            let id = key_id(&hash);
-            if id == POLICY_SCOPE_ID {
-                skipped.push(SkippedKey {
-                    name: k.name.clone(),
-                    reason: "reserved_id",
-                });
-                continue;
-            }
-            if let Some(prev) = by_id.get(&id) {
-                skipped.push(SkippedKey {
-                    name: k.name.clone(),
-                    reason: if prev.hash == hash {
-                        "duplicate"
-                    } else {
-                        "id_collision"
-                    },
-                });
-                continue;
-            }
-            let limits = match &k.overrides {
-                Some(o) => Arc::new(LimitSet::compile(&base.with_overrides(o), "key")),
-                None => defaults.clone(),
-            };
-            by_id.insert(
-                id,
-                KeyPolicy {
-                    name: Arc::from(k.name.as_str()),
-                    hash,
-                    id,
-                    disabled: k.disabled,
-                    expires_at: k.expires_at,
-                    limits,
-                    identity: HeaderValue::from_str(&k.name).ok(),
-                },
-            );
-        }
-        Self { by_id, skipped }
-    }
-
-    pub fn lookup(&self, hash: &[u8; 32]) -> Option<&KeyPolicy> {
-        self.by_id.get(&key_id(hash)).filter(|k| k.hash == *hash)
-    }
-
-    pub fn by_id(&self, id: u64) -> Option<&KeyPolicy> {
-        self.by_id.get(&id)
-    }
-
-    pub fn len(&self) -> usize {
-        self.by_id.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_id.is_empty()
-    }
-
-    /// Entries of the document that are not in the index.
-    pub fn skipped(&self) -> &[SkippedKey] {
-        &self.skipped
-    }
 }
 
 #[derive(Debug)]
@@ -205,13 +88,14 @@ impl Snapshot {
         generation: u64,
         metrics: &Metrics,
     ) -> Result<Self, Error> {
+        let keys = KeyTable::from_entries(&keys);
         Self::build_keyed(doc, keys, digest, generation, metrics, None)
     }
 
     /// `hash_key` is the namespace's HMAC key (the mounted Secret), if the sidecar has one.
     pub fn build_keyed(
         doc: PolicyDocument,
-        keys: Vec<KeyEntry>,
+        keys: KeyTable,
         digest: [u8; 32],
         generation: u64,
         metrics: &Metrics,
@@ -220,7 +104,7 @@ impl Snapshot {
         let hasher = dp::KeyHasher::for_scheme(&doc.policy.key_source.key_hash, hash_key)?;
         let policy = doc.policy;
         let defaults = Arc::new(LimitSet::compile(&policy.limits, "key"));
-        let index = KeyIndex::build(&keys, &defaults, &policy.limits);
+        let index = keys.into_index(defaults.clone(), &policy.limits);
         for k in index.skipped() {
             tracing::warn!(key = %k.name, reason = k.reason, "key entry skipped");
         }
@@ -335,8 +219,9 @@ pub enum ConfigSource {
 #[derive(Debug)]
 pub struct RawConfig {
     pub digest: [u8; 32],
+    /// The document without its keys (`doc.keys` is empty): those are in `keys`.
     pub doc: PolicyDocument,
-    pub keys: Vec<KeyEntry>,
+    pub keys: KeyTable,
 }
 
 impl ConfigSource {
@@ -383,8 +268,12 @@ fn read_file(path: &Path) -> Result<Vec<u8>, Error> {
 
 fn parse_dir_config(dir: &Path, policy: PolicyBytes) -> Result<RawConfig, Error> {
     let PolicyBytes { digest, bytes } = policy;
-    let doc = PolicyDocument::parse(&bytes)?;
-    let keys = doc.resolve_keys(|file| {
+    // Keys go straight from the bytes into the compact table, a shard at a time: the
+    // document's key list never exists as owned values.
+    let mut keys = KeyTable::default();
+    let doc = index::parse_document(&bytes, &mut keys)?;
+    drop(bytes);
+    index::resolve_shards(&doc, &mut keys, |file| {
         // Shard names come from the document; refuse anything that could leave the directory.
         if file.contains('/') || file.starts_with("..") {
             return None;

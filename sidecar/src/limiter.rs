@@ -20,6 +20,9 @@ use sha2::{Digest, Sha256};
 use crate::clock::{Clock, NANOS_PER_SEC};
 use crate::window;
 
+mod table;
+use table::SlotTable;
+
 /// Key id under which policy-wide limits keep their state. Real key ids are the first 8 bytes
 /// of a sha256, and the index refuses a key whose id equals this one.
 pub const POLICY_SCOPE_ID: u64 = 0;
@@ -129,7 +132,8 @@ fn fingerprint(scope: &str, kind: LimitKind, name: &str, params: &[u64]) -> u64 
     let d = h.finalize();
     let mut b = [0u8; 8];
     b.copy_from_slice(&d[..8]);
-    u64::from_le_bytes(b)
+    // 0 marks an empty place in the slot table; 1 in 2^64 fingerprints moves to 1.
+    u64::from_le_bytes(b).max(1)
 }
 
 fn period_code(p: QuotaPeriod) -> u64 {
@@ -390,20 +394,6 @@ pub struct Admission {
     pub dry_run_refusal: Option<Refusal>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct SlotId {
-    key: u64,
-    limit: u64,
-}
-
-/// `until`: the slot is equivalent to a fresh one once `until <= now` (GCRA: the theoretical
-/// arrival time; quota: the window end; concurrency: MAX while anything is in flight).
-#[derive(Debug, Clone, Copy, Default)]
-struct Slot {
-    until: u64,
-    count: u64,
-}
-
 /// Key ids are already uniformly distributed (sha256 bytes) and only keys from the index get
 /// state, so an attacker cannot choose them: a multiply-mix is enough and keeps the lookup
 /// cheap compared with SipHash.
@@ -438,7 +428,7 @@ impl BuildHasher for BuildMix {
 
 #[derive(Debug, Default)]
 struct ShardState {
-    slots: HashMap<SlotId, Slot, BuildMix>,
+    slots: SlotTable,
     /// Last refusal per key, while its reset is in the future (for `/v1/usage`).
     refusals: HashMap<u64, Refusal, BuildMix>,
 }
@@ -500,7 +490,7 @@ impl Drop for LocalPermit {
 }
 
 fn release(st: &mut ShardState, key: u64, limit: u64) {
-    if let Some(s) = st.slots.get_mut(&SlotId { key, limit }) {
+    if let Some(s) = st.slots.get_mut(key, limit) {
         s.count = s.count.saturating_sub(1);
         if s.count == 0 {
             s.until = 0;
@@ -695,13 +685,7 @@ impl Limiter {
     /// `/v1/usage` reads in that mode. Never moves a newer count backwards.
     pub fn note_quota(&self, key_id: u64, quota_id: u64, used: u64, until_ns: u64) {
         let mut st = self.store.shard(key_id);
-        let s = st
-            .slots
-            .entry(SlotId {
-                key: key_id,
-                limit: quota_id,
-            })
-            .or_default();
+        let s = st.slots.entry(key_id, quota_id);
         if s.until != until_ns || s.count < used {
             s.until = until_ns;
             s.count = used;
@@ -728,10 +712,7 @@ impl Limiter {
         let now = self.clock.now_ns();
         let st = self.store.shard(key_id);
         st.slots
-            .get(&SlotId {
-                key: key_id,
-                limit: quota.id,
-            })
+            .get(key_id, quota.id)
             .filter(|s| s.until > now)
             .map(|s| (s.count, s.until))
     }
@@ -769,13 +750,8 @@ impl Limiter {
         let mut dropped = 0;
         for shard in self.store.shards.iter() {
             let mut st = shard.0.lock().unwrap_or_else(PoisonError::into_inner);
-            let before = st.slots.len();
-            st.slots.retain(|_, s| s.until > live);
+            dropped += st.slots.retain(|_, s| s.until > live);
             st.refusals.retain(|_, r| r.reset_at_ns > wall);
-            dropped += before - st.slots.len();
-            if st.slots.capacity() > 64 && st.slots.capacity() > 4 * st.slots.len() {
-                st.slots.shrink_to_fit();
-            }
             if st.refusals.capacity() > 64 && st.refusals.capacity() > 4 * st.refusals.len() {
                 st.refusals.shrink_to_fit();
             }
@@ -800,7 +776,6 @@ impl Limiter {
     /// Heap bytes held by the slot tables: buckets (entry + one control byte each) at their
     /// current capacity, plus the fixed shard array.
     pub fn state_bytes(&self) -> usize {
-        let entry = std::mem::size_of::<(SlotId, Slot)>() + 1;
         let refusal = std::mem::size_of::<(u64, Refusal)>() + 1;
         let tables: usize = self
             .store
@@ -808,7 +783,7 @@ impl Limiter {
             .iter()
             .map(|s| {
                 let st = s.0.lock().unwrap_or_else(PoisonError::into_inner);
-                st.slots.capacity() * entry + st.refusals.capacity() * refusal
+                st.slots.heap_bytes() + st.refusals.capacity() * refusal
             })
             .sum();
         tables + std::mem::size_of_val(&*self.store.shards)
@@ -837,7 +812,7 @@ fn check_group(
     max_delay: Option<u64>,
 ) -> Result<u64, Refusal> {
     let mut delay = 0;
-    let slot = |limit: u64| st.slots.get(&SlotId { key, limit }).copied();
+    let slot = |limit: u64| st.slots.get(key, limit);
     for set in sets.iter().flatten() {
         // Quotas first: when both a quota and a rate window are exhausted, the quota's later
         // reset is the more useful answer.
@@ -923,7 +898,7 @@ fn commit_group(
     };
     for set in sets.iter().flatten() {
         if let Some(c) = &set.concurrency {
-            let s = st.slots.entry(SlotId { key, limit: c.id }).or_default();
+            let s = st.slots.entry(key, c.id);
             s.count += 1;
             s.until = u64::MAX;
         }
@@ -933,7 +908,7 @@ fn commit_group(
             continue;
         }
         for q in &set.quotas {
-            let s = st.slots.entry(SlotId { key, limit: q.id }).or_default();
+            let s = st.slots.entry(key, q.id);
             if s.until <= now.wall() {
                 s.until = window::window_end_ns(q.period, q.alignment, now.wall());
                 s.count = 0;
@@ -949,7 +924,7 @@ fn commit_group(
             });
         }
         for r in &set.rates {
-            let s = st.slots.entry(SlotId { key, limit: r.id }).or_default();
+            let s = st.slots.entry(key, r.id);
             let tat = s
                 .until
                 .max(now.mono)
@@ -971,12 +946,12 @@ fn commit_group(
 fn rollback_group(st: &mut ShardState, key: u64, sets: &Sets<'_>, cost: u64) {
     for set in sets.iter().flatten() {
         for q in &set.quotas {
-            if let Some(s) = st.slots.get_mut(&SlotId { key, limit: q.id }) {
+            if let Some(s) = st.slots.get_mut(key, q.id) {
                 s.count = s.count.saturating_sub(cost);
             }
         }
         for r in &set.rates {
-            if let Some(s) = st.slots.get_mut(&SlotId { key, limit: r.id }) {
+            if let Some(s) = st.slots.get_mut(key, r.id) {
                 // Not necessarily the old value (that was lost if it lay in the past), but
                 // an equivalent one: any TAT at or before now means "full bucket".
                 s.until = s.until.saturating_sub(r.interval_ns.saturating_mul(cost));

@@ -173,7 +173,8 @@ impl Proxy {
                 )
             }
         };
-        let Some(key) = snap.index.lookup(&hash) else {
+        let key = snap.index.lookup(&hash);
+        let Some(key) = key.as_ref() else {
             return self.auth_refused(&snap, peer, None, Outcome::InvalidKey);
         };
         if key.disabled {
@@ -188,7 +189,7 @@ impl Proxy {
         }
         let check = Check {
             key_id: key.id,
-            key_limits: &key.limits,
+            key_limits: key.limits,
             route_limits: route.and_then(|r| r.limits.as_ref()),
             policy_limits: snap.policy_limits.as_ref(),
             cost: route.map_or(1, |r| r.cost),
@@ -227,7 +228,7 @@ impl Proxy {
                 let outcome = Outcome::from_reason(r.reason);
                 self.count(&snap, Some(key), outcome);
                 self.metrics.exhaustion(r.reason);
-                tracing::debug!(key = %key.name, reason = ?r.reason, limit = %r.name, "refused");
+                tracing::debug!(key = %key.name(), reason = ?r.reason, limit = %r.name, "refused");
                 return response::too_many_requests(&r, &snap.policy.response.message);
             }
             Decision::Allow(a) => a,
@@ -281,8 +282,8 @@ impl Proxy {
         let headers = req.headers_mut();
         // Never let a client-supplied identity header through, under either name.
         headers.remove(keylimit_dataplane::DEFAULT_IDENTITY_HEADER);
-        match &key.identity {
-            Some(v) => headers.insert(snap.source.identity_header.clone(), v.clone()),
+        match key.identity() {
+            Some(v) => headers.insert(snap.source.identity_header.clone(), v),
             None => headers.remove(&snap.source.identity_header),
         };
         let mut resp = self
@@ -298,7 +299,8 @@ impl Proxy {
         snap.counters.inc(outcome);
         if self.metrics_per_key {
             if let Some(k) = key {
-                self.metrics.per_key(&snap.policy_label(), &k.name, outcome);
+                self.metrics
+                    .per_key(&snap.policy_label(), k.name(), outcome);
             }
         }
     }

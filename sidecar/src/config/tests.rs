@@ -59,7 +59,7 @@ fn index_finds_keys_by_presented_material_only() {
         .index
         .lookup(&hash_presented(b"basic-key-material-123"))
         .unwrap();
-    assert_eq!(&*basic.name, "basic");
+    assert_eq!(basic.name(), "basic");
     assert!(basic.limits.concurrency.is_none());
     let gold = snap
         .index

@@ -1,0 +1,565 @@
+//! The key index: every key of a config in one compact, immutable table, and the streaming
+//! parse that fills it without holding the document's key list as owned values.
+//!
+//! Layout (about 30 bytes per key plus its name, against ~590 for a `HashMap` of owned
+//! entries): entries of 28 bytes sorted by key id; a directory of `u32` start offsets, one per
+//! bucket of the id's top bits (about two keys per bucket); all names in one shared byte
+//! buffer; limit sets in a small `Vec`, where index 0 is the policy defaults and each distinct
+//! override set is compiled once however many keys use it. A lookup reads one directory slot
+//! and scans the few entries of its bucket.
+//!
+//! Only the first [`HASH_LEN`] = 16 bytes of each key hash are kept. Matching a presented key
+//! to an entry then needs a 128-bit second preimage of SHA-256 / HMAC-SHA256 (2^128 work per
+//! target, 2^108 against a million targets), the strength truncated HMAC-SHA256 is specified
+//! at. Two entries of one document can only clash in those bytes if they clash in the first
+//! 8, the key id, and those are already skipped and reported (`id_collision`).
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::HeaderValue;
+use keylimit_dataplane::{self as dp, KeyEntry};
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+
+use crate::limiter::{LimitSet, POLICY_SCOPE_ID};
+
+/// Bytes of each key hash kept in the index (see the module docs for why 16 are enough).
+pub const HASH_LEN: usize = 16;
+
+/// The first 8 bytes of the key's hash: the id its limiter state is stored under.
+pub fn key_id(hash: &[u8; 32]) -> u64 {
+    id_of(&hash[..8])
+}
+
+fn id_of(b: &[u8]) -> u64 {
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&b[..8]);
+    u64::from_le_bytes(id)
+}
+
+/// One key, 28 bytes.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    hash: [u8; HASH_LEN],
+    name_off: u32,
+    /// 0: never expires; otherwise Unix seconds clamped to `1..=u32::MAX`. Both ends of the
+    /// clamp keep every decision between 1970 and 2106 the same as the full value.
+    expires: u32,
+    /// Into [`KeyIndex::sets`]; 0 is the policy defaults.
+    limits: u16,
+    name_len: u8,
+    disabled: bool,
+}
+
+impl Entry {
+    fn id(&self) -> u64 {
+        id_of(&self.hash)
+    }
+}
+
+/// One key as the request path needs it: a view into the index.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyPolicy<'a> {
+    pub id: u64,
+    pub disabled: bool,
+    /// Unix seconds after which the key is refused.
+    pub expires_at: Option<i64>,
+    pub limits: &'a LimitSet,
+    names: &'a Bytes,
+    name: (u32, u8),
+}
+
+impl<'a> KeyPolicy<'a> {
+    /// The ApiKey's name.
+    pub fn name(&self) -> &'a str {
+        // Names are copied in from `str`s whole, so this never fails.
+        std::str::from_utf8(self.name_bytes()).unwrap_or_default()
+    }
+
+    fn name_bytes(&self) -> &'a [u8] {
+        let (off, len) = (self.name.0 as usize, usize::from(self.name.1));
+        self.names.get(off..off + len).unwrap_or_default()
+    }
+
+    /// The name as a header value (a slice of the shared name buffer, no copy); `None` if the
+    /// name cannot be one.
+    pub fn identity(&self) -> Option<HeaderValue> {
+        let (off, len) = (self.name.0 as usize, usize::from(self.name.1));
+        if off + len > self.names.len() {
+            return None;
+        }
+        HeaderValue::from_maybe_shared(self.names.slice(off..off + len)).ok()
+    }
+}
+
+/// Immutable map from key hash to key policy. Only keys in here ever get limiter state, so
+/// spraying random keys costs a hash and a failed lookup, never memory.
+///
+/// Two entries with one id would share limiter state, so the later one (in document order) is
+/// skipped and reported, like a duplicate or malformed entry: one bad entry never costs the
+/// other keys their config. (Choosing a key whose id equals a given victim's means a 64-bit
+/// second preimage of sha256; a collision between two keys one author controls only hurts
+/// that author.)
+pub struct KeyIndex {
+    /// Sorted by id.
+    entries: Box<[Entry]>,
+    /// `dir[b]..dir[b + 1]`: the entries whose id's top `bits` bits are `b`.
+    dir: Box<[u32]>,
+    bits: u32,
+    names: Bytes,
+    sets: Vec<Arc<LimitSet>>,
+    skipped: Vec<SkippedKey>,
+}
+
+impl std::fmt::Debug for KeyIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyIndex")
+            .field("keys", &self.entries.len())
+            .field("limit_sets", &self.sets.len())
+            .field("skipped", &self.skipped.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for KeyIndex {
+    fn default() -> Self {
+        KeyTable::default().into_index(Arc::new(LimitSet::default()), &dp::Limits::default())
+    }
+}
+
+/// A key entry left out of the index, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedKey {
+    pub name: String,
+    pub reason: &'static str,
+}
+
+impl KeyIndex {
+    pub fn build(keys: &[KeyEntry], defaults: &Arc<LimitSet>, base: &dp::Limits) -> Self {
+        KeyTable::from_entries(keys).into_index(defaults.clone(), base)
+    }
+
+    fn bucket(&self, id: u64) -> usize {
+        // Two shifts, so 0 bits (one bucket) does not shift by 64.
+        ((id >> 1) >> (63 - self.bits)) as usize
+    }
+
+    fn find(&self, id: u64) -> Option<&Entry> {
+        let b = self.bucket(id);
+        let (lo, hi) = (*self.dir.get(b)? as usize, *self.dir.get(b + 1)? as usize);
+        self.entries.get(lo..hi)?.iter().find(|e| e.id() == id)
+    }
+
+    fn view<'a>(&'a self, e: &Entry) -> KeyPolicy<'a> {
+        KeyPolicy {
+            id: e.id(),
+            disabled: e.disabled,
+            expires_at: (e.expires != 0).then_some(i64::from(e.expires)),
+            limits: self
+                .sets
+                .get(usize::from(e.limits))
+                .or_else(|| self.sets.first())
+                .map_or(&EMPTY, |s| &**s),
+            names: &self.names,
+            name: (e.name_off, e.name_len),
+        }
+    }
+
+    pub fn lookup(&self, hash: &[u8; 32]) -> Option<KeyPolicy<'_>> {
+        self.find(key_id(hash))
+            .filter(|e| e.hash[..] == hash[..HASH_LEN])
+            .map(|e| self.view(e))
+    }
+
+    pub fn by_id(&self, id: u64) -> Option<KeyPolicy<'_>> {
+        self.find(id).map(|e| self.view(e))
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Entries of the document that are not in the index.
+    pub fn skipped(&self) -> &[SkippedKey] {
+        &self.skipped
+    }
+
+    /// Distinct limit sets the keys use: the defaults plus one per distinct override.
+    pub fn limit_sets(&self) -> usize {
+        self.sets.len()
+    }
+
+    /// Heap bytes of the index: entries, directory and names (limit sets and skipped entries
+    /// are small and not counted).
+    pub fn heap_bytes(&self) -> usize {
+        std::mem::size_of_val(&*self.entries) + std::mem::size_of_val(&*self.dir) + self.names.len()
+    }
+}
+
+static EMPTY: LimitSet = LimitSet {
+    rates: Vec::new(),
+    quotas: Vec::new(),
+    concurrency: None,
+};
+
+/// Keys as parsed, before the policy's limits are known: filled entry by entry from the
+/// document and its shards, then turned into a [`KeyIndex`].
+#[derive(Debug, Default)]
+pub struct KeyTable {
+    entries: Vec<Entry>,
+    names: Vec<u8>,
+    /// Distinct overrides, keyed by their JSON form; an entry's `limits` is 1 + the position.
+    overrides: Vec<dp::Limits>,
+    override_ids: HashMap<String, u16>,
+    skipped: Vec<SkippedKey>,
+}
+
+/// A key entry borrowed from the document's bytes where it can be.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct KeyEntryRef<'a> {
+    #[serde(borrow)]
+    name: Cow<'a, str>,
+    #[serde(borrow)]
+    sha256: Cow<'a, str>,
+    #[serde(default)]
+    disabled: bool,
+    #[serde(default)]
+    expires_at: Option<i64>,
+    #[serde(default)]
+    overrides: Option<dp::Limits>,
+}
+
+impl KeyTable {
+    pub fn with_capacity(keys: usize) -> Self {
+        KeyTable {
+            entries: Vec::with_capacity(keys),
+            names: Vec::with_capacity(keys.saturating_mul(12)),
+            ..KeyTable::default()
+        }
+    }
+
+    pub fn from_entries(keys: &[KeyEntry]) -> Self {
+        let mut t = KeyTable::with_capacity(keys.len());
+        for k in keys {
+            t.push(
+                &k.name,
+                &k.sha256,
+                k.disabled,
+                k.expires_at,
+                k.overrides.as_ref(),
+            );
+        }
+        t
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn skip(&mut self, name: &str, reason: &'static str) {
+        self.skipped.push(SkippedKey {
+            name: name.to_string(),
+            reason,
+        });
+    }
+
+    fn push(
+        &mut self,
+        name: &str,
+        sha256: &str,
+        disabled: bool,
+        expires_at: Option<i64>,
+        overrides: Option<&dp::Limits>,
+    ) {
+        let mut hash = [0u8; 32];
+        // Decoding once here keeps hex off the request path; a wrong length fails it too.
+        let valid = hex::decode_to_slice(sha256, &mut hash).is_ok()
+            && overrides.is_none_or(|o| {
+                dp::validate_key(&KeyEntry {
+                    name: name.to_string(),
+                    sha256: sha256.to_string(),
+                    disabled,
+                    expires_at,
+                    overrides: Some(o.clone()),
+                })
+                .is_ok()
+            });
+        // ApiKey names are DNS names of at most 253 bytes: a longer one is not a real key.
+        let (Ok(name_len), true, Ok(name_off)) = (
+            u8::try_from(name.len()),
+            valid,
+            u32::try_from(self.names.len()),
+        ) else {
+            return self.skip(name, "invalid");
+        };
+        if key_id(&hash) == POLICY_SCOPE_ID {
+            return self.skip(name, "reserved_id");
+        }
+        let limits = match overrides {
+            None => 0,
+            Some(o) => {
+                let json = serde_json::to_string(o).unwrap_or_default();
+                match self.override_ids.get(&json) {
+                    Some(&i) => i,
+                    None => {
+                        let Ok(i) = u16::try_from(self.overrides.len() + 1) else {
+                            return self.skip(name, "too_many_override_sets");
+                        };
+                        self.overrides.push(o.clone());
+                        self.override_ids.insert(json, i);
+                        i
+                    }
+                }
+            }
+        };
+        let mut prefix = [0u8; HASH_LEN];
+        prefix.copy_from_slice(&hash[..HASH_LEN]);
+        self.names.extend_from_slice(name.as_bytes());
+        self.entries.push(Entry {
+            hash: prefix,
+            name_off,
+            expires: expires_at.map_or(0, |t| u32::try_from(t.max(1)).unwrap_or(u32::MAX)),
+            limits,
+            name_len,
+            disabled,
+        });
+    }
+
+    /// The index, with override sets compiled against the policy's `base` limits.
+    pub fn into_index(self, defaults: Arc<LimitSet>, base: &dp::Limits) -> KeyIndex {
+        let KeyTable {
+            mut entries,
+            mut names,
+            overrides,
+            override_ids: _,
+            mut skipped,
+        } = self;
+        let mut sets = Vec::with_capacity(overrides.len() + 1);
+        sets.push(defaults);
+        sets.extend(
+            overrides
+                .iter()
+                .map(|o| Arc::new(LimitSet::compile(&base.with_overrides(o), "key"))),
+        );
+        // In place, no second copy; ties (one id twice) keep document order, which `name_off`
+        // follows, so the first entry of a clash stays and the later ones are skipped.
+        entries.sort_unstable_by_key(|e| (e.id(), e.name_off));
+        let name_of = |names: &[u8], e: &Entry| {
+            let (off, len) = (e.name_off as usize, usize::from(e.name_len));
+            String::from_utf8_lossy(names.get(off..off + len).unwrap_or_default()).into_owned()
+        };
+        entries.dedup_by(|later, first| {
+            if later.id() != first.id() {
+                return false;
+            }
+            skipped.push(SkippedKey {
+                name: name_of(&names, later),
+                reason: if later.hash == first.hash {
+                    "duplicate"
+                } else {
+                    "id_collision"
+                },
+            });
+            true
+        });
+        entries.shrink_to_fit();
+        names.shrink_to_fit();
+        // About two entries per bucket: a lookup scans one or two cache lines.
+        let bits = (usize::BITS - entries.len().leading_zeros()).saturating_sub(1);
+        let bits = bits.min(31);
+        let buckets = 1usize << bits;
+        let mut dir = vec![0u32; buckets + 1];
+        let bucket = |id: u64| ((id >> 1) >> (63 - bits)) as usize;
+        for e in entries.iter() {
+            dir[bucket(e.id()) + 1] += 1;
+        }
+        for b in 0..buckets {
+            dir[b + 1] += dir[b];
+        }
+        KeyIndex {
+            entries: entries.into_boxed_slice(),
+            dir: dir.into_boxed_slice(),
+            bits,
+            names: Bytes::from(names),
+            sets,
+            skipped,
+        }
+    }
+}
+
+/// Deserialises a JSON array of key entries straight into a [`KeyTable`].
+struct KeysInto<'t>(&'t mut KeyTable);
+
+impl<'de> DeserializeSeed<'de> for KeysInto<'_> {
+    type Value = ();
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeysInto<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a list of key entries")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(k) = seq.next_element::<KeyEntryRef<'de>>()? {
+            self.0.push(
+                &k.name,
+                &k.sha256,
+                k.disabled,
+                k.expires_at,
+                k.overrides.as_ref(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A [`dp::KeyShard`] whose keys go into a [`KeyTable`]; yields its `apiVersion`.
+struct ShardInto<'t>(&'t mut KeyTable);
+
+impl<'de> DeserializeSeed<'de> for ShardInto<'_> {
+    type Value = String;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<String, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ShardInto<'_> {
+    type Value = String;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a key shard")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<String, A::Error> {
+        let (mut api_version, mut keys) = (None, false);
+        while let Some(field) = map.next_key::<Cow<'de, str>>()? {
+            match &*field {
+                "apiVersion" if api_version.is_none() => api_version = Some(map.next_value()?),
+                "keys" if !keys => {
+                    keys = true;
+                    map.next_value_seed(KeysInto(&mut *self.0))?;
+                }
+                "apiVersion" | "keys" => {
+                    return Err(de::Error::custom(format!("duplicate field `{field}`")))
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        if !keys {
+            return Err(de::Error::missing_field("keys"));
+        }
+        api_version.ok_or_else(|| de::Error::missing_field("apiVersion"))
+    }
+}
+
+/// A [`dp::PolicyDocument`] whose inline keys go into a [`KeyTable`] (its `keys` stays empty).
+struct DocInto<'t>(&'t mut KeyTable);
+
+impl<'de> DeserializeSeed<'de> for DocInto<'_> {
+    type Value = dp::PolicyDocument;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for DocInto<'_> {
+    type Value = dp::PolicyDocument;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a policy document")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let (mut api_version, mut policy, mut shards, mut keys) = (None, None, None, false);
+        while let Some(field) = map.next_key::<Cow<'de, str>>()? {
+            let dup = match &*field {
+                "apiVersion" => api_version.replace(map.next_value()?).is_some(),
+                "policy" => policy.replace(map.next_value()?).is_some(),
+                "shards" => shards.replace(map.next_value()?).is_some(),
+                "keys" => {
+                    map.next_value_seed(KeysInto(&mut *self.0))?;
+                    std::mem::replace(&mut keys, true)
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                    false
+                }
+            };
+            if dup {
+                return Err(de::Error::custom(format!("duplicate field `{field}`")));
+            }
+        }
+        Ok(dp::PolicyDocument {
+            api_version: api_version.ok_or_else(|| de::Error::missing_field("apiVersion"))?,
+            policy: policy.ok_or_else(|| de::Error::missing_field("policy"))?,
+            keys: Vec::new(),
+            shards: shards.unwrap_or_default(),
+        })
+    }
+}
+
+/// `policy.json` parsed with its inline keys in `keys`, checked as
+/// [`dp::PolicyDocument::parse`] checks it.
+pub fn parse_document(bytes: &[u8], keys: &mut KeyTable) -> Result<dp::PolicyDocument, dp::Error> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let doc = DocInto(keys).deserialize(&mut de)?;
+    de.end()?;
+    let expected = dp::api_version_for(doc.key_hash_algorithm());
+    if doc.api_version != expected {
+        return Err(dp::Error::ApiVersion {
+            found: doc.api_version,
+            expected,
+        });
+    }
+    doc.validate()?;
+    Ok(doc)
+}
+
+/// Reads the document's shards through `read` one at a time, checks each digest and version,
+/// and adds their keys to `keys`: never more than one shard's bytes at once.
+pub fn resolve_shards<F>(
+    doc: &dp::PolicyDocument,
+    keys: &mut KeyTable,
+    mut read: F,
+) -> Result<(), dp::Error>
+where
+    F: FnMut(&str) -> Option<Vec<u8>>,
+{
+    let total: usize = doc.shards.iter().map(|s| s.keys).sum();
+    // The counts come from the document: trust them for a reservation only up to a bound.
+    keys.entries.reserve(total.min(1 << 24));
+    keys.names.reserve(total.min(1 << 24).saturating_mul(12));
+    for s in &doc.shards {
+        let bytes = read(&s.file).ok_or_else(|| dp::Error::MissingShard {
+            file: s.file.clone(),
+        })?;
+        if dp::digest(&bytes) != s.sha256 {
+            return Err(dp::Error::ShardDigest {
+                file: s.file.clone(),
+            });
+        }
+        let mut de = serde_json::Deserializer::from_slice(&bytes);
+        let api_version = ShardInto(keys).deserialize(&mut de)?;
+        de.end()?;
+        if api_version != doc.api_version {
+            return Err(dp::Error::ApiVersion {
+                found: api_version,
+                expected: dp::api_version_for(doc.key_hash_algorithm()),
+            });
+        }
+    }
+    Ok(())
+}
