@@ -42,7 +42,7 @@ kubectl apply --server-side -f crds/
 kubectl wait --for=condition=Established --timeout=60s crd/apikeys.keylimit.dev crd/ratelimitpolicies.keylimit.dev
 
 step "end-to-end suite"
-cargo build -p keylimit-operator -p keylimit-sidecar -p keylimit-e2e --bins
+cargo build -p keylimit-operator -p keylimit-sidecar -p keylimit-e2e -p kubectl-keylimit --bins
 cargo test -p keylimit-e2e --tests -- --ignored --test-threads=3
 bash hack/controlplane.sh down || true
 
