@@ -65,6 +65,12 @@ impl Admin {
             },
             "/metrics" => {
                 self.metrics.limiter_slots.set(self.limiter.slots() as i64);
+                self.metrics.observe_usage(&usage_report(
+                    &self.sidecar_name,
+                    self.config.current().as_deref(),
+                    None,
+                    &self.limiter,
+                ));
                 text(
                     StatusCode::OK,
                     &self.metrics.encode(),

@@ -11,6 +11,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 /// What happened to a request; the `decision` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -119,6 +120,37 @@ struct KindLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct PolicyReasonLabels {
+    policy: String,
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct PolicyThresholdLabels {
+    policy: String,
+    threshold: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct PolicyQuotaLabels {
+    policy: String,
+    quota: String,
+}
+
+/// Usage-fraction thresholds of `keylimit_keys_above_usage_ratio`: fixed, so the family has
+/// at most this many series per policy.
+pub const USAGE_THRESHOLDS: [(f64, &str); 3] = [(0.5, "0.5"), (0.8, "0.8"), (0.95, "0.95")];
+
+/// The `reason` values of `keylimit_exhausted_keys`, one series each (zeros included, so an
+/// alert on the series does not depend on a key having been exhausted once).
+const EXHAUSTION_REASONS: [keylimit_dataplane::ExhaustionReason; 4] = [
+    keylimit_dataplane::ExhaustionReason::RateLimited,
+    keylimit_dataplane::ExhaustionReason::QuotaExceeded,
+    keylimit_dataplane::ExhaustionReason::ConcurrencyLimited,
+    keylimit_dataplane::ExhaustionReason::Throttled,
+];
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ReloadLabels {
     result: String,
     reason: String,
@@ -152,7 +184,17 @@ pub struct Metrics {
     /// Peers whose failed-key budget is tracked (bounded by the table size).
     pub auth_failure_peers: Gauge,
     pub decision_seconds: Histogram,
+    /// Time from sending a request to the app until its response head (or the failure).
+    pub upstream_seconds: Histogram,
     pub upstream_errors: Counter,
+    /// Keys of the served policy refused right now, by reason (this sidecar's view).
+    exhausted_keys: Family<PolicyReasonLabels, Gauge>,
+    /// Keys at or above a fraction of any of their quotas.
+    keys_above_ratio: Family<PolicyThresholdLabels, Gauge>,
+    /// Per quota (limit name of the policy): the highest used/limit of any key.
+    quota_ratio_max: Family<PolicyQuotaLabels, Gauge<f64, AtomicU64>>,
+    /// Per quota: when the period of the key with the highest fraction ends.
+    quota_ratio_max_reset: Family<PolicyQuotaLabels, Gauge>,
     reports: Family<ReportLabels, Counter>,
     /// Refusals so far, readable without touching the registry (the reporter polls it).
     exhaustions_seen: std::sync::atomic::AtomicU64,
@@ -267,6 +309,36 @@ impl Metrics {
             "Time from request arrival to the limit decision (auth, lookup, limiter)",
             decision_seconds.clone(),
         );
+        let upstream_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        registry.register(
+            "upstream_duration_seconds",
+            "Time from forwarding a request to the app until its response head, failures and timeouts included",
+            upstream_seconds.clone(),
+        );
+        let exhausted_keys = Family::<PolicyReasonLabels, Gauge>::default();
+        registry.register(
+            "exhausted_keys",
+            "Keys of the policy refused (or in DryRun would be) right now, by reason, as this sidecar's limiter sees them; updated at scrape",
+            exhausted_keys.clone(),
+        );
+        let keys_above_ratio = Family::<PolicyThresholdLabels, Gauge>::default();
+        registry.register(
+            "keys_above_usage_ratio",
+            "Keys whose usage of any quota is at or above threshold (0.5, 0.8, 0.95) of its limit; updated at scrape",
+            keys_above_ratio.clone(),
+        );
+        let quota_ratio_max = Family::<PolicyQuotaLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "quota_usage_ratio_max",
+            "Per quota of the policy, the highest used/limit of any key with live state (1 = exhausted); updated at scrape",
+            quota_ratio_max.clone(),
+        );
+        let quota_ratio_max_reset = Family::<PolicyQuotaLabels, Gauge>::default();
+        registry.register(
+            "quota_usage_ratio_max_reset_timestamp_seconds",
+            "Per quota, Unix time when the period of the key with the highest used/limit ends; updated at scrape",
+            quota_ratio_max_reset.clone(),
+        );
         let reports = Family::<ReportLabels, Counter>::default();
         registry.register(
             "usage_reports",
@@ -318,7 +390,12 @@ impl Metrics {
             config_skipped_keys,
             auth_failure_peers,
             decision_seconds,
+            upstream_seconds,
             upstream_errors,
+            exhausted_keys,
+            keys_above_ratio,
+            quota_ratio_max,
+            quota_ratio_max_reset,
         }
     }
 
@@ -408,6 +485,70 @@ impl Metrics {
             .inc();
     }
 
+    /// Sets the usage gauges from the sidecar's current usage report (called at scrape). The
+    /// families are rebuilt each time, so a policy or quota that left the config leaves no
+    /// stale series behind. Labels are the policy ("namespace/name", one per sidecar), a fixed
+    /// reason or threshold, and the policy's quota names: never key names.
+    pub fn observe_usage(&self, report: &keylimit_dataplane::UsageReport) {
+        self.exhausted_keys.clear();
+        self.keys_above_ratio.clear();
+        self.quota_ratio_max.clear();
+        self.quota_ratio_max_reset.clear();
+        if report.policy_name.is_empty() {
+            return;
+        }
+        let policy = format!("{}/{}", report.policy_namespace, report.policy_name);
+        let mut exhausted = [0i64; EXHAUSTION_REASONS.len()];
+        let mut above = [0i64; USAGE_THRESHOLDS.len()];
+        // quota name -> (highest fraction, its reset)
+        let mut max: std::collections::BTreeMap<&str, (f64, i64)> = Default::default();
+        for k in &report.keys {
+            if let Some(e) = &k.exhaustion {
+                if let Some(i) = EXHAUSTION_REASONS.iter().position(|r| *r == e.reason) {
+                    exhausted[i] += 1;
+                }
+            }
+            let mut key_max = 0.0f64;
+            for q in &k.quotas {
+                let ratio = usage_ratio(q.used, q.limit);
+                key_max = key_max.max(ratio);
+                let slot = max.entry(q.name.as_str()).or_insert((ratio, q.reset_at));
+                if ratio > slot.0 {
+                    *slot = (ratio, q.reset_at);
+                }
+            }
+            for (n, (t, _)) in above.iter_mut().zip(USAGE_THRESHOLDS) {
+                if key_max >= t {
+                    *n += 1;
+                }
+            }
+        }
+        for (r, n) in EXHAUSTION_REASONS.iter().zip(exhausted) {
+            self.exhausted_keys
+                .get_or_create(&PolicyReasonLabels {
+                    policy: policy.clone(),
+                    reason: Outcome::from_reason(*r).as_str(),
+                })
+                .set(n);
+        }
+        for ((_, t), n) in USAGE_THRESHOLDS.iter().zip(above) {
+            self.keys_above_ratio
+                .get_or_create(&PolicyThresholdLabels {
+                    policy: policy.clone(),
+                    threshold: t,
+                })
+                .set(n);
+        }
+        for (quota, (ratio, reset)) in max {
+            let labels = PolicyQuotaLabels {
+                policy: policy.clone(),
+                quota: quota.to_string(),
+            };
+            self.quota_ratio_max.get_or_create(&labels).set(ratio);
+            self.quota_ratio_max_reset.get_or_create(&labels).set(reset);
+        }
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail; an error here would be a bug in an encoder, and
@@ -416,5 +557,125 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+/// used/limit; a zero limit admits nothing, so it counts as full.
+fn usage_ratio(used: u64, limit: u64) -> f64 {
+    if limit == 0 {
+        1.0
+    } else {
+        used as f64 / limit as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keylimit_dataplane::{Exhaustion, ExhaustionReason, KeyUsage, QuotaUsage, UsageReport};
+
+    fn key(
+        name: &str,
+        exhausted: Option<ExhaustionReason>,
+        quotas: &[(&str, u64, u64, i64)],
+    ) -> KeyUsage {
+        KeyUsage {
+            name: name.into(),
+            exhaustion: exhausted.map(|reason| Exhaustion {
+                reason,
+                limit: "l".into(),
+                message: String::new(),
+                reset_at: 0,
+                dry_run: false,
+            }),
+            quotas: quotas
+                .iter()
+                .map(|(n, used, limit, reset_at)| QuotaUsage {
+                    name: (*n).into(),
+                    used: *used,
+                    limit: *limit,
+                    reset_at: *reset_at,
+                })
+                .collect(),
+        }
+    }
+
+    fn line<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+        text.lines().find(|l| l.starts_with(prefix))
+    }
+
+    #[test]
+    fn usage_gauges_count_keys_by_reason_and_threshold_without_key_names() {
+        let m = Metrics::new(false);
+        let report = UsageReport {
+            policy_namespace: "ns".into(),
+            policy_name: "p".into(),
+            keys: vec![
+                key(
+                    "secret-a",
+                    Some(ExhaustionReason::QuotaExceeded),
+                    &[("daily", 10, 10, 500)],
+                ),
+                key(
+                    "secret-b",
+                    None,
+                    &[("daily", 9, 10, 400), ("hourly", 1, 4, 90)],
+                ),
+                key(
+                    "secret-c",
+                    Some(ExhaustionReason::RateLimited),
+                    &[("daily", 5, 10, 300)],
+                ),
+                key("secret-d", None, &[]),
+            ],
+            ..UsageReport::default()
+        };
+        m.observe_usage(&report);
+        let text = m.encode();
+        let want = [
+            "keylimit_exhausted_keys{policy=\"ns/p\",reason=\"quota_exceeded\"} 1",
+            "keylimit_exhausted_keys{policy=\"ns/p\",reason=\"rate_limited\"} 1",
+            "keylimit_exhausted_keys{policy=\"ns/p\",reason=\"throttled\"} 0",
+            "keylimit_keys_above_usage_ratio{policy=\"ns/p\",threshold=\"0.5\"} 3",
+            "keylimit_keys_above_usage_ratio{policy=\"ns/p\",threshold=\"0.8\"} 2",
+            "keylimit_keys_above_usage_ratio{policy=\"ns/p\",threshold=\"0.95\"} 1",
+            "keylimit_quota_usage_ratio_max{policy=\"ns/p\",quota=\"daily\"} 1.0",
+            "keylimit_quota_usage_ratio_max{policy=\"ns/p\",quota=\"hourly\"} 0.25",
+            "keylimit_quota_usage_ratio_max_reset_timestamp_seconds{policy=\"ns/p\",quota=\"daily\"} 500",
+        ];
+        for w in want {
+            assert!(text.lines().any(|l| l == w), "missing {w:?} in\n{text}");
+        }
+        assert!(
+            !text.contains("secret-"),
+            "a key name leaked into the metrics:\n{text}"
+        );
+
+        // A quota that left the config leaves no series; no config at all leaves none.
+        m.observe_usage(&UsageReport {
+            policy_namespace: "ns".into(),
+            policy_name: "p".into(),
+            keys: vec![key("secret-b", None, &[("daily", 1, 10, 400)])],
+            ..UsageReport::default()
+        });
+        let text = m.encode();
+        assert!(line(
+            &text,
+            "keylimit_quota_usage_ratio_max{policy=\"ns/p\",quota=\"hourly\"}"
+        )
+        .is_none());
+        m.observe_usage(&UsageReport::default());
+        let text = m.encode();
+        assert!(line(&text, "keylimit_exhausted_keys{").is_none(), "{text}");
+        assert!(
+            line(&text, "keylimit_quota_usage_ratio_max{").is_none(),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_zero_quota_counts_as_full() {
+        assert_eq!(usage_ratio(0, 0), 1.0);
+        assert_eq!(usage_ratio(3, 4), 0.75);
     }
 }

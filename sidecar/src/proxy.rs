@@ -379,9 +379,13 @@ impl Proxy {
         append_forwarded_for(&mut parts.headers, peer);
 
         let upstream_req = Request::from_parts(parts, body);
+        let sent = Instant::now();
         let result =
             tokio::time::timeout(self.upstream_timeout, self.pool.send(upstream_req, started))
                 .await;
+        self.metrics
+            .upstream_seconds
+            .observe(sent.elapsed().as_secs_f64());
         let (mut resp, lent) = match result {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
