@@ -369,6 +369,17 @@ impl Metrics {
             "Shared store calls that failed, by kind (timeout, error)",
             store_errors.clone(),
         );
+        // Known label values start at 0, so rate() and alerts over them have a series to work
+        // on before the first event (a fail mode engaged, a report failed).
+        for mode in ["fail_open", "fail_closed", "local_fallback"] {
+            store_fallbacks.get_or_create(&ModeLabels { mode });
+        }
+        for kind in ["timeout", "error"] {
+            store_errors.get_or_create(&KindLabels { kind });
+        }
+        for result in ["delivered", "failed"] {
+            reports.get_or_create(&ReportLabels { result });
+        }
         Self {
             store_up,
             store_fallbacks,
@@ -671,6 +682,18 @@ mod tests {
             line(&text, "keylimit_quota_usage_ratio_max{").is_none(),
             "{text}"
         );
+    }
+
+    #[test]
+    fn known_label_values_start_at_zero() {
+        let text = Metrics::new(false).encode();
+        for w in [
+            "keylimit_store_fallbacks_total{mode=\"fail_closed\"} 0",
+            "keylimit_store_errors_total{kind=\"timeout\"} 0",
+            "keylimit_usage_reports_total{result=\"failed\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == w), "missing {w:?} in\n{text}");
+        }
     }
 
     #[test]
