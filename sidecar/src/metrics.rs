@@ -372,13 +372,13 @@ impl Metrics {
         // Known label values start at 0, so rate() and alerts over them have a series to work
         // on before the first event (a fail mode engaged, a report failed).
         for mode in ["fail_open", "fail_closed", "local_fallback"] {
-            store_fallbacks.get_or_create(&ModeLabels { mode });
+            let _ = store_fallbacks.get_or_create(&ModeLabels { mode });
         }
         for kind in ["timeout", "error"] {
-            store_errors.get_or_create(&KindLabels { kind });
+            let _ = store_errors.get_or_create(&KindLabels { kind });
         }
         for result in ["delivered", "failed"] {
-            reports.get_or_create(&ReportLabels { result });
+            let _ = reports.get_or_create(&ReportLabels { result });
         }
         Self {
             store_up,
