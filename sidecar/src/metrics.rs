@@ -141,6 +141,11 @@ struct PolicyQuotaLabels {
 /// at most this many series per policy.
 pub const USAGE_THRESHOLDS: [(f64, &str); 3] = [(0.5, "0.5"), (0.8, "0.8"), (0.95, "0.95")];
 
+/// Quota names with their own `keylimit_quota_usage_ratio_max` series, per policy.
+pub const MAX_QUOTA_SERIES: usize = 16;
+/// The `quota` label of the series that stands for the quotas beyond [`MAX_QUOTA_SERIES`].
+pub const OTHER_QUOTAS: &str = "_other";
+
 /// The `reason` values of `keylimit_exhausted_keys`, one series each (zeros included, so an
 /// alert on the series does not depend on a key having been exhausted once).
 const EXHAUSTION_REASONS: [keylimit_dataplane::ExhaustionReason; 4] = [
@@ -550,7 +555,21 @@ impl Metrics {
                 })
                 .set(n);
         }
-        for (quota, (ratio, reset)) in max {
+        // ApiKeys may override quotas under their own names, so the names are bounded per key,
+        // not per policy: the fullest MAX_QUOTA_SERIES keep their own series, the rest share
+        // one labelled OTHER_QUOTAS (with the highest fraction among them).
+        let mut by_ratio: Vec<(&str, (f64, i64))> = max.into_iter().collect();
+        by_ratio.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0).then(a.0.cmp(b.0)));
+        let mut series: Vec<(&str, (f64, i64))> = vec![];
+        for (i, (quota, v)) in by_ratio.into_iter().enumerate() {
+            if i < MAX_QUOTA_SERIES {
+                series.push((quota, v));
+            } else if i == MAX_QUOTA_SERIES {
+                // Sorted by fraction: the first folded one is the fullest of the rest.
+                series.push((OTHER_QUOTAS, v));
+            }
+        }
+        for (quota, (ratio, reset)) in series {
             let labels = PolicyQuotaLabels {
                 policy: policy.clone(),
                 quota: quota.to_string(),
@@ -680,6 +699,55 @@ mod tests {
         assert!(line(&text, "keylimit_exhausted_keys{").is_none(), "{text}");
         assert!(
             line(&text, "keylimit_quota_usage_ratio_max{").is_none(),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn quota_names_beyond_the_cap_share_one_series() {
+        let m = Metrics::new(false);
+        // 20 keys, each with its own quota name; key i at (i+1)/40 of it.
+        let keys: Vec<KeyUsage> = (0..20u64)
+            .map(|i| {
+                let q = format!("q{i:02}");
+                key(&format!("k{i}"), None, &[(q.as_str(), i + 1, 40, i as i64)])
+            })
+            .collect();
+        m.observe_usage(&UsageReport {
+            policy_namespace: "ns".into(),
+            policy_name: "p".into(),
+            keys,
+            ..UsageReport::default()
+        });
+        let text = m.encode();
+        let n = text
+            .lines()
+            .filter(|l| l.starts_with("keylimit_quota_usage_ratio_max{"))
+            .count();
+        assert_eq!(n, MAX_QUOTA_SERIES + 1, "{text}");
+        // The fullest 16 (q04..q19) keep their names; q00..q03 fold, q03 being the fullest.
+        assert!(
+            line(
+                &text,
+                "keylimit_quota_usage_ratio_max{policy=\"ns/p\",quota=\"q19\"} 0.5"
+            )
+            .is_some(),
+            "{text}"
+        );
+        assert!(
+            line(
+                &text,
+                "keylimit_quota_usage_ratio_max{policy=\"ns/p\",quota=\"q03\"}"
+            )
+            .is_none(),
+            "{text}"
+        );
+        assert!(
+            line(
+                &text,
+                "keylimit_quota_usage_ratio_max{policy=\"ns/p\",quota=\"_other\"} 0.1"
+            )
+            .is_some(),
             "{text}"
         );
     }
