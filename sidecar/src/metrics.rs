@@ -308,7 +308,9 @@ impl Metrics {
             "Peers with a live failed-key-attempt budget",
             auth_failure_peers.clone(),
         );
-        let decision_seconds = Histogram::new(exponential_buckets(1e-7, 2.0, 18));
+        // 100 ns to 0.21 s: local decisions take microseconds, Redis-backed ones a round trip,
+        // and a slow store up to its timeout, which a 13 ms top bucket would have hidden.
+        let decision_seconds = Histogram::new(exponential_buckets(1e-7, 2.0, 22));
         registry.register(
             "decision_duration_seconds",
             "Time from request arrival to the limit decision (auth, lookup, limiter)",
