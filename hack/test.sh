@@ -34,6 +34,9 @@ bash hack/fuzz.sh 20
 
 step "Kubernetes control plane (build once, then cached)"
 bash hack/build-tools.sh
+
+step "alert rules: promtool check and unit tests on the chart's rendered PrometheusRule"
+bash hack/alerts/test.sh
 export KEYLIMIT_CP_DIR="${KEYLIMIT_CP_DIR:-$(mktemp -d /tmp/keylimit-cp.XXXXXX)}"
 trap 'bash hack/controlplane.sh down || true' EXIT
 eval "$(bash hack/controlplane.sh up)"
