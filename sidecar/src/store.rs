@@ -38,6 +38,7 @@ use arc_swap::ArcSwapOption;
 use keylimit_dataplane::{ExhaustionReason, FailMode, QuotaAlignment, QuotaPeriod, RedisStore};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::clock::{Clock, NANOS_PER_SEC};
 use crate::limiter::{
@@ -60,101 +61,122 @@ pub const CA_ENV: &str = "KEYLIMIT_REDIS_CA";
 
 const NS_PER_US: u64 = 1_000;
 
-/// Checks, then (only if every limit passes) charges, one scope's limits, on Redis' clock.
+/// Decides a batch of scopes in one call, in order, each exactly as if it were alone: each
+/// checks, then (only if every limit passes) charges, one scope's limits, on Redis' clock.
+/// One `TIME` serves the whole batch: the batch is atomic, so its decisions happen at one
+/// instant.
 ///
-/// ARGV: cost, max delay (-1: refuse instead of delaying), lease id, lease TTL, then four
-/// values per key: kind and three parameters:
+/// ARGV[1]: the number of scopes. Then per scope: its number of KEYS (its keys follow the
+/// previous scope's in KEYS), cost, max delay (-1: refuse instead of delaying), lease id,
+/// lease TTL, then four values per key: kind and three parameters:
 ///   q (calendar quota): limit, start and end of the window the sidecar believes is current
 ///   o (rolling quota): limit, window length, unused
 ///   r (rate): interval, tolerance ((burst + 1) * interval), unused
 ///   c (concurrency): max in flight, unused, unused
-/// Returns `{0, i, reset, now}` when limit `i` refuses; `{2, now}` when a quota window must
-/// be opened and the sidecar's calendar window does not contain Redis' now (its clock
-/// estimate is off: recompute from `now` and call again; nothing was charged); else
-/// `{1, delay, now, ...}` followed by, per key: quota count and window end; rate TAT;
-/// concurrency count in flight. Every time is microseconds on Redis' clock.
+/// Returns one reply per scope: `{0, i, reset, now}` when limit `i` refuses; `{2, now}` when
+/// a quota window must be opened and the sidecar's calendar window does not contain Redis'
+/// now (its clock estimate is off: recompute from `now` and call again; nothing was
+/// charged); else `{1, delay, now, ...}` followed by, per key: quota count and window end;
+/// rate TAT; concurrency count in flight. Every time is microseconds on Redis' clock.
 const DECIDE_LUA: &str = r#"
 local function int(x) return string.format('%d', x) end
 local function expire_ms(us) return int(math.ceil(us / 1000)) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local cost = tonumber(ARGV[1])
-local max_delay = tonumber(ARGV[2])
-local n = #KEYS
-local delay = 0
-local seen = {}
-for i = 1, n do
-  local kind = ARGV[4 * i + 1]
-  local a = tonumber(ARGV[4 * i + 2])
-  local b = tonumber(ARGV[4 * i + 3])
-  local c = tonumber(ARGV[4 * i + 4])
-  local k = KEYS[i]
-  if kind == 'q' or kind == 'o' then
-    local v = redis.call('HMGET', k, 'c', 'e')
-    local used, e = tonumber(v[1]) or 0, tonumber(v[2]) or 0
-    if e <= now then
-      used = 0
-      if kind == 'o' then
-        e = now + b
-      elseif b <= now and now < c then
-        e = c
-      else
-        return {2, now}
+-- One scope: its keys are KEYS[k0 + 1 .. k0 + n], its arguments start after ARGV[p] (= n).
+local function decide(k0, p, n)
+  local cost = tonumber(ARGV[p + 1])
+  local max_delay = tonumber(ARGV[p + 2])
+  local delay = 0
+  local seen = {}
+  for i = 1, n do
+    local q = p + 4 * i
+    local kind = ARGV[q + 1]
+    local a = tonumber(ARGV[q + 2])
+    local b = tonumber(ARGV[q + 3])
+    local c = tonumber(ARGV[q + 4])
+    local k = KEYS[k0 + i]
+    if kind == 'q' or kind == 'o' then
+      local v = redis.call('HMGET', k, 'c', 'e')
+      local used, e = tonumber(v[1]) or 0, tonumber(v[2]) or 0
+      local opened = false
+      if e <= now then
+        used = 0
+        opened = true
+        if kind == 'o' then
+          e = now + b
+        elseif b <= now and now < c then
+          e = c
+        else
+          return {2, now}
+        end
       end
-    end
-    if used + cost > a then return {0, i, e, now} end
-    seen[i] = {used, e}
-  elseif kind == 'r' then
-    local tat = tonumber(redis.call('GET', k)) or 0
-    if tat < now then tat = now end
-    local inc = a * cost
-    local cap = b
-    if inc > cap then cap = inc end
-    local admit_at = tat + inc - cap
-    if admit_at > now then
-      local wait = admit_at - now
-      if max_delay >= 0 and wait <= max_delay then
-        if wait > delay then delay = wait end
-      else
-        return {0, i, admit_at, now}
+      if used + cost > a then return {0, i, e, now} end
+      seen[i] = {used, e, opened}
+    elseif kind == 'r' then
+      local tat = tonumber(redis.call('GET', k)) or 0
+      if tat < now then tat = now end
+      local inc = a * cost
+      local cap = b
+      if inc > cap then cap = inc end
+      local admit_at = tat + inc - cap
+      if admit_at > now then
+        local wait = admit_at - now
+        if max_delay >= 0 and wait <= max_delay then
+          if wait > delay then delay = wait end
+        else
+          return {0, i, admit_at, now}
+        end
       end
+      seen[i] = tat
+    else
+      -- Leases of crashed sidecars stop being renewed and fall out here.
+      redis.call('ZREMRANGEBYSCORE', k, '-inf', int(now))
+      local held = redis.call('ZCARD', k)
+      if held >= a then return {0, i, now + 1000000, now} end
+      seen[i] = held
     end
-    seen[i] = tat
-  else
-    -- Leases of crashed sidecars stop being renewed and fall out here.
-    redis.call('ZREMRANGEBYSCORE', k, '-inf', int(now))
-    local held = redis.call('ZCARD', k)
-    if held >= a then return {0, i, now + 1000000, now} end
-    seen[i] = held
   end
-end
-local out = {1, delay, now}
-local lease_expiry = int(now + tonumber(ARGV[4]))
-for i = 1, n do
-  local kind = ARGV[4 * i + 1]
-  local a = tonumber(ARGV[4 * i + 2])
-  local k = KEYS[i]
-  if kind == 'q' or kind == 'o' then
-    local used, e = seen[i][1] + cost, seen[i][2]
-    redis.call('HSET', k, 'c', int(used), 'e', int(e))
-    redis.call('PEXPIREAT', k, expire_ms(e))
-    out[#out + 1] = used
-    out[#out + 1] = e
-  elseif kind == 'r' then
-    local tat = seen[i] + a * cost
-    redis.call('SET', k, int(tat), 'PXAT', expire_ms(tat))
-    out[#out + 1] = tat
-  else
-    redis.call('ZADD', k, lease_expiry, ARGV[3])
-    local last = redis.call('ZRANGE', k, -1, -1, 'WITHSCORES')
-    redis.call('PEXPIREAT', k, expire_ms(tonumber(last[2])))
-    out[#out + 1] = seen[i] + 1
+  local out = {1, delay, now}
+  local lease_expiry = int(now + tonumber(ARGV[p + 4]))
+  for i = 1, n do
+    local q = p + 4 * i
+    local kind = ARGV[q + 1]
+    local a = tonumber(ARGV[q + 2])
+    local k = KEYS[k0 + i]
+    if kind == 'q' or kind == 'o' then
+      local used, e = seen[i][1] + cost, seen[i][2]
+      redis.call('HSET', k, 'c', int(used), 'e', int(e))
+      -- HSET keeps the hash's TTL: it only needs setting when a window opens.
+      if seen[i][3] then redis.call('PEXPIREAT', k, expire_ms(e)) end
+      out[#out + 1] = used
+      out[#out + 1] = e
+    elseif kind == 'r' then
+      local tat = seen[i] + a * cost
+      redis.call('SET', k, int(tat), 'PXAT', expire_ms(tat))
+      out[#out + 1] = tat
+    else
+      redis.call('ZADD', k, lease_expiry, ARGV[p + 3])
+      local last = redis.call('ZRANGE', k, -1, -1, 'WITHSCORES')
+      redis.call('PEXPIREAT', k, expire_ms(tonumber(last[2])))
+      out[#out + 1] = seen[i] + 1
+    end
   end
+  return out
 end
-return out
+local replies = {}
+local k0, p = 0, 2
+for j = 1, tonumber(ARGV[1]) do
+  local n = tonumber(ARGV[p])
+  replies[j] = decide(k0, p, n)
+  k0 = k0 + n
+  p = p + 5 + 4 * n
+end
+return replies
 "#;
 
-/// Gives back what [`DECIDE_LUA`] charged (same KEYS and ARGV): used when a later scope
+/// Gives back what [`DECIDE_LUA`] charged for one scope (its KEYS, and its ARGV without the
+/// leading counts: cost, max delay, lease id, lease TTL, four per key): used when a later scope
 /// (policy-wide limits) or the throttle queue refuses a request the key scope admitted.
 const UNDO_LUA: &str = r#"
 local function int(x) return string.format('%d', x) end
@@ -307,19 +329,16 @@ impl<'a> Group<'a> {
             .map(|(k, _)| k)
     }
 
-    /// The script call for this scope; calendar quota windows are placed at `est_us`, the
-    /// sidecar's estimate of Redis' now.
-    fn invocation<'s>(
-        &self,
-        script: &'s Script,
-        a: &Args<'_>,
-        est_us: u64,
-    ) -> redis::ScriptInvocation<'s> {
-        let mut inv = script.prepare_invoke();
+    /// This scope's part of a batched script call; calendar quota windows are placed at
+    /// `est_us`, the sidecar's estimate of Redis' now.
+    fn job(&self, a: &Args<'_>, est_us: u64, reply: oneshot::Sender<Result<Reply, Error>>) -> Job {
+        let mut keys = redis::Cmd::new();
         for k in &self.keys {
-            inv.key(k);
+            keys.arg(k);
         }
-        inv.arg(a.cost)
+        let mut argv = redis::Cmd::new();
+        argv.arg(self.keys.len())
+            .arg(a.cost)
             .arg(a.max_delay_us)
             .arg(a.lease_id)
             .arg(a.lease_ttl_us);
@@ -329,7 +348,7 @@ impl<'a> Group<'a> {
                 Rule::Quota(q) => match q.alignment {
                     QuotaAlignment::Calendar => {
                         let (start, end) = calendar_window_us(q.period, est_us);
-                        inv.arg("q").arg(q.requests).arg(start).arg(end);
+                        argv.arg("q").arg(q.requests).arg(start).arg(end);
                     }
                     QuotaAlignment::Rolling => {
                         // The script adds its own now: only the length (a calendar month's,
@@ -337,22 +356,29 @@ impl<'a> Group<'a> {
                         let len = window::window_end_ns(q.period, q.alignment, est_ns)
                             .saturating_sub(est_ns)
                             / NS_PER_US;
-                        inv.arg("o").arg(q.requests).arg(len).arg(0);
+                        argv.arg("o").arg(q.requests).arg(len).arg(0);
                     }
                 },
                 Rule::Rate(r) => {
                     let interval = interval_us(r);
-                    inv.arg("r")
+                    argv.arg("r")
                         .arg(interval)
                         .arg(interval.saturating_mul(r.burst.saturating_add(1)))
                         .arg(0);
                 }
                 Rule::Concurrency(c) => {
-                    inv.arg("c").arg(c.max).arg(0).arg(0);
+                    argv.arg("c").arg(c.max).arg(0).arg(0);
                 }
             }
         }
-        inv
+        let lease_keys: Vec<String> = self.lease_keys().cloned().collect();
+        Job {
+            keys,
+            key_count: self.keys.len(),
+            argv,
+            lease: (!lease_keys.is_empty()).then(|| (a.lease_id.to_string(), lease_keys)),
+            reply,
+        }
     }
 
     /// The refusal for limit `index` (1-based, as the script numbers it), with `reset_us`
@@ -545,6 +571,163 @@ fn parse(v: Vec<i64>) -> Result<ScriptResult, Error> {
     }
 }
 
+/// Most scopes in one script call: bounds the call's size and how long Redis runs it.
+const MAX_BATCH: usize = 64;
+/// Script calls in flight at once: while one runs in Redis the next one fills, so Redis
+/// does not sit idle for a round trip between batches; more would only make them smaller.
+const MAX_IN_FLIGHT: usize = 2;
+
+/// One scope's decision waiting for the next batched script call.
+struct Job {
+    /// The scope's KEYS, as bare arguments.
+    keys: redis::Cmd,
+    key_count: usize,
+    /// Its ARGV: key count, cost, max delay, lease id, lease TTL, four per key.
+    argv: redis::Cmd,
+    /// The lease id and sorted sets the script may add it to: if the caller is gone by the
+    /// time the reply comes, the batch releases the lease itself (see [`run_batch`]).
+    lease: Option<(String, Vec<String>)>,
+    reply: oneshot::Sender<Result<Reply, Error>>,
+}
+
+/// One scope's script reply, with the sidecar's clock when its batch was sent and answered.
+struct Reply {
+    values: Vec<i64>,
+    sent_ns: u64,
+    got_ns: u64,
+}
+
+/// What every batch needs, shared by the batching task and the calls it starts.
+struct BatchContext {
+    conn: ConnectionManager,
+    script: Script,
+    clock: Arc<dyn Clock>,
+    /// The timeout of the last decision (ms), shared with [`Inner`].
+    timeout_ms: Arc<AtomicU64>,
+    lease_ttl: Duration,
+}
+
+/// Gathers the scopes that callers queue while earlier calls are in flight and sends each
+/// gathering as one script call on the shared connection, so Redis pays its per-command
+/// cost (parsing, script lookup, Lua entry, `TIME`, reply) once per batch rather than once
+/// per decision. A lone caller is sent at once (a batch of one): batching never waits for
+/// company. Ends when the limiter (the only sender) is dropped.
+async fn batch_loop(mut queue: mpsc::UnboundedReceiver<Job>, ctx: Arc<BatchContext>) {
+    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    while let Some(first) = queue.recv().await {
+        // Waiting for a slot is what lets a batch grow: callers keep queueing meanwhile.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut jobs = Vec::with_capacity(queue.len().min(MAX_BATCH - 1) + 1);
+        let mut next = Some(first);
+        while let Some(job) = next.take() {
+            // A caller that gave up (timeout) before its scope was sent: never run it, so
+            // nothing is charged or leased for a request that was already answered.
+            if !job.reply.is_closed() {
+                jobs.push(job);
+            }
+            if jobs.len() < MAX_BATCH {
+                next = queue.try_recv().ok();
+            }
+        }
+        if !jobs.is_empty() {
+            tokio::spawn(run_batch(jobs, ctx.clone(), slot));
+        }
+    }
+}
+
+/// Sends one batch, answers each caller, and releases the leases of callers that gave up
+/// after their scope was sent (the script may have added the lease after the caller's own
+/// release went out; this release follows the script on the same connection).
+async fn run_batch(jobs: Vec<Job>, ctx: Arc<BatchContext>, _slot: OwnedSemaphorePermit) {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(ctx.script.get_hash())
+        .arg(jobs.iter().map(|j| j.key_count).sum::<usize>());
+    for part in jobs.iter().map(|j| &j.keys) {
+        for a in part.args_iter() {
+            if let redis::Arg::Simple(b) = a {
+                cmd.arg(b);
+            }
+        }
+    }
+    cmd.arg(jobs.len());
+    for part in jobs.iter().map(|j| &j.argv) {
+        for a in part.args_iter() {
+            if let redis::Arg::Simple(b) = a {
+                cmd.arg(b);
+            }
+        }
+    }
+    let timeout = Duration::from_millis(ctx.timeout_ms.load(Ordering::Relaxed));
+    let mut conn = ctx.conn.clone();
+    let sent_ns = ctx.clock.now_ns();
+    let r = tokio::time::timeout(timeout, evalsha(&mut conn, &cmd, &ctx.script)).await;
+    let got_ns = ctx.clock.now_ns();
+    let mut replies: Vec<Result<Vec<i64>, Error>> = match r {
+        Ok(Ok(v)) if v.len() == jobs.len() => v.into_iter().map(Ok).collect(),
+        Ok(Ok(v)) => {
+            let msg = format!("{} script replies for {} scopes", v.len(), jobs.len());
+            jobs.iter()
+                .map(|_| Err(Error::Redis(msg.clone())))
+                .collect()
+        }
+        Ok(Err(e)) => {
+            let msg = e.to_string();
+            jobs.iter()
+                .map(|_| Err(Error::Redis(msg.clone())))
+                .collect()
+        }
+        Err(_) => jobs
+            .iter()
+            .map(|_| Err(Error::RedisTimeout(timeout)))
+            .collect(),
+    };
+    let mut abandoned = redis::pipe();
+    let mut any_abandoned = false;
+    for (job, reply) in jobs.into_iter().zip(replies.drain(..)) {
+        let reply = reply.map(|values| Reply {
+            values,
+            sent_ns,
+            got_ns,
+        });
+        if job.reply.send(reply).is_err() {
+            if let Some((id, keys)) = &job.lease {
+                for k in keys {
+                    abandoned.cmd("ZREM").arg(k).arg(id).ignore();
+                    any_abandoned = true;
+                }
+            }
+        }
+    }
+    if any_abandoned {
+        // Off every request path: wait as long as a lease would hold the slot.
+        let r = tokio::time::timeout(
+            ctx.lease_ttl.max(timeout),
+            abandoned.query_async::<()>(&mut conn),
+        )
+        .await;
+        if !matches!(r, Ok(Ok(()))) {
+            tracing::debug!("redis lease release failed; it expires after its TTL");
+        }
+    }
+}
+
+/// `EVALSHA`, loading the script on `NOSCRIPT` (a restarted or flushed Redis) and retrying.
+async fn evalsha(
+    conn: &mut ConnectionManager,
+    cmd: &redis::Cmd,
+    script: &Script,
+) -> redis::RedisResult<Vec<Vec<i64>>> {
+    match cmd.query_async(conn).await {
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            script.load_async(conn).await?;
+            cmd.query_async(conn).await
+        }
+        r => r,
+    }
+}
+
 struct Inner {
     conn: Option<ConnectionManager>,
     /// The document's URL (none: the environment's), to tell whether a new document still
@@ -560,14 +743,15 @@ struct Inner {
     /// Enforces `limit / replicas` while Redis is away; its own state, never mixed with the
     /// sidecar's local view.
     fallback: Limiter,
-    decide: Script,
+    /// Scopes waiting for the batching task ([`batch_loop`]); none without a connection.
+    batches: Option<mpsc::UnboundedSender<Job>>,
     settings: RedisSettings,
     /// Leases held by in-flight requests (id -> sorted-set keys), renewed in the background.
     leases: Mutex<HashMap<String, Vec<String>>>,
     instance: u64,
     next_lease: AtomicU64,
     /// Timeout of the last decision, for the background calls (same bound).
-    last_timeout_ms: AtomicU64,
+    last_timeout_ms: Arc<AtomicU64>,
     /// Redis' clock minus the sidecar's (µs), as last learned from a reply: where the
     /// sidecar places calendar quota windows, and how Redis' window ends reach the local view.
     offset_us: AtomicI64,
@@ -666,6 +850,19 @@ impl RedisLimiter {
         };
         let up = conn.is_some();
         metrics.store_up.set(i64::from(up));
+        let last_timeout_ms = Arc::new(AtomicU64::new(cfg.timeout_ms.max(1)));
+        let batches = conn.clone().map(|conn| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let ctx = Arc::new(BatchContext {
+                conn,
+                script: Script::new(DECIDE_LUA),
+                clock: clock.clone(),
+                timeout_ms: last_timeout_ms.clone(),
+                lease_ttl: settings.lease_ttl,
+            });
+            tokio::spawn(batch_loop(rx, ctx));
+            tx
+        });
         let inner = Arc::new(Inner {
             conn,
             source: cfg.url.clone(),
@@ -676,12 +873,12 @@ impl RedisLimiter {
             fallback: Limiter::new(clock.clone()),
             clock,
             metrics,
-            decide: Script::new(DECIDE_LUA),
+            batches,
             settings,
             leases: Mutex::new(HashMap::new()),
             instance,
             next_lease: AtomicU64::new(0),
-            last_timeout_ms: AtomicU64::new(cfg.timeout_ms.max(1)),
+            last_timeout_ms,
             offset_us: AtomicI64::new(0),
         });
         if inner.conn.is_some() {
@@ -719,18 +916,15 @@ impl RedisLimiter {
         inner
             .last_timeout_ms
             .store(cfg.timeout_ms.max(1), Ordering::Relaxed);
-        if inner.up.load(Ordering::Acquire) {
-            if let Some(conn) = &inner.conn {
-                match tokio::time::timeout(timeout, inner.decide_redis(conn.clone(), c, view)).await
-                {
-                    Ok(Ok(d)) => return Some(d),
-                    Ok(Err(e)) => inner.mark_down("error", &e, Some(cfg.fail_mode)),
-                    Err(_) => inner.mark_down(
-                        "timeout",
-                        &Error::RedisTimeout(timeout),
-                        Some(cfg.fail_mode),
-                    ),
-                }
+        if inner.up.load(Ordering::Acquire) && inner.batches.is_some() {
+            match tokio::time::timeout(timeout, inner.decide_redis(c, view)).await {
+                Ok(Ok(d)) => return Some(d),
+                Ok(Err(e)) => inner.mark_down("error", &e, Some(cfg.fail_mode)),
+                Err(_) => inner.mark_down(
+                    "timeout",
+                    &Error::RedisTimeout(timeout),
+                    Some(cfg.fail_mode),
+                ),
             }
         }
         inner.fail(cfg, c)
@@ -792,26 +986,30 @@ impl Inner {
         }
     }
 
-    /// Runs one scope's decision and returns the reply with the sidecar's clock when it
-    /// arrived. A `Stale` reply (the calendar window was placed from a clock estimate that
+    /// Runs one scope's decision (in the next batch) and returns the reply with the
+    /// sidecar's clock when it arrived. A `Stale` reply (the calendar window was placed from a clock estimate that
     /// is off, e.g. before the first reply of a skewed sidecar, or one round trip after a
     /// boundary) is retried from Redis' own now; it is returned only if that keeps failing.
-    async fn run(
-        &self,
-        conn: &mut ConnectionManager,
-        g: &Group<'_>,
-        a: &Args<'_>,
-    ) -> Result<(ScriptResult, u64), Error> {
+    async fn run(&self, g: &Group<'_>, a: &Args<'_>) -> Result<(ScriptResult, u64), Error> {
+        let batches = self
+            .batches
+            .as_ref()
+            .ok_or_else(|| Error::Redis("no redis connection".into()))?;
         let mut est_us = self.redis_now_estimate_us();
         let mut attempts = 0;
         loop {
-            let sent_ns = self.clock.now_ns();
-            let v: Vec<i64> = g
-                .invocation(&self.decide, a, est_us)
-                .invoke_async(conn)
-                .await?;
-            let got_ns = self.clock.now_ns();
-            let r = parse(v)?;
+            let (tx, rx) = oneshot::channel();
+            batches
+                .send(g.job(a, est_us, tx))
+                .map_err(|_| Error::Redis("the redis batching task ended".into()))?;
+            let Reply {
+                values,
+                sent_ns,
+                got_ns,
+            } = rx
+                .await
+                .map_err(|_| Error::Redis("the redis batching task ended".into()))??;
+            let r = parse(values)?;
             let redis_now_us = match &r {
                 ScriptResult::Refused { now_us, .. }
                 | ScriptResult::Stale { now_us }
@@ -830,7 +1028,6 @@ impl Inner {
 
     async fn decide_redis(
         self: &Arc<Self>,
-        mut conn: ConnectionManager,
         c: &Check<'_>,
         view: &Limiter,
     ) -> Result<Decision, Error> {
@@ -878,7 +1075,7 @@ impl Inner {
             if g.is_empty() {
                 continue;
             }
-            match self.run(&mut conn, g, &args).await? {
+            match self.run(g, &args).await? {
                 (
                     ScriptResult::Admitted {
                         delay_us: d,
