@@ -1235,3 +1235,147 @@ async fn a_free_route_costs_nothing_in_redis_either() {
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     sc.stop().await;
 }
+
+/// `EVALSHA` calls Redis has served so far (`INFO commandstats`).
+async fn evalsha_calls(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .expect("INFO");
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Concurrent decisions reach Redis in batched script calls (fewer calls than decisions),
+/// and batching changes no count: every key admits exactly its limit whichever batch each
+/// decision landed in (several decisions of one key share a batch), Redis holds exactly
+/// those charges, and concurrency leases taken inside batches are exact and all released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_decisions_are_batched_and_stay_exact() {
+    let redis = RedisServer::start();
+    let cfg = redis_cfg(redis.url(), TIMEOUT_MS);
+    let l = Arc::new(redis_limiter(
+        &cfg,
+        Arc::new(SystemClock),
+        Duration::from_secs(30),
+    ));
+    let mut ins = inspector(&redis.url()).await;
+    // Keys 1-5: 20 at once (burst 19), then one per 3 minutes. Keys 6-10: the same rate,
+    // under a daily quota of 15.
+    let rate_bound = Arc::new(LimitSet::compile(&rate(20, 3600, 19), "key"));
+    let quota_bound = Arc::new(LimitSet::compile(
+        &Limits {
+            quotas: vec![QuotaWindow {
+                name: "daily".into(),
+                requests: 15,
+                period: QuotaPeriod::Day,
+                alignment: QuotaAlignment::Calendar,
+            }],
+            ..rate(20, 3600, 19)
+        },
+        "key",
+    ));
+    // Loaded first, so a NOSCRIPT retry does not count as a batch.
+    admitted(&l, &cfg, &rate_bound, 99).await;
+    let calls_before = evalsha_calls(&mut ins).await;
+
+    const TOTAL: u64 = 600;
+    let next = Arc::new(AtomicU64::new(0));
+    let per_key: Arc<Vec<AtomicU64>> = Arc::new((0..=10).map(|_| AtomicU64::new(0)).collect());
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let (l, cfg, next, per_key) = (l.clone(), cfg.clone(), next.clone(), per_key.clone());
+        let (rate_bound, quota_bound) = (rate_bound.clone(), quota_bound.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= TOTAL {
+                    return;
+                }
+                let key = 1 + i % 10;
+                let (set, reason) = if key <= 5 {
+                    (&rate_bound, ExhaustionReason::RateLimited)
+                } else {
+                    (&quota_bound, ExhaustionReason::QuotaExceeded)
+                };
+                match decide(&l, &cfg, set, key).await {
+                    Some(Decision::Allow(_)) => {
+                        per_key[key as usize].fetch_add(1, Ordering::Relaxed);
+                    }
+                    Some(Decision::Refuse(r)) => assert_eq!(r.reason, reason, "key {key}"),
+                    None => panic!("the store failed (timeout?) under batching"),
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("caller task");
+    }
+    let calls = evalsha_calls(&mut ins).await - calls_before;
+    let admitted_per_key: Vec<u64> = (1..=10)
+        .map(|k| per_key[k].load(Ordering::Relaxed))
+        .collect();
+    eprintln!(
+        "MEASURED {TOTAL} decisions from 64 callers in {calls} script calls; admitted per key {admitted_per_key:?}"
+    );
+    assert_eq!(admitted_per_key, [20, 20, 20, 20, 20, 15, 15, 15, 15, 15]);
+    assert!(
+        calls < TOTAL,
+        "{calls} script calls for {TOTAL} concurrent decisions: not batched"
+    );
+    // What Redis charged: each quota-bound key's count is exactly its quota.
+    let quota_keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*:q:*")
+        .query_async(&mut ins)
+        .await
+        .expect("KEYS");
+    assert_eq!(quota_keys.len(), 5, "{quota_keys:?}");
+    for k in &quota_keys {
+        let used: u64 = redis::cmd("HGET")
+            .arg(k)
+            .arg("c")
+            .query_async(&mut ins)
+            .await
+            .expect("HGET");
+        assert_eq!(used, 15, "{k}");
+    }
+
+    // Concurrency: 24 callers at once on a limit of 3, each holding what it got until every
+    // one has answered: exactly 3 leases, all released when dropped.
+    let concurrent = Arc::new(LimitSet::compile(
+        &Limits {
+            concurrency: Some(3),
+            ..Limits::default()
+        },
+        "key",
+    ));
+    let mut tasks = Vec::new();
+    for _ in 0..24 {
+        let (l, cfg, set) = (l.clone(), cfg.clone(), concurrent.clone());
+        tasks.push(tokio::spawn(
+            async move { decide(&l, &cfg, &set, 11).await },
+        ));
+    }
+    let mut held = Vec::new();
+    for t in tasks {
+        match t.await.expect("caller task") {
+            Some(Decision::Allow(a)) => held.push(a),
+            Some(Decision::Refuse(r)) => {
+                assert_eq!(r.reason, ExhaustionReason::ConcurrencyLimited)
+            }
+            None => panic!("the store failed under batching"),
+        }
+    }
+    assert_eq!(held.len(), 3, "exactly the concurrency limit admitted");
+    assert_eq!(leases(&mut ins).await.len(), 3);
+    drop(held);
+    eventually("every lease to be released", || {
+        let mut ins = ins.clone();
+        async move { leases(&mut ins).await.is_empty() }
+    })
+    .await;
+}
