@@ -9,12 +9,12 @@
 //! policy with 100k keys costs no API reads.
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::jiff::Timestamp;
 use k8s_openapi::ByteString;
@@ -31,6 +31,7 @@ use tracing::{info, warn};
 
 use crate::conditions::{self, Desired};
 use crate::crd::{condition, ApiKey, RateLimitPolicy};
+use crate::index::{Debouncer, KeyIndex, Written};
 use crate::metrics::Metrics;
 use crate::render::{self, BoundKey, KeyProblem, POLICY_LABEL};
 use crate::Error;
@@ -63,6 +64,12 @@ pub struct Context {
     pub config_maps: Store<ConfigMap>,
     pub render_memo: RenderMemo,
     pub duplicates: DuplicateBook,
+    /// Secret -> ApiKeys and policy -> ApiKeys, kept by the ApiKey watch.
+    pub index: Arc<KeyIndex>,
+    /// ApiKey statuses written by this process that the cache does not show yet.
+    pub written: Written,
+    /// True once every cache is filled.
+    pub caches: tokio::sync::watch::Receiver<bool>,
     /// Asks the ApiKey controller to look at a key again: the policy controller is the one
     /// that finds duplicate key material, and the keys it affects get no event of their own.
     pub recheck_apikey: futures::channel::mpsc::UnboundedSender<ObjectRef<ApiKey>>,
@@ -152,7 +159,76 @@ fn render_inputs(
     sum
 }
 
+/// How hard the controllers may push; see the flags in `lib.rs`.
+#[derive(Debug, Clone, Copy)]
+pub struct Tuning {
+    /// ApiKey reconciles at once.
+    pub apikey_concurrency: u16,
+    /// RateLimitPolicy reconciles (renders) at once.
+    pub policy_concurrency: u16,
+    /// A policy renders once its keys stopped changing for this long ...
+    pub render_quiet: Duration,
+    /// ... or this long after the first change it has not rendered yet.
+    pub render_max_delay: Duration,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            apikey_concurrency: 16,
+            policy_concurrency: 2,
+            render_quiet: Duration::from_millis(500),
+            render_max_delay: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Context {
+    /// Waits until every cache has its first full list. A controller starts when its own
+    /// cache is ready; a reconcile also reads the others, and an ApiKey reconcile that ran
+    /// before the Secret cache was filled would look for Secrets by GET one by one. (A
+    /// watch channel, not the stores' own `wait_until_ready`: that wakes only the last of
+    /// several waiters, and the reconciles waiting at startup would never run.)
+    async fn caches_ready(&self) -> Result<(), Error> {
+        let mut rx = self.caches.clone();
+        rx.wait_for(|ready| *ready)
+            .await
+            .map(|_| ())
+            .map_err(|_| Error::Config("the caches never became ready".into()))
+    }
+}
+
+/// Waits for each cache in turn (one waiter each), then opens `tx`.
+async fn await_caches(
+    stores: (
+        Store<Secret>,
+        Store<ApiKey>,
+        Store<RateLimitPolicy>,
+        Store<ConfigMap>,
+    ),
+    tx: tokio::sync::watch::Sender<bool>,
+) -> Result<(), Error> {
+    let (secrets, apikeys, policies, config_maps) = stores;
+    for (what, r) in [
+        ("secrets", secrets.wait_until_ready().await),
+        ("apikeys", apikeys.wait_until_ready().await),
+        ("policies", policies.wait_until_ready().await),
+        ("configmaps", config_maps.wait_until_ready().await),
+    ] {
+        r.map_err(|e| Error::Config(format!("{what} cache never became ready: {e}")))?;
+    }
+    let _ = tx.send(true);
+    Ok(())
+}
+
 /// Starts the caches, then runs both controllers until `shutdown` resolves.
+///
+/// One watch per kind feeds one cache, shared by both controllers and [`Context`]: the
+/// ApiKey watch drives the ApiKey controller and keeps [`KeyIndex`], whose changes reach the
+/// policy controller through a [`Debouncer`]; the Secret watch drives the ApiKey controller
+/// (and, through the index, the debouncer); the policy watch drives the policy controller
+/// and, when a policy appears or vanishes, rechecks its keys; the ConfigMap watch drives the
+/// policy controller.
 // Each argument is a separate piece of shared state wired once in `lib.rs`.
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
@@ -162,6 +238,7 @@ pub async fn run(
     reports: Arc<crate::reports::Reports>,
     instance: String,
     leader: crate::leader::LeaderState,
+    tuning: Tuning,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
     ready: impl FnOnce(),
 ) -> Result<(), Error> {
@@ -195,41 +272,16 @@ pub async fn run(
     let cm_cfg = watcher::Config::default().labels(POLICY_LABEL);
     let secret_cfg = watcher::Config::default().labels(SECRET_SELECTOR);
 
-    // Reflectors feed the caches; their streams must be polled to make progress.
-    let caches = futures::future::join4(
-        reflector::reflector(secrets_w, watcher(secret_api.clone(), secret_cfg.clone()))
-            .default_backoff()
-            .for_each(|_| async {}),
-        reflector::reflector(
-            apikeys_w,
-            watcher(apikey_api.clone(), watcher::Config::default()),
-        )
-        .default_backoff()
-        .for_each(|_| async {}),
-        reflector::reflector(
-            policies_w,
-            watcher(policy_api.clone(), watcher::Config::default()),
-        )
-        .default_backoff()
-        .for_each(|_| async {}),
-        reflector::reflector(config_maps_w, watcher(cm_api.clone(), cm_cfg.clone()))
-            .default_backoff()
-            .for_each(|_| async {}),
-    );
-    let caches = tokio::spawn(caches);
-
-    for (what, r) in [
-        ("secrets", secrets.wait_until_ready().await),
-        ("apikeys", apikeys.wait_until_ready().await),
-        ("policies", policies.wait_until_ready().await),
-        ("configmaps", config_maps.wait_until_ready().await),
-    ] {
-        r.map_err(|e| Error::Config(format!("{what} cache never became ready: {e}")))?;
-    }
-    info!("caches synced");
-    ready();
-
     let (recheck_apikey, recheck_rx) = futures::channel::mpsc::unbounded();
+    let index = Arc::new(KeyIndex::default());
+    let (caches_tx, caches) = tokio::sync::watch::channel(false);
+    let stores = (
+        secrets.clone(),
+        apikeys.clone(),
+        policies.clone(),
+        config_maps.clone(),
+    );
+    let debouncer = Arc::new(Debouncer::new(tuning.render_quiet, tuning.render_max_delay));
     let ctx = Arc::new(Context {
         client: client.clone(),
         recorder: Recorder::new(
@@ -242,59 +294,144 @@ pub async fn run(
         metrics,
         leader,
         secrets,
-        apikeys: apikeys.clone(),
-        policies,
+        apikeys,
+        policies: policies.clone(),
         config_maps: config_maps.clone(),
         render_memo: RenderMemo::default(),
         duplicates: DuplicateBook::default(),
-        recheck_apikey,
+        index: index.clone(),
+        written: Written::default(),
+        caches,
+        recheck_apikey: recheck_apikey.clone(),
     });
 
-    let shutdown = futures::future::FutureExt::shared(Box::pin(shutdown));
-    let status_writer = tokio::spawn(crate::reports::write_status(
-        reports,
-        ctx.clone(),
-        shutdown.clone(),
-    ));
-
-    // A Secret event re-reconciles the ApiKeys that read it.
-    let keys_for_secret = apikeys.clone();
-    let apikey_ctl = Controller::new(apikey_api.clone(), watcher::Config::default())
-        .watches(secret_api, secret_cfg, move |s: Secret| {
-            let ns = s.namespace().unwrap_or_default();
-            let name = s.name_any();
-            keys_for_secret
-                .state()
-                .into_iter()
-                .filter(|k| {
-                    k.namespace().as_deref() == Some(ns.as_str()) && render::secret_ref(k).0 == name
-                })
-                .map(|k| ObjectRef::from_obj(k.as_ref()))
-                .collect::<Vec<_>>()
+    // The index and the memo of our writes are updated after the cache (the reflector), so
+    // whatever they say, the cache already holds.
+    let apikey_events = {
+        let (ctx, debouncer) = (ctx.clone(), debouncer.clone());
+        reflector::reflector(
+            apikeys_w,
+            watcher(apikey_api, watcher::Config::default()).default_backoff(),
+        )
+        .map_ok(move |ev| {
+            ctx.written.on_event(&ev);
+            debouncer.mark(ctx.index.on_event(&ev));
+            ev
         })
-        // A policy appearing or vanishing changes its keys' Ready condition.
-        .watches(policy_api.clone(), watcher::Config::default(), {
-            let keys = apikeys.clone();
-            move |p: RateLimitPolicy| keys_of_policy(&keys, &p)
+        .applied_objects()
+    };
+    let secret_events =
+        reflector::reflector(secrets_w, watcher(secret_api, secret_cfg).default_backoff())
+            .touched_objects();
+    let policy_events = {
+        let (index, recheck) = (index.clone(), recheck_apikey.clone());
+        let mut known: HashSet<(String, String)> = HashSet::new();
+        reflector::reflector(
+            policies_w,
+            watcher(policy_api, watcher::Config::default()).default_backoff(),
+        )
+        .map_ok(move |ev| {
+            // A policy appearing or vanishing changes its keys' Ready condition; its status
+            // writes (many) change nothing for them.
+            let mut flip = |p: &RateLimitPolicy, exists: bool| {
+                let id = (p.namespace().unwrap_or_default(), p.name_any());
+                let changed = if exists {
+                    known.insert(id.clone())
+                } else {
+                    known.remove(&id)
+                };
+                if changed {
+                    for k in index.keys_of_policy(&id.0, &id.1) {
+                        // Only fails when the ApiKey controller has stopped (shutdown).
+                        let _ = recheck.unbounded_send(k);
+                    }
+                }
+            };
+            match &ev {
+                watcher::Event::Apply(p) | watcher::Event::InitApply(p) => flip(p, true),
+                watcher::Event::Delete(p) => flip(p, false),
+                watcher::Event::Init | watcher::Event::InitDone => {}
+            }
+            ev
+        })
+        .applied_objects()
+        // The policy's own status writes (one per render) must not render it again: only a
+        // new spec, or a new count of reporting sidecars (which the render reads), does.
+        .predicate_filter(
+            |p: &RateLimitPolicy| {
+                let sidecars = p.status.as_ref().map_or(0, |s| s.sidecars_reporting);
+                Some(hash_of((p.metadata.generation, sidecars)))
+            },
+            Default::default(),
+        )
+    };
+    let cm_events = reflector::reflector(config_maps_w, watcher(cm_api, cm_cfg).default_backoff())
+        .touched_objects();
+
+    let shutdown = futures::future::FutureExt::shared(Box::pin(shutdown));
+    let (render_tx, render_rx) = crate::index::policy_channel();
+    let debounce = tokio::spawn(debouncer.clone().run(render_tx));
+
+    let apikey_ctl = Controller::for_stream(apikey_events, ctx.apikeys.clone())
+        .with_config(
+            kube::runtime::controller::Config::default().concurrency(tuning.apikey_concurrency),
+        )
+        // A Secret event re-reconciles the ApiKeys that read it and re-renders their
+        // policies (a rotated key); the namespace's hash key re-renders every policy there.
+        .watches_stream(secret_events, {
+            let (index, debouncer) = (index.clone(), debouncer.clone());
+            move |s: Secret| {
+                let ns = s.namespace().unwrap_or_default();
+                let name = s.name_any();
+                if name == dp::HASH_KEY_SECRET {
+                    debouncer.mark(index.policies_in(&ns).into_iter().map(|p| (ns.clone(), p)));
+                    return vec![];
+                }
+                debouncer.mark(index.policies_of_secret(&ns, &name));
+                index.keys_of_secret(&ns, &name)
+            }
         })
         .reconcile_on(recheck_rx)
         .graceful_shutdown_on(shutdown.clone())
         .run(reconcile_apikey, error_policy_apikey, ctx.clone())
         .for_each(|_| async {});
 
-    let policy_ctl = Controller::new(policy_api, watcher::Config::default())
-        .owns(cm_api, cm_cfg)
-        .watches(apikey_api, watcher::Config::default(), |k: ApiKey| {
-            policies_of_key(&k)
+    let policy_ctl = Controller::for_stream(policy_events, policies)
+        .with_config(
+            kube::runtime::controller::Config::default().concurrency(tuning.policy_concurrency),
+        )
+        // A ConfigMap event (our own write coming back, or someone else's edit to repair)
+        // re-renders its policy through the debouncer, once a burst of them is over.
+        .watches_stream(cm_events, {
+            let debouncer = debouncer.clone();
+            move |cm: ConfigMap| {
+                if let Some(p) = cm.labels().get(POLICY_LABEL) {
+                    debouncer.mark([(cm.namespace().unwrap_or_default(), p.clone())]);
+                }
+                None
+            }
         })
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile_policy, error_policy_policy, ctx)
+        .reconcile_on(render_rx)
+        .graceful_shutdown_on(shutdown.clone())
+        .run(reconcile_policy, error_policy_policy, ctx.clone())
         .for_each(|_| async {});
 
-    futures::future::join(apikey_ctl, policy_ctl).await;
-    status_writer.abort();
-    caches.abort();
-    Ok(())
+    // Readiness and the exhaustion status writer wait for the caches, which the controllers'
+    // streams fill.
+    let status = {
+        let ctx = ctx.clone();
+        async move {
+            await_caches(stores, caches_tx).await?;
+            info!("caches synced");
+            ready();
+            crate::reports::write_status(reports, ctx, shutdown).await;
+            Ok::<(), Error>(())
+        }
+    };
+    let (_, status) =
+        futures::future::join(futures::future::join(apikey_ctl, policy_ctl), status).await;
+    debounce.abort();
+    status
 }
 
 /// The policies an ApiKey event concerns: the one it names, and the one it was last bound to
@@ -310,16 +447,6 @@ pub fn policies_of_key(k: &ApiKey) -> Vec<ObjectRef<RateLimitPolicy>> {
         }
     }
     out
-}
-
-fn keys_of_policy(keys: &Store<ApiKey>, p: &RateLimitPolicy) -> Vec<ObjectRef<ApiKey>> {
-    let ns = p.namespace().unwrap_or_default();
-    let name = p.name_any();
-    keys.state()
-        .into_iter()
-        .filter(|k| k.namespace().as_deref() == Some(ns.as_str()) && k.spec.policy_ref.name == name)
-        .map(|k| ObjectRef::from_obj(k.as_ref()))
-        .collect()
 }
 
 /// Generates a key: `kl_` + 32 random bytes in hex (256 bits of entropy).
@@ -416,14 +543,12 @@ async fn ensure_generated_secret(key: &ApiKey, ctx: &Context) -> Result<Option<S
         return Ok(Some((*s).clone()));
     }
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    // The cache may lag a Secret created moments ago; never overwrite an existing key. A
-    // Secret of that name without the opt-in label (a user's, or one generated before the
-    // label existed) is neither read nor replaced: the key reports SecretNotFound, whose
-    // message names the label. Labelling it here would need `patch` on every Secret in the
-    // cluster; docs/install.md has the one-line upgrade step instead.
-    if let Some(s) = api.get_opt(&name).await? {
-        return Ok(opted_in(&s).then_some(s));
-    }
+    // The cache may lag a Secret created moments ago; never overwrite an existing key: a
+    // create fails (409) when one exists, and only then is it read. A Secret of that name
+    // without the opt-in label (a user's, or one generated before the label existed) is
+    // neither read nor replaced: the key reports SecretNotFound, whose message names the
+    // label. Labelling it here would need `patch` on every Secret in the cluster;
+    // docs/install.md has the one-line upgrade step instead.
     let secret = Secret {
         metadata: ObjectMeta {
             name: Some(name.clone()),
@@ -591,6 +716,7 @@ pub fn keys_to_recheck<'a>(
 }
 
 async fn reconcile_apikey(key: Arc<ApiKey>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.caches_ready().await?;
     let _timer = ctx.metrics.reconcile_timer("apikey");
     let ns = key
         .namespace()
@@ -645,14 +771,27 @@ async fn reconcile_apikey(key: Arc<ApiKey>, ctx: Arc<Context>) -> Result<Action,
     let fingerprint = bound.as_ref().map(BoundKey::fingerprint);
     let secret_name = Some(render::secret_ref(&key).0);
     let policy = policy_exists.then(|| key.spec.policy_ref.name.clone());
-    let unchanged = conditions::is_current(&old.conditions, &ready, generation)
+    let id = (ns.clone(), name.clone());
+    let digest = hash_of((
+        (&ready.reason, &ready.message, ready.status, generation),
+        (&fingerprint, &secret_name, &policy),
+    ));
+    let cached_current = conditions::is_current(&old.conditions, &ready, generation)
         && old.observed_generation == generation
         && old.fingerprint == fingerprint
         && old.secret_name == secret_name
         && old.policy == policy;
-    if !unchanged {
-        let was_ready =
-            conditions::find(&old.conditions, condition::READY).map(|c| c.status == "True");
+    let write = match ctx.written.last(&id) {
+        // This process wrote a status the cache does not show yet: the cache is stale, and
+        // only what was written says whether this one is new.
+        Some(w) => w.digest != digest,
+        None => !cached_current,
+    };
+    if write {
+        let was_ready = match ctx.written.last(&id) {
+            Some(w) => Some(w.ready),
+            None => conditions::find(&old.conditions, condition::READY).map(|c| c.status == "True"),
+        };
         let cond = conditions::merge(&old.conditions, &ready, generation, now);
         // Only the fields this manager owns; the exhaustion reporter owns the rest.
         let status = json!({
@@ -667,15 +806,28 @@ async fn reconcile_apikey(key: Arc<ApiKey>, ctx: Arc<Context>) -> Result<Action,
             }
         });
         let api: Api<ApiKey> = Api::namespaced(ctx.client.clone(), &ns);
-        ctx.leader
+        let written = ctx
+            .leader
             .fenced(api.patch_status(
                 &name,
                 &PatchParams::apply(MANAGER).force(),
                 &Patch::Apply(&status),
             ))
             .await??;
+        ctx.written.record(
+            id,
+            written.metadata.resource_version.unwrap_or_default(),
+            digest,
+            ready.status,
+        );
         ctx.metrics.status_writes.inc();
-        if was_ready != Some(ready.status) {
+        // Events on transitions only: a new key that binds says so in its status (and a
+        // generated one in its KeyGenerated event); one that cannot be used gets a warning.
+        let transition = match was_ready {
+            Some(was) => was != ready.status,
+            None => !ready.status,
+        };
+        if transition {
             let type_ = if ready.status {
                 EventType::Normal
             } else {
@@ -875,6 +1027,7 @@ async fn reconcile_policy(
     policy: Arc<RateLimitPolicy>,
     ctx: Arc<Context>,
 ) -> Result<Action, Error> {
+    ctx.caches_ready().await?;
     let _timer = ctx.metrics.reconcile_timer("ratelimitpolicy");
     let ns = policy
         .namespace()
@@ -883,10 +1036,13 @@ async fn reconcile_policy(
     let now = Timestamp::now();
 
     let keys: Vec<(Arc<ApiKey>, Option<Arc<Secret>>)> = ctx
-        .apikeys
-        .state()
+        .index
+        .keys_of_policy(&ns, &name)
         .into_iter()
-        .filter(|k| k.namespace().as_deref() == Some(ns.as_str()) && k.spec.policy_ref.name == name)
+        .filter_map(|r| ctx.apikeys.get(&r))
+        // The index is updated after the cache: a key it names but the cache changed since
+        // (moved to another policy) is not this policy's.
+        .filter(|k| k.spec.policy_ref.name == name)
         .map(|k| {
             let (sname, _) = render::secret_ref(&k);
             let secret = ctx.secrets.get(&ObjectRef::new(&sname).within(&ns));
@@ -1156,6 +1312,9 @@ mod tests {
             config_maps: reflector::store::<ConfigMap>().0,
             render_memo: RenderMemo::default(),
             duplicates: DuplicateBook::default(),
+            index: Arc::default(),
+            written: Written::default(),
+            caches: tokio::sync::watch::channel(true).1,
             recheck_apikey: futures::channel::mpsc::unbounded().0,
         };
         (Arc::new(ctx), calls)

@@ -8,10 +8,12 @@ pub mod conditions;
 pub mod controller;
 pub mod crd;
 pub mod exhaustion;
+pub mod index;
 pub mod leader;
 pub mod metrics;
 pub mod render;
 pub mod reports;
+pub mod throttle;
 pub mod trust;
 pub mod webhook;
 
@@ -107,6 +109,30 @@ pub struct RunArgs {
     /// carry ServiceAccount tokens, and go to the webhook's TLS address instead.
     #[arg(long)]
     pub allow_plaintext_reports: bool,
+    /// Client-side limit on apiserver requests per second (watches and the leader Lease are
+    /// not counted); 0 turns it off. Sized so a cold start over 100k ApiKeys (about two
+    /// writes each) finishes in minutes while a shared apiserver still sees a ceiling.
+    #[arg(long, default_value_t = 1000.0)]
+    pub kube_api_qps: f64,
+    /// Requests allowed at once above the QPS rate.
+    #[arg(long, default_value_t = 2000)]
+    pub kube_api_burst: u32,
+    /// Apiserver requests in flight at once (watches aside). kube's client uses HTTP/1.1, one
+    /// connection per concurrent request: this bounds the connections to the apiserver.
+    #[arg(long, default_value_t = 32)]
+    pub kube_api_max_in_flight: usize,
+    /// ApiKey reconciles at once.
+    #[arg(long, default_value_t = 16)]
+    pub apikey_concurrency: u16,
+    /// RateLimitPolicy reconciles (renders) at once.
+    #[arg(long, default_value_t = 2)]
+    pub policy_concurrency: u16,
+    /// A policy re-renders once its keys stopped changing for this many milliseconds...
+    #[arg(long, default_value_t = 500)]
+    pub render_quiet_ms: u64,
+    /// ...or this many milliseconds after the first change it has not rendered yet.
+    #[arg(long, default_value_t = 5000)]
+    pub render_max_delay_ms: u64,
     /// Boxed: the webhook's many flags would make `Command::Run` far larger than `Crd`.
     #[command(flatten)]
     pub webhook: Box<WebhookArgs>,
@@ -304,7 +330,14 @@ async fn await_apiserver(client: &kube::Client) {
 
 pub async fn run(args: RunArgs) -> Result<(), Error> {
     init_tracing(args.log_json);
-    let client = kube::Client::try_default().await?;
+    // One client for everything, under the QPS and in-flight limits (throttle.rs).
+    let client = kube::client::ClientBuilder::try_from(kube::Config::infer().await?)?
+        .with_layer(&throttle::ThrottleLayer::new(throttle::Limits {
+            qps: args.kube_api_qps,
+            burst: args.kube_api_burst,
+            max_in_flight: args.kube_api_max_in_flight,
+        }))
+        .build();
     let metrics = Arc::new(metrics::Metrics::default());
     let health = Arc::new(admin::Health::default());
     let certs = Arc::new(certs::CertStore::default());
@@ -475,6 +508,14 @@ async fn run_until_shutdown(
         reports.clone(),
         identity,
         leader,
+        controller::Tuning {
+            apikey_concurrency: args.apikey_concurrency.max(1),
+            policy_concurrency: args.policy_concurrency.max(1),
+            render_quiet: Duration::from_millis(args.render_quiet_ms),
+            render_max_delay: Duration::from_millis(
+                args.render_max_delay_ms.max(args.render_quiet_ms),
+            ),
+        },
         stop,
         {
             let m = metrics.clone();

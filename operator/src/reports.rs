@@ -788,6 +788,11 @@ pub async fn write_status(
                 *exhausted_per_policy.entry(id.clone()).or_default() += 1;
             }
             let (have, have_usage) = current(&key);
+            // No sidecar reports for the policy and nothing said yet: there is nothing to
+            // say (a write per key here doubled a cold start's status writes).
+            if view.is_none() && have.is_none() && !want.exhausted {
+                continue;
+            }
             let cond_same = have.as_ref().is_some_and(|h| {
                 h.exhausted == want.exhausted
                     && h.reason == want.reason

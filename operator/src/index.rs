@@ -1,0 +1,466 @@
+//! Indexes the watches keep, so that no event walks every cached object.
+//!
+//! * [`KeyIndex`]: Secret -> ApiKeys and policy -> ApiKeys, updated from the ApiKey watch in
+//!   O(1) per event. It also says which policies an ApiKey event concerns (only a change to
+//!   what a render reads: a new or deleted key, a new generation, another Secret or policy),
+//!   so the ApiKey controller's own status writes never wake a policy.
+//! * [`Written`]: the status each ApiKey was last given by this process, until the watch
+//!   delivers that write. A reconcile that runs before then reads a cache without its own last
+//!   write; comparing with what it wrote keeps it from writing the same status again.
+//! * [`Debouncer`]: policies whose inputs changed, handed to the policy controller once a
+//!   burst is over (or has lasted long enough), so 10,000 key changes cost a few renders.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use futures::channel::mpsc::{UnboundedReceiver, UnboundedSender};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::ResourceExt;
+
+use crate::crd::{ApiKey, RateLimitPolicy};
+use crate::render;
+
+/// (namespace, name).
+pub type Id = (String, String);
+
+/// What an ApiKey's render depends on, as last seen by the watch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Refs {
+    secret: String,
+    policy: String,
+    /// The policy the key was last bound to (`status.policy`), when it differs: a key moved
+    /// away must leave its old policy's ConfigMaps at once.
+    bound: Option<String>,
+    generation: Option<i64>,
+}
+
+fn refs(k: &ApiKey) -> Refs {
+    let policy = k.spec.policy_ref.name.clone();
+    let bound = k
+        .status
+        .as_ref()
+        .and_then(|s| s.policy.clone())
+        .filter(|b| *b != policy);
+    Refs {
+        secret: render::secret_ref(k).0,
+        policy,
+        bound,
+        generation: k.metadata.generation,
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    keys: HashMap<Id, Refs>,
+    by_secret: HashMap<Id, HashSet<String>>,
+    by_policy: HashMap<Id, HashSet<String>>,
+    /// Keys seen during a relist (`Init` .. `InitDone`); the others were deleted meanwhile.
+    relist: Option<HashSet<Id>>,
+}
+
+fn add(map: &mut HashMap<Id, HashSet<String>>, ns: &str, to: &str, key: &str) {
+    map.entry((ns.to_string(), to.to_string()))
+        .or_default()
+        .insert(key.to_string());
+}
+
+fn remove(map: &mut HashMap<Id, HashSet<String>>, ns: &str, to: &str, key: &str) {
+    let id = (ns.to_string(), to.to_string());
+    if let Some(set) = map.get_mut(&id) {
+        set.remove(key);
+        if set.is_empty() {
+            map.remove(&id);
+        }
+    }
+}
+
+impl Inner {
+    /// Records a key; returns the policies whose render it changes.
+    fn put(&mut self, ns: &str, name: &str, new: Refs) -> Vec<Id> {
+        let id = (ns.to_string(), name.to_string());
+        if let Some(r) = &mut self.relist {
+            r.insert(id.clone());
+        }
+        let old = self.keys.get(&id).cloned();
+        if old.as_ref() == Some(&new) {
+            return vec![];
+        }
+        let mut dirty = vec![];
+        if let Some(o) = &old {
+            remove(&mut self.by_secret, ns, &o.secret, name);
+            remove(&mut self.by_policy, ns, &o.policy, name);
+            // Only a status change (`status.policy` caught up): no render input changed.
+            let same_inputs =
+                o.secret == new.secret && o.policy == new.policy && o.generation == new.generation;
+            if !same_inputs {
+                dirty.push(o.policy.clone());
+            }
+            if same_inputs && o.bound == new.bound {
+                // Unreachable (the Refs are equal then), kept for clarity of intent.
+            }
+        }
+        let inputs_changed = old.as_ref().is_none_or(|o| {
+            o.secret != new.secret || o.policy != new.policy || o.generation != new.generation
+        });
+        if inputs_changed {
+            dirty.push(new.policy.clone());
+            dirty.extend(new.bound.clone());
+        }
+        add(&mut self.by_secret, ns, &new.secret, name);
+        add(&mut self.by_policy, ns, &new.policy, name);
+        self.keys.insert(id, new);
+        dirty.sort();
+        dirty.dedup();
+        dirty.into_iter().map(|p| (ns.to_string(), p)).collect()
+    }
+
+    fn delete(&mut self, id: &Id) -> Vec<Id> {
+        let Some(o) = self.keys.remove(id) else {
+            return vec![];
+        };
+        remove(&mut self.by_secret, &id.0, &o.secret, &id.1);
+        remove(&mut self.by_policy, &id.0, &o.policy, &id.1);
+        let mut dirty = vec![(id.0.clone(), o.policy)];
+        dirty.extend(o.bound.map(|b| (id.0.clone(), b)));
+        dirty
+    }
+}
+
+/// Secret -> ApiKeys and policy -> ApiKeys, kept by the ApiKey watch.
+#[derive(Default)]
+pub struct KeyIndex(Mutex<Inner>);
+
+impl KeyIndex {
+    /// Applies one ApiKey watch event; returns the policies whose render inputs changed.
+    pub fn on_event(&self, ev: &watcher::Event<ApiKey>) -> Vec<Id> {
+        let Ok(mut inner) = self.0.lock() else {
+            return vec![];
+        };
+        let id = |k: &ApiKey| (k.namespace().unwrap_or_default(), k.name_any());
+        match ev {
+            watcher::Event::Apply(k) | watcher::Event::InitApply(k) => {
+                let (ns, name) = id(k);
+                inner.put(&ns, &name, refs(k))
+            }
+            watcher::Event::Delete(k) => inner.delete(&id(k)),
+            watcher::Event::Init => {
+                inner.relist = Some(HashSet::new());
+                vec![]
+            }
+            watcher::Event::InitDone => {
+                let Some(seen) = inner.relist.take() else {
+                    return vec![];
+                };
+                let gone: Vec<Id> = inner
+                    .keys
+                    .keys()
+                    .filter(|k| !seen.contains(*k))
+                    .cloned()
+                    .collect();
+                gone.iter().flat_map(|id| inner.delete(id)).collect()
+            }
+        }
+    }
+
+    /// The ApiKeys (in `ns`) that read the Secret `secret`.
+    pub fn keys_of_secret(&self, ns: &str, secret: &str) -> Vec<ObjectRef<ApiKey>> {
+        self.lookup(ns, secret, |i| &i.by_secret)
+    }
+
+    /// The ApiKeys (in `ns`) that name the policy `policy`.
+    pub fn keys_of_policy(&self, ns: &str, policy: &str) -> Vec<ObjectRef<ApiKey>> {
+        self.lookup(ns, policy, |i| &i.by_policy)
+    }
+
+    /// The policies whose render reads the Secret `secret` (through one of their keys).
+    pub fn policies_of_secret(&self, ns: &str, secret: &str) -> Vec<Id> {
+        let Ok(inner) = self.0.lock() else {
+            return vec![];
+        };
+        let mut out: Vec<Id> = inner
+            .by_secret
+            .get(&(ns.to_string(), secret.to_string()))
+            .into_iter()
+            .flatten()
+            .filter_map(|k| inner.keys.get(&(ns.to_string(), k.clone())))
+            .flat_map(|r| std::iter::once(r.policy.clone()).chain(r.bound.clone()))
+            .map(|p| (ns.to_string(), p))
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// The policies (in `ns`) some ApiKey names.
+    pub fn policies_in(&self, ns: &str) -> Vec<String> {
+        let Ok(inner) = self.0.lock() else {
+            return vec![];
+        };
+        inner
+            .by_policy
+            .keys()
+            .filter(|(n, _)| n == ns)
+            .map(|(_, p)| p.clone())
+            .collect()
+    }
+
+    fn lookup(
+        &self,
+        ns: &str,
+        to: &str,
+        map: impl Fn(&Inner) -> &HashMap<Id, HashSet<String>>,
+    ) -> Vec<ObjectRef<ApiKey>> {
+        let Ok(inner) = self.0.lock() else {
+            return vec![];
+        };
+        map(&inner)
+            .get(&(ns.to_string(), to.to_string()))
+            .map(|names| names.iter().map(|n| ObjectRef::new(n).within(ns)).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// How long a remembered write stands in for the cache. The watch normally delivers the
+/// write within milliseconds and forgets it; this bounds the case where it never does (a
+/// relist that skipped past it), after which the cache is trusted again.
+const WRITTEN_TTL: Duration = Duration::from_secs(60);
+
+/// A status this process wrote: a digest of its content and whether it said Ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Write {
+    pub digest: u64,
+    pub ready: bool,
+}
+
+/// The status each ApiKey was last given by this process, with the resourceVersion the write
+/// returned, until the watch delivers that version.
+#[derive(Default)]
+pub struct Written(Mutex<HashMap<Id, (String, Write, Instant)>>);
+
+impl Written {
+    pub fn record(&self, id: Id, resource_version: String, digest: u64, ready: bool) {
+        if let Ok(mut m) = self.0.lock() {
+            m.insert(
+                id,
+                (resource_version, Write { digest, ready }, Instant::now()),
+            );
+        }
+    }
+
+    /// The last write to the key that the cache does not show yet, if any.
+    pub fn last(&self, id: &Id) -> Option<Write> {
+        let m = self.0.lock().ok()?;
+        m.get(id)
+            .filter(|(_, _, at)| at.elapsed() < WRITTEN_TTL)
+            .map(|(_, w, _)| *w)
+    }
+
+    /// The watch saw an event: once a key carries the remembered write (or is gone), forget it.
+    pub fn on_event(&self, ev: &watcher::Event<ApiKey>) {
+        let Ok(mut m) = self.0.lock() else { return };
+        if m.is_empty() {
+            return;
+        }
+        match ev {
+            watcher::Event::Apply(k) | watcher::Event::InitApply(k) => {
+                let id = (k.namespace().unwrap_or_default(), k.name_any());
+                if m.get(&id).map(|(rv, _, _)| rv) == k.metadata.resource_version.as_ref() {
+                    m.remove(&id);
+                }
+            }
+            watcher::Event::Delete(k) => {
+                m.remove(&(k.namespace().unwrap_or_default(), k.name_any()));
+            }
+            watcher::Event::InitDone => m.retain(|_, (_, _, at)| at.elapsed() < WRITTEN_TTL),
+            watcher::Event::Init => {}
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Collects policies to render and releases each once no new change came for `quiet`, or
+/// `max` after its first pending change (a steady stream must not starve the render).
+pub struct Debouncer {
+    pending: Mutex<HashMap<Id, (Instant, Instant)>>,
+    quiet: Duration,
+    max: Duration,
+}
+
+impl Debouncer {
+    pub fn new(quiet: Duration, max: Duration) -> Self {
+        Self {
+            pending: Mutex::default(),
+            quiet,
+            max,
+        }
+    }
+
+    pub fn mark(&self, ids: impl IntoIterator<Item = Id>) {
+        let Ok(mut p) = self.pending.lock() else {
+            return;
+        };
+        let now = Instant::now();
+        for id in ids {
+            p.entry(id)
+                .and_modify(|(_, last)| *last = now)
+                .or_insert((now, now));
+        }
+    }
+
+    /// The policies due at `now`, removed from the pending set.
+    pub fn due(&self, now: Instant) -> Vec<Id> {
+        let Ok(mut p) = self.pending.lock() else {
+            return vec![];
+        };
+        let due: Vec<Id> = p
+            .iter()
+            .filter(|(_, (first, last))| {
+                now.duration_since(*last) >= self.quiet || now.duration_since(*first) >= self.max
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &due {
+            p.remove(id);
+        }
+        due
+    }
+
+    /// Sends due policies to `tx` until it closes.
+    pub async fn run(self: std::sync::Arc<Self>, tx: UnboundedSender<ObjectRef<RateLimitPolicy>>) {
+        let tick = (self.quiet / 4).max(Duration::from_millis(20));
+        loop {
+            tokio::time::sleep(tick).await;
+            for (ns, name) in self.due(Instant::now()) {
+                if tx
+                    .unbounded_send(ObjectRef::new(&name).within(&ns))
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A channel for the policy debouncer's output.
+pub fn policy_channel() -> (
+    UnboundedSender<ObjectRef<RateLimitPolicy>>,
+    UnboundedReceiver<ObjectRef<RateLimitPolicy>>,
+) {
+    futures::channel::mpsc::unbounded()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::render::tests::mk_apikey;
+
+    fn ns(ids: Vec<Id>) -> Vec<String> {
+        ids.into_iter().map(|(_, p)| p).collect()
+    }
+
+    fn names(refs: Vec<ObjectRef<ApiKey>>) -> Vec<String> {
+        let mut v: Vec<String> = refs.into_iter().map(|r| r.name).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn the_index_maps_secrets_and_policies_to_their_keys() {
+        let idx = KeyIndex::default();
+        let mut a = mk_apikey("a", "p");
+        a.metadata.generation = Some(1);
+        let b = mk_apikey("b", "p");
+        assert_eq!(ns(idx.on_event(&watcher::Event::Apply(a.clone()))), ["p"]);
+        idx.on_event(&watcher::Event::Apply(b.clone()));
+        assert_eq!(names(idx.keys_of_policy("ns", "p")), ["a", "b"]);
+        assert_eq!(names(idx.keys_of_secret("ns", "a-key")), ["a"]);
+        assert!(idx.keys_of_policy("other", "p").is_empty());
+
+        // A status write (same generation, same refs) concerns no policy.
+        let mut a_status = a.clone();
+        a_status.metadata.resource_version = Some("9".into());
+        assert!(idx.on_event(&watcher::Event::Apply(a_status)).is_empty());
+
+        // A spec change: the policy renders again. A move: both policies.
+        a.metadata.generation = Some(2);
+        assert_eq!(ns(idx.on_event(&watcher::Event::Apply(a.clone()))), ["p"]);
+        a.spec.policy_ref.name = "q".into();
+        a.metadata.generation = Some(3);
+        assert_eq!(
+            ns(idx.on_event(&watcher::Event::Apply(a.clone()))),
+            ["p", "q"]
+        );
+        assert_eq!(names(idx.keys_of_policy("ns", "p")), ["b"]);
+        assert_eq!(names(idx.keys_of_policy("ns", "q")), ["a"]);
+
+        assert_eq!(ns(idx.on_event(&watcher::Event::Delete(b))), ["p"]);
+        assert!(idx.keys_of_policy("ns", "p").is_empty());
+        assert!(idx.keys_of_secret("ns", "b-key").is_empty());
+    }
+
+    #[test]
+    fn a_relist_forgets_keys_deleted_meanwhile() {
+        let idx = KeyIndex::default();
+        idx.on_event(&watcher::Event::Apply(mk_apikey("a", "p")));
+        idx.on_event(&watcher::Event::Apply(mk_apikey("b", "p")));
+        idx.on_event(&watcher::Event::Init);
+        idx.on_event(&watcher::Event::InitApply(mk_apikey("a", "p")));
+        assert_eq!(ns(idx.on_event(&watcher::Event::InitDone)), ["p"]);
+        assert_eq!(names(idx.keys_of_policy("ns", "p")), ["a"]);
+    }
+
+    #[test]
+    fn a_remembered_write_stands_in_until_the_watch_shows_it() {
+        let w = Written::default();
+        let id = ("ns".to_string(), "a".to_string());
+        assert_eq!(w.last(&id), None);
+        w.record(id.clone(), "5".into(), 7, true);
+        let mine = Some(Write {
+            digest: 7,
+            ready: true,
+        });
+        assert_eq!(w.last(&id), mine);
+        let mut k = mk_apikey("a", "p");
+        k.metadata.resource_version = Some("4".into());
+        w.on_event(&watcher::Event::Apply(k.clone()));
+        assert_eq!(w.last(&id), mine, "an older version is not our write");
+        k.metadata.resource_version = Some("5".into());
+        w.on_event(&watcher::Event::Apply(k));
+        assert_eq!(w.last(&id), None);
+        assert!(w.is_empty());
+    }
+
+    #[test]
+    fn the_debouncer_waits_for_quiet_but_not_forever() {
+        let d = Debouncer::new(Duration::from_millis(100), Duration::from_millis(1000));
+        let p = ("ns".to_string(), "p".to_string());
+        let t0 = Instant::now();
+        d.mark([p.clone()]);
+        assert!(d.due(t0).is_empty());
+        // Still changing at 90 ms: not yet due at 150 ms.
+        if let Ok(mut m) = d.pending.lock() {
+            m.insert(p.clone(), (t0, t0 + Duration::from_millis(90)));
+        }
+        assert!(d.due(t0 + Duration::from_millis(150)).is_empty());
+        assert_eq!(d.due(t0 + Duration::from_millis(200)), [p.clone()]);
+        assert!(
+            d.due(t0 + Duration::from_millis(300)).is_empty(),
+            "released once"
+        );
+        // A change every 50 ms for ever: released at `max`.
+        if let Ok(mut m) = d.pending.lock() {
+            m.insert(p.clone(), (t0, t0 + Duration::from_millis(1990)));
+        }
+        assert_eq!(d.due(t0 + Duration::from_millis(2000)), [p]);
+    }
+}
