@@ -63,6 +63,28 @@ fn snapshot(n: usize) -> Snapshot {
     Snapshot::build(doc, keys, [0; 32], 1, &Metrics::new(false)).expect("bench config")
 }
 
+/// [`decide`] at a monotonic reading the caller took.
+fn decide_at(snap: &Snapshot, limiter: &Limiter, hash: &[u8; 32], mono_ns: u64) -> bool {
+    let Some(key) = snap.index.lookup(hash) else {
+        return false;
+    };
+    matches!(
+        limiter.decide_at(
+            &Check {
+                key_id: key.id,
+                key_limits: key.limits,
+                route_limits: None,
+                policy_limits: snap.policy_limits.as_ref(),
+                cost: 1,
+                throttle: snap.throttle,
+                dry_run: snap.dry_run,
+            },
+            mono_ns
+        ),
+        Decision::Allow(_)
+    )
+}
+
 /// Index lookup by hash + limiter decision: everything after the sha256.
 fn decide(snap: &Snapshot, limiter: &Limiter, hash: &[u8; 32]) -> bool {
     let Some(key) = snap.index.lookup(hash) else {
@@ -93,6 +115,23 @@ fn benches(c: &mut Criterion) {
     let h0 = hash_presented(material(0).as_bytes());
     g.bench_function("single_key", |b| {
         b.iter(|| decide(&one, &limiter, black_box(&h0)))
+    });
+    // As the proxy decides: at the monotonic reading it already took for the request (the
+    // failed-key budget needs it), so the limiter reads no clock of its own.
+    let mono = keylimit_sidecar::clock::Clock::mono_ns(&SystemClock);
+    let mut tick = 0u64;
+    g.bench_function("single_key_caller_clock", |b| {
+        b.iter(|| {
+            tick += 1;
+            decide_at(&one, &limiter, black_box(&h0), mono + tick)
+        })
+    });
+    // The parts of `single_key`: the clock read every decision makes, and the index lookup.
+    g.bench_function("clock_mono_ns", |b| {
+        b.iter(|| keylimit_sidecar::clock::Clock::mono_ns(black_box(&SystemClock)))
+    });
+    g.bench_function("index_lookup_single_key", |b| {
+        b.iter(|| one.index.lookup(black_box(&h0)).map(|k| k.id))
     });
     g.bench_function("sha256_of_32B_key", |b| {
         let m = material(0);
@@ -140,6 +179,19 @@ fn benches(c: &mut Criterion) {
             decide(&many, &limiter, black_box(&shuffled[i]))
         })
     });
+    let mut i = 0usize;
+    g.bench_function("index_lookup_1M_keys_random", |b| {
+        b.iter(|| {
+            i = (i + 1) % MANY;
+            many.index.lookup(black_box(&shuffled[i])).map(|k| k.id)
+        })
+    });
+    eprintln!(
+        "key index: {} keys, {} heap bytes = {:.1} B/key",
+        many.index.len(),
+        many.index.heap_bytes(),
+        many.index.heap_bytes() as f64 / MANY as f64
+    );
     // The memory-latency floor of this machine: one random read of a 1M-entry hash map.
     let floor: std::collections::HashMap<u64, u64> = (0..MANY as u64)
         .map(|k| (k.wrapping_mul(0x9E37_79B9_7F4A_7C15), k))

@@ -327,8 +327,12 @@ struct Now<'c> {
 
 impl<'c> Now<'c> {
     fn new(clock: &'c dyn Clock) -> Self {
+        Self::at(clock, clock.mono_ns())
+    }
+
+    fn at(clock: &'c dyn Clock, mono: u64) -> Self {
         Now {
-            mono: clock.mono_ns(),
+            mono,
             wall: std::cell::Cell::new(0),
             clock,
         }
@@ -545,7 +549,15 @@ impl Limiter {
     }
 
     pub fn decide(&self, c: &Check<'_>) -> Decision {
-        let now = Now::new(&*self.clock);
+        self.decide_at(c, self.clock.mono_ns())
+    }
+
+    /// [`Limiter::decide`] at `mono_ns`, a [`Limiter::mono_ns`] reading the caller already
+    /// took for this request: a clock read is a third of a hot key's decision. The request
+    /// then counts as if it had arrived at that reading, so a window's pacing is off by at
+    /// most the reading's age (the microsecond or so the caller spent since).
+    pub fn decide_at(&self, c: &Check<'_>, mono_ns: u64) -> Decision {
+        let now = Now::at(&*self.clock, mono_ns);
         let max_delay = match (c.dry_run, c.throttle) {
             (false, Some(t)) => Some(t.max_delay_ns),
             _ => None,

@@ -197,7 +197,7 @@ impl Proxy {
             dry_run: snap.dry_run,
         };
         let decision = match &snap.policy.store {
-            Store::Local => self.limiter.decide(&check),
+            Store::Local => self.limiter.decide_at(&check, now_mono),
             Store::Redis(cfg) => {
                 let store = self.redis.get(cfg);
                 match store.decide(cfg, &check, &self.limiter).await {

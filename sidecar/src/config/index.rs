@@ -541,8 +541,16 @@ where
     let total: usize = doc.shards.iter().map(|s| s.keys).sum();
     // The counts come from the document: trust them for a reservation only up to a bound.
     keys.entries.reserve(total.min(1 << 24));
-    keys.names.reserve(total.min(1 << 24).saturating_mul(12));
-    for s in &doc.shards {
+    keys.names
+        .reserve(doc.shards.first().map_or(0, |s| s.keys.min(1 << 16) * 16));
+    for (i, s) in doc.shards.iter().enumerate() {
+        if i == 1 && !keys.entries.is_empty() {
+            // Names are as long as the first shard's were on average (plus a little): one
+            // reservation instead of doubling, which would hold the old and new buffers at once.
+            let per_key = keys.names.len().div_ceil(keys.entries.len()) + 1;
+            let rest = total.min(1 << 24).saturating_sub(keys.entries.len());
+            keys.names.reserve(rest.saturating_mul(per_key));
+        }
         let bytes = read(&s.file).ok_or_else(|| dp::Error::MissingShard {
             file: s.file.clone(),
         })?;
@@ -562,4 +570,221 @@ where
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(name: &str, hash: [u8; 32]) -> KeyEntry {
+        KeyEntry {
+            name: name.into(),
+            sha256: hex::encode(hash),
+            disabled: false,
+            expires_at: None,
+            overrides: None,
+        }
+    }
+
+    fn hash(first: u8, rest: u8) -> [u8; 32] {
+        let mut h = [rest; 32];
+        h[0] = first;
+        h
+    }
+
+    fn index(keys: &[KeyEntry]) -> KeyIndex {
+        KeyIndex::build(keys, &Arc::new(LimitSet::default()), &dp::Limits::default())
+    }
+
+    #[test]
+    fn a_clash_keeps_the_first_entry_in_document_order_and_reports_the_rest() {
+        // `b` sorts before `a` (bytes 8.. are smaller) but comes later in the document: `a`
+        // stays, `b` is the id collision; `c` repeats `a` exactly.
+        let a = hash(5, 0x90);
+        let b = {
+            let mut h = a;
+            h[8..].fill(0x10);
+            h
+        };
+        let idx = index(&[
+            entry("a", a),
+            entry("b", b),
+            entry("c", a),
+            entry("zero", [0; 32]),
+            entry("bad", [1; 32]),
+        ]);
+        assert_eq!(idx.len(), 2);
+        assert_eq!(idx.lookup(&a).map(|k| k.name()), Some("a"));
+        assert_eq!(idx.lookup(&[1; 32]).map(|k| k.name()), Some("bad"));
+        // Same id as `a`, different hash: not `a`.
+        assert!(idx.lookup(&b).is_none());
+        let mut skipped: Vec<_> = idx
+            .skipped()
+            .iter()
+            .map(|s| (s.name.as_str(), s.reason))
+            .collect();
+        skipped.sort_unstable();
+        assert_eq!(
+            skipped,
+            [
+                ("b", "id_collision"),
+                ("c", "duplicate"),
+                ("zero", "reserved_id")
+            ]
+        );
+    }
+
+    #[test]
+    fn only_the_first_16_bytes_are_compared_and_all_of_them_are() {
+        let a = hash(9, 0x33);
+        let idx = index(&[entry("a", a)]);
+        let mut tail = a;
+        tail[HASH_LEN..].fill(0x44);
+        assert!(
+            idx.lookup(&tail).is_some(),
+            "bytes past the prefix are not kept"
+        );
+        for i in 8..HASH_LEN {
+            let mut h = a;
+            h[i] ^= 1;
+            assert!(idx.lookup(&h).is_none(), "byte {i} of the prefix ignored");
+        }
+    }
+
+    #[test]
+    fn expiry_survives_the_compact_form_where_it_can_decide() {
+        let mut keys: Vec<KeyEntry> =
+            [None, Some(-5), Some(0), Some(1_900_000_000), Some(i64::MAX)]
+                .into_iter()
+                .enumerate()
+                .map(|(i, t)| KeyEntry {
+                    expires_at: t,
+                    disabled: i == 2,
+                    ..entry(&format!("k{i}"), hash(i as u8 + 1, 7))
+                })
+                .collect();
+        keys.push(entry(&"x".repeat(256), hash(99, 7)));
+        let idx = index(&keys);
+        let got: Vec<_> = (0..5)
+            .map(|i| {
+                let k = idx.lookup(&hash(i as u8 + 1, 7)).unwrap();
+                (k.expires_at, k.disabled)
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (None, false),
+                (Some(1), false),
+                (Some(1), true),
+                (Some(1_900_000_000), false),
+                (Some(i64::from(u32::MAX)), false)
+            ]
+        );
+        // A name no ApiKey can have is refused rather than cut.
+        assert_eq!(idx.skipped()[0].reason, "invalid");
+    }
+
+    #[test]
+    fn keys_with_equal_overrides_share_one_limit_set() {
+        let o = |c| dp::Limits {
+            concurrency: Some(c),
+            ..dp::Limits::default()
+        };
+        let keys: Vec<KeyEntry> = (0..100u8)
+            .map(|i| KeyEntry {
+                overrides: (i % 3 != 0).then(|| o(1 + u32::from(i % 3))),
+                ..entry(&format!("k{i}"), hash(i + 1, 3))
+            })
+            .collect();
+        let idx = index(&keys);
+        assert_eq!(idx.limit_sets(), 3, "defaults + two distinct overrides");
+        let a = idx.lookup(&hash(2, 3)).unwrap().limits;
+        let b = idx.lookup(&hash(5, 3)).unwrap().limits;
+        assert!(std::ptr::eq(a, b));
+        assert_eq!(a.concurrency.as_ref().map(|c| c.max), Some(2));
+        assert!(idx
+            .lookup(&hash(1, 3))
+            .unwrap()
+            .limits
+            .concurrency
+            .is_none());
+    }
+
+    #[test]
+    fn the_identity_header_is_the_name_when_it_can_be_one() {
+        let idx = index(&[entry("gold", hash(1, 1)), entry("bad\u{7f}", hash(2, 2))]);
+        let gold = idx.lookup(&hash(1, 1)).unwrap();
+        assert_eq!(gold.identity().unwrap(), "gold");
+        assert!(idx.lookup(&hash(2, 2)).unwrap().identity().is_none());
+        assert_eq!(idx.by_id(gold.id).map(|k| k.name()), Some("gold"));
+    }
+
+    #[test]
+    fn every_key_of_a_large_index_is_found_and_no_other() {
+        let keys: Vec<KeyEntry> = (0..50_000u32)
+            .map(|i| entry(&format!("k{i}"), Sha256Like::of(i)))
+            .collect();
+        let idx = index(&keys);
+        assert_eq!(idx.len(), 50_000);
+        for i in 0..50_000u32 {
+            assert_eq!(
+                idx.lookup(&Sha256Like::of(i)).map(|k| k.name().to_string()),
+                Some(format!("k{i}"))
+            );
+        }
+        assert!((50_000..60_000u32).all(|i| idx.lookup(&Sha256Like::of(i)).is_none()));
+        assert!(
+            idx.heap_bytes() <= 50_000 * 40,
+            "{} bytes",
+            idx.heap_bytes()
+        );
+    }
+
+    struct Sha256Like;
+    impl Sha256Like {
+        fn of(i: u32) -> [u8; 32] {
+            use sha2::Digest;
+            sha2::Sha256::digest(i.to_le_bytes()).into()
+        }
+    }
+
+    /// The streaming parse accepts and refuses what `PolicyDocument::parse` does, and finds
+    /// the same keys.
+    #[test]
+    fn the_streaming_parse_agrees_with_the_document_parse() {
+        let keys = vec![entry("a", hash(1, 1)), entry("b", hash(2, 2))];
+        let json = |v: &str, extra: &str| {
+            format!(
+                r#"{{"apiVersion":"{v}","policy":{{"name":"p","namespace":"ns"}},"keys":{}{extra}}}"#,
+                serde_json::to_string(&keys).unwrap()
+            )
+        };
+        let cases = [
+            json(dp::API_VERSION, ""),
+            json(dp::API_VERSION, r#","unknown":[1,{"x":2}]"#),
+            json("v0", ""),
+            json(dp::API_VERSION, r#","keys":[]"#),
+            json(dp::API_VERSION, "") + "x",
+            r#"{"apiVersion":"dataplane.keylimit.dev/v1"}"#.to_string(),
+            r#"{"policy":{"name":"p","namespace":"ns"},"keys":[{"name":"a"}],"apiVersion":"dataplane.keylimit.dev/v1"}"#.to_string(),
+        ];
+        for case in cases {
+            let mut table = KeyTable::default();
+            let streamed = parse_document(case.as_bytes(), &mut table);
+            let whole = dp::PolicyDocument::parse(case.as_bytes());
+            match (&streamed, &whole) {
+                (Ok(s), Ok(w)) => {
+                    assert_eq!(s.policy, w.policy, "{case}");
+                    assert_eq!(table.len(), w.keys.len(), "{case}");
+                }
+                (Err(s), Err(w)) => assert_eq!(
+                    std::mem::discriminant(s),
+                    std::mem::discriminant(w),
+                    "{case}: {s} vs {w}"
+                ),
+                _ => panic!("{case}: streamed {streamed:?}, whole {whole:?}"),
+            }
+        }
+    }
 }
