@@ -1342,6 +1342,24 @@ async fn concurrent_decisions_are_batched_and_stay_exact() {
             .await
             .expect("HGET");
         assert_eq!(used, 15, "{k}");
+        // The TTL is set when the window opens and kept by later charges: the key expires
+        // with its window (end in µs, expiry in ms).
+        let end_us: u64 = redis::cmd("HGET")
+            .arg(k)
+            .arg("e")
+            .query_async(&mut ins)
+            .await
+            .expect("HGET");
+        let expires_ms: i64 = redis::cmd("PEXPIRETIME")
+            .arg(k)
+            .query_async(&mut ins)
+            .await
+            .expect("PEXPIRETIME");
+        assert_eq!(
+            u64::try_from(expires_ms).ok(),
+            Some(end_us.div_ceil(1000)),
+            "{k}"
+        );
     }
 
     // Concurrency: 24 callers at once on a limit of 3, each holding what it got until every
