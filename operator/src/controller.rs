@@ -175,10 +175,10 @@ pub struct Tuning {
 impl Default for Tuning {
     fn default() -> Self {
         Self {
-            apikey_concurrency: 16,
+            apikey_concurrency: 32,
             policy_concurrency: 2,
             render_quiet: Duration::from_millis(500),
-            render_max_delay: Duration::from_secs(5),
+            render_max_delay: Duration::from_secs(10),
         }
     }
 }
@@ -572,15 +572,10 @@ async fn ensure_generated_secret(key: &ApiKey, ctx: &Context) -> Result<Option<S
         .fenced(api.create(&PostParams::default(), &secret))
         .await?
     {
+        // No event: the key's status names the Secret, and an event per generated key
+        // doubled the writes of a cold start over many new keys.
         Ok(s) => {
-            publish(
-                ctx,
-                key,
-                EventType::Normal,
-                "KeyGenerated",
-                format!("generated a key into Secret {name}"),
-            )
-            .await;
+            info!(namespace = %ns, secret = %name, "generated a key");
             Ok(Some(s))
         }
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(api.get_opt(&name).await?.filter(opted_in)),
@@ -821,8 +816,8 @@ async fn reconcile_apikey(key: Arc<ApiKey>, ctx: Arc<Context>) -> Result<Action,
             ready.status,
         );
         ctx.metrics.status_writes.inc();
-        // Events on transitions only: a new key that binds says so in its status (and a
-        // generated one in its KeyGenerated event); one that cannot be used gets a warning.
+        // Events on transitions only: a new key that binds says so in its status; one that
+        // cannot be used gets a warning.
         let transition = match was_ready {
             Some(was) => was != ready.status,
             None => !ready.status,

@@ -119,10 +119,10 @@ pub struct RunArgs {
     pub kube_api_burst: u32,
     /// Apiserver requests in flight at once (watches aside). kube's client uses HTTP/1.1, one
     /// connection per concurrent request: this bounds the connections to the apiserver.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 40)]
     pub kube_api_max_in_flight: usize,
     /// ApiKey reconciles at once.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 32)]
     pub apikey_concurrency: u16,
     /// RateLimitPolicy reconciles (renders) at once.
     #[arg(long, default_value_t = 2)]
@@ -131,7 +131,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 500)]
     pub render_quiet_ms: u64,
     /// ...or this many milliseconds after the first change it has not rendered yet.
-    #[arg(long, default_value_t = 5000)]
+    #[arg(long, default_value_t = 10000)]
     pub render_max_delay_ms: u64,
     /// Boxed: the webhook's many flags would make `Command::Run` far larger than `Crd`.
     #[command(flatten)]

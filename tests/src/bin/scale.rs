@@ -55,7 +55,7 @@ struct Args {
     max_status_writes_per_key: f64,
     #[arg(long, default_value_t = 64)]
     max_connections: usize,
-    #[arg(long, default_value_t = 12)]
+    #[arg(long, default_value_t = 6)]
     max_burst_configmap_writes: u64,
     /// Leave the namespace in place (for a look afterwards).
     #[arg(long)]
@@ -428,7 +428,25 @@ async fn main() -> anyhow::Result<()> {
         ));
     }
 
-    // --- quiet window: nothing changes
+    // --- quiet window: nothing changes. It starts once the tail of the cold start (events,
+    // the reporter's first policy summary) is written: two seconds without a write in a row.
+    let deadline = Instant::now() + timeout;
+    let mut last = apiserver_requests(&client).await?;
+    let mut calm = 0;
+    while calm < 2 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = apiserver_requests(&client).await?;
+        calm = if writes(&last, &now) == 0.0 {
+            calm + 1
+        } else {
+            0
+        };
+        last = now;
+        if Instant::now() > deadline {
+            bail!("the operator never stopped writing after the cold start");
+        }
+    }
+    results.insert("settled_s", format!("{:.1}", t.elapsed().as_secs_f64()));
     let (cpu_a, _, _) = proc_stats(op.pid);
     let q0 = apiserver_requests(&client).await?;
     tokio::time::sleep(Duration::from_secs(args.quiet_seconds)).await;
