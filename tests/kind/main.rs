@@ -698,7 +698,13 @@ async fn workload_redis_limit_is_exact_across_replicas() {
             "  store: {{type: Redis, redis: {{url: \"redis://redis.{}.svc.cluster.local:6379/0\", timeoutMillis: 500}}}}\n",
             env.ns
         );
-        policy_and_keys(env, &policy(10, &store), &[("acme", false)]).await?;
+        // 10 per hour, all of them at once: the next one is due 6 minutes later, so however
+        // slowly a loaded machine sends the 30 requests, exactly 10 are admitted. (A per-minute
+        // rate admitted an 11th once the 30 exec round trips took over 6 s.)
+        let p = format!(
+            "apiVersion: keylimit.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {{name: p}}\nspec:\n  selector: {{matchLabels: {{app: api}}}}\n  limits:\n    rates: [{{name: per-hour, requests: 10, per: Hour, burst: 9}}]\n{store}"
+        );
+        policy_and_keys(env, &p, &[("acme", false)]).await?;
         deploy_app(env, "api", "p", 3, "0.0.0.0:8080", &[]).await?;
         client_pod(env).await?;
         await_service(env, &svc(env, "api")).await?;
