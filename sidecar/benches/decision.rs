@@ -186,6 +186,31 @@ fn benches(c: &mut Criterion) {
             many.index.lookup(black_box(&shuffled[i])).map(|k| k.id)
         })
     });
+    // The limiter alone at 1M keys (ids known, no index), at a caller's clock reading.
+    let mono = keylimit_sidecar::clock::Clock::mono_ns(&SystemClock);
+    let ids: Vec<u64> = shuffled
+        .iter()
+        .map(|h| many.index.lookup(h).map_or(0, |k| k.id))
+        .collect();
+    let limits = many.index.lookup(&hashes[0]).map(|k| k.limits);
+    let mut i = 0usize;
+    if let Some(limits) = limits {
+        g.bench_function("limiter_only_1M_keys_random_caller_clock", |b| {
+            b.iter(|| {
+                i = (i + 1) % MANY;
+                let c = Check {
+                    key_id: black_box(ids[i]),
+                    key_limits: limits,
+                    route_limits: None,
+                    policy_limits: None,
+                    cost: 1,
+                    throttle: None,
+                    dry_run: false,
+                };
+                matches!(limiter.decide_at(&c, mono + i as u64), Decision::Allow(_))
+            })
+        });
+    }
     eprintln!(
         "key index: {} keys, {} heap bytes = {:.1} B/key",
         many.index.len(),
