@@ -2,7 +2,7 @@
 # Debian packages the tests need, and cargo-fuzz. Idempotent: installs only what is missing.
 set -euo pipefail
 need=()
-for pkg in openssl redis-server redis-tools prometheus; do
+for pkg in openssl redis-server redis-tools prometheus wrk nginx-light; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if ((${#need[@]})); then
@@ -10,7 +10,7 @@ if ((${#need[@]})); then
   "${SUDO[@]}" apt-get update -qq
   DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq "${need[@]}"
 fi
-echo "system packages present: openssl redis-server redis-tools prometheus"
+echo "system packages present: openssl redis-server redis-tools prometheus wrk nginx-light"
 
 # cargo-fuzz for hack/fuzz.sh (built from crates.io; the fuzz build itself uses stable Rust).
 if ! cargo fuzz --version >/dev/null 2>&1; then

@@ -29,6 +29,13 @@ git diff --exit-code -- crds charts/keylimit/crds || {
 step "unit and integration tests"
 cargo test --workspace
 
+step "benchmarks in short mode: they must run, no timing is asserted"
+# Criterion's decision bench (hot key, 1M keys in random order), the Redis store bench (its
+# exact-count check holds), and the load script side by side with nginx (every answer 2xx).
+cargo bench -p keylimit-sidecar --bench decision -- --warm-up-time 0.1 --measurement-time 0.2
+cargo test -p keylimit-sidecar --bench redis
+SHORT=1 bash hack/loadtest/run.sh
+
 step "fuzz targets, 20s each (hack/fuzz.sh)"
 bash hack/fuzz.sh 20
 

@@ -4,6 +4,8 @@
 #
 #   hack/loadtest/run.sh            # needs wrk and nginx (apt-get install -y wrk nginx-light)
 #   DURATION=10s CONNS=32 KEYS=1000 hack/loadtest/run.sh
+#   SHORT=1 hack/loadtest/run.sh    # CI smoke (hack/test.sh): 1 s per target; fails when a
+#                                   # target answers anything but 2xx, never on a timing
 #
 # CPU split on a 2-core machine: core 0 runs the proxy under test and the upstream, core 1 runs
 # wrk, so each proxy gets the same single core (sidecar: one tokio worker; nginx: one worker).
@@ -11,6 +13,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 DURATION="${DURATION:-10s}"
+[[ -n "${SHORT:-}" ]] && DURATION=1s
 CONNS="${CONNS:-32}"
 KEYS="${KEYS:-1000}"
 UP_PORT=18081 SIDECAR_PORT=18080 ADMIN_PORT=18090 NGINX_PORT=18082
@@ -79,6 +82,10 @@ run() {
   non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
   printf '%-10s %12s %10s %10s %8s\n' "$name" "$rps" "$p50" "$p99" "${non2xx:-0}"
   echo "$name $rps" >>"$WORK/rps"
+  if [[ "${non2xx:-0}" != 0 ]] || ! awk -v r="$rps" 'BEGIN { exit !(r > 0) }'; then
+    echo "$name: ${non2xx:-0} non-2xx answers, $rps req/s: the comparison is void" >&2
+    exit 1
+  fi
 }
 printf '%-10s %12s %10s %10s %8s\n' target req/s p50 p99 non2xx
 run direct $UP_PORT
