@@ -281,7 +281,13 @@ pub async fn run(
         policies.clone(),
         config_maps.clone(),
     );
-    let debouncer = Arc::new(Debouncer::new(tuning.render_quiet, tuning.render_max_delay));
+    let (render_tx, render_rx) = crate::index::policy_channel();
+    let debouncer = Arc::new(Debouncer::new(
+        tuning.render_quiet,
+        tuning.render_max_delay,
+        render_tx,
+        index.clone(),
+    ));
     let ctx = Arc::new(Context {
         client: client.clone(),
         recorder: Recorder::new(
@@ -315,7 +321,9 @@ pub async fn run(
         )
         .map_ok(move |ev| {
             ctx.written.on_event(&ev);
-            debouncer.mark(ctx.index.on_event(&ev));
+            let has_secret =
+                |ns: &str, name: &str| ctx.secrets.get(&ObjectRef::new(name).within(ns)).is_some();
+            debouncer.mark(ctx.index.on_event(&ev, has_secret));
             ev
         })
         .applied_objects()
@@ -369,8 +377,7 @@ pub async fn run(
         .touched_objects();
 
     let shutdown = futures::future::FutureExt::shared(Box::pin(shutdown));
-    let (render_tx, render_rx) = crate::index::policy_channel();
-    let debounce = tokio::spawn(debouncer.clone().run(render_tx));
+    let debounce = tokio::spawn(debouncer.clone().run());
 
     let apikey_ctl = Controller::for_stream(apikey_events, ctx.apikeys.clone())
         .with_config(

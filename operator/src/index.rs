@@ -78,7 +78,10 @@ fn remove(map: &mut HashMap<Id, HashSet<String>>, ns: &str, to: &str, key: &str)
 
 impl Inner {
     /// Records a key; returns the policies whose render it changes.
-    fn put(&mut self, ns: &str, name: &str, new: Refs) -> Vec<Id> {
+    /// A new key whose Secret is not cached yet changes no render (it would be left out):
+    /// the Secret's own event renders it, at once, instead of after a debounce the key's
+    /// creation started.
+    fn put(&mut self, ns: &str, name: &str, new: Refs, has_secret: bool) -> Vec<Id> {
         let id = (ns.to_string(), name.to_string());
         if let Some(r) = &mut self.relist {
             r.insert(id.clone());
@@ -97,13 +100,13 @@ impl Inner {
             if !same_inputs {
                 dirty.push(o.policy.clone());
             }
-            if same_inputs && o.bound == new.bound {
-                // Unreachable (the Refs are equal then), kept for clarity of intent.
-            }
         }
-        let inputs_changed = old.as_ref().is_none_or(|o| {
-            o.secret != new.secret || o.policy != new.policy || o.generation != new.generation
-        });
+        let inputs_changed = match &old {
+            None => has_secret,
+            Some(o) => {
+                o.secret != new.secret || o.policy != new.policy || o.generation != new.generation
+            }
+        };
         if inputs_changed {
             dirty.push(new.policy.clone());
             dirty.extend(new.bound.clone());
@@ -134,7 +137,12 @@ pub struct KeyIndex(Mutex<Inner>);
 
 impl KeyIndex {
     /// Applies one ApiKey watch event; returns the policies whose render inputs changed.
-    pub fn on_event(&self, ev: &watcher::Event<ApiKey>) -> Vec<Id> {
+    /// `has_secret(namespace, name)`: whether the Secret is cached.
+    pub fn on_event(
+        &self,
+        ev: &watcher::Event<ApiKey>,
+        has_secret: impl Fn(&str, &str) -> bool,
+    ) -> Vec<Id> {
         let Ok(mut inner) = self.0.lock() else {
             return vec![];
         };
@@ -142,7 +150,9 @@ impl KeyIndex {
         match ev {
             watcher::Event::Apply(k) | watcher::Event::InitApply(k) => {
                 let (ns, name) = id(k);
-                inner.put(&ns, &name, refs(k))
+                let r = refs(k);
+                let has = has_secret(&ns, &r.secret);
+                inner.put(&ns, &name, r, has)
             }
             watcher::Event::Delete(k) => inner.delete(&id(k)),
             watcher::Event::Init => {
@@ -191,6 +201,15 @@ impl KeyIndex {
         out.sort();
         out.dedup();
         out
+    }
+
+    /// How many ApiKeys (in `ns`) name the policy.
+    pub fn count_of_policy(&self, ns: &str, policy: &str) -> usize {
+        self.0.lock().map_or(0, |i| {
+            i.by_policy
+                .get(&(ns.to_string(), policy.to_string()))
+                .map_or(0, HashSet::len)
+        })
     }
 
     /// The policies (in `ns`) some ApiKey names.
@@ -287,65 +306,130 @@ impl Written {
     }
 }
 
-/// Collects policies to render and releases each once no new change came for `quiet`, or
-/// `max` after its first pending change (a steady stream must not starve the render).
+/// Collects policies to render. A change to a policy that rendered no sooner than `quiet`
+/// ago is released at once (a single new key is published without delay); changes that follow
+/// are held until no new one came for `quiet`, or `max` after the first (a steady stream
+/// must not starve the render).
 pub struct Debouncer {
     pending: Mutex<HashMap<Id, (Instant, Instant)>>,
+    released: Mutex<HashMap<Id, Instant>>,
     quiet: Duration,
     max: Duration,
+    tx: UnboundedSender<ObjectRef<RateLimitPolicy>>,
+    /// The quiet period of a policy grows with its keys (`QUIET_PER_KEY` each, up to
+    /// `quiet`): a small policy renders on every change, as cheap as it is; one with 10k keys
+    /// waits the full `quiet`.
+    index: std::sync::Arc<KeyIndex>,
 }
 
+/// A render costs a few microseconds per key; waiting 50 us per key keeps renders a small
+/// share of the time even when changes never stop.
+const QUIET_PER_KEY: Duration = Duration::from_micros(50);
+
 impl Debouncer {
-    pub fn new(quiet: Duration, max: Duration) -> Self {
+    pub fn new(
+        quiet: Duration,
+        max: Duration,
+        tx: UnboundedSender<ObjectRef<RateLimitPolicy>>,
+        index: std::sync::Arc<KeyIndex>,
+    ) -> Self {
         Self {
             pending: Mutex::default(),
+            released: Mutex::default(),
             quiet,
             max,
+            tx,
+            index,
         }
+    }
+
+    fn quiet_for(&self, (ns, name): &Id) -> Duration {
+        let keys = self.index.count_of_policy(ns, name) as u32;
+        self.quiet.min(QUIET_PER_KEY.saturating_mul(keys))
     }
 
     pub fn mark(&self, ids: impl IntoIterator<Item = Id>) {
-        let Ok(mut p) = self.pending.lock() else {
+        self.mark_at(ids, Instant::now())
+    }
+
+    fn mark_at(&self, ids: impl IntoIterator<Item = Id>, now: Instant) {
+        // Before taking the locks: the index has its own.
+        let ids: Vec<(Id, Duration)> = ids
+            .into_iter()
+            .map(|id| {
+                let q = self.quiet_for(&id);
+                (id, q)
+            })
+            .collect();
+        let (Ok(mut p), Ok(mut r)) = (self.pending.lock(), self.released.lock()) else {
             return;
         };
-        let now = Instant::now();
-        for id in ids {
-            p.entry(id)
-                .and_modify(|(_, last)| *last = now)
-                .or_insert((now, now));
+        for (id, quiet) in ids {
+            if let Some((_, last)) = p.get_mut(&id) {
+                *last = now;
+                continue;
+            }
+            let idle = r
+                .get(&id)
+                .is_none_or(|t| now.saturating_duration_since(*t) >= quiet);
+            if idle {
+                r.insert(id.clone(), now);
+                self.send(&id);
+            } else {
+                p.insert(id, (now, now));
+            }
         }
     }
 
-    /// The policies due at `now`, removed from the pending set.
-    pub fn due(&self, now: Instant) -> Vec<Id> {
-        let Ok(mut p) = self.pending.lock() else {
+    fn send(&self, (ns, name): &Id) {
+        // Fails only when the policy controller has stopped (shutdown).
+        let _ = self.tx.unbounded_send(ObjectRef::new(name).within(ns));
+    }
+
+    /// Releases the policies due at `now`; returns them.
+    pub fn release_due(&self, now: Instant) -> Vec<Id> {
+        let pending: Vec<Id> = match self.pending.lock() {
+            Ok(p) => p.keys().cloned().collect(),
+            Err(_) => return vec![],
+        };
+        let quiet: HashMap<Id, Duration> = pending
+            .into_iter()
+            .map(|id| {
+                let q = self.quiet_for(&id);
+                (id, q)
+            })
+            .collect();
+        let (Ok(mut p), Ok(mut r)) = (self.pending.lock(), self.released.lock()) else {
             return vec![];
         };
         let due: Vec<Id> = p
             .iter()
-            .filter(|(_, (first, last))| {
-                now.duration_since(*last) >= self.quiet || now.duration_since(*first) >= self.max
+            .filter(|(id, (first, last))| {
+                let q = quiet.get(*id).copied().unwrap_or(self.quiet);
+                now.saturating_duration_since(*last) >= q
+                    || now.saturating_duration_since(*first) >= self.max
             })
             .map(|(id, _)| id.clone())
             .collect();
         for id in &due {
             p.remove(id);
+            r.insert(id.clone(), now);
+            self.send(id);
         }
+        // Forget policies idle for long (deleted ones included): their next change is
+        // released at once either way.
+        r.retain(|_, t| now.saturating_duration_since(*t) < self.max.max(self.quiet));
         due
     }
 
-    /// Sends due policies to `tx` until it closes.
-    pub async fn run(self: std::sync::Arc<Self>, tx: UnboundedSender<ObjectRef<RateLimitPolicy>>) {
+    /// Releases due policies until the process stops.
+    pub async fn run(self: std::sync::Arc<Self>) {
         let tick = (self.quiet / 4).max(Duration::from_millis(20));
         loop {
             tokio::time::sleep(tick).await;
-            for (ns, name) in self.due(Instant::now()) {
-                if tx
-                    .unbounded_send(ObjectRef::new(&name).within(&ns))
-                    .is_err()
-                {
-                    return;
-                }
+            self.release_due(Instant::now());
+            if self.tx.is_closed() {
+                return;
             }
         }
     }
@@ -377,11 +461,27 @@ mod tests {
     #[test]
     fn the_index_maps_secrets_and_policies_to_their_keys() {
         let idx = KeyIndex::default();
+        let yes = |_: &str, _: &str| true;
+        // A new key whose Secret is not cached yet renders nothing new; its Secret's event
+        // will (so the render is not debounced behind the key's creation).
+        let c = mk_apikey("c", "p");
+        assert!(idx
+            .on_event(&watcher::Event::Apply(c.clone()), |_, _| false)
+            .is_empty());
+        assert_eq!(names(idx.keys_of_secret("ns", "c-key")), ["c"]);
+        assert_eq!(
+            idx.policies_of_secret("ns", "c-key"),
+            [("ns".to_string(), "p".to_string())]
+        );
+        idx.on_event(&watcher::Event::Delete(c), yes);
         let mut a = mk_apikey("a", "p");
         a.metadata.generation = Some(1);
         let b = mk_apikey("b", "p");
-        assert_eq!(ns(idx.on_event(&watcher::Event::Apply(a.clone()))), ["p"]);
-        idx.on_event(&watcher::Event::Apply(b.clone()));
+        assert_eq!(
+            ns(idx.on_event(&watcher::Event::Apply(a.clone()), yes)),
+            ["p"]
+        );
+        idx.on_event(&watcher::Event::Apply(b.clone()), yes);
         assert_eq!(names(idx.keys_of_policy("ns", "p")), ["a", "b"]);
         assert_eq!(names(idx.keys_of_secret("ns", "a-key")), ["a"]);
         assert!(idx.keys_of_policy("other", "p").is_empty());
@@ -389,21 +489,26 @@ mod tests {
         // A status write (same generation, same refs) concerns no policy.
         let mut a_status = a.clone();
         a_status.metadata.resource_version = Some("9".into());
-        assert!(idx.on_event(&watcher::Event::Apply(a_status)).is_empty());
+        assert!(idx
+            .on_event(&watcher::Event::Apply(a_status), yes)
+            .is_empty());
 
         // A spec change: the policy renders again. A move: both policies.
         a.metadata.generation = Some(2);
-        assert_eq!(ns(idx.on_event(&watcher::Event::Apply(a.clone()))), ["p"]);
+        assert_eq!(
+            ns(idx.on_event(&watcher::Event::Apply(a.clone()), yes)),
+            ["p"]
+        );
         a.spec.policy_ref.name = "q".into();
         a.metadata.generation = Some(3);
         assert_eq!(
-            ns(idx.on_event(&watcher::Event::Apply(a.clone()))),
+            ns(idx.on_event(&watcher::Event::Apply(a.clone()), yes)),
             ["p", "q"]
         );
         assert_eq!(names(idx.keys_of_policy("ns", "p")), ["b"]);
         assert_eq!(names(idx.keys_of_policy("ns", "q")), ["a"]);
 
-        assert_eq!(ns(idx.on_event(&watcher::Event::Delete(b))), ["p"]);
+        assert_eq!(ns(idx.on_event(&watcher::Event::Delete(b), yes)), ["p"]);
         assert!(idx.keys_of_policy("ns", "p").is_empty());
         assert!(idx.keys_of_secret("ns", "b-key").is_empty());
     }
@@ -411,11 +516,12 @@ mod tests {
     #[test]
     fn a_relist_forgets_keys_deleted_meanwhile() {
         let idx = KeyIndex::default();
-        idx.on_event(&watcher::Event::Apply(mk_apikey("a", "p")));
-        idx.on_event(&watcher::Event::Apply(mk_apikey("b", "p")));
-        idx.on_event(&watcher::Event::Init);
-        idx.on_event(&watcher::Event::InitApply(mk_apikey("a", "p")));
-        assert_eq!(ns(idx.on_event(&watcher::Event::InitDone)), ["p"]);
+        let yes = |_: &str, _: &str| true;
+        idx.on_event(&watcher::Event::Apply(mk_apikey("a", "p")), yes);
+        idx.on_event(&watcher::Event::Apply(mk_apikey("b", "p")), yes);
+        idx.on_event(&watcher::Event::Init, yes);
+        idx.on_event(&watcher::Event::InitApply(mk_apikey("a", "p")), yes);
+        assert_eq!(ns(idx.on_event(&watcher::Event::InitDone, yes)), ["p"]);
         assert_eq!(names(idx.keys_of_policy("ns", "p")), ["a"]);
     }
 
@@ -441,26 +547,63 @@ mod tests {
     }
 
     #[test]
-    fn the_debouncer_waits_for_quiet_but_not_forever() {
-        let d = Debouncer::new(Duration::from_millis(100), Duration::from_millis(1000));
-        let p = ("ns".to_string(), "p".to_string());
-        let t0 = Instant::now();
-        d.mark([p.clone()]);
-        assert!(d.due(t0).is_empty());
-        // Still changing at 90 ms: not yet due at 150 ms.
-        if let Ok(mut m) = d.pending.lock() {
-            m.insert(p.clone(), (t0, t0 + Duration::from_millis(90)));
+    fn the_debouncer_releases_at_once_when_idle_then_waits_for_quiet_but_not_forever() {
+        let (tx, mut rx) = policy_channel();
+        // 2,000 keys: 50 us each would be 100 ms; the quiet period is capped at 100 ms.
+        let index = std::sync::Arc::new(KeyIndex::default());
+        for i in 0..2000 {
+            index.on_event(
+                &watcher::Event::Apply(mk_apikey(&format!("k{i}"), "p")),
+                |_, _| true,
+            );
         }
-        assert!(d.due(t0 + Duration::from_millis(150)).is_empty());
-        assert_eq!(d.due(t0 + Duration::from_millis(200)), [p.clone()]);
-        assert!(
-            d.due(t0 + Duration::from_millis(300)).is_empty(),
-            "released once"
+        let d = Debouncer::new(
+            Duration::from_millis(100),
+            Duration::from_millis(1000),
+            tx,
+            index.clone(),
         );
-        // A change every 50 ms for ever: released at `max`.
-        if let Ok(mut m) = d.pending.lock() {
-            m.insert(p.clone(), (t0, t0 + Duration::from_millis(1990)));
+        let p = ("ns".to_string(), "p".to_string());
+        let mut sent = || {
+            let mut n = 0;
+            while let Ok(Some(_)) = rx.try_next() {
+                n += 1;
+            }
+            n
+        };
+        let t0 = Instant::now();
+        // Idle: released at once.
+        d.mark_at([p.clone()], t0);
+        assert_eq!(sent(), 1);
+        // A burst right after: held while changes keep coming, then released once.
+        d.mark_at([p.clone()], t0 + Duration::from_millis(10));
+        d.mark_at([p.clone()], t0 + Duration::from_millis(90));
+        assert!(d.release_due(t0 + Duration::from_millis(150)).is_empty());
+        assert_eq!(sent(), 0);
+        assert_eq!(d.release_due(t0 + Duration::from_millis(200)), [p.clone()]);
+        assert_eq!(sent(), 1);
+        assert!(d.release_due(t0 + Duration::from_millis(300)).is_empty());
+        // A change every 50 ms for ever: released at `max` after the first.
+        let t1 = t0 + Duration::from_millis(250);
+        for i in 0..30 {
+            d.mark_at([p.clone()], t1 + Duration::from_millis(50 * i));
+            d.release_due(t1 + Duration::from_millis(50 * i));
         }
-        assert_eq!(d.due(t0 + Duration::from_millis(2000)), [p]);
+        assert_eq!(sent(), 1, "one release within 1.5 s of constant change");
+
+        // A policy with one key renders on every change.
+        let small = Debouncer::new(
+            Duration::from_millis(100),
+            Duration::from_millis(1000),
+            d.tx.clone(),
+            std::sync::Arc::new(KeyIndex::default()),
+        );
+        let q = ("ns".to_string(), "q".to_string());
+        small
+            .index
+            .on_event(&watcher::Event::Apply(mk_apikey("only", "q")), |_, _| true);
+        small.mark_at([q.clone()], t0);
+        small.mark_at([q.clone()], t0 + Duration::from_millis(1));
+        assert_eq!(sent(), 2);
     }
 }
