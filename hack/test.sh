@@ -57,7 +57,7 @@ cargo test -p keylimit-e2e --tests -- --ignored --test-threads=3
 
 step "operator at 1,000 ApiKeys: counts, not timings (tests/src/bin/scale.rs)"
 # Cold start, a quiet window, a burst of 1,000 spec changes and a restart, on the same control
-# plane: <= 1.05 status writes per key, <= 64 apiserver connections, <= 6 ConfigMap writes for
+# plane: <= 1.05 status writes per key, <= 64 apiserver connections, <= 8 ConfigMap writes for
 # the burst, 0 writes while nothing changes or after a restart.
 "${CARGO_TARGET_DIR:-target}/debug/keylimit-scale" --keys 1000 --assert
 bash hack/controlplane.sh down || true

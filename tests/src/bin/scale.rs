@@ -55,7 +55,7 @@ struct Args {
     max_status_writes_per_key: f64,
     #[arg(long, default_value_t = 64)]
     max_connections: usize,
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 8)]
     max_burst_configmap_writes: u64,
     /// Leave the namespace in place (for a look afterwards).
     #[arg(long)]
