@@ -387,6 +387,10 @@ pub fn certified_key(cert_pem: &[u8], key_pem: &[u8]) -> Result<CertifiedKey, Er
 #[derive(Debug, Default)]
 pub struct CertStore {
     current: RwLock<Option<(Arc<CertifiedKey>, String)>>,
+    /// Unix seconds when the served certificate expires, 0 while unknown (before the first
+    /// load, or certificates from files, whose expiry cert-manager reports itself). Shared with
+    /// the metrics registry as `keylimit_operator_webhook_cert_expiry_timestamp_seconds`.
+    expiry: prometheus_client::metrics::gauge::Gauge,
     /// The CA bundle clients should trust (during rotation the old and the new CA), when
     /// known: sidecars get it through the `keylimit-ca` ConfigMap, and a standby verifies the
     /// leader with it when forwarding reports.
@@ -394,6 +398,19 @@ pub struct CertStore {
 }
 
 impl CertStore {
+    /// A store that publishes the served certificate's expiry in `expiry`.
+    pub fn with_expiry_gauge(expiry: prometheus_client::metrics::gauge::Gauge) -> Self {
+        Self {
+            expiry,
+            ..Default::default()
+        }
+    }
+
+    /// Unix seconds when the served certificate expires (0: unknown).
+    pub fn expiry(&self) -> i64 {
+        self.expiry.get()
+    }
+
     /// Installs a certificate unless it is the one already served. Returns whether it changed.
     pub fn install(&self, cert_pem: &str, key_pem: &str) -> Result<bool, Error> {
         let same = self
@@ -620,6 +637,7 @@ async fn refresh(
             if store.install(&bundle.cert_pem, &bundle.key_pem)? {
                 info!(secret = %secret, not_after = %bundle.not_after, "serving webhook certificate");
             }
+            store.expiry.set(bundle.not_after.timestamp());
             store.set_ca(&bundle.ca_pem);
             Ok(())
         }

@@ -340,7 +340,9 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
         .build();
     let metrics = Arc::new(metrics::Metrics::default());
     let health = Arc::new(admin::Health::default());
-    let certs = Arc::new(certs::CertStore::default());
+    let certs = Arc::new(certs::CertStore::with_expiry_gauge(
+        metrics.webhook_cert_expiry.clone(),
+    ));
     let identity = args.identity.clone().unwrap_or_else(|| {
         std::env::var("HOSTNAME").unwrap_or_else(|_| format!("keylimit-{}", std::process::id()))
     });

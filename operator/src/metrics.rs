@@ -38,6 +38,8 @@ pub struct Metrics {
     pub configmap_writes: Counter,
     pub status_writes: Counter,
     pub leader: Gauge,
+    /// Unix seconds when the served webhook certificate expires (0: not known).
+    pub webhook_cert_expiry: Gauge,
 }
 
 impl Default for Metrics {
@@ -55,6 +57,12 @@ impl Default for Metrics {
         let token_reviews = Family::<ResultLabel, Counter>::default();
         let token_cache_entries = Gauge::default();
         let caches_synced = Gauge::default();
+        let webhook_cert_expiry = Gauge::default();
+        registry.register(
+            "webhook_cert_expiry_timestamp_seconds",
+            "Unix time the served webhook certificate expires (0 while not known)",
+            webhook_cert_expiry.clone(),
+        );
         registry.register(
             "caches_synced",
             "1 while this replica, as leader, runs the controllers on synced caches",
@@ -113,6 +121,7 @@ impl Default for Metrics {
             token_reviews,
             token_cache_entries,
             caches_synced,
+            webhook_cert_expiry,
         }
     }
 }

@@ -206,6 +206,17 @@ async fn webhook_injects_opted_in_pods_over_tls() {
                 })
             })
             .await?;
+            // The served certificate's expiry is on /metrics (the cert-expiry alert reads it):
+            // about a year ahead, not 0.
+            let expiry = eventually(T, "the certificate expiry gauge", || async {
+                let m = get(&format!("http://127.0.0.1:{admin}/metrics"), &[]).await.ok()?;
+                let text = String::from_utf8_lossy(&m.body).to_string();
+                let line = text.lines().find(|l| l.starts_with("keylimit_operator_webhook_cert_expiry_timestamp_seconds "))?;
+                line.rsplit(' ').next()?.parse::<i64>().ok().filter(|v| *v > 0)
+            })
+            .await?;
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
+            ensure!(expiry - now > 300 * 86_400 && expiry - now < 400 * 86_400, "certificate expiry {expiry}, now {now}");
 
             // The apiserver picks up the new caBundle asynchronously; with failurePolicy Ignore
             // a call before that admits the pod uninjected. Dry runs (the webhook has no side
