@@ -86,7 +86,16 @@ start_component() { # <component> <args...>
   # stdin from /dev/null and output to a log, so the caller's pipes are not
   # held open. Not setsid: the processes stay in the caller's process group.
   nohup "${BIN_DIR}/${name}" "$@" </dev/null >"${CP_DIR}/${name}.log" 2>&1 &
-  printf '%s\n' "$!" > "${CP_DIR}/${name}.pid"
+  local pid=$! deadline=$((SECONDS + 10))
+  printf '%s\n' "${pid}" > "${CP_DIR}/${name}.pid"
+  # Until the forked shell has exec'd the binary, its cmdline is this script's, which
+  # live_pid rightly does not recognise; a check in that window read as "exited during
+  # startup" on a busy machine. Wait for the exec (or the process's end) first.
+  while [[ -r "/proc/${pid}/cmdline" ]] \
+    && ! tr '\0' ' ' < "/proc/${pid}/cmdline" 2>/dev/null | grep -F -- "${BIN_DIR}/${name}" >/dev/null; do
+    (( SECONDS < deadline )) || break
+    sleep 0.05
+  done
 }
 
 # curl arguments that make its output the HTTP status code alone.

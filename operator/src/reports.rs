@@ -23,7 +23,7 @@
 //! them to the leader's pod, found from the Lease's holder. The leader authenticates the
 //! forwarded request again itself: it never trusts a peer's word.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -50,7 +50,7 @@ use tracing::{debug, warn};
 use crate::conditions::{self, Desired};
 use crate::controller::Context;
 use crate::crd::{condition, ApiKey, RateLimitPolicy};
-use crate::exhaustion::{self, BookLimits, KeyStatus, PolicyId, ReportBook, Reporter};
+use crate::exhaustion::{self, BookLimits, PolicyId, ReportBook, Reporter};
 use crate::metrics::Metrics;
 
 /// The field manager of everything this module writes, distinct from the reconcilers' so
@@ -95,6 +95,8 @@ const USAGE_REFRESH_SECS: i64 = 30;
 const STARTUP_GRACE: Duration = Duration::from_secs(5);
 /// Upper bound on status writes per second, so a mass exhaustion cannot flood the apiserver.
 const MAX_WRITES_PER_TICK: usize = 100;
+/// How often the status writer looks at every key, not only those of reported policies.
+const FULL_WALK_EVERY: Duration = Duration::from_secs(60);
 
 /// Where a standby finds the leader: the Lease's holder is the leader's pod name (its
 /// `--identity`), in the Lease's namespace; reports go to that pod's IP on `port` (every
@@ -741,16 +743,45 @@ async fn send_tls(
     sender.send_request(req).await.map_err(|e| e.to_string())
 }
 
-fn current(key: &ApiKey) -> (Option<KeyStatus>, Option<String>) {
-    let st = key.status.clone().unwrap_or_default();
-    let cond = conditions::find(&st.conditions, condition::EXHAUSTED).map(|c| KeyStatus {
+/// What the cached status says, borrowed: this runs for many keys every second.
+struct CurrentStatus<'a> {
+    exhausted: bool,
+    reason: &'a str,
+    message: &'a str,
+    exhausted_until: Option<&'a str>,
+}
+
+fn current(key: &ApiKey) -> (Option<CurrentStatus<'_>>, Option<&str>) {
+    let Some(st) = key.status.as_ref() else {
+        return (None, None);
+    };
+    let cond = conditions::find(&st.conditions, condition::EXHAUSTED).map(|c| CurrentStatus {
         exhausted: c.status == "True",
-        reason: c.reason.clone(),
-        message: c.message.clone(),
-        exhausted_until: st.exhausted_until.clone(),
-        usage: None,
+        reason: &c.reason,
+        message: &c.message,
+        exhausted_until: st.exhausted_until.as_deref(),
     });
-    (cond, st.usage)
+    (cond, st.usage.as_deref())
+}
+
+/// The keys a tick looks at. Keys of a policy no sidecar reports on have nothing to say
+/// unless a condition written earlier must be cleared, which happens when the policy's
+/// reports stop (its view goes) or the key moves to another policy; a full walk every
+/// `FULL_WALK_EVERY` catches the second, so a quiet operator does not walk 100,000 keys a
+/// second.
+fn keys_to_walk(
+    ctx: &Context,
+    full: bool,
+    policies: &BTreeSet<PolicyId>,
+) -> Vec<Arc<ApiKey>> {
+    if full {
+        return ctx.apikeys.state();
+    }
+    policies
+        .iter()
+        .flat_map(|(ns, policy)| ctx.index.keys_of_policy(ns, policy))
+        .filter_map(|r| ctx.apikeys.get(&r))
+        .collect()
 }
 
 /// Writes `Exhausted` conditions and policy summaries from the reports, once a second, only
@@ -764,6 +795,11 @@ pub async fn write_status(
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let started = tokio::time::Instant::now();
     let mut usage_written: HashMap<(String, String), i64> = HashMap::new();
+    // Policies whose keys the next tick must look at although no sidecar reports on them:
+    // their reports just stopped, or the write cap cut their walk short.
+    let mut revisit: BTreeSet<PolicyId> = BTreeSet::new();
+    let mut reported_before: BTreeSet<PolicyId> = BTreeSet::new();
+    let mut last_full_walk: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = &mut stop => return,
@@ -774,9 +810,18 @@ pub async fn write_status(
         }
         let now = Timestamp::now();
         let views = reports.views(now.as_second());
+        let reported: BTreeSet<PolicyId> = views.keys().cloned().collect();
+        let mut policies = std::mem::take(&mut revisit);
+        policies.extend(reported.iter().cloned());
+        policies.extend(reported_before.difference(&reported).cloned());
+        reported_before = reported;
+        let full = last_full_walk.is_none_or(|t| t.elapsed() >= FULL_WALK_EVERY);
+        if full {
+            last_full_walk = Some(tokio::time::Instant::now());
+        }
         let mut writes = 0;
         let mut exhausted_per_policy: HashMap<PolicyId, i64> = HashMap::new();
-        for key in ctx.apikeys.state() {
+        for key in keys_to_walk(&ctx, full, &policies) {
             let ns = key.namespace().unwrap_or_default();
             let id = (ns.clone(), key.spec.policy_ref.name.clone());
             let view = views.get(&id);
@@ -797,15 +842,19 @@ pub async fn write_status(
                 h.exhausted == want.exhausted
                     && h.reason == want.reason
                     && h.message == want.message
-                    && h.exhausted_until == want.exhausted_until
+                    && h.exhausted_until == want.exhausted_until.as_deref()
             });
             let slot = (ns.clone(), key.name_any());
             let usage_due = want.usage.is_some()
-                && want.usage != have_usage
+                && want.usage.as_deref() != have_usage
                 && usage_written
                     .get(&slot)
                     .is_none_or(|t| now.as_second() - t >= USAGE_REFRESH_SECS);
-            if (cond_same && !usage_due) || writes >= MAX_WRITES_PER_TICK {
+            if cond_same && !usage_due {
+                continue;
+            }
+            if writes >= MAX_WRITES_PER_TICK {
+                revisit.insert(id);
                 continue;
             }
             writes += 1;
@@ -820,7 +869,7 @@ pub async fn write_status(
             let usage = if usage_due || cond_same {
                 want.usage.clone()
             } else {
-                want.usage.clone().or(have_usage)
+                want.usage.clone().or(have_usage.map(str::to_owned))
             };
             let patch = json!({
                 "apiVersion": "keylimit.dev/v1alpha1",

@@ -207,7 +207,7 @@ async fn reports_are_authenticated_by_pod_and_bounded() {
         // only ever writes its own entry, so both count and B's exhaustion stands.
         let r = post_report(&url, &tb, &report(&ns, "p", "api-b", true)).await?;
         ensure!(r.status == 204, "pod B's report: {} {:?}", r.status, r.body);
-        let _reporting = keep_reporting(
+        let reporting = keep_reporting(
             url.clone(),
             vec![
                 (tb.clone(), report(&ns, "p", "api-b", true)),
@@ -236,6 +236,19 @@ async fn reports_are_authenticated_by_pod_and_bounded() {
             .find(|c| c.type_ == "Exhausted")
             .context("Exhausted")?;
         ensure!(c.message.contains("on 1 of 2 sidecars"), "{}", c.message);
+
+        // Every report stops: once they are stale (10 s) the key recovers. The status writer
+        // looks at a policy's keys when its reports vanish, not only on its minutely walk of
+        // every key, so this takes well under that minute.
+        drop(reporting);
+        await_object(
+            &apikeys(env),
+            "acme",
+            "Exhausted=False once no sidecar reports",
+            Duration::from_secs(30),
+            has_condition("Exhausted", "False"),
+        )
+        .await?;
 
         // Bodies: a declared size over the limit is refused from the headers, unread; no
         // token is refused before any body; a body that trickles is cut off.
@@ -380,7 +393,7 @@ async fn book_is_capped_per_namespace_and_config_failures_show() {
         );
         // Recovered: no fresh report carries a failure.
         drop(reporting);
-        let _reporting = keep_reporting(
+        let reporting = keep_reporting(
             url.clone(),
             vec![
                 (tokens[0].clone(), report(&ns, "p", "a", false)),
