@@ -393,7 +393,7 @@ async fn book_is_capped_per_namespace_and_config_failures_show() {
         );
         // Recovered: no fresh report carries a failure.
         drop(reporting);
-        let reporting = keep_reporting(
+        let _reporting = keep_reporting(
             url.clone(),
             vec![
                 (tokens[0].clone(), report(&ns, "p", "a", false)),
