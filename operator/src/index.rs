@@ -325,6 +325,12 @@ pub struct Debouncer {
 /// A render costs a few microseconds per key; waiting 200 us per key keeps renders a small
 /// share of the time even when changes never stop.
 const QUIET_PER_KEY: Duration = Duration::from_micros(200);
+/// Under a steady stream of changes (a cold start over 100k keys takes minutes), a policy
+/// renders every `max`. Each render costs time in proportion to its keys, so a fixed `max`
+/// makes the total render work grow with keys times duration, quadratically: the longest
+/// wait grows with the keys too (500 us each, 50 s at 100k), up to `MAX_DELAY_CAP`.
+const MAX_DELAY_PER_KEY: Duration = Duration::from_micros(500);
+const MAX_DELAY_CAP: Duration = Duration::from_secs(60);
 
 impl Debouncer {
     pub fn new(
@@ -343,9 +349,14 @@ impl Debouncer {
         }
     }
 
-    fn quiet_for(&self, (ns, name): &Id) -> Duration {
-        let keys = self.index.count_of_policy(ns, name) as u32;
-        self.quiet.min(QUIET_PER_KEY.saturating_mul(keys))
+    /// How long a policy waits for quiet, and at most, under a stream of changes.
+    fn delays_for(&self, (ns, name): &Id) -> (Duration, Duration) {
+        let keys = u32::try_from(self.index.count_of_policy(ns, name)).unwrap_or(u32::MAX);
+        let quiet = self.quiet.min(QUIET_PER_KEY.saturating_mul(keys));
+        let max = self
+            .max
+            .max(MAX_DELAY_PER_KEY.saturating_mul(keys).min(MAX_DELAY_CAP));
+        (quiet, max)
     }
 
     pub fn mark(&self, ids: impl IntoIterator<Item = Id>) {
@@ -357,7 +368,7 @@ impl Debouncer {
         let ids: Vec<(Id, Duration)> = ids
             .into_iter()
             .map(|id| {
-                let q = self.quiet_for(&id);
+                let (q, _) = self.delays_for(&id);
                 (id, q)
             })
             .collect();
@@ -392,11 +403,11 @@ impl Debouncer {
             Ok(p) => p.keys().cloned().collect(),
             Err(_) => return vec![],
         };
-        let quiet: HashMap<Id, Duration> = pending
+        let delays: HashMap<Id, (Duration, Duration)> = pending
             .into_iter()
             .map(|id| {
-                let q = self.quiet_for(&id);
-                (id, q)
+                let d = self.delays_for(&id);
+                (id, d)
             })
             .collect();
         let (Ok(mut p), Ok(mut r)) = (self.pending.lock(), self.released.lock()) else {
@@ -405,9 +416,9 @@ impl Debouncer {
         let due: Vec<Id> = p
             .iter()
             .filter(|(id, (first, last))| {
-                let q = quiet.get(*id).copied().unwrap_or(self.quiet);
+                let (q, max) = delays.get(*id).copied().unwrap_or((self.quiet, self.max));
                 now.saturating_duration_since(*last) >= q
-                    || now.saturating_duration_since(*first) >= self.max
+                    || now.saturating_duration_since(*first) >= max
             })
             .map(|(id, _)| id.clone())
             .collect();
@@ -608,5 +619,69 @@ mod tests {
         small.mark_at([q.clone()], t0);
         small.mark_at([q.clone()], t0 + Duration::from_millis(1));
         assert_eq!(sent(), 2);
+    }
+
+    /// Under a stream of changes a big policy renders less often than a small one: at 20,000
+    /// keys the longest wait is 10 s, not the configured 1 s, so the render work over a long
+    /// burst stays in proportion to the keys, not to keys times duration.
+    #[test]
+    fn the_longest_wait_grows_with_the_keys_up_to_a_cap() {
+        let (tx, mut rx) = policy_channel();
+        let index = std::sync::Arc::new(KeyIndex::default());
+        for i in 0..20_000 {
+            index.on_event(
+                &watcher::Event::Apply(mk_apikey(&format!("k{i}"), "p")),
+                |_, _| true,
+            );
+        }
+        let d = Debouncer::new(
+            Duration::from_millis(100),
+            Duration::from_millis(1000),
+            tx,
+            index,
+        );
+        let p = ("ns".to_string(), "p".to_string());
+        assert_eq!(
+            d.delays_for(&p),
+            (Duration::from_millis(100), Duration::from_secs(10))
+        );
+        assert_eq!(
+            d.delays_for(&("ns".to_string(), "empty".to_string())),
+            (Duration::ZERO, Duration::from_millis(1000))
+        );
+        let t0 = Instant::now();
+        d.mark_at([p.clone()], t0);
+        assert!(rx.try_recv().is_ok(), "idle: released at once");
+        // A change every 50 ms for 9.5 s: held throughout, then released at 10 s.
+        for i in 1..=190 {
+            let t = t0 + Duration::from_millis(50 * i);
+            d.mark_at([p.clone()], t);
+            assert!(
+                d.release_due(t).is_empty(),
+                "released early, at {} ms",
+                50 * i
+            );
+        }
+        let first_held = t0 + Duration::from_millis(50);
+        assert_eq!(
+            d.release_due(first_held + Duration::from_secs(10)),
+            std::slice::from_ref(&p)
+        );
+        // 130,000 keys would wait 65 s: capped.
+        let big = std::sync::Arc::new(KeyIndex::default());
+        for i in 0..130_000 {
+            big.on_event(
+                &watcher::Event::Apply(mk_apikey(&format!("k{i}"), "p")),
+                |_, _| true,
+            );
+        }
+        let (tx, _rx) = policy_channel();
+        let capped = Debouncer::new(
+            Duration::from_millis(100),
+            Duration::from_millis(1000),
+            tx,
+            big,
+        );
+        assert_eq!(capped.delays_for(&p).1, MAX_DELAY_CAP);
     }
 }

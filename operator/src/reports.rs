@@ -769,11 +769,7 @@ fn current(key: &ApiKey) -> (Option<CurrentStatus<'_>>, Option<&str>) {
 /// reports stop (its view goes) or the key moves to another policy; a full walk every
 /// `FULL_WALK_EVERY` catches the second, so a quiet operator does not walk 100,000 keys a
 /// second.
-fn keys_to_walk(
-    ctx: &Context,
-    full: bool,
-    policies: &BTreeSet<PolicyId>,
-) -> Vec<Arc<ApiKey>> {
+fn keys_to_walk(ctx: &Context, full: bool, policies: &BTreeSet<PolicyId>) -> Vec<Arc<ApiKey>> {
     if full {
         return ctx.apikeys.state();
     }
