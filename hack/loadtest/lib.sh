@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Shared by the load scripts (run.sh, compare.sh, callgrind.sh): a work directory removed on
+# Shared by the load scripts (run.sh, openloop.sh, idle-rss.sh, compare.sh, callgrind.sh): a work directory removed on
 # exit with every process started, the benchmark policy in kubelet's `..data` layout (a plain
 # directory would measure the reload path, not the request path), and an nginx upstream that
 # answers from memory. Keys: key-N with material "loadtest-key-N-0123456789abcdef".
@@ -52,4 +52,45 @@ http { access_log off;
 CONF
   taskset -c "${2:-0-1}" "$NGINX" -c "$WORK/upstream.conf" -p "$WORK" &
   PIDS+=($!)
+}
+
+# lt_nginx_proxy <keys> <listen port> <upstream port>: writes $WORK/proxy.conf, nginx doing the
+# sidecar's job the way its best users would: unknown key -> 401 (a `map` of the valid keys),
+# limit_req per key, upstream keepalive, keepalive_requests raised on both sides (the default
+# 1000 would reconnect every 1,000 requests), and the forwarded headers the sidecar sets.
+# Run it with: "$NGINX" -c "$WORK/proxy.conf" -p "$WORK".
+lt_nginx_proxy() {
+  local keys=$1 port=$2 up=$3 i
+  for ((i = 0; i < keys; i++)); do
+    echo "    \"loadtest-key-$i-0123456789abcdef\" 1;"
+  done >"$WORK/keys.map"
+  cat >"$WORK/proxy.conf" <<CONF
+daemon off; worker_processes 1; pid $WORK/proxy.pid; error_log $WORK/proxy.err;
+events { worker_connections 4096; }
+http { access_log off; map_hash_max_size 65536; map_hash_bucket_size 128;
+  map \$http_x_api_key \$key_ok {
+    default 0;
+$(cat "$WORK/keys.map")
+  }
+  limit_req_zone \$http_x_api_key zone=perkey:16m rate=1000000r/s;
+  upstream app { server 127.0.0.1:$up; keepalive 64; keepalive_requests 10000000; }
+  server { listen 127.0.0.1:$port; keepalive_requests 10000000;
+    location / {
+      if (\$key_ok = 0) { return 401 '{"error":"invalid_key"}'; }
+      limit_req zone=perkey burst=1000000 nodelay;
+      proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_set_header X-KeyLimit-Key \$http_x_api_key;
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+      proxy_pass http://app; } } }
+CONF
+}
+
+# lt_wait_ok <port> <key>: bounded wait (10 s) for a port to answer an HTTP request.
+lt_wait_ok() {
+  for _ in $(seq 1 100); do
+    if curl -s -o /dev/null -H "X-API-Key: $2" "http://127.0.0.1:$1/"; then return 0; fi
+    sleep 0.1
+  done
+  echo "port $1 did not come up" >&2
+  exit 1
 }

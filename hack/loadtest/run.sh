@@ -29,44 +29,16 @@ BIN="$ROOT/target/release/keylimit-sidecar"
 # The tested key is key-0.
 KEY="loadtest-key-0-0123456789abcdef"
 lt_config "$KEYS"
-for i in $(seq 0 $((KEYS - 1))); do
-  echo "    \"loadtest-key-$i-0123456789abcdef\" 1;"
-done >"$WORK/keys.map"
 lt_upstream "$UP_PORT" 0
 # nginx doing the sidecar's job: unknown key -> 401, limit_req per key, proxy with keepalive.
-cat > "$WORK/proxy.conf" <<CONF
-daemon off; worker_processes 1; pid $WORK/proxy.pid; error_log $WORK/proxy.err;
-events { worker_connections 4096; }
-http { access_log off; map_hash_max_size 65536; map_hash_bucket_size 128;
-  map \$http_x_api_key \$key_ok {
-    default 0;
-$(cat "$WORK/keys.map")
-  }
-  limit_req_zone \$http_x_api_key zone=perkey:16m rate=1000000r/s;
-  upstream app { server 127.0.0.1:$UP_PORT; keepalive 64; keepalive_requests 10000000; }
-  server { listen 127.0.0.1:$NGINX_PORT; keepalive_requests 10000000;
-    location / {
-      if (\$key_ok = 0) { return 401 '{"error":"invalid_key"}'; }
-      limit_req zone=perkey burst=1000000 nodelay;
-      proxy_http_version 1.1; proxy_set_header Connection "";
-      proxy_set_header X-KeyLimit-Key \$http_x_api_key;
-      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-      proxy_pass http://app; } } }
-CONF
+lt_nginx_proxy "$KEYS" "$NGINX_PORT" "$UP_PORT"
 
 taskset -c 0 "$NGINX" -c "$WORK/proxy.conf" -p "$WORK" & PIDS+=($!)
 TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c 0 "$BIN" --listen 127.0.0.1:$SIDECAR_PORT \
   --admin-listen 127.0.0.1:$ADMIN_PORT --upstream http://127.0.0.1:$UP_PORT \
   --config-dir "$WORK/config" --log-format text & PIDS+=($!)
 
-wait_ok() { # bounded wait for a port to answer
-  for _ in $(seq 1 100); do
-    if curl -s -o /dev/null -H "X-API-Key: $KEY" "http://127.0.0.1:$1/"; then return 0; fi
-    sleep 0.1
-  done
-  echo "port $1 did not come up" >&2; exit 1
-}
-wait_ok $UP_PORT; wait_ok $NGINX_PORT; wait_ok $SIDECAR_PORT
+lt_wait_ok $UP_PORT "$KEY"; lt_wait_ok $NGINX_PORT "$KEY"; lt_wait_ok $SIDECAR_PORT "$KEY"
 [ "$(curl -s -o /dev/null -w '%{http_code}' -H "X-API-Key: $KEY" http://127.0.0.1:$SIDECAR_PORT/)" = 200 ]
 [ "$(curl -s -o /dev/null -w '%{http_code}' -H 'X-API-Key: wrong' http://127.0.0.1:$SIDECAR_PORT/)" = 401 ]
 [ "$(curl -s -o /dev/null -w '%{http_code}' -H 'X-API-Key: wrong' http://127.0.0.1:$NGINX_PORT/)" = 401 ]

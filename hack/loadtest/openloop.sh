@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Open-loop latency on loopback: the upstream direct, through keylimit-sidecar, and through nginx
+# doing the same job (lib.sh's fair setup: 1,000-key map + limit_req per key, upstream
+# keepalive, keepalive_requests raised on both sides, the same forwarded headers). Requests are
+# sent at a fixed rate whatever the answers do, and latency counts from each request's intended
+# send time (tests/src/bin/openloop.rs), so queueing shows. "added" = proxy minus direct, from
+# the same round.
+#
+#   hack/loadtest/openloop.sh                       # RATES="5000 15000", DURATION=10s, RUNS=1
+#   RUNS=3 RATES="5000 15000" DURATION=10s hack/loadtest/openloop.sh   # medians of 3 rounds
+#   SHORT=1 hack/loadtest/openloop.sh   # CI smoke (hack/test.sh): 1 s per target at 1000 req/s;
+#                                       # fails on errors or non-2xx, never on a timing
+#
+# CPU split as in run.sh: core 0 runs the proxy under test and the upstream (sidecar: one tokio
+# worker; nginx: one worker), core 1 runs the generator, which keeps its core busy on purpose
+# (it polls instead of sleeping on millisecond timers).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+RATES="${RATES:-5000 15000}"
+DURATION="${DURATION:-10s}"
+WARMUP="${WARMUP:-1s}"
+RUNS="${RUNS:-1}"
+if [[ -n "${SHORT:-}" ]]; then RATES=1000 DURATION=1s WARMUP=200ms RUNS=1; fi
+CONNS="${CONNS:-32}"
+KEYS="${KEYS:-1000}"
+UP_PORT=18181 SIDECAR_PORT=18180 ADMIN_PORT=18190 NGINX_PORT=18182
+# shellcheck source=hack/loadtest/lib.sh
+. "$(dirname "$0")/lib.sh"
+lt_init openloop
+
+echo "building the sidecar and the generator (release)..." >&2
+cargo build --release -q -p keylimit-sidecar --manifest-path "$ROOT/Cargo.toml"
+cargo build --release -q -p keylimit-e2e --bin openloop --manifest-path "$ROOT/Cargo.toml"
+BIN="$ROOT/target/release/keylimit-sidecar"
+GEN="$ROOT/target/release/openloop"
+
+KEY="loadtest-key-0-0123456789abcdef"
+lt_config "$KEYS"
+lt_upstream "$UP_PORT" 0
+lt_nginx_proxy "$KEYS" "$NGINX_PORT" "$UP_PORT"
+taskset -c 0 "$NGINX" -c "$WORK/proxy.conf" -p "$WORK" & PIDS+=($!)
+TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c 0 "$BIN" --listen 127.0.0.1:$SIDECAR_PORT \
+  --admin-listen 127.0.0.1:$ADMIN_PORT --upstream http://127.0.0.1:$UP_PORT \
+  --config-dir "$WORK/config" --log-format text & PIDS+=($!)
+lt_wait_ok $UP_PORT "$KEY"; lt_wait_ok $NGINX_PORT "$KEY"; lt_wait_ok $SIDECAR_PORT "$KEY"
+for port in $SIDECAR_PORT $NGINX_PORT; do
+  [ "$(curl -s -o /dev/null -w '%{http_code}' -H "X-API-Key: $KEY" http://127.0.0.1:$port/)" = 200 ]
+  [ "$(curl -s -o /dev/null -w '%{http_code}' -H 'X-API-Key: wrong' http://127.0.0.1:$port/)" = 401 ]
+done
+
+# field <line> <key>: the value of key=value in the generator's result line.
+field() { tr ' ' '\n' <<<"$1" | awk -F= -v k="$2" '$1 == k { print $2 }'; }
+
+echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+printf '%-4s %-8s %6s %9s %9s %9s %9s %9s %10s %10s %7s\n' \
+  run target rate achieved p50_us p99_us p99.9_us max_us +p50_us +p99_us queued
+for run in $(seq 1 "$RUNS"); do
+  for rate in $RATES; do
+    for target in direct sidecar nginx; do
+      case $target in
+        direct) port=$UP_PORT ;; sidecar) port=$SIDECAR_PORT ;; nginx) port=$NGINX_PORT ;;
+      esac
+      line="$(taskset -c 1 "$GEN" --rate "$rate" --duration "$DURATION" --warmup "$WARMUP" \
+        --conns "$CONNS" --label "$target" -H "X-API-Key: $KEY" "http://127.0.0.1:$port/" \
+        2>"$WORK/gen.err")" || { cat "$WORK/gen.err" >&2; exit 1; }
+      errors=$(field "$line" errors) non2xx=$(field "$line" non2xx)
+      p50=$(field "$line" p50_us) p99=$(field "$line" p99_us)
+      if [[ $target == direct ]]; then d50=$p50 d99=$p99; a50=- a99=-; else
+        a50=$(awk -v a="$p50" -v b="$d50" 'BEGIN { printf "%+.1f", a - b }')
+        a99=$(awk -v a="$p99" -v b="$d99" 'BEGIN { printf "%+.1f", a - b }')
+      fi
+      printf '%-4s %-8s %6s %9s %9s %9s %9s %9s %10s %10s %7s\n' "$run" "$target" "$rate" \
+        "$(field "$line" achieved)" "$p50" "$p99" "$(field "$line" p999_us)" \
+        "$(field "$line" max_us)" "$a50" "$a99" "$(field "$line" queued)"
+      echo "$target $rate $p50 $p99 $(field "$line" p999_us) $a50 $a99" >>"$WORK/results"
+      if [[ $errors != 0 || $non2xx != 0 ]]; then
+        cat "$WORK/gen.err" >&2
+        echo "$target at $rate req/s: $errors errors, $non2xx non-2xx: the comparison is void" >&2
+        exit 1
+      fi
+    done
+  done
+done
+echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
+
+if [[ $RUNS -gt 1 ]]; then
+  echo "medians of $RUNS rounds (added: median of each round's proxy minus that round's direct):"
+  printf '%-8s %6s %9s %9s %9s %10s %10s\n' target rate p50_us p99_us p99.9_us +p50_us +p99_us
+  for rate in $RATES; do
+    for target in direct sidecar nginx; do
+      med() { awk -v t="$target" -v r="$rate" -v c="$1" '$1 == t && $2 == r { print $c }' \
+        "$WORK/results" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+      printf '%-8s %6s %9s %9s %9s %10s %10s\n' "$target" "$rate" "$(med 3)" "$(med 4)" \
+        "$(med 5)" "$(med 6)" "$(med 7)"
+    done
+  done
+fi
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $DURATION per target after $WARMUP warm-up, $CONNS connections, $KEYS keys"
