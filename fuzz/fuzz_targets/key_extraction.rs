@@ -7,7 +7,7 @@
 use http::header::{HeaderName, HeaderValue, AUTHORIZATION};
 use http::{Request, Uri};
 use keylimit_sidecar::config::{hash_presented, KeySourceRule};
-use keylimit_sidecar::proxy::{cut_query_param, find_key};
+use keylimit_sidecar::http::proxy::{cut_query_param, find_key};
 use libfuzzer_sys::fuzz_target;
 
 /// Header names a request may carry: the rule's key header is either of the first two, so a

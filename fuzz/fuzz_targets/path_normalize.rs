@@ -1,4 +1,4 @@
-//! Path normalisation and whole-segment route matching (`keylimit_sidecar::path`): the limiter
+//! Path normalisation and whole-segment route matching (`keylimit_sidecar::http::path`): the limiter
 //! sees, and the app receives, one normal form per RFC 3986 equivalence class, so no spelling
 //! of a limited path escapes its route.
 //!
@@ -10,7 +10,7 @@ use std::borrow::Cow;
 
 use http::uri::PathAndQuery;
 use keylimit_dataplane::{MatrixParameters, PathMatching};
-use keylimit_sidecar::path::{match_form, normalize, PathError, SegmentPrefix};
+use keylimit_sidecar::http::path::{match_form, normalize, PathError, SegmentPrefix};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -10,8 +10,8 @@ use keylimit_dataplane::{
     hash_key, KeyEntry, KeySource, Limits, Mode, PolicyConfig, PolicyDocument, RateWindow,
     ResponseConfig, Store, API_VERSION,
 };
-use keylimit_sidecar::clock::SystemClock;
 use keylimit_sidecar::config::{hash_presented, Snapshot};
+use keylimit_sidecar::limiter::clock::SystemClock;
 use keylimit_sidecar::limiter::{Check, Decision, Limiter};
 use keylimit_sidecar::metrics::Metrics;
 
@@ -118,7 +118,7 @@ fn benches(c: &mut Criterion) {
     });
     // As the proxy decides: at the monotonic reading it already took for the request (the
     // failed-key budget needs it), so the limiter reads no clock of its own.
-    let mono = keylimit_sidecar::clock::Clock::mono_ns(&SystemClock);
+    let mono = keylimit_sidecar::limiter::clock::Clock::mono_ns(&SystemClock);
     let mut tick = 0u64;
     g.bench_function("single_key_caller_clock", |b| {
         b.iter(|| {
@@ -128,7 +128,7 @@ fn benches(c: &mut Criterion) {
     });
     // The parts of `single_key`: the clock read every decision makes, and the index lookup.
     g.bench_function("clock_mono_ns", |b| {
-        b.iter(|| keylimit_sidecar::clock::Clock::mono_ns(black_box(&SystemClock)))
+        b.iter(|| keylimit_sidecar::limiter::clock::Clock::mono_ns(black_box(&SystemClock)))
     });
     g.bench_function("index_lookup_single_key", |b| {
         b.iter(|| one.index.lookup(black_box(&h0)).map(|k| k.id))
@@ -187,7 +187,7 @@ fn benches(c: &mut Criterion) {
         })
     });
     // The limiter alone at 1M keys (ids known, no index), at a caller's clock reading.
-    let mono = keylimit_sidecar::clock::Clock::mono_ns(&SystemClock);
+    let mono = keylimit_sidecar::limiter::clock::Clock::mono_ns(&SystemClock);
     let ids: Vec<u64> = shuffled
         .iter()
         .map(|h| many.index.lookup(h).map_or(0, |k| k.id))
@@ -274,7 +274,7 @@ fn benches(c: &mut Criterion) {
 /// already-normal case and a path that needs rewriting), route matching, and key extraction
 /// from a realistic header map.
 fn request_path(c: &mut Criterion) {
-    use keylimit_sidecar::path::{match_form, normalize};
+    use keylimit_sidecar::http::path::{match_form, normalize};
     let mut g = c.benchmark_group("request_path");
     g.throughput(Throughput::Elements(1));
     let rules = keylimit_dataplane::PathMatching::default();
@@ -296,7 +296,7 @@ fn request_path(c: &mut Criterion) {
         .body(())
         .unwrap_or_default();
     g.bench_function("find_key_header", |b| {
-        b.iter(|| keylimit_sidecar::proxy::find_key(&snap.source, black_box(&req)))
+        b.iter(|| keylimit_sidecar::http::proxy::find_key(&snap.source, black_box(&req)))
     });
     g.finish();
 }

@@ -29,10 +29,10 @@ use std::time::{Duration, Instant};
 use keylimit_dataplane::{
     FailMode, Limits, QuotaAlignment, QuotaPeriod, QuotaWindow, RateWindow, RedisStore,
 };
-use keylimit_sidecar::clock::SystemClock;
+use keylimit_sidecar::limiter::clock::SystemClock;
+use keylimit_sidecar::limiter::redis::{RedisLimiter, RedisSettings};
 use keylimit_sidecar::limiter::{Check, Decision, LimitSet, Limiter};
 use keylimit_sidecar::metrics::Metrics;
-use keylimit_sidecar::store::{RedisLimiter, RedisSettings};
 
 struct Server(Option<Child>);
 

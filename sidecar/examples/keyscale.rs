@@ -20,8 +20,8 @@ use keylimit_dataplane::{
     digest, hash_key, KeyEntry, KeyShard, KeySource, Limits, Mode, PolicyConfig, PolicyDocument,
     RateWindow, ResponseConfig, ShardRef, Store, API_VERSION,
 };
-use keylimit_sidecar::clock::SystemClock;
 use keylimit_sidecar::config::{hash_presented, key_id, ConfigSource, ConfigStore};
+use keylimit_sidecar::limiter::clock::SystemClock;
 use keylimit_sidecar::limiter::{Check, Decision, LimitSet, Limiter};
 use keylimit_sidecar::metrics::Metrics;
 

@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 
-use crate::clock::NANOS_PER_SEC;
+use crate::limiter::clock::NANOS_PER_SEC;
 
 /// Failures allowed per minute per peer, with a burst of the same size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
-use crate::clock::SystemClock;
 use crate::config::ConfigSource;
-use crate::server::{serve_until_signal, Settings};
+use crate::http::server::{serve_until_signal, Settings};
+use crate::limiter::clock::SystemClock;
 use crate::Error;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -159,9 +159,9 @@ impl Args {
             auth_failures_per_minute: self.auth_failures_per_minute,
             eviction_interval: Duration::from_secs(self.eviction_interval_secs),
             report,
-            redis: crate::store::RedisSettings {
+            redis: crate::limiter::redis::RedisSettings {
                 lease_ttl: Duration::from_secs(self.redis_lease_ttl_secs.max(1)),
-                ..crate::store::RedisSettings::default()
+                ..crate::limiter::redis::RedisSettings::default()
             }
             .with_env(),
             header_read_timeout: Duration::from_secs(self.header_read_timeout_secs.max(1)),
@@ -194,7 +194,7 @@ pub fn run(args: Args) -> Result<(), Error> {
     runtime.block_on(async {
         #[cfg(feature = "api-watch")]
         if let Some(target) = &args.configmap {
-            let target = crate::apiwatch::parse_target(target)?;
+            let target = crate::config::apiwatch::parse_target(target)?;
             let dir = args.config_dir.clone();
             // The directory must exist before the sidecar starts watching it, or inotify has
             // nothing to watch and updates wait for the periodic re-read.
@@ -202,7 +202,7 @@ pub fn run(args: Args) -> Result<(), Error> {
             // The mirror feeds the same directory the reload path watches; if it fails the
             // last good config keeps serving and the error is logged, as with a bad file.
             tokio::spawn(async move {
-                if let Err(e) = crate::apiwatch::run(target, dir).await {
+                if let Err(e) = crate::config::apiwatch::run(target, dir).await {
                     tracing::error!(error = %e, "configmap watch stopped");
                 }
             });

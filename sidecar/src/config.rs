@@ -13,14 +13,16 @@ use arc_swap::ArcSwapOption;
 use http::{HeaderName, Method};
 use keylimit_dataplane::{self as dp, KeyEntry, Mode, PolicyConfig, PolicyDocument};
 
+#[cfg(feature = "api-watch")]
+pub mod apiwatch;
 mod index;
 pub use index::{key_id, KeyIndex, KeyPolicy, KeyTable, SkippedKey, HASH_LEN};
 use sha2::{Digest, Sha256};
 
+use crate::http::path::SegmentPrefix;
+use crate::http::response::LimitHeaderCache;
 use crate::limiter::{LimitSet, ThrottleRule};
 use crate::metrics::{Metrics, PolicyCounters};
-use crate::path::SegmentPrefix;
-use crate::response::LimitHeaderCache;
 use crate::Error;
 
 /// Hashes presented key material under the plain sha256 scheme (`dataplane::hash_key`), raw.
@@ -194,7 +196,7 @@ impl Snapshot {
     }
 
     /// The longest matching route prefix wins, so rule order in the document does not matter.
-    /// `path` is in match form ([`crate::path::match_form`] of the normalised path).
+    /// `path` is in match form ([`crate::http::path::match_form`] of the normalised path).
     pub fn route(&self, method: &Method, path: &str) -> Option<&RouteRule> {
         self.routes
             .iter()

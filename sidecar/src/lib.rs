@@ -1,31 +1,27 @@
 //! keylimit sidecar: authenticates API keys, enforces the policy's limits and proxies allowed
 //! requests to the workload on localhost.
 //!
-//! Layout: [`config`] turns the operator's document into an immutable [`config::Snapshot`]
-//! (with its [`config::KeyIndex`]); [`limiter`] decides; [`proxy`] and [`admin`] are the two
-//! ports; [`store`] makes the same decisions in Redis when the policy asks for a shared
-//! store; [`server`] wires them with the config watcher and graceful shutdown.
+//! Layout, by role:
+//! - [`limiter`]: the decision core (rate windows, quotas, concurrency, throttle; [`limiter::Check`]
+//!   in, [`limiter::Decision`] out), with the in-process store in [`limiter::local`] and the
+//!   shared Redis store in [`limiter::redis`]; neither store reaches into the other.
+//! - [`config`]: turns the operator's document into an immutable [`config::Snapshot`] (with its
+//!   [`config::KeyIndex`]), and in [`config::apiwatch`] mirrors a ConfigMap into the config
+//!   directory.
+//! - [`http`]: the two ports ([`http::proxy`], [`http::admin`]), responses, the upstream pool,
+//!   path normalisation, and [`http::server`], which wires them with the config watcher and
+//!   graceful shutdown.
 #![forbid(unsafe_code)]
 
-pub mod admin;
-#[cfg(feature = "api-watch")]
-pub mod apiwatch;
 pub mod authbudget;
 pub mod cli;
-pub mod clock;
 pub mod config;
 pub mod error;
+pub mod http;
 pub mod limiter;
 pub mod metrics;
-pub mod path;
-pub mod proxy;
 pub mod report;
-pub mod response;
-pub mod server;
-pub mod store;
-pub mod upstream;
-pub mod window;
 
+pub use crate::http::server::{Settings, Sidecar};
 pub use cli::{run, Args};
 pub use error::Error;
-pub use server::{Settings, Sidecar};

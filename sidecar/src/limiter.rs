@@ -17,10 +17,12 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use keylimit_dataplane::{Exhaustion, ExhaustionReason, Limits, QuotaAlignment, QuotaPeriod};
 use sha2::{Digest, Sha256};
 
-use crate::clock::{Clock, NANOS_PER_SEC};
-use crate::window;
+use crate::limiter::clock::{Clock, NANOS_PER_SEC};
 
+pub mod clock;
+pub mod redis;
 mod table;
+pub mod window;
 use table::SlotTable;
 
 /// Key id under which policy-wide limits keep their state. Real key ids are the first 8 bytes
@@ -467,7 +469,7 @@ impl Store {
 pub enum Permit {
     Local(LocalPermit),
     /// Leases in Redis: released in the background on drop, expire on their own otherwise.
-    Redis(crate::store::Lease),
+    Redis(crate::limiter::redis::Lease),
 }
 
 #[derive(Debug)]

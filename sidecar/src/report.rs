@@ -26,8 +26,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::sync::watch;
 
-use crate::admin::usage_report;
 use crate::config::ConfigStore;
+use crate::http::admin::usage_report;
 use crate::limiter::Limiter;
 use crate::metrics::Metrics;
 

@@ -18,11 +18,11 @@ use keylimit_dataplane::{
     ExhaustionReason, FailMode, Limits, Mode, PolicyDocument, QuotaAlignment, QuotaPeriod,
     QuotaWindow, RateWindow, RedisStore, Store,
 };
-use keylimit_sidecar::clock::{Clock, SystemClock};
 use keylimit_sidecar::config::{hash_presented, key_id};
+use keylimit_sidecar::limiter::clock::{Clock, SystemClock};
+use keylimit_sidecar::limiter::redis::{RedisLimiter, RedisSettings};
 use keylimit_sidecar::limiter::{Admission, Check, Decision, LimitSet, Limiter, Refusal};
 use keylimit_sidecar::metrics::Metrics;
-use keylimit_sidecar::store::{RedisLimiter, RedisSettings};
 use keylimit_sidecar::Sidecar;
 
 /// A throwaway `redis-server` child: no persistence, loopback only, killed on drop.

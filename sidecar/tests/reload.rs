@@ -18,8 +18,8 @@ use keylimit_dataplane::{
     digest, KeyShard, Limits, QuotaAlignment, QuotaPeriod, QuotaWindow, ShardRef, UsageReport,
     API_VERSION,
 };
-use keylimit_sidecar::clock::SystemClock;
 use keylimit_sidecar::config::ReloadOutcome;
+use keylimit_sidecar::limiter::clock::SystemClock;
 use keylimit_sidecar::report::ReportSettings;
 use keylimit_sidecar::{Settings, Sidecar};
 

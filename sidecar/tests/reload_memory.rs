@@ -13,8 +13,8 @@ use common::*;
 use keylimit_dataplane::{
     digest, hash_key, KeyEntry, KeyShard, Limits, RateWindow, ShardRef, API_VERSION,
 };
-use keylimit_sidecar::clock::SystemClock;
 use keylimit_sidecar::config::{hash_presented, ConfigSource, ConfigStore};
+use keylimit_sidecar::limiter::clock::SystemClock;
 use keylimit_sidecar::limiter::{Check, Decision, Limiter};
 use keylimit_sidecar::metrics::Metrics;
 

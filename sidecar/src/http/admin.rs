@@ -14,11 +14,11 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use keylimit_dataplane::{ConfigFailure, KeyUsage, QuotaUsage, UsageReport};
 
-use crate::clock::NANOS_PER_SEC;
 use crate::config::{ConfigStore, Snapshot};
+use crate::http::response::{self, ProxyBody};
+use crate::limiter::clock::NANOS_PER_SEC;
 use crate::limiter::Limiter;
 use crate::metrics::Metrics;
-use crate::response::{self, ProxyBody};
 
 pub struct Admin {
     pub config: Arc<ConfigStore>,

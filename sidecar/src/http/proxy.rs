@@ -17,12 +17,12 @@ use hyper_util::rt::TokioIo;
 
 use crate::authbudget::{AuthFailureBudget, AuthFailureLimit};
 use crate::config::{ConfigStore, KeyPolicy, KeySourceRule, Snapshot};
+use crate::http::path;
+use crate::http::response::{self, ProxyBody};
+use crate::http::upstream::{Lent, UpstreamPool};
+use crate::limiter::redis::RedisBackends;
 use crate::limiter::{Admission, Check, Decision, Limiter, Permit};
 use crate::metrics::{Metrics, Outcome};
-use crate::path;
-use crate::response::{self, ProxyBody};
-use crate::store::RedisBackends;
-use crate::upstream::{Lent, UpstreamPool};
 use crate::Error;
 use keylimit_dataplane::{KeyHasher, Store};
 

@@ -8,9 +8,9 @@ use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use serde::Serialize;
 
+use crate::limiter::window;
 use crate::limiter::{LimitKind, LimitSet, LimitStatus, Refusal};
 use crate::metrics::Outcome;
-use crate::window;
 
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
 

@@ -11,14 +11,14 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
-use crate::admin::Admin;
 use crate::authbudget::AuthFailureLimit;
-use crate::clock::Clock;
 use crate::config::{ConfigSource, ConfigStore, ReloadOutcome};
+use crate::http::admin::Admin;
+use crate::http::proxy::{Proxy, Upstream};
+use crate::limiter::clock::Clock;
+use crate::limiter::redis::{RedisBackends, RedisSettings};
 use crate::limiter::Limiter;
 use crate::metrics::Metrics;
-use crate::proxy::{Proxy, Upstream};
-use crate::store::{RedisBackends, RedisSettings};
 use crate::Error;
 
 /// Everything the sidecar is configured with (the CLI maps onto this).

@@ -40,13 +40,13 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
-use crate::clock::{Clock, NANOS_PER_SEC};
+use crate::limiter::clock::{Clock, NANOS_PER_SEC};
+use crate::limiter::window;
 use crate::limiter::{
     Admission, Check, ConcurrencyRule, Decision, LimitKind, LimitSet, LimitStatus, Limiter, Permit,
     QuotaRule, RateRule, Refusal, POLICY_SCOPE_ID,
 };
 use crate::metrics::Metrics;
-use crate::window;
 use crate::Error;
 
 /// Environment variable holding the Redis password (from a Secret); never in the document.

@@ -1,5 +1,5 @@
 use super::*;
-use crate::clock::FakeClock;
+use crate::limiter::clock::FakeClock;
 use chrono::{TimeZone, Utc};
 use keylimit_dataplane::{QuotaWindow, RateWindow};
 use proptest::prelude::*;

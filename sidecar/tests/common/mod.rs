@@ -19,7 +19,7 @@ use keylimit_dataplane::{
     hash_key, KeyEntry, KeySource, Limits, Mode, PolicyConfig, PolicyDocument, ResponseConfig,
     Store, API_VERSION,
 };
-use keylimit_sidecar::clock::SystemClock;
+use keylimit_sidecar::limiter::clock::SystemClock;
 use keylimit_sidecar::{Settings, Sidecar};
 use tokio::sync::mpsc;
 

@@ -1,0 +1,10 @@
+//! The HTTP side: the traffic port ([`proxy`]) and the admin port ([`admin`]), the responses
+//! they build ([`response`]), the pool of connections to the workload ([`upstream`]), request
+//! path normalisation ([`path`]) and the wiring of all of it ([`server`]).
+
+pub mod admin;
+pub mod path;
+pub mod proxy;
+pub mod response;
+pub mod server;
+pub mod upstream;
