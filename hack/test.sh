@@ -35,6 +35,8 @@ step "benchmarks in short mode: they must run, no timing is asserted"
 cargo bench -p keylimit-sidecar --bench decision -- --warm-up-time 0.1 --measurement-time 0.2
 cargo test -p keylimit-sidecar --bench redis
 SHORT=1 bash hack/loadtest/run.sh
+SHORT=1 bash hack/loadtest/openloop.sh
+SHORT=1 bash hack/loadtest/idle-rss.sh
 
 step "fuzz targets, 20s each (hack/fuzz.sh)"
 bash hack/fuzz.sh 20

@@ -8,6 +8,7 @@
 #
 #   hack/loadtest/openloop.sh                       # RATES="5000 15000", DURATION=10s, RUNS=1
 #   RUNS=3 RATES="5000 15000" DURATION=10s hack/loadtest/openloop.sh   # medians of 3 rounds
+#   SIDECAR_BIN=... OPENLOOP_BIN=... hack/loadtest/openloop.sh   # given binaries, no build
 #   SHORT=1 hack/loadtest/openloop.sh   # CI smoke (hack/test.sh): 1 s per target at 1000 req/s;
 #                                       # fails on errors or non-2xx, never on a timing
 #
@@ -29,11 +30,17 @@ UP_PORT=18181 SIDECAR_PORT=18180 ADMIN_PORT=18190 NGINX_PORT=18182
 . "$(dirname "$0")/lib.sh"
 lt_init openloop
 
-echo "building the sidecar and the generator (release)..." >&2
-cargo build --release -q -p keylimit-sidecar --manifest-path "$ROOT/Cargo.toml"
-cargo build --release -q -p keylimit-e2e --bin openloop --manifest-path "$ROOT/Cargo.toml"
-BIN="$ROOT/target/release/keylimit-sidecar"
-GEN="$ROOT/target/release/openloop"
+# SIDECAR_BIN / OPENLOOP_BIN: measure given binaries (e.g. built from a fixed commit) as is.
+if [[ -z "${SIDECAR_BIN:-}" ]]; then
+  echo "building the sidecar (release)..." >&2
+  cargo build --release -q -p keylimit-sidecar --manifest-path "$ROOT/Cargo.toml"
+fi
+if [[ -z "${OPENLOOP_BIN:-}" ]]; then
+  echo "building the generator (release)..." >&2
+  cargo build --release -q -p keylimit-e2e --bin openloop --manifest-path "$ROOT/Cargo.toml"
+fi
+BIN="${SIDECAR_BIN:-$ROOT/target/release/keylimit-sidecar}"
+GEN="${OPENLOOP_BIN:-$ROOT/target/release/openloop}"
 
 KEY="loadtest-key-0-0123456789abcdef"
 lt_config "$KEYS"
