@@ -12,7 +12,8 @@ use keylimit_dataplane::{
 };
 use keylimit_sidecar::config::{hash_presented, Snapshot};
 use keylimit_sidecar::limiter::clock::SystemClock;
-use keylimit_sidecar::limiter::{Check, Decision, Limiter};
+use keylimit_sidecar::limiter::local::Limiter;
+use keylimit_sidecar::limiter::{Check, Decision};
 use keylimit_sidecar::metrics::Metrics;
 
 const MANY: usize = 1_000_000;

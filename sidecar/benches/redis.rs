@@ -30,8 +30,9 @@ use keylimit_dataplane::{
     FailMode, Limits, QuotaAlignment, QuotaPeriod, QuotaWindow, RateWindow, RedisStore,
 };
 use keylimit_sidecar::limiter::clock::SystemClock;
+use keylimit_sidecar::limiter::local::Limiter;
 use keylimit_sidecar::limiter::redis::{RedisLimiter, RedisSettings};
-use keylimit_sidecar::limiter::{Check, Decision, LimitSet, Limiter};
+use keylimit_sidecar::limiter::{Check, Decision, LimitSet};
 use keylimit_sidecar::metrics::Metrics;
 
 struct Server(Option<Child>);

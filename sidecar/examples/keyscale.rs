@@ -22,7 +22,8 @@ use keylimit_dataplane::{
 };
 use keylimit_sidecar::config::{hash_presented, key_id, ConfigSource, ConfigStore};
 use keylimit_sidecar::limiter::clock::SystemClock;
-use keylimit_sidecar::limiter::{Check, Decision, LimitSet, Limiter};
+use keylimit_sidecar::limiter::local::Limiter;
+use keylimit_sidecar::limiter::{Check, Decision, LimitSet};
 use keylimit_sidecar::metrics::Metrics;
 
 const SHARD: usize = 7_500;

@@ -28,7 +28,7 @@ use tokio::sync::watch;
 
 use crate::config::ConfigStore;
 use crate::http::admin::usage_report;
-use crate::limiter::Limiter;
+use crate::limiter::local::Limiter;
 use crate::metrics::Metrics;
 
 #[derive(Debug, Clone)]

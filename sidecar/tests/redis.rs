@@ -20,8 +20,9 @@ use keylimit_dataplane::{
 };
 use keylimit_sidecar::config::{hash_presented, key_id};
 use keylimit_sidecar::limiter::clock::{Clock, SystemClock};
+use keylimit_sidecar::limiter::local::Limiter;
 use keylimit_sidecar::limiter::redis::{RedisLimiter, RedisSettings};
-use keylimit_sidecar::limiter::{Admission, Check, Decision, LimitSet, Limiter, Refusal};
+use keylimit_sidecar::limiter::{Admission, Check, Decision, LimitSet, Refusal};
 use keylimit_sidecar::metrics::Metrics;
 use keylimit_sidecar::Sidecar;
 
@@ -354,7 +355,7 @@ async fn concurrency_leases_release_on_abort_and_expire_after_a_crash() {
         },
     );
     let set = LimitSet::compile(&limits, "key");
-    let view = keylimit_sidecar::limiter::Limiter::new(Arc::new(SystemClock));
+    let view = keylimit_sidecar::limiter::local::Limiter::new(Arc::new(SystemClock));
     let check = Check {
         key_id: key_id(&hash_presented(material("k").as_bytes())),
         key_limits: &set,

@@ -15,7 +15,8 @@ use keylimit_dataplane::{
 };
 use keylimit_sidecar::config::{hash_presented, ConfigSource, ConfigStore};
 use keylimit_sidecar::limiter::clock::SystemClock;
-use keylimit_sidecar::limiter::{Check, Decision, Limiter};
+use keylimit_sidecar::limiter::local::Limiter;
+use keylimit_sidecar::limiter::{Check, Decision};
 use keylimit_sidecar::metrics::Metrics;
 
 struct Counting;

@@ -17,7 +17,7 @@ use keylimit_dataplane::{ConfigFailure, KeyUsage, QuotaUsage, UsageReport};
 use crate::config::{ConfigStore, Snapshot};
 use crate::http::response::{self, ProxyBody};
 use crate::limiter::clock::NANOS_PER_SEC;
-use crate::limiter::Limiter;
+use crate::limiter::local::Limiter;
 use crate::metrics::Metrics;
 
 pub struct Admin {

@@ -16,8 +16,8 @@ use crate::config::{ConfigSource, ConfigStore, ReloadOutcome};
 use crate::http::admin::Admin;
 use crate::http::proxy::{Proxy, Upstream};
 use crate::limiter::clock::Clock;
+use crate::limiter::local::Limiter;
 use crate::limiter::redis::{RedisBackends, RedisSettings};
-use crate::limiter::Limiter;
 use crate::metrics::Metrics;
 use crate::Error;
 

@@ -40,10 +40,13 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
-use crate::limiter::clock::{Clock, NANOS_PER_SEC};
-use crate::limiter::window;
-use crate::limiter::{
-    Admission, Check, ConcurrencyRule, Decision, LimitKind, LimitSet, LimitStatus, Limiter, Permit,
+use super::clock::{Clock, NANOS_PER_SEC};
+// Only the in-process store's public face: the sidecar's local view (mirrored quota counts,
+// the throttle queue) and the `LocalFallback` limiter.
+use super::local::Limiter;
+use super::window;
+use super::{
+    Admission, Check, ConcurrencyRule, Decision, LimitKind, LimitSet, LimitStatus, Permit,
     QuotaRule, RateRule, Refusal, POLICY_SCOPE_ID,
 };
 use crate::metrics::Metrics;
@@ -1152,7 +1155,7 @@ impl Inner {
         Ok(Decision::Allow(Admission {
             delay_ns,
             status,
-            permit: lease.map(Permit::Redis),
+            permit: lease.map(Permit::guard),
             queued,
             dry_run_refusal: None,
         }))

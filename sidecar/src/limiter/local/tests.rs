@@ -1,7 +1,8 @@
 use super::*;
 use crate::limiter::clock::FakeClock;
+use crate::limiter::ThrottleRule;
 use chrono::{TimeZone, Utc};
-use keylimit_dataplane::{QuotaWindow, RateWindow};
+use keylimit_dataplane::{Limits, QuotaAlignment, QuotaPeriod, QuotaWindow, RateWindow};
 use proptest::prelude::*;
 
 const S: u64 = NANOS_PER_SEC;
