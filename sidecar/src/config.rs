@@ -16,6 +16,7 @@ use keylimit_dataplane::{self as dp, KeyEntry, Mode, PolicyConfig, PolicyDocumen
 #[cfg(feature = "api-watch")]
 pub mod apiwatch;
 mod index;
+pub mod watch;
 pub use index::{key_id, KeyIndex, KeyPolicy, KeyTable, SkippedKey, HASH_LEN};
 use sha2::{Digest, Sha256};
 

@@ -348,6 +348,28 @@ pub struct Admission {
     pub dry_run_refusal: Option<Refusal>,
 }
 
+/// A store that keeps limit state and decides [`Check`]s against it: the in-process store and
+/// the Redis one each implement this, and the core depends on neither. The proxy picks the
+/// store per policy (the document's `store`) and calls it statically, so the in-process path
+/// pays for no dynamic dispatch or boxed future.
+pub trait DecisionStore {
+    /// What a decision needs besides the check: nothing in process; for a shared store, the
+    /// policy's connection settings and the sidecar's own view (usage, throttle queue).
+    type With<'a>
+    where
+        Self: 'a;
+
+    /// Decides `c` as of `mono_ns`, a monotonic reading the caller took for this request (a
+    /// store with its own clock may ignore it). `None`: the store cannot decide and the
+    /// policy says refuse (503).
+    fn decide_check<'a>(
+        &'a self,
+        with: Self::With<'a>,
+        c: &'a Check<'a>,
+        mono_ns: u64,
+    ) -> impl std::future::Future<Output = Option<Decision>> + Send + 'a;
+}
+
 /// Concurrency slots held by one admitted request; released when dropped (response end or
 /// client abort). Where the slots live is the store's business: a store that names them by
 /// `(key id, limit id)` and releases them in place hands out [`Permit::slots`] (no allocation

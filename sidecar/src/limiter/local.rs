@@ -15,8 +15,8 @@ use keylimit_dataplane::ExhaustionReason;
 use super::clock::{Clock, NANOS_PER_SEC};
 use super::window;
 use super::{
-    Admission, Check, Decision, HeldSlots, LimitKind, LimitSet, LimitStatus, Permit, QueueSlot,
-    QuotaRule, Refusal, ReleaseSlots, POLICY_SCOPE_ID,
+    Admission, Check, Decision, DecisionStore, HeldSlots, LimitKind, LimitSet, LimitStatus, Permit,
+    QueueSlot, QuotaRule, Refusal, ReleaseSlots, POLICY_SCOPE_ID,
 };
 
 mod table;
@@ -335,14 +335,14 @@ impl Limiter {
         self.enqueue(max)
     }
 
-    /// Records a refusal decided elsewhere (Redis), so `/v1/usage` and the operator report
+    /// Records a refusal decided elsewhere (a shared store), so `/v1/usage` and the operator report
     /// see it exactly as they see local ones.
     pub fn note_refusal(&self, key_id: u64, r: Refusal) {
         self.store.shard(key_id).refusals.insert(key_id, r);
     }
 
-    /// Mirrors a quota count decided elsewhere (Redis) into this limiter's view, which only
-    /// `/v1/usage` reads in that mode. Never moves a newer count backwards.
+    /// Mirrors a quota count decided elsewhere (a shared store) into this limiter's view,
+    /// which only `/v1/usage` reads in that mode. Never moves a newer count backwards.
     pub fn note_quota(&self, key_id: u64, quota_id: u64, used: u64, until_ns: u64) {
         let mut st = self.store.shard(key_id);
         let s = st.slots.entry(key_id, quota_id);
@@ -447,6 +447,20 @@ impl Limiter {
             })
             .sum();
         tables + std::mem::size_of_val(&*self.store.shards)
+    }
+}
+
+impl DecisionStore for Limiter {
+    type With<'a> = ();
+
+    /// Always decides, at once: the future is ready when made.
+    fn decide_check<'a>(
+        &'a self,
+        _: (),
+        c: &'a Check<'a>,
+        mono_ns: u64,
+    ) -> impl std::future::Future<Output = Option<Decision>> + Send + 'a {
+        std::future::ready(Some(self.decide_at(c, mono_ns)))
     }
 }
 

@@ -46,8 +46,8 @@ use super::clock::{Clock, NANOS_PER_SEC};
 use super::local::Limiter;
 use super::window;
 use super::{
-    Admission, Check, ConcurrencyRule, Decision, LimitKind, LimitSet, LimitStatus, Permit,
-    QuotaRule, RateRule, Refusal, POLICY_SCOPE_ID,
+    Admission, Check, ConcurrencyRule, Decision, DecisionStore, LimitKind, LimitSet, LimitStatus,
+    Permit, QuotaRule, RateRule, Refusal, POLICY_SCOPE_ID,
 };
 use crate::metrics::Metrics;
 use crate::Error;
@@ -931,6 +931,20 @@ impl RedisLimiter {
             }
         }
         inner.fail(cfg, c)
+    }
+}
+
+impl DecisionStore for RedisLimiter {
+    type With<'a> = (&'a RedisStore, &'a Limiter);
+
+    /// [`RedisLimiter::decide`]: on Redis' clock, so `mono_ns` is not used.
+    fn decide_check<'a>(
+        &'a self,
+        (cfg, view): Self::With<'a>,
+        c: &'a Check<'a>,
+        _mono_ns: u64,
+    ) -> impl std::future::Future<Output = Option<Decision>> + Send + 'a {
+        self.decide(cfg, c, view)
     }
 }
 
