@@ -156,6 +156,26 @@ fn render_inputs(
     keys: &[(Arc<ApiKey>, Option<Arc<Secret>>)],
     owned: &[Arc<ConfigMap>],
 ) -> u64 {
+    render_inputs_with(
+        policy,
+        keys,
+        owned.iter().map(|cm| {
+            (
+                cm.metadata.name.as_deref(),
+                cm.metadata.resource_version.as_deref(),
+            )
+        }),
+    )
+}
+
+/// `render_inputs` with the policy's ConfigMaps given as (name, resourceVersion): after a
+/// render writes, the memo is keyed on the ConfigMaps as the write left them, so their watch
+/// events coming back (the cache catching up with our own writes) do not render again.
+fn render_inputs_with<'a>(
+    policy: &RateLimitPolicy,
+    keys: &[(Arc<ApiKey>, Option<Arc<Secret>>)],
+    config_maps: impl Iterator<Item = (Option<&'a str>, Option<&'a str>)>,
+) -> u64 {
     let sidecars = policy.status.as_ref().map_or(0, |s| s.sidecars_reporting);
     let mut sum = hash_of((&policy.metadata.uid, policy.metadata.generation, sidecars));
     for (k, s) in keys {
@@ -167,8 +187,8 @@ fn render_inputs(
                 .map(|s| (&s.metadata.uid, &s.metadata.resource_version)),
         )));
     }
-    for cm in owned {
-        sum = sum.wrapping_add(hash_of((&cm.metadata.name, &cm.metadata.resource_version)));
+    for cm in config_maps {
+        sum = sum.wrapping_add(hash_of(cm));
     }
     sum
 }
@@ -885,7 +905,7 @@ async fn write_config_maps(
     ns: &str,
     name: &str,
     ctx: &Arc<Context>,
-) -> Result<(Rendered, usize), Error> {
+) -> Result<(Rendered, usize, Vec<(String, Option<String>)>), Error> {
     let (ns, name) = (ns.to_string(), name.to_string());
     let hasher = ensure_hash_key(ctx, &ns).await?;
     let mut bound = vec![];
@@ -904,6 +924,7 @@ async fn write_config_maps(
             return Ok((
                 refused(&name, &ns, duplicates, "TooManyKeys", e.to_string()),
                 0,
+                vec![],
             ));
         }
         Err(e) => return Err(e.into()),
@@ -925,6 +946,7 @@ async fn write_config_maps(
                 message,
             ),
             0,
+            vec![],
         ));
     }
 
@@ -933,6 +955,8 @@ async fn write_config_maps(
         .controller_owner_ref(&())
         .ok_or(Error::MissingField("metadata.uid"))?;
     let mut changed = 0;
+    // Each ConfigMap of this render, with its resourceVersion once written.
+    let mut published: Vec<(String, Option<String>)> = vec![];
     let wanted: BTreeSet<String> = rendered
         .config_maps
         .iter()
@@ -947,6 +971,10 @@ async fn write_config_maps(
                 .map(|c| c.owner_references().contains(&owner))
                 == Some(true)
         {
+            published.push((
+                cm.name.clone(),
+                current.and_then(|c| c.metadata.resource_version.clone()),
+            ));
             continue;
         }
         // Never take over a ConfigMap keylimit did not create: the cache holds only labelled
@@ -981,7 +1009,8 @@ async fn write_config_maps(
         let mut patch = serde_json::to_value(&obj)?;
         patch["apiVersion"] = json!("v1");
         patch["kind"] = json!("ConfigMap");
-        ctx.leader
+        let written = ctx
+            .leader
             .fenced(api.patch(
                 &cm.name,
                 &PatchParams::apply(MANAGER).force(),
@@ -990,6 +1019,7 @@ async fn write_config_maps(
             .await??;
         ctx.metrics.configmap_writes.inc();
         changed += 1;
+        published.push((cm.name.clone(), written.metadata.resource_version));
     }
     // Shards left over from a larger key set.
     let stale: Vec<String> = ctx
@@ -1047,6 +1077,7 @@ async fn write_config_maps(
             refused: None,
         },
         changed + stale.len(),
+        published,
     ))
 }
 
@@ -1105,18 +1136,29 @@ async fn reconcile_policy(
                 // Only fails when the ApiKey controller has stopped (shutdown).
                 let _ = ctx.recheck_apikey.unbounded_send(k);
             }
-            // The memo must describe the ConfigMaps as they are now, including our own writes,
-            // which the cache may not have seen yet: store it only when nothing was written.
-            if summary.1 == 0 {
-                if let Ok(mut m) = ctx.render_memo.0.lock() {
-                    m.insert(
-                        memo_key,
-                        Rendered {
-                            inputs,
-                            ..summary.0.clone()
-                        },
-                    );
-                }
+            // The memo describes the ConfigMaps as they are now, including our own writes,
+            // which the cache may not have seen yet: keyed on what the write left, it matches
+            // once the cache catches up, unless something else changed meanwhile.
+            let inputs = if summary.1 == 0 {
+                inputs
+            } else {
+                render_inputs_with(
+                    &policy,
+                    &keys,
+                    summary
+                        .2
+                        .iter()
+                        .map(|(n, rv)| (Some(n.as_str()), rv.as_deref())),
+                )
+            };
+            if let Ok(mut m) = ctx.render_memo.0.lock() {
+                m.insert(
+                    memo_key,
+                    Rendered {
+                        inputs,
+                        ..summary.0.clone()
+                    },
+                );
             }
             summary.0
         }
@@ -1430,6 +1472,31 @@ mod tests {
             render_inputs(&p, &[mk("a", 2, "10"), mk("b", 1, "11")], &[])
         );
         assert_ne!(render_inputs(&p, &a, &[]), render_inputs(&p, &a[..1], &[]));
+
+        // The memo after a write is keyed on what the write left (name, resourceVersion):
+        // once the cache shows those ConfigMaps, the inputs match and nothing renders again;
+        // another resourceVersion (someone else's edit) does not match.
+        let cm = |name: &str, rv: &str| {
+            Arc::new(ConfigMap {
+                metadata: ObjectMeta {
+                    name: Some(name.into()),
+                    resource_version: Some(rv.into()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            })
+        };
+        let written = [("p-0", Some("41")), ("p-1", Some("42"))];
+        let after_write = render_inputs_with(&p, &a, written.iter().map(|(n, rv)| (Some(*n), *rv)));
+        assert_eq!(
+            render_inputs(&p, &a, &[cm("p-1", "42"), cm("p-0", "41")]),
+            after_write
+        );
+        assert_ne!(
+            render_inputs(&p, &a, &[cm("p-0", "41"), cm("p-1", "43")]),
+            after_write
+        );
+        assert_ne!(render_inputs(&p, &a, &[cm("p-0", "41")]), after_write);
     }
 
     #[test]
