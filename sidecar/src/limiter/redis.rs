@@ -2,8 +2,8 @@
 //! survive restarts.
 //!
 //! Every decision is one atomic server-side script per scope (the key, then the policy-wide
-//! limits if any): it checks all of the scope's rate windows (GCRA, same arithmetic as
-//! [`crate::limiter`]), quotas and concurrency leases and charges them only if all pass.
+//! limits if any): it checks all of the scope's rate windows (GCRA, the same arithmetic as the
+//! in-process store), quotas and concurrency leases and charges them only if all pass.
 //! `EVALSHA` is tried first and the script loaded on `NOSCRIPT` (a restarted Redis).
 //!
 //! Key layout (Redis Cluster/Sentinel friendly): every counter of one key shares the hash

@@ -6,7 +6,7 @@
 use chrono::{DateTime, Datelike, Months, NaiveDate};
 use keylimit_dataplane::{QuotaAlignment, QuotaPeriod};
 
-use crate::limiter::clock::NANOS_PER_SEC;
+use super::clock::NANOS_PER_SEC;
 
 const MINUTE: u64 = 60;
 const HOUR: u64 = 3_600;
