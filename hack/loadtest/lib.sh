@@ -94,3 +94,28 @@ lt_wait_ok() {
   echo "port $1 did not come up" >&2
   exit 1
 }
+
+# The tested key: key-0 of lt_config's keys.
+LT_KEY="loadtest-key-0-0123456789abcdef"
+
+# lt_start_proxies <keys> <upstream port> <nginx port> <sidecar port> <admin port> <sidecar bin>:
+# the upstream, nginx doing the sidecar's job (lt_nginx_proxy) and the sidecar, all on core 0
+# (one nginx worker, one tokio worker), then checks both proxies: the tested key gets 200 and a
+# wrong key 401. The load generator belongs on core 1.
+lt_start_proxies() {
+  local keys=$1 up=$2 nginx_port=$3 sidecar_port=$4 admin_port=$5 bin=$6 port code
+  lt_config "$keys"
+  lt_upstream "$up" 0
+  lt_nginx_proxy "$keys" "$nginx_port" "$up"
+  taskset -c 0 "$NGINX" -c "$WORK/proxy.conf" -p "$WORK" & PIDS+=($!)
+  TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c 0 "$bin" --listen "127.0.0.1:$sidecar_port" \
+    --admin-listen "127.0.0.1:$admin_port" --upstream "http://127.0.0.1:$up" \
+    --config-dir "$WORK/config" --log-format text & PIDS+=($!)
+  lt_wait_ok "$up" "$LT_KEY"; lt_wait_ok "$nginx_port" "$LT_KEY"; lt_wait_ok "$sidecar_port" "$LT_KEY"
+  for port in "$sidecar_port" "$nginx_port"; do
+    code=$(curl -s -o /dev/null -w '%{http_code}' -H "X-API-Key: $LT_KEY" "http://127.0.0.1:$port/")
+    [[ $code == 200 ]] || { echo "port $port: the tested key got $code, not 200" >&2; exit 1; }
+    code=$(curl -s -o /dev/null -w '%{http_code}' -H 'X-API-Key: wrong' "http://127.0.0.1:$port/")
+    [[ $code == 401 ]] || { echo "port $port: a wrong key got $code, not 401" >&2; exit 1; }
+  done
+}

@@ -43,19 +43,8 @@ fi
 BIN="${SIDECAR_BIN:-$ROOT/target/release/keylimit-sidecar}"
 GEN="${OPENLOOP_BIN:-$ROOT/target/release/openloop}"
 
-KEY="loadtest-key-0-0123456789abcdef"
-lt_config "$KEYS"
-lt_upstream "$UP_PORT" 0
-lt_nginx_proxy "$KEYS" "$NGINX_PORT" "$UP_PORT"
-taskset -c 0 "$NGINX" -c "$WORK/proxy.conf" -p "$WORK" & PIDS+=($!)
-TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c 0 "$BIN" --listen 127.0.0.1:$SIDECAR_PORT \
-  --admin-listen 127.0.0.1:$ADMIN_PORT --upstream http://127.0.0.1:$UP_PORT \
-  --config-dir "$WORK/config" --log-format text & PIDS+=($!)
-lt_wait_ok $UP_PORT "$KEY"; lt_wait_ok $NGINX_PORT "$KEY"; lt_wait_ok $SIDECAR_PORT "$KEY"
-for port in $SIDECAR_PORT $NGINX_PORT; do
-  [ "$(curl -s -o /dev/null -w '%{http_code}' -H "X-API-Key: $KEY" http://127.0.0.1:$port/)" = 200 ]
-  [ "$(curl -s -o /dev/null -w '%{http_code}' -H 'X-API-Key: wrong' http://127.0.0.1:$port/)" = 401 ]
-done
+KEY="$LT_KEY"
+lt_start_proxies "$KEYS" "$UP_PORT" "$NGINX_PORT" "$SIDECAR_PORT" "$ADMIN_PORT" "$BIN"
 
 # field <line> <key>: the value of key=value in the generator's result line.
 field() { tr ' ' '\n' <<<"$1" | awk -F= -v k="$2" '$1 == k { print $2 }'; }

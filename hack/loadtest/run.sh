@@ -26,22 +26,8 @@ echo "building the sidecar (release)..." >&2
 cargo build --release -q -p keylimit-sidecar --manifest-path "$ROOT/Cargo.toml"
 BIN="$ROOT/target/release/keylimit-sidecar"
 
-# The tested key is key-0.
-KEY="loadtest-key-0-0123456789abcdef"
-lt_config "$KEYS"
-lt_upstream "$UP_PORT" 0
-# nginx doing the sidecar's job: unknown key -> 401, limit_req per key, proxy with keepalive.
-lt_nginx_proxy "$KEYS" "$NGINX_PORT" "$UP_PORT"
-
-taskset -c 0 "$NGINX" -c "$WORK/proxy.conf" -p "$WORK" & PIDS+=($!)
-TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c 0 "$BIN" --listen 127.0.0.1:$SIDECAR_PORT \
-  --admin-listen 127.0.0.1:$ADMIN_PORT --upstream http://127.0.0.1:$UP_PORT \
-  --config-dir "$WORK/config" --log-format text & PIDS+=($!)
-
-lt_wait_ok $UP_PORT "$KEY"; lt_wait_ok $NGINX_PORT "$KEY"; lt_wait_ok $SIDECAR_PORT "$KEY"
-[ "$(curl -s -o /dev/null -w '%{http_code}' -H "X-API-Key: $KEY" http://127.0.0.1:$SIDECAR_PORT/)" = 200 ]
-[ "$(curl -s -o /dev/null -w '%{http_code}' -H 'X-API-Key: wrong' http://127.0.0.1:$SIDECAR_PORT/)" = 401 ]
-[ "$(curl -s -o /dev/null -w '%{http_code}' -H 'X-API-Key: wrong' http://127.0.0.1:$NGINX_PORT/)" = 401 ]
+KEY="$LT_KEY"
+lt_start_proxies "$KEYS" "$UP_PORT" "$NGINX_PORT" "$SIDECAR_PORT" "$ADMIN_PORT" "$BIN"
 
 # wrk --latency prints the percentile table; report 50% and 99% and Requests/sec.
 run() {
