@@ -463,6 +463,18 @@ mod tests {
         ids.into_iter().map(|(_, p)| p).collect()
     }
 
+    /// An index holding `n` keys of policy `policy` (ApiKeys k0, k1, ...).
+    fn index_of_keys(n: usize, policy: &str) -> std::sync::Arc<KeyIndex> {
+        let index = std::sync::Arc::new(KeyIndex::default());
+        for i in 0..n {
+            index.on_event(
+                &watcher::Event::Apply(mk_apikey(&format!("k{i}"), policy)),
+                |_, _| true,
+            );
+        }
+        index
+    }
+
     fn names(refs: Vec<ObjectRef<ApiKey>>) -> Vec<String> {
         let mut v: Vec<String> = refs.into_iter().map(|r| r.name).collect();
         v.sort();
@@ -561,13 +573,7 @@ mod tests {
     fn the_debouncer_releases_at_once_when_idle_then_waits_for_quiet_but_not_forever() {
         let (tx, mut rx) = policy_channel();
         // 2,000 keys: 200 us each would be 400 ms; the quiet period is capped at 100 ms.
-        let index = std::sync::Arc::new(KeyIndex::default());
-        for i in 0..2000 {
-            index.on_event(
-                &watcher::Event::Apply(mk_apikey(&format!("k{i}"), "p")),
-                |_, _| true,
-            );
-        }
+        let index = index_of_keys(2000, "p");
         let d = Debouncer::new(
             Duration::from_millis(100),
             Duration::from_millis(1000),
@@ -627,13 +633,7 @@ mod tests {
     #[test]
     fn the_longest_wait_grows_with_the_keys_up_to_a_cap() {
         let (tx, mut rx) = policy_channel();
-        let index = std::sync::Arc::new(KeyIndex::default());
-        for i in 0..20_000 {
-            index.on_event(
-                &watcher::Event::Apply(mk_apikey(&format!("k{i}"), "p")),
-                |_, _| true,
-            );
-        }
+        let index = index_of_keys(20_000, "p");
         let d = Debouncer::new(
             Duration::from_millis(100),
             Duration::from_millis(1000),
@@ -668,13 +668,7 @@ mod tests {
             std::slice::from_ref(&p)
         );
         // 130,000 keys would wait 65 s: capped.
-        let big = std::sync::Arc::new(KeyIndex::default());
-        for i in 0..130_000 {
-            big.on_event(
-                &watcher::Event::Apply(mk_apikey(&format!("k{i}"), "p")),
-                |_, _| true,
-            );
-        }
+        let big = index_of_keys(130_000, "p");
         let (tx, _rx) = policy_channel();
         let capped = Debouncer::new(
             Duration::from_millis(100),
