@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keylimit_httpserver::ServerConfig;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
@@ -127,8 +127,8 @@ impl Sidecar {
         // (or fails open) and the watcher picks the config up when it appears.
         let _ = reload_blocking(&config, &settings.source).await;
 
-        let traffic = bind(settings.listen).await?;
-        let admin = bind(settings.admin_listen).await?;
+        let traffic = bind(settings.listen)?;
+        let admin = bind(settings.admin_listen)?;
         let traffic_addr = traffic.local_addr()?;
         let admin_addr = admin.local_addr()?;
         let (shutdown, _) = watch::channel(false);
@@ -231,9 +231,30 @@ impl Sidecar {
     }
 }
 
-async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
-    TcpListener::bind(addr)
-        .await
+/// How many connections the kernel completes for us while we are not accepting: a burst of
+/// new clients while the worker is busy or descheduled, or clients beyond `max_connections`.
+/// `TcpListener::bind` asks for 128 (std's value); past a full queue the kernel drops the
+/// client's SYN and the client retries only after 1 s (then 3 s, 7 s), so a burst of more than
+/// 128 new connections during a short stall turned into one-second waits, and clients over the
+/// connection cap did not "wait in the backlog" as documented. nginx asks for 511. Linux caps
+/// the value at net.core.somaxconn (4096 by default since 5.4).
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    };
+    socket
+        .and_then(|s| {
+            // As TcpListener::bind does: a restarted sidecar can bind while old connections
+            // are in TIME_WAIT.
+            #[cfg(unix)]
+            s.set_reuseaddr(true)?;
+            s.bind(addr)?;
+            s.listen(LISTEN_BACKLOG)
+        })
         .map_err(|source| Error::Bind { addr, source })
 }
 

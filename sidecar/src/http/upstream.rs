@@ -341,6 +341,37 @@ mod tests {
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
+    /// K clients, each sending its next request as soon as its previous response is read,
+    /// never have more than K exchanges in flight, so K upstream connections are enough. A
+    /// connection given back is not ready again until its hyper task has seen the exchange
+    /// end; a checkout that skips it and connects instead grows the pool past K (and costs a
+    /// connect, an accept in the app and a task spawn) exactly when the sidecar is busiest.
+    #[tokio::test]
+    async fn concurrent_clients_need_no_more_connections_than_requests_in_flight() {
+        const CLIENTS: usize = 8;
+        const ROUNDS: usize = 50;
+        let (authority, accepted) = upstream(Upstream::KeepAlive).await;
+        let pool = Arc::new(UpstreamPool::new(&authority, 1024, Duration::from_secs(30)));
+        let mut clients = tokio::task::JoinSet::new();
+        for _ in 0..CLIENTS {
+            let pool = pool.clone();
+            clients.spawn(async move {
+                for _ in 0..ROUNDS {
+                    exchange(&pool).await?;
+                }
+                Ok::<_, BoxError>(())
+            });
+        }
+        while let Some(done) = clients.join_next().await {
+            done.expect("client task").expect("exchange");
+        }
+        let connects = accepted.load(Ordering::SeqCst);
+        assert!(
+            connects <= CLIENTS,
+            "{connects} upstream connections for {CLIENTS} clients"
+        );
+    }
+
     #[tokio::test]
     async fn idle_connections_past_the_timeout_are_closed() {
         let (authority, accepted) = upstream(Upstream::KeepAlive).await;
