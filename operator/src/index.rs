@@ -11,7 +11,7 @@
 //!   burst is over (or has lasted long enough), so 10,000 key changes cost a few renders.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::channel::mpsc::{UnboundedReceiver, UnboundedSender};
@@ -25,25 +25,47 @@ use crate::render;
 /// (namespace, name).
 pub type Id = (String, String);
 
+/// A name held once and shared. A policy's name is under every one of its keys, and a key's
+/// name is in three maps; with one `String` per use the index cost about 1.1 KB per key.
+type Name = Arc<str>;
+
 /// What an ApiKey's render depends on, as last seen by the watch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Refs {
-    secret: String,
-    policy: String,
+    secret: Name,
+    policy: Name,
     /// The policy the key was last bound to (`status.policy`), when it differs: a key moved
     /// away must leave its old policy's ConfigMaps at once.
-    bound: Option<String>,
+    bound: Option<Name>,
     generation: Option<i64>,
 }
 
-fn refs(k: &ApiKey) -> Refs {
-    let policy = k.spec.policy_ref.name.clone();
+/// [`Refs`] as read from an ApiKey, before they are interned.
+struct Seen<'a> {
+    secret: String,
+    policy: &'a str,
+    bound: Option<&'a str>,
+    generation: Option<i64>,
+}
+
+impl Seen<'_> {
+    fn same_inputs(&self, r: &Refs) -> bool {
+        *r.secret == *self.secret && *r.policy == *self.policy && r.generation == self.generation
+    }
+
+    fn same(&self, r: &Refs) -> bool {
+        self.same_inputs(r) && r.bound.as_deref() == self.bound
+    }
+}
+
+fn seen(k: &ApiKey) -> Seen<'_> {
+    let policy = k.spec.policy_ref.name.as_str();
     let bound = k
         .status
         .as_ref()
-        .and_then(|s| s.policy.clone())
+        .and_then(|s| s.policy.as_deref())
         .filter(|b| *b != policy);
-    Refs {
+    Seen {
         secret: render::secret_ref(k).0,
         policy,
         bound,
@@ -51,29 +73,106 @@ fn refs(k: &ApiKey) -> Refs {
     }
 }
 
-#[derive(Default)]
-struct Inner {
-    keys: HashMap<Id, Refs>,
-    by_secret: HashMap<Id, HashSet<String>>,
-    by_policy: HashMap<Id, HashSet<String>>,
-    /// Keys seen during a relist (`Init` .. `InitDone`); the others were deleted meanwhile.
-    relist: Option<HashSet<Id>>,
+/// The keys that read one Secret: nearly always one (each generated Secret has its key), so
+/// one is kept without a set.
+#[derive(Debug)]
+enum Readers {
+    One(Name),
+    // Boxed so that the common case, `One`, keeps each map entry at 16 bytes, not a set's 48.
+    #[allow(clippy::box_collection)]
+    Many(Box<HashSet<Name>>),
 }
 
-fn add(map: &mut HashMap<Id, HashSet<String>>, ns: &str, to: &str, key: &str) {
-    map.entry((ns.to_string(), to.to_string()))
-        .or_default()
-        .insert(key.to_string());
-}
-
-fn remove(map: &mut HashMap<Id, HashSet<String>>, ns: &str, to: &str, key: &str) {
-    let id = (ns.to_string(), to.to_string());
-    if let Some(set) = map.get_mut(&id) {
-        set.remove(key);
-        if set.is_empty() {
-            map.remove(&id);
+impl Readers {
+    fn insert(&mut self, key: Name) {
+        match self {
+            Readers::One(k) if *k == key => {}
+            Readers::One(k) => *self = Readers::Many(Box::new(HashSet::from([k.clone(), key]))),
+            Readers::Many(set) => {
+                set.insert(key);
+            }
         }
     }
+
+    /// Removes `key`; true when no reader is left.
+    fn remove(&mut self, key: &str) -> bool {
+        match self {
+            Readers::One(k) => **k == *key,
+            Readers::Many(set) => {
+                set.remove(key);
+                set.is_empty()
+            }
+        }
+    }
+
+    fn names(&self) -> Vec<Name> {
+        match self {
+            Readers::One(k) => vec![k.clone()],
+            Readers::Many(set) => set.iter().cloned().collect(),
+        }
+    }
+}
+
+/// One namespace's keys and their reverse maps.
+#[derive(Default)]
+struct Namespace {
+    keys: HashMap<Name, Refs>,
+    by_secret: HashMap<Name, Readers>,
+    by_policy: HashMap<Name, HashSet<Name>>,
+}
+
+impl Namespace {
+    /// The shared copy of a policy name, if some key names the policy.
+    fn policy_name(&self, policy: &str) -> Name {
+        self.by_policy
+            .get_key_value(policy)
+            .map_or_else(|| Name::from(policy), |(p, _)| p.clone())
+    }
+
+    fn link(&mut self, key: &Name, seen: &Seen) -> Refs {
+        let secret = match self.by_secret.get_key_value(seen.secret.as_str()) {
+            Some((s, _)) => s.clone(),
+            None => Name::from(seen.secret.as_str()),
+        };
+        self.by_secret
+            .entry(secret.clone())
+            .and_modify(|r| r.insert(key.clone()))
+            .or_insert_with(|| Readers::One(key.clone()));
+        let policy = self.policy_name(seen.policy);
+        self.by_policy
+            .entry(policy.clone())
+            .or_default()
+            .insert(key.clone());
+        Refs {
+            secret,
+            policy,
+            bound: seen.bound.map(|b| self.policy_name(b)),
+            generation: seen.generation,
+        }
+    }
+
+    fn unlink(&mut self, key: &str, r: &Refs) {
+        if self
+            .by_secret
+            .get_mut(&r.secret)
+            .is_some_and(|readers| readers.remove(key))
+        {
+            self.by_secret.remove(&r.secret);
+        }
+        if let Some(set) = self.by_policy.get_mut(&r.policy) {
+            set.remove(key);
+            if set.is_empty() {
+                self.by_policy.remove(&r.policy);
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    namespaces: HashMap<Name, Namespace>,
+    /// Keys seen during a relist (`Init` .. `InitDone`); the others were deleted meanwhile.
+    relist: Option<HashSet<(Name, Name)>>,
 }
 
 impl Inner {
@@ -81,53 +180,64 @@ impl Inner {
     /// A new key whose Secret is not cached yet changes no render (it would be left out):
     /// the Secret's own event renders it, at once, instead of after a debounce the key's
     /// creation started.
-    fn put(&mut self, ns: &str, name: &str, new: Refs, has_secret: bool) -> Vec<Id> {
-        let id = (ns.to_string(), name.to_string());
+    fn put(&mut self, ns: &str, name: &str, new: Seen, has_secret: bool) -> Vec<Id> {
+        let ns_name = match self.namespaces.get_key_value(ns) {
+            Some((n, _)) => n.clone(),
+            None => Name::from(ns),
+        };
+        let space = self.namespaces.entry(ns_name.clone()).or_default();
+        let (key, old) = match space.keys.remove_entry(name) {
+            Some((k, o)) => (k, Some(o)),
+            None => (Name::from(name), None),
+        };
         if let Some(r) = &mut self.relist {
-            r.insert(id.clone());
+            r.insert((ns_name, key.clone()));
         }
-        let old = self.keys.get(&id).cloned();
-        if old.as_ref() == Some(&new) {
+        if let Some(o) = old.as_ref().filter(|o| new.same(o)) {
+            space.keys.insert(key, o.clone());
             return vec![];
         }
-        let mut dirty = vec![];
+        let mut dirty: Vec<String> = vec![];
         if let Some(o) = &old {
-            remove(&mut self.by_secret, ns, &o.secret, name);
-            remove(&mut self.by_policy, ns, &o.policy, name);
+            space.unlink(&key, o);
             // Only a status change (`status.policy` caught up): no render input changed.
-            let same_inputs =
-                o.secret == new.secret && o.policy == new.policy && o.generation == new.generation;
-            if !same_inputs {
-                dirty.push(o.policy.clone());
+            if !new.same_inputs(o) {
+                dirty.push(o.policy.to_string());
             }
         }
         let inputs_changed = match &old {
             None => has_secret,
-            Some(o) => {
-                o.secret != new.secret || o.policy != new.policy || o.generation != new.generation
-            }
+            Some(o) => !new.same_inputs(o),
         };
         if inputs_changed {
-            dirty.push(new.policy.clone());
-            dirty.extend(new.bound.clone());
+            dirty.push(new.policy.to_string());
+            dirty.extend(new.bound.map(str::to_string));
         }
-        add(&mut self.by_secret, ns, &new.secret, name);
-        add(&mut self.by_policy, ns, &new.policy, name);
-        self.keys.insert(id, new);
+        let refs = space.link(&key, &new);
+        space.keys.insert(key, refs);
         dirty.sort();
         dirty.dedup();
         dirty.into_iter().map(|p| (ns.to_string(), p)).collect()
     }
 
-    fn delete(&mut self, id: &Id) -> Vec<Id> {
-        let Some(o) = self.keys.remove(id) else {
+    fn delete(&mut self, ns: &str, name: &str) -> Vec<Id> {
+        let Some(space) = self.namespaces.get_mut(ns) else {
             return vec![];
         };
-        remove(&mut self.by_secret, &id.0, &o.secret, &id.1);
-        remove(&mut self.by_policy, &id.0, &o.policy, &id.1);
-        let mut dirty = vec![(id.0.clone(), o.policy)];
-        dirty.extend(o.bound.map(|b| (id.0.clone(), b)));
+        let Some(o) = space.keys.remove(name) else {
+            return vec![];
+        };
+        space.unlink(name, &o);
+        if space.keys.is_empty() {
+            self.namespaces.remove(ns);
+        }
+        let mut dirty = vec![(ns.to_string(), o.policy.to_string())];
+        dirty.extend(o.bound.map(|b| (ns.to_string(), b.to_string())));
         dirty
+    }
+
+    fn space(&self, ns: &str) -> Option<&Namespace> {
+        self.namespaces.get(ns)
     }
 }
 
@@ -146,15 +256,16 @@ impl KeyIndex {
         let Ok(mut inner) = self.0.lock() else {
             return vec![];
         };
-        let id = |k: &ApiKey| (k.namespace().unwrap_or_default(), k.name_any());
         match ev {
             watcher::Event::Apply(k) | watcher::Event::InitApply(k) => {
-                let (ns, name) = id(k);
-                let r = refs(k);
-                let has = has_secret(&ns, &r.secret);
-                inner.put(&ns, &name, r, has)
+                let (ns, name) = (k.namespace().unwrap_or_default(), k.name_any());
+                let s = seen(k);
+                let has = has_secret(&ns, &s.secret);
+                inner.put(&ns, &name, s, has)
             }
-            watcher::Event::Delete(k) => inner.delete(&id(k)),
+            watcher::Event::Delete(k) => {
+                inner.delete(&k.namespace().unwrap_or_default(), &k.name_any())
+            }
             watcher::Event::Init => {
                 inner.relist = Some(HashSet::new());
                 vec![]
@@ -163,25 +274,46 @@ impl KeyIndex {
                 let Some(seen) = inner.relist.take() else {
                     return vec![];
                 };
-                let gone: Vec<Id> = inner
-                    .keys
-                    .keys()
-                    .filter(|k| !seen.contains(*k))
-                    .cloned()
+                let gone: Vec<(Name, Name)> = inner
+                    .namespaces
+                    .iter()
+                    .flat_map(|(ns, space)| space.keys.keys().map(|k| (ns.clone(), k.clone())))
+                    .filter(|id| !seen.contains(id))
                     .collect();
-                gone.iter().flat_map(|id| inner.delete(id)).collect()
+                gone.iter()
+                    .flat_map(|(ns, k)| inner.delete(ns, k))
+                    .collect()
             }
         }
     }
 
     /// The ApiKeys (in `ns`) that read the Secret `secret`.
     pub fn keys_of_secret(&self, ns: &str, secret: &str) -> Vec<ObjectRef<ApiKey>> {
-        self.lookup(ns, secret, |i| &i.by_secret)
+        let Ok(inner) = self.0.lock() else {
+            return vec![];
+        };
+        inner
+            .space(ns)
+            .and_then(|s| s.by_secret.get(secret))
+            .map(|r| {
+                r.names()
+                    .iter()
+                    .map(|k| ObjectRef::new(k).within(ns))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// The ApiKeys (in `ns`) that name the policy `policy`.
     pub fn keys_of_policy(&self, ns: &str, policy: &str) -> Vec<ObjectRef<ApiKey>> {
-        self.lookup(ns, policy, |i| &i.by_policy)
+        let Ok(inner) = self.0.lock() else {
+            return vec![];
+        };
+        inner
+            .space(ns)
+            .and_then(|s| s.by_policy.get(policy))
+            .map(|keys| keys.iter().map(|k| ObjectRef::new(k).within(ns)).collect())
+            .unwrap_or_default()
     }
 
     /// The policies whose render reads the Secret `secret` (through one of their keys).
@@ -189,14 +321,18 @@ impl KeyIndex {
         let Ok(inner) = self.0.lock() else {
             return vec![];
         };
-        let mut out: Vec<Id> = inner
+        let Some(space) = inner.space(ns) else {
+            return vec![];
+        };
+        let mut out: Vec<Id> = space
             .by_secret
-            .get(&(ns.to_string(), secret.to_string()))
-            .into_iter()
-            .flatten()
-            .filter_map(|k| inner.keys.get(&(ns.to_string(), k.clone())))
+            .get(secret)
+            .map(Readers::names)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|k| space.keys.get(k))
             .flat_map(|r| std::iter::once(r.policy.clone()).chain(r.bound.clone()))
-            .map(|p| (ns.to_string(), p))
+            .map(|p| (ns.to_string(), p.to_string()))
             .collect();
         out.sort();
         out.dedup();
@@ -206,8 +342,8 @@ impl KeyIndex {
     /// How many ApiKeys (in `ns`) name the policy.
     pub fn count_of_policy(&self, ns: &str, policy: &str) -> usize {
         self.0.lock().map_or(0, |i| {
-            i.by_policy
-                .get(&(ns.to_string(), policy.to_string()))
+            i.space(ns)
+                .and_then(|s| s.by_policy.get(policy))
                 .map_or(0, HashSet::len)
         })
     }
@@ -218,25 +354,8 @@ impl KeyIndex {
             return vec![];
         };
         inner
-            .by_policy
-            .keys()
-            .filter(|(n, _)| n == ns)
-            .map(|(_, p)| p.clone())
-            .collect()
-    }
-
-    fn lookup(
-        &self,
-        ns: &str,
-        to: &str,
-        map: impl Fn(&Inner) -> &HashMap<Id, HashSet<String>>,
-    ) -> Vec<ObjectRef<ApiKey>> {
-        let Ok(inner) = self.0.lock() else {
-            return vec![];
-        };
-        map(&inner)
-            .get(&(ns.to_string(), to.to_string()))
-            .map(|names| names.iter().map(|n| ObjectRef::new(n).within(ns)).collect())
+            .space(ns)
+            .map(|s| s.by_policy.keys().map(|p| p.to_string()).collect())
             .unwrap_or_default()
     }
 }
@@ -534,6 +653,40 @@ mod tests {
         assert_eq!(ns(idx.on_event(&watcher::Event::Delete(b), yes)), ["p"]);
         assert!(idx.keys_of_policy("ns", "p").is_empty());
         assert!(idx.keys_of_secret("ns", "b-key").is_empty());
+    }
+
+    #[test]
+    fn a_secret_read_by_two_keys_keeps_the_other_when_one_leaves() {
+        let idx = KeyIndex::default();
+        let yes = |_: &str, _: &str| true;
+        let reading = |name: &str, policy: &str| {
+            let mut k = mk_apikey(name, policy);
+            k.spec.secret_ref = Some(crate::crd::SecretKeyRef {
+                name: "shared".into(),
+                key: "key".into(),
+            });
+            k
+        };
+        let (a, b, c) = (reading("a", "p"), reading("b", "q"), reading("c", "q"));
+        for k in [&a, &b, &c] {
+            idx.on_event(&watcher::Event::Apply(k.clone()), yes);
+        }
+        assert_eq!(names(idx.keys_of_secret("ns", "shared")), ["a", "b", "c"]);
+        assert_eq!(ns(idx.policies_of_secret("ns", "shared")), ["p", "q"]);
+        idx.on_event(&watcher::Event::Delete(a), yes);
+        assert_eq!(names(idx.keys_of_secret("ns", "shared")), ["b", "c"]);
+        assert_eq!(ns(idx.policies_of_secret("ns", "shared")), ["q"]);
+        // Moving b to its own Secret leaves c the only reader.
+        let mut b2 = b.clone();
+        b2.spec.secret_ref = None;
+        b2.metadata.generation = Some(2);
+        idx.on_event(&watcher::Event::Apply(b2), yes);
+        assert_eq!(names(idx.keys_of_secret("ns", "shared")), ["c"]);
+        assert_eq!(names(idx.keys_of_secret("ns", "b-key")), ["b"]);
+        idx.on_event(&watcher::Event::Delete(c), yes);
+        assert!(idx.keys_of_secret("ns", "shared").is_empty());
+        assert_eq!(idx.policies_in("ns"), ["q"]);
+        assert_eq!(idx.count_of_policy("ns", "q"), 1);
     }
 
     #[test]
