@@ -432,13 +432,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
         c.opened_extra,
         c.max_conns_used
     );
+    // Time this generator was runnable but not running (another process had its core): a
+    // generator that is not scheduled does not send, and the delay shows in every target's
+    // latency, so a script must be able to tell that apart from a slow server.
+    let runq = runqueue_wait_ms();
+    let runq_text = runq.map_or_else(|| "-".to_string(), |ms| format!("{ms:.1}"));
+    eprintln!("  generator waiting for its CPU (run queue, whole run incl. connect and drain): {runq_text} ms");
     if let Some(e) = &s.first_error {
         eprintln!("  first error: {e}");
     }
     println!(
         "label={} rate={} achieved={:.0} sent={} ok={} non2xx={} errors={} \
          p50_us={:.1} p90_us={:.1} p99_us={:.1} p999_us={:.1} max_us={:.1} \
-         lag_p99_us={:.1} queued={} opened={} conns_max={}",
+         lag_p99_us={:.1} queued={} opened={} conns_max={} runq_ms={}",
         args.label,
         args.rate,
         (c.ok + c.non_2xx) as f64 / secs,
@@ -454,9 +460,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         us(g.quantile(0.99)),
         c.queued,
         c.opened_extra,
-        c.max_conns_used
+        c.max_conns_used,
+        runq_text
     );
     Ok(())
+}
+
+/// Milliseconds this thread spent runnable but waiting for a CPU (Linux schedstat, second
+/// field, nanoseconds); None where there is no such file.
+fn runqueue_wait_ms() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let ns: u64 = stat.split_whitespace().nth(1)?.parse().ok()?;
+    Some(ns as f64 / 1e6)
 }
 
 fn main() -> anyhow::Result<()> {
