@@ -16,10 +16,11 @@
 # worker; nginx: one worker), core 1 runs the generator, which keeps its core busy on purpose
 # (it polls instead of sleeping on millisecond timers).
 #
-# Disturbance, per row: rq0_ms is how long the target's processes on core 0 (proxy and
-# upstream) were runnable but not running during the round, rq1_ms the same for the generator
-# (Linux schedstat). Anything else on the machine (a build, a test cluster) shows up there; a
-# round with tens of ms of either measured the neighbours, not the proxy.
+# Disturbance, per row: other0_ms is the CPU time core 0 gave to anything but the target's
+# proxy and upstream during the round (/proc/stat minus their own time; 10 ms ticks), rq1_ms
+# how long the generator was runnable but not running (its schedstat). A build or a test
+# cluster elsewhere on the machine shows up there; a round with tens of ms of either measured
+# the neighbours as much as the proxy.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -53,15 +54,15 @@ lt_start_proxies "$KEYS" "$UP_PORT" "$NGINX_PORT" "$SIDECAR_PORT" "$ADMIN_PORT" 
 # lt_start_proxies started the upstream master, the nginx master and the sidecar, in this order.
 UP_W="$(pgrep -P "${PIDS[0]}" | xargs)" NGINX_W="$(pgrep -P "${PIDS[1]}" | xargs)" SIDECAR_PID="${PIDS[2]}"
 
-# rq_ns <pid>...: nanoseconds the threads of these processes spent runnable but not running.
-rq_ns() {
-  local p t w s=0
+# other0_ticks <pid>...: core 0's busy ticks (user, nice, system) minus those of these
+# processes (utime + stime of all their threads), i.e. what everything else ran on core 0.
+other0_ticks() {
+  local p busy own=0
+  busy=$(awk '$1 == "cpu0" { print $2 + $3 + $4 }' /proc/stat)
   for p in "$@"; do
-    for t in /proc/"$p"/task/*/schedstat; do
-      { read -r _ w _ <"$t"; } 2>/dev/null && s=$((s + w))
-    done
+    own=$((own + $(awk '{ print $14 + $15 }' "/proc/$p/stat")))
   done
-  echo "$s"
+  echo $((busy - own))
 }
 
 # field <line> <key>: the value of key=value in the generator's result line.
@@ -70,7 +71,7 @@ field() { tr ' ' '\n' <<<"$1" | awk -F= -v k="$2" '$1 == k { print $2 }'; }
 void=0
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 printf '%-4s %-8s %6s %9s %9s %9s %9s %9s %10s %10s %7s %7s %7s %7s\n' \
-  run target rate achieved p50_us p99_us p99.9_us max_us +p50_us +p99_us queued errors rq0_ms rq1_ms
+  run target rate achieved p50_us p99_us p99.9_us max_us +p50_us +p99_us queued errors other0_ms rq1_ms
 for run in $(seq 1 "$RUNS"); do
   for rate in $RATES; do
     for target in direct sidecar nginx; do
@@ -80,12 +81,12 @@ for run in $(seq 1 "$RUNS"); do
         nginx) port=$NGINX_PORT core0="$NGINX_W $UP_W" ;;
       esac
       # shellcheck disable=SC2086 # pid lists
-      rq_before=$(rq_ns $core0)
+      other_before=$(other0_ticks $core0)
       line="$(taskset -c 1 "$GEN" --rate "$rate" --duration "$DURATION" --warmup "$WARMUP" \
         --drain "$DRAIN" --conns "$CONNS" --label "$target" -H "X-API-Key: $KEY" "http://127.0.0.1:$port/" \
         2>"$WORK/gen.err")" || { cat "$WORK/gen.err" >&2; exit 1; }
       # shellcheck disable=SC2086 # pid lists
-      rq0=$(awk -v a="$rq_before" -v b="$(rq_ns $core0)" 'BEGIN { printf "%.1f", (b - a) / 1e6 }')
+      other0=$(( ($(other0_ticks $core0) - other_before) * 1000 / $(getconf CLK_TCK) ))
       errors=$(field "$line" errors) non2xx=$(field "$line" non2xx)
       p50=$(field "$line" p50_us) p99=$(field "$line" p99_us)
       if [[ $target == direct ]]; then d50=$p50 d99=$p99; a50=- a99=-; else
@@ -95,7 +96,7 @@ for run in $(seq 1 "$RUNS"); do
       printf '%-4s %-8s %6s %9s %9s %9s %9s %9s %10s %10s %7s %7s %7s %7s\n' "$run" "$target" "$rate" \
         "$(field "$line" achieved)" "$p50" "$p99" "$(field "$line" p999_us)" \
         "$(field "$line" max_us)" "$a50" "$a99" "$(field "$line" queued)" "$((errors + non2xx))" \
-        "$rq0" "$(field "$line" runq_ms)"
+        "$other0" "$(field "$line" runq_ms)"
       echo "$target $rate $p50 $p99 $(field "$line" p999_us) $a50 $a99" >>"$WORK/results"
       if [[ $errors != 0 || $non2xx != 0 ]]; then
         # Keep going so the other targets are still measured; the script fails at the end.
