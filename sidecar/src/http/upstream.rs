@@ -343,9 +343,9 @@ mod tests {
 
     /// K clients, each sending its next request as soon as its previous response is read,
     /// never have more than K exchanges in flight, so K upstream connections are enough. A
-    /// connection given back is not ready again until its hyper task has seen the exchange
-    /// end; a checkout that skips it and connects instead grows the pool past K (and costs a
-    /// connect, an accept in the app and a task spawn) exactly when the sidecar is busiest.
+    /// pool that connects while a returned connection could have been reused grows past K,
+    /// and each extra connect costs an accept in the app and a task spawn exactly when the
+    /// sidecar is busiest (checked while looking for the open-loop stalls: it does not).
     #[tokio::test]
     async fn concurrent_clients_need_no_more_connections_than_requests_in_flight() {
         const CLIENTS: usize = 8;
