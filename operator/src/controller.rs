@@ -32,6 +32,7 @@ use tracing::{info, warn};
 use crate::conditions::{self, Desired};
 use crate::crd::{condition, ApiKey, RateLimitPolicy};
 use crate::index::{Debouncer, KeyIndex, Written};
+use crate::key_secret::KeySecret;
 use crate::metrics::Metrics;
 use crate::render::{self, BoundKey, KeyProblem, POLICY_LABEL};
 use crate::Error;
@@ -59,7 +60,7 @@ pub struct Context {
     /// Every apiserver write goes through `leader.fenced`: a replica whose claim lapsed (a
     /// stalled renewal) stops writing at once, before another can take over.
     pub leader: crate::leader::LeaderState,
-    pub secrets: Store<Secret>,
+    pub secrets: Store<KeySecret>,
     pub apikeys: Store<ApiKey>,
     pub policies: Store<RateLimitPolicy>,
     pub config_maps: Store<ConfigMap>,
@@ -94,20 +95,6 @@ fn slim<K: Resource>(o: &mut K) {
             o.meta_mut().annotations = None;
         }
     }
-}
-
-/// [`slim`], and then what no reconcile reads of a cached Secret: its labels (the watch selects
-/// on [`SECRET_LABEL`], so every cached Secret carries it), owner references and type. Each
-/// label map costs a B-tree node of about 540 bytes; at 100,000 keys the Secrets are the
-/// largest cache. Only `data` (and the name, namespace and resourceVersion) stay.
-fn slim_secret(s: &mut Secret) {
-    slim(s);
-    s.metadata.labels = None;
-    s.metadata.annotations = None;
-    s.metadata.owner_references = None;
-    s.metadata.finalizers = None;
-    s.type_ = None;
-    s.string_data = None;
 }
 
 /// What the last render of a key's policy says about the key's material.
@@ -168,7 +155,7 @@ fn hash_of(v: impl Hash) -> u64 {
 /// caches' iteration order.
 fn render_inputs(
     policy: &RateLimitPolicy,
-    keys: &[(Arc<ApiKey>, Option<Arc<Secret>>)],
+    keys: &[(Arc<ApiKey>, Option<Arc<KeySecret>>)],
     owned: &[Arc<ConfigMap>],
 ) -> u64 {
     render_inputs_with(
@@ -188,7 +175,7 @@ fn render_inputs(
 /// events coming back (the cache catching up with our own writes) do not render again.
 fn render_inputs_with<'a>(
     policy: &RateLimitPolicy,
-    keys: &[(Arc<ApiKey>, Option<Arc<Secret>>)],
+    keys: &[(Arc<ApiKey>, Option<Arc<KeySecret>>)],
     config_maps: impl Iterator<Item = (Option<&'a str>, Option<&'a str>)>,
 ) -> u64 {
     let sidecars = policy.status.as_ref().map_or(0, |s| s.sidecars_reporting);
@@ -250,7 +237,7 @@ impl Context {
 /// Waits for each cache in turn (one waiter each), then opens `tx`.
 async fn await_caches(
     stores: (
-        Store<Secret>,
+        Store<KeySecret>,
         Store<ApiKey>,
         Store<RateLimitPolicy>,
         Store<ConfigMap>,
@@ -291,13 +278,13 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
     ready: impl FnOnce(),
 ) -> Result<(), Error> {
-    let (secrets, secrets_w) = reflector::store::<Secret>();
+    let (secrets, secrets_w) = reflector::store::<KeySecret>();
     let (apikeys, apikeys_w) = reflector::store::<ApiKey>();
     let (policies, policies_w) = reflector::store::<RateLimitPolicy>();
     let (config_maps, config_maps_w) = reflector::store::<ConfigMap>();
 
     let scoped = |c: &Client| -> (
-        Api<Secret>,
+        Api<KeySecret>,
         Api<ApiKey>,
         Api<RateLimitPolicy>,
         Api<ConfigMap>,
@@ -383,7 +370,7 @@ pub async fn run(
         secrets_w,
         watcher(secret_api, secret_cfg)
             .default_backoff()
-            .modify(slim_secret),
+            .modify(KeySecret::slim),
     )
     .touched_objects();
     let policy_events = {
@@ -447,7 +434,7 @@ pub async fn run(
         // policies (a rotated key); the namespace's hash key re-renders every policy there.
         .watches_stream(secret_events, {
             let (index, debouncer) = (index.clone(), debouncer.clone());
-            move |s: Secret| {
+            move |s: KeySecret| {
                 let ns = s.namespace().unwrap_or_default();
                 let name = s.name_any();
                 if name == dp::HASH_KEY_SECRET {
@@ -542,13 +529,13 @@ pub fn hash_key_labels() -> BTreeMap<String, String> {
 /// replacing it would silently lock every key out of every running sidecar.
 pub async fn ensure_hash_key(ctx: &Context, ns: &str) -> Result<dp::KeyHasher, Error> {
     let name = dp::HASH_KEY_SECRET;
-    let secret = match ctx.secrets.get(&ObjectRef::new(name).within(ns)) {
+    let secret: KeySecret = match ctx.secrets.get(&ObjectRef::new(name).within(ns)) {
         Some(s) => (*s).clone(),
         None => {
             let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
             // The cache may lag (or not watch this Secret): look before creating.
             match api.get_opt(name).await? {
-                Some(s) => s,
+                Some(s) => s.into(),
                 None => {
                     let mut bytes = [0u8; dp::HASH_KEY_LEN];
                     rand::rng().fill_bytes(&mut bytes);
@@ -573,14 +560,16 @@ pub async fn ensure_hash_key(ctx: &Context, ns: &str) -> Result<dp::KeyHasher, E
                     {
                         Ok(s) => {
                             info!(namespace = ns, "created key-hash Secret {name}");
-                            s
+                            s.into()
                         }
                         // Another replica (or reconcile) won the race: use its key.
-                        Err(kube::Error::Api(e)) if e.code == 409 => {
-                            api.get_opt(name).await?.ok_or_else(|| {
+                        Err(kube::Error::Api(e)) if e.code == 409 => api
+                            .get_opt(name)
+                            .await?
+                            .map(KeySecret::from)
+                            .ok_or_else(|| {
                                 Error::Config(format!("{ns}/{name} vanished after a conflict"))
-                            })?
-                        }
+                            })?,
                         Err(e) => return Err(e.into()),
                     }
                 }
@@ -591,16 +580,14 @@ pub async fn ensure_hash_key(ctx: &Context, ns: &str) -> Result<dp::KeyHasher, E
 }
 
 /// The hasher a key-hash Secret holds.
-pub fn hasher_from_secret(secret: &Secret) -> Result<dp::KeyHasher, dp::Error> {
+pub fn hasher_from_secret(secret: &KeySecret) -> Result<dp::KeyHasher, dp::Error> {
     let key = secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get(dp::HASH_KEY_DATA))
+        .get(dp::HASH_KEY_DATA)
         .ok_or_else(|| dp::Error::Invalid(format!("no data key {:?}", dp::HASH_KEY_DATA)))?;
-    dp::KeyHasher::hmac(&key.0)
+    dp::KeyHasher::hmac(key)
 }
 
-async fn ensure_generated_secret(key: &ApiKey, ctx: &Context) -> Result<Option<Secret>, Error> {
+async fn ensure_generated_secret(key: &ApiKey, ctx: &Context) -> Result<Option<KeySecret>, Error> {
     let ns = key
         .namespace()
         .ok_or(Error::MissingField("metadata.namespace"))?;
@@ -643,9 +630,13 @@ async fn ensure_generated_secret(key: &ApiKey, ctx: &Context) -> Result<Option<S
         // doubled the writes of a cold start over many new keys.
         Ok(s) => {
             info!(namespace = %ns, secret = %name, "generated a key");
-            Ok(Some(s))
+            Ok(Some(s.into()))
         }
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(api.get_opt(&name).await?.filter(opted_in)),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(api
+            .get_opt(&name)
+            .await?
+            .filter(opted_in)
+            .map(KeySecret::from)),
         Err(e) => Err(e.into()),
     }
 }
@@ -697,7 +688,7 @@ pub async fn publish(
 pub fn key_readiness(
     key: &ApiKey,
     policy_exists: bool,
-    secret: Option<&Secret>,
+    secret: Option<&KeySecret>,
     held_by: Option<&str>,
     now: i64,
     hasher: &dp::KeyHasher,
@@ -923,7 +914,7 @@ async fn reconcile_apikey(key: Arc<ApiKey>, ctx: Arc<Context>) -> Result<Action,
 /// (including deletions of stale shards) it made.
 async fn write_config_maps(
     policy: &Arc<RateLimitPolicy>,
-    keys: &[(Arc<ApiKey>, Option<Arc<Secret>>)],
+    keys: &[(Arc<ApiKey>, Option<Arc<KeySecret>>)],
     ns: &str,
     name: &str,
     ctx: &Arc<Context>,
@@ -1115,7 +1106,7 @@ async fn reconcile_policy(
     let name = policy.name_any();
     let now = Timestamp::now();
 
-    let keys: Vec<(Arc<ApiKey>, Option<Arc<Secret>>)> = ctx
+    let keys: Vec<(Arc<ApiKey>, Option<Arc<KeySecret>>)> = ctx
         .index
         .keys_of_policy(&ns, &name)
         .into_iter()
@@ -1397,7 +1388,7 @@ mod tests {
             ),
             metrics: Arc::new(Metrics::default()),
             leader,
-            secrets: reflector::store::<Secret>().0,
+            secrets: reflector::store::<KeySecret>().0,
             apikeys: reflector::store::<ApiKey>().0,
             policies: reflector::store::<RateLimitPolicy>().0,
             config_maps: reflector::store::<ConfigMap>().0,
@@ -1409,39 +1400,6 @@ mod tests {
             recheck_apikey: futures::channel::mpsc::unbounded().0,
         };
         (Arc::new(ctx), calls)
-    }
-
-    /// The slimmed Secret binds the key exactly as the Secret the apiserver sent, and keeps no
-    /// label map, owner reference or annotation.
-    #[test]
-    fn a_slimmed_secret_binds_the_same_key_and_keeps_only_data() {
-        let key = mk_apikey("k", "p");
-        let mut secret = mk_secret("k-key", "key", b"kl_0123456789abcdef0123456789abcdef");
-        secret.metadata.labels = Some(BTreeMap::from([
-            (SECRET_LABEL.to_string(), "true".to_string()),
-            (GENERATED_LABEL.to_string(), "k".to_string()),
-        ]));
-        secret.metadata.owner_references = key.controller_owner_ref(&()).map(|o| vec![o]);
-        secret.metadata.annotations = Some(BTreeMap::from([(
-            "kubectl.kubernetes.io/last-applied-configuration".to_string(),
-            "{}".to_string(),
-        )]));
-        secret.metadata.resource_version = Some("7".into());
-        secret.type_ = Some("Opaque".into());
-        let hasher = dp::KeyHasher::hmac(&[7u8; dp::HASH_KEY_LEN]).unwrap();
-        let before = render::bind_key(&key, Some(&secret), &hasher).unwrap();
-        let mut slimmed = secret.clone();
-        slim_secret(&mut slimmed);
-        assert_eq!(
-            render::bind_key(&key, Some(&slimmed), &hasher).unwrap(),
-            before
-        );
-        assert_eq!(slimmed.metadata.labels, None);
-        assert_eq!(slimmed.metadata.owner_references, None);
-        assert_eq!(slimmed.metadata.annotations, None);
-        assert_eq!(slimmed.type_, None);
-        assert_eq!(slimmed.metadata.resource_version.as_deref(), Some("7"));
-        assert_eq!(slimmed.metadata.name.as_deref(), Some("k-key"));
     }
 
     #[tokio::test]

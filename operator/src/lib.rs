@@ -9,6 +9,7 @@ pub mod controller;
 pub mod crd;
 pub mod exhaustion;
 pub mod index;
+pub mod key_secret;
 pub mod leader;
 pub mod metrics;
 pub mod render;

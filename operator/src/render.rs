@@ -5,13 +5,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use k8s_openapi::api::core::v1::Secret;
 use keylimit_dataplane as dp;
 
 use crate::crd::{
     ApiKey, FailModeSpec, LimitsSpec, MatrixParametersSpec, PolicyMode, QuotaAlignmentSpec,
     QuotaPeriodSpec, RateLimitPolicy, RateLimitPolicySpec, StoreSpec, StoreType,
 };
+use crate::key_secret::KeySecret;
 use crate::webhook::MAX_SHARDS;
 
 /// A ConfigMap may hold 1 MiB of data. Shards stay well below it so that metadata, the
@@ -117,23 +117,13 @@ pub fn key_hash_scheme() -> dp::KeyHash {
 /// namespace's HMAC key, see [`key_hash_scheme`]), and dropped.
 pub fn bind_key(
     key: &ApiKey,
-    secret: Option<&Secret>,
+    secret: Option<&KeySecret>,
     hasher: &dp::KeyHasher,
 ) -> Result<BoundKey, KeyProblem> {
     let (secret_name, data_key) = secret_ref(key);
     let secret = secret.ok_or_else(|| KeyProblem::SecretNotFound(secret_name.clone()))?;
     let material = secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get(&data_key))
-        .map(|b| b.0.as_slice())
-        .or_else(|| {
-            secret
-                .string_data
-                .as_ref()
-                .and_then(|d| d.get(&data_key))
-                .map(|s| s.as_bytes())
-        })
+        .get(&data_key)
         .ok_or_else(|| KeyProblem::SecretKeyMissing {
             secret: secret_name.clone(),
             key: data_key.clone(),
@@ -527,6 +517,7 @@ pub fn seconds_until(expires_at: Option<i64>, now: i64) -> Option<i64> {
 pub mod tests {
     use super::*;
     use crate::crd::{ApiKeySpec, PolicyRef, RateSpec, RateUnit, SecretKeyRef};
+    use k8s_openapi::api::core::v1::Secret;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
     use k8s_openapi::ByteString;
     use kube::api::ObjectMeta;
@@ -584,8 +575,8 @@ pub mod tests {
         k
     }
 
-    pub fn mk_secret(name: &str, key: &str, value: &[u8]) -> Secret {
-        Secret {
+    pub fn mk_secret(name: &str, key: &str, value: &[u8]) -> KeySecret {
+        KeySecret::from(Secret {
             metadata: ObjectMeta {
                 name: Some(name.into()),
                 namespace: Some("ns".into()),
@@ -593,7 +584,7 @@ pub mod tests {
             },
             data: Some(BTreeMap::from([(key.into(), ByteString(value.to_vec()))])),
             ..Default::default()
-        }
+        })
     }
 
     fn hasher() -> dp::KeyHasher {
