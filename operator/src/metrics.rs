@@ -152,6 +152,18 @@ impl Metrics {
         }
     }
 
+    /// Reconciles started by both controllers since the process started.
+    pub fn reconciles_total(&self) -> u64 {
+        ["apikey", "ratelimitpolicy"]
+            .into_iter()
+            .map(|controller| {
+                self.reconciles
+                    .get_or_create(&ControllerLabel { controller })
+                    .get()
+            })
+            .sum()
+    }
+
     pub fn reconcile_failure(&self, controller: &'static str) {
         self.failures
             .get_or_create(&ControllerLabel { controller })

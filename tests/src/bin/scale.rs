@@ -397,7 +397,7 @@ async fn main() -> anyhow::Result<()> {
     })
     .await?;
     let cold = t.elapsed();
-    let (cpu_cold, rss, _) = proc_stats(op.pid);
+    let (cpu_cold, rss, peak_rss) = proc_stats(op.pid);
     let r1 = apiserver_requests(&client).await?;
     let (peak, opened) = conns.read();
     let status_writes = delta(&r0, &r1, WRITES, "apikeys", "status");
@@ -421,6 +421,7 @@ async fn main() -> anyhow::Result<()> {
         format!("{:.3}", cpu_cold * 1000.0 / n as f64),
     );
     results.insert("rss_mb_after_cold", format!("{rss:.0}"));
+    results.insert("peak_rss_mb_cold", format!("{peak_rss:.0}"));
     if status_writes / n as f64 > args.max_status_writes_per_key {
         failures.push(format!(
             "{status_writes} ApiKey status writes for {n} keys (> {} per key)",
@@ -451,7 +452,10 @@ async fn main() -> anyhow::Result<()> {
     let q0 = apiserver_requests(&client).await?;
     tokio::time::sleep(Duration::from_secs(args.quiet_seconds)).await;
     let q1 = apiserver_requests(&client).await?;
-    let (cpu_b, _, _) = proc_stats(op.pid);
+    // The resident set once the operator has been idle: what a cluster of this size costs
+    // between bursts (the operator returns a burst's freed memory once it goes idle).
+    let (cpu_b, rss_quiet, _) = proc_stats(op.pid);
+    results.insert("rss_mb_quiet", format!("{rss_quiet:.0}"));
     let quiet_writes = writes(&q0, &q1);
     eprintln!("quiet window writes: {}", breakdown(&q0, &q1));
     results.insert("quiet_writes", format!("{quiet_writes}"));
