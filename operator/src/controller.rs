@@ -32,7 +32,7 @@ use tracing::{info, warn};
 use crate::conditions::{self, Desired};
 use crate::crd::{condition, ApiKey, RateLimitPolicy};
 use crate::index::{Debouncer, KeyIndex, Written};
-use crate::key_secret::KeySecret;
+use crate::key_secret::{KeySecret, SecretCache, WatchedSecret};
 use crate::metrics::Metrics;
 use crate::render::{self, BoundKey, KeyProblem, POLICY_LABEL};
 use crate::Error;
@@ -60,7 +60,7 @@ pub struct Context {
     /// Every apiserver write goes through `leader.fenced`: a replica whose claim lapsed (a
     /// stalled renewal) stops writing at once, before another can take over.
     pub leader: crate::leader::LeaderState,
-    pub secrets: Store<KeySecret>,
+    pub secrets: Arc<SecretCache>,
     pub apikeys: Store<ApiKey>,
     pub policies: Store<RateLimitPolicy>,
     pub config_maps: Store<ConfigMap>,
@@ -185,8 +185,7 @@ fn render_inputs_with<'a>(
             &k.metadata.name,
             &k.metadata.uid,
             k.metadata.generation,
-            s.as_ref()
-                .map(|s| (&s.metadata.uid, &s.metadata.resource_version)),
+            s.as_ref().map(|s| (&s.uid, &s.resource_version)),
         )));
     }
     for cm in config_maps {
@@ -237,7 +236,7 @@ impl Context {
 /// Waits for each cache in turn (one waiter each), then opens `tx`.
 async fn await_caches(
     stores: (
-        Store<KeySecret>,
+        Arc<SecretCache>,
         Store<ApiKey>,
         Store<RateLimitPolicy>,
         Store<ConfigMap>,
@@ -245,8 +244,8 @@ async fn await_caches(
     tx: tokio::sync::watch::Sender<bool>,
 ) -> Result<(), Error> {
     let (secrets, apikeys, policies, config_maps) = stores;
+    secrets.wait_until_ready().await;
     for (what, r) in [
-        ("secrets", secrets.wait_until_ready().await),
         ("apikeys", apikeys.wait_until_ready().await),
         ("policies", policies.wait_until_ready().await),
         ("configmaps", config_maps.wait_until_ready().await),
@@ -278,13 +277,13 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
     ready: impl FnOnce(),
 ) -> Result<(), Error> {
-    let (secrets, secrets_w) = reflector::store::<KeySecret>();
+    let secrets = Arc::new(SecretCache::default());
     let (apikeys, apikeys_w) = reflector::store::<ApiKey>();
     let (policies, policies_w) = reflector::store::<RateLimitPolicy>();
     let (config_maps, config_maps_w) = reflector::store::<ConfigMap>();
 
     let scoped = |c: &Client| -> (
-        Api<KeySecret>,
+        Api<WatchedSecret>,
         Api<ApiKey>,
         Api<RateLimitPolicy>,
         Api<ConfigMap>,
@@ -359,20 +358,22 @@ pub async fn run(
         )
         .map_ok(move |ev| {
             ctx.written.on_event(&ev);
-            let has_secret =
-                |ns: &str, name: &str| ctx.secrets.get(&ObjectRef::new(name).within(ns)).is_some();
+            let has_secret = |ns: &str, name: &str| ctx.secrets.get(ns, name).is_some();
             debouncer.mark(ctx.index.on_event(&ev, has_secret));
             ev
         })
         .applied_objects()
     };
-    let secret_events = reflector::reflector(
-        secrets_w,
+    let secret_events = {
+        let cache = ctx.secrets.clone();
         watcher(secret_api, secret_cfg)
             .default_backoff()
-            .modify(KeySecret::slim),
-    )
-    .touched_objects();
+            .map_ok(move |mut ev| {
+                cache.apply(&mut ev);
+                ev
+            })
+            .touched_objects()
+    };
     let policy_events = {
         let (index, recheck) = (index.clone(), recheck_apikey.clone());
         let mut known: HashSet<(String, String)> = HashSet::new();
@@ -435,7 +436,7 @@ pub async fn run(
         // policies (a rotated key); the namespace's hash key re-renders every policy there.
         .watches_stream(secret_events, {
             let (index, debouncer) = (index.clone(), debouncer.clone());
-            move |s: KeySecret| {
+            move |s: WatchedSecret| {
                 let ns = s.namespace().unwrap_or_default();
                 let name = s.name_any();
                 if name == dp::HASH_KEY_SECRET {
@@ -556,7 +557,7 @@ pub fn hash_key_labels() -> BTreeMap<String, String> {
 /// replacing it would silently lock every key out of every running sidecar.
 pub async fn ensure_hash_key(ctx: &Context, ns: &str) -> Result<dp::KeyHasher, Error> {
     let name = dp::HASH_KEY_SECRET;
-    let secret: KeySecret = match ctx.secrets.get(&ObjectRef::new(name).within(ns)) {
+    let secret: KeySecret = match ctx.secrets.get(ns, name) {
         Some(s) => (*s).clone(),
         None => {
             let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
@@ -619,7 +620,7 @@ async fn ensure_generated_secret(key: &ApiKey, ctx: &Context) -> Result<Option<K
         .namespace()
         .ok_or(Error::MissingField("metadata.namespace"))?;
     let (name, data_key) = render::secret_ref(key);
-    let cached = ctx.secrets.get(&ObjectRef::new(&name).within(&ns));
+    let cached = ctx.secrets.get(&ns, &name);
     if let Some(s) = cached {
         return Ok(Some((*s).clone()));
     }
@@ -811,9 +812,7 @@ async fn reconcile_apikey(key: Arc<ApiKey>, ctx: Arc<Context>) -> Result<Action,
         ensure_generated_secret(&key, &ctx).await?
     } else {
         let (sname, _) = render::secret_ref(&key);
-        ctx.secrets
-            .get(&ObjectRef::new(&sname).within(&ns))
-            .map(|s| (*s).clone())
+        ctx.secrets.get(&ns, &sname).map(|s| (*s).clone())
     };
     let policy_exists = ctx
         .policies
@@ -1148,7 +1147,7 @@ async fn reconcile_policy(
         .filter(|k| k.spec.policy_ref.name == name)
         .map(|k| {
             let (sname, _) = render::secret_ref(&k);
-            let secret = ctx.secrets.get(&ObjectRef::new(&sname).within(&ns));
+            let secret = ctx.secrets.get(&ns, &sname);
             (k, secret)
         })
         .collect();
@@ -1420,7 +1419,7 @@ mod tests {
             ),
             metrics: Arc::new(Metrics::default()),
             leader,
-            secrets: reflector::store::<KeySecret>().0,
+            secrets: Arc::default(),
             apikeys: reflector::store::<ApiKey>().0,
             policies: reflector::store::<RateLimitPolicy>().0,
             config_maps: reflector::store::<ConfigMap>().0,
@@ -1514,7 +1513,7 @@ mod tests {
             let mut k = mk_apikey(n, "p");
             k.metadata.generation = Some(gen);
             let mut s = mk_secret(&format!("{n}-key"), "key", b"kl_0123456789abcdef0123");
-            s.metadata.resource_version = Some(rv.into());
+            s.resource_version = Some(rv.into());
             (Arc::new(k), Some(Arc::new(s)))
         };
         let a = vec![mk("a", 1, "10"), mk("b", 1, "11")];
