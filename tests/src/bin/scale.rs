@@ -430,11 +430,19 @@ async fn main() -> anyhow::Result<()> {
     }
 
     // --- quiet window: nothing changes. It starts once the tail of the cold start (events,
-    // the reporter's first policy summary) is written: two seconds without a write in a row.
+    // the reporter's first policy summary) is written: the policy carries the reporter's
+    // ConfigLoaded condition, and two seconds passed without a write. The reporter waits 5 s
+    // after its start for sidecar reports, so at 1k keys two calm seconds alone ended before
+    // that summary, which then landed in the quiet window as its one write.
     let deadline = Instant::now() + timeout;
     let mut last = apiserver_requests(&client).await?;
     let mut calm = 0;
-    while calm < 2 {
+    let summarized = |p: &RateLimitPolicy| {
+        p.status
+            .as_ref()
+            .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "ConfigLoaded"))
+    };
+    while calm < 2 || !summarized(&policies.get("p").await?) {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let now = apiserver_requests(&client).await?;
         calm = if writes(&last, &now) == 0.0 {
