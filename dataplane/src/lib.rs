@@ -493,6 +493,25 @@ pub struct KeyEntry {
     pub expires_at: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub overrides: Option<Limits>,
+    /// During a rotation's overlap: the key it replaced, accepted until `validUntil` and
+    /// counted as this key (one set of counters for both).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<PreviousKey>,
+    /// A rotated key's counters: the hash (same scheme, 64 hex digits) of the key it first
+    /// replaced, whose id its limiter state stays under. Without it a rotation would start
+    /// the key's quotas afresh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counter: Option<String>,
+}
+
+/// A rotated-out key that still works for a while.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PreviousKey {
+    /// Its hash, under the same scheme as the entry's `sha256`.
+    pub sha256: String,
+    /// Unix seconds after which it is refused.
+    pub valid_until: i64,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -582,6 +601,18 @@ pub fn validate_key(k: &KeyEntry) -> Result<(), Error> {
     }
     if let Some(o) = &k.overrides {
         validate_limits(o, &format!("key {} overrides", k.name))?;
+    }
+    let hashes = [
+        ("previous.sha256", k.previous.as_ref().map(|p| &p.sha256)),
+        ("counter", k.counter.as_ref()),
+    ];
+    for (field, h) in hashes {
+        if h.is_some_and(|h| h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit())) {
+            return Err(Error::Invalid(format!(
+                "key {}: {field} is not 64 hex digits",
+                k.name
+            )));
+        }
     }
     Ok(())
 }
@@ -730,6 +761,8 @@ mod tests {
             disabled: false,
             expires_at: None,
             overrides: None,
+            previous: None,
+            counter: None,
         }
     }
 

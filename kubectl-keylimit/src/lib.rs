@@ -4,7 +4,8 @@
 //!   key, and prints the key (the only time the plugin shows it);
 //! - `usage` shows every key's limits with a bar of the use the operator has aggregated from
 //!   the sidecars' reports, and when exhausted keys reset;
-//! - `rotate NAME` writes a new key into the key's Secret and prints it;
+//! - `rotate NAME` writes a new key into the key's Secret and prints it; with
+//!   `spec.rotation` the old key keeps working for `previousValidFor`;
 //! - `explain NAME` says why a key is refused right now.
 //!
 //! Output follows kubectl: a table by default, `--no-headers`, `-o json|yaml`.
@@ -40,6 +41,10 @@ pub enum Error {
     NoKeyData(String, String),
     #[error("encoding output: {0}")]
     Encode(String),
+    #[error("ApiKey {0} is in a rotation until {1}: rotating again now would cut off its previous key at once (pass --force to do that)")]
+    RotationInProgress(String, String),
+    #[error("Secret {0} changed while rotating (someone else wrote it): nothing was written, run the command again")]
+    Conflict(String),
 }
 
 #[derive(Parser, Debug)]
@@ -87,9 +92,15 @@ pub enum Command {
         #[arg(short = 'A', long)]
         all_namespaces: bool,
     },
-    /// Write a new key into the key's Secret and print it. The old key stops working as soon
-    /// as the sidecars reload (there is no overlap).
-    Rotate { name: String },
+    /// Write a new key into the key's Secret and print it. With the ApiKey's
+    /// `spec.rotation.previousValidFor` the old key keeps working that long, on the same
+    /// counters; without it the old key stops working as soon as the sidecars reload.
+    Rotate {
+        name: String,
+        /// Rotate even while the previous rotation's overlap lasts (its old key stops working).
+        #[arg(long)]
+        force: bool,
+    },
     /// Why a key is refused right now.
     Explain { name: String },
 }
@@ -186,6 +197,7 @@ pub async fn run(cli: Cli) -> Result<String, Error> {
                     expires_at: None,
                     secret_ref: None,
                     overrides: None,
+                    rotation: None,
                 },
                 *timeout,
             )
@@ -201,15 +213,21 @@ pub async fn run(cli: Cli) -> Result<String, Error> {
                 o => encode(&created, o),
             }
         }
-        Command::Rotate { name } => {
-            let rotated = rotate(&client, &ns, name).await?;
+        Command::Rotate { name, force } => {
+            let rotated = rotate(&client, &ns, name, *force, Timestamp::now()).await?;
             match cli.output {
                 Output::Table => {
-                    eprintln!(
-                        "wrote a new key into Secret {}; the previous key stops working when the sidecars reload:",
-                        rotated.secret
-                    );
-                    Ok(format!("{}\n", rotated.key))
+                    match &rotated.previous_valid_until {
+                        Some(t) => eprintln!(
+                            "wrote a new key into Secret {}; the previous key keeps working until {t}:",
+                            rotated.key.secret
+                        ),
+                        None => eprintln!(
+                            "wrote a new key into Secret {}; the previous key stops working when the sidecars reload:",
+                            rotated.key.secret
+                        ),
+                    }
+                    Ok(format!("{}\n", rotated.key.key))
                 }
                 o => encode(&rotated, o),
             }
@@ -381,6 +399,57 @@ pub struct IssuedKey {
     pub key: String,
 }
 
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RotatedKey {
+    #[serde(flatten)]
+    pub key: IssuedKey,
+    /// When the previous key stops working (RFC 3339); absent: at the sidecars' next reload.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub previous_valid_until: Option<String>,
+}
+
+/// The merge patch that rotates `current` out for `new` in a Secret at `resource_version`.
+/// With an overlap the old key moves to `<key>.previous` and the instant to
+/// `<key>.rotated-at`; without one both are removed, so no stale previous key lingers. On
+/// the first rotation (`first_rotation`) the old key is also kept as `<key>.counter-key`,
+/// which keeps the key's counters where they are for good. The resourceVersion makes the
+/// write fail rather than lose a concurrent rotation's key.
+pub fn rotation_patch(
+    data_key: &str,
+    current: &[u8],
+    new: &str,
+    overlap: bool,
+    first_rotation: bool,
+    now: Timestamp,
+    resource_version: &str,
+) -> serde_json::Value {
+    // ByteString serialises as base64, the way Secret data travels.
+    let b64 =
+        |b: &[u8]| serde_json::to_value(k8s_openapi::ByteString(b.to_vec())).unwrap_or_default();
+    let prev = keylimit_operator::render::previous_data_key(data_key);
+    let at = keylimit_operator::render::rotated_at_data_key(data_key);
+    let mut data = serde_json::Map::new();
+    data.insert(data_key.to_string(), b64(new.as_bytes()));
+    if first_rotation {
+        data.insert(
+            keylimit_operator::render::counter_data_key(data_key),
+            b64(current),
+        );
+    }
+    if overlap {
+        data.insert(prev, b64(current));
+        data.insert(at, b64(now.to_string().as_bytes()));
+    } else {
+        data.insert(prev, serde_json::Value::Null);
+        data.insert(at, serde_json::Value::Null);
+    }
+    serde_json::json!({
+        "metadata": { "resourceVersion": resource_version },
+        "data": data,
+    })
+}
+
 async fn read_secret_key(
     secrets: &Api<Secret>,
     name: &str,
@@ -433,29 +502,74 @@ async fn create_key(
     })
 }
 
-async fn rotate(client: &Client, ns: &str, name: &str) -> Result<IssuedKey, Error> {
+async fn rotate(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    force: bool,
+    now: Timestamp,
+) -> Result<RotatedKey, Error> {
     let keys: Api<ApiKey> = Api::namespaced(client.clone(), ns);
     let key = keys
         .get_opt(name)
         .await?
         .ok_or_else(|| Error::NotFound(name.into(), ns.into()))?;
-    let (secret, data_key) = keylimit_operator::render::secret_ref(&key);
-    let value = keylimit_operator::controller::generate_key();
+    let (secret_name, data_key) = keylimit_operator::render::secret_ref(&key);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    // A merge patch of `stringData` replaces only this data key; the Secret's other keys,
-    // labels and owner stay as they are.
-    secrets
-        .patch(
-            &secret,
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({ "stringData": { data_key: value } })),
-        )
-        .await?;
-    Ok(IssuedKey {
-        namespace: ns.into(),
-        name: name.into(),
-        secret,
-        key: value,
+    let secret = secrets.get(&secret_name).await?;
+    let cached = keylimit_operator::key_secret::KeySecret::from(secret.clone());
+    let current = cached
+        .get(&data_key)
+        .ok_or_else(|| Error::NoKeyData(secret_name.clone(), data_key.clone()))?;
+    let overlap = key
+        .spec
+        .rotation
+        .as_ref()
+        .and_then(|r| r.previous_valid_for_seconds());
+    if let Some(until) = keylimit_operator::render::previous_valid_until(&key, Some(&cached)) {
+        if until > now.as_second() && !force {
+            let until = Timestamp::from_second(until).map_or(until.to_string(), |t| t.to_string());
+            return Err(Error::RotationInProgress(name.into(), until));
+        }
+    }
+    let value = keylimit_operator::controller::generate_key();
+    let first_rotation = cached
+        .get(&keylimit_operator::render::counter_data_key(&data_key))
+        .is_none();
+    let patch = rotation_patch(
+        &data_key,
+        current,
+        &value,
+        overlap.is_some(),
+        first_rotation,
+        now,
+        secret
+            .metadata
+            .resource_version
+            .as_deref()
+            .unwrap_or_default(),
+    );
+    // A merge patch touches only these data keys; the Secret's other keys, labels and owner
+    // stay as they are.
+    match secrets
+        .patch(&secret_name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+    {
+        Err(kube::Error::Api(e)) if e.code == 409 => return Err(Error::Conflict(secret_name)),
+        r => r?,
+    };
+    Ok(RotatedKey {
+        key: IssuedKey {
+            namespace: ns.into(),
+            name: name.into(),
+            secret: secret_name,
+            key: value,
+        },
+        previous_valid_until: overlap.and_then(|s| {
+            Timestamp::from_second(now.as_second().saturating_add(s))
+                .ok()
+                .map(|t| t.to_string())
+        }),
     })
 }
 
@@ -470,6 +584,30 @@ mod tests {
         assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
         assert!(parse_duration("1h").is_err());
         assert!(parse_duration("abc").is_err());
+    }
+
+    #[test]
+    fn a_rotation_with_overlap_keeps_the_old_key_and_one_without_clears_it() {
+        let now: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let p = rotation_patch(
+            "key",
+            b"old-material",
+            "new-material",
+            true,
+            true,
+            now,
+            "42",
+        );
+        assert_eq!(p["metadata"]["resourceVersion"], "42");
+        assert_eq!(p["data"]["key"], "bmV3LW1hdGVyaWFs");
+        assert_eq!(p["data"]["key.previous"], "b2xkLW1hdGVyaWFs");
+        // "2026-01-01T00:00:00Z", as the operator parses it.
+        assert_eq!(p["data"]["key.rotated-at"], "MjAyNi0wMS0wMVQwMDowMDowMFo=");
+        assert_eq!(p["data"]["key.counter-key"], "b2xkLW1hdGVyaWFs");
+        // A later rotation without overlap: the counter key stays as it is.
+        let p = rotation_patch("api", b"old", "new", false, false, now, "7");
+        assert!(p["data"]["api.previous"].is_null() && p["data"]["api.rotated-at"].is_null());
+        assert_eq!(p["data"].as_object().unwrap().len(), 3);
     }
 
     #[test]

@@ -385,6 +385,7 @@ mod tests {
                 expires_at: None,
                 secret_ref: None,
                 overrides: None,
+                rotation: None,
             },
         );
         k.metadata.namespace = Some("ns".into());

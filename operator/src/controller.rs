@@ -157,6 +157,7 @@ fn render_inputs(
     policy: &RateLimitPolicy,
     keys: &[(Arc<ApiKey>, Option<Arc<KeySecret>>)],
     owned: &[Arc<ConfigMap>],
+    now: i64,
 ) -> u64 {
     render_inputs_with(
         policy,
@@ -167,6 +168,7 @@ fn render_inputs(
                 cm.metadata.resource_version.as_deref(),
             )
         }),
+        now,
     )
 }
 
@@ -177,15 +179,20 @@ fn render_inputs_with<'a>(
     policy: &RateLimitPolicy,
     keys: &[(Arc<ApiKey>, Option<Arc<KeySecret>>)],
     config_maps: impl Iterator<Item = (Option<&'a str>, Option<&'a str>)>,
+    now: i64,
 ) -> u64 {
     let sidecars = policy.status.as_ref().map_or(0, |s| s.sidecars_reporting);
     let mut sum = hash_of((&policy.metadata.uid, policy.metadata.generation, sidecars));
     for (k, s) in keys {
+        // A rotation's overlap ends with no object changing: whether it still lasts is an
+        // input too, so the render after it ends drops the previous key.
+        let overlap = render::previous_valid_until(k, s.as_deref()).map(|t| t > now);
         sum = sum.wrapping_add(hash_of((
             &k.metadata.name,
             &k.metadata.uid,
             k.metadata.generation,
             s.as_ref().map(|s| (&s.uid, &s.resource_version)),
+            overlap,
         )));
     }
     for cm in config_maps {
@@ -728,7 +735,7 @@ pub fn key_readiness(
             None,
         );
     }
-    match render::bind_key(key, secret, hasher) {
+    match render::bind_key(key, secret, hasher, now) {
         Err(p) => (
             Desired::new(condition::READY, false, p.reason(), p.to_string()),
             None,
@@ -754,16 +761,23 @@ pub fn key_readiness(
             ),
             Some(b),
         ),
-        Ok(b) => (
-            Desired::new(
-                condition::READY,
-                true,
-                "Bound",
-                format!("bound to RateLimitPolicy {}", key.spec.policy_ref.name),
-            ),
-            Some(b),
-        ),
+        Ok(b) => {
+            let mut message = format!("bound to RateLimitPolicy {}", key.spec.policy_ref.name);
+            if let Some(p) = &b.rotation_problem {
+                message.push_str("; ");
+                message.push_str(p);
+            }
+            (
+                Desired::new(condition::READY, true, "Bound", message),
+                Some(b),
+            )
+        }
     }
+}
+
+/// Unix seconds as RFC 3339 (UTC, whole seconds), as status fields show instants.
+fn rfc3339(t: i64) -> Option<String> {
+    Timestamp::from_second(t).ok().map(|t| t.to_string())
 }
 
 fn duplicate_condition(holder: &str) -> Desired {
@@ -853,18 +867,24 @@ async fn reconcile_apikey(key: Arc<ApiKey>, ctx: Arc<Context>) -> Result<Action,
 
     let generation = key.metadata.generation;
     let fingerprint = bound.as_ref().map(BoundKey::fingerprint);
+    let previous = bound.as_ref().and_then(|b| b.previous.as_ref());
+    let previous_fingerprint = bound.as_ref().and_then(BoundKey::previous_fingerprint);
+    let previous_valid_until = previous.and_then(|p| rfc3339(p.valid_until));
     let secret_name = Some(render::secret_ref(&key).0);
     let policy = policy_exists.then(|| key.spec.policy_ref.name.clone());
     let id = (ns.clone(), name.clone());
     let digest = hash_of((
         (&ready.reason, &ready.message, ready.status, generation),
         (&fingerprint, &secret_name, &policy),
+        (&previous_fingerprint, &previous_valid_until),
     ));
     let cached_current = conditions::is_current(&old.conditions, &ready, generation)
         && old.observed_generation == generation
         && old.fingerprint == fingerprint
         && old.secret_name == secret_name
-        && old.policy == policy;
+        && old.policy == policy
+        && old.previous_fingerprint == previous_fingerprint
+        && old.previous_valid_until == previous_valid_until;
     let write = match ctx.written.last(&id) {
         // This process wrote a status the cache does not show yet: the cache is stale, and
         // only what was written says whether this one is new.
@@ -887,6 +907,8 @@ async fn reconcile_apikey(key: Arc<ApiKey>, ctx: Arc<Context>) -> Result<Action,
                 "policy": policy,
                 "secretName": secret_name,
                 "fingerprint": fingerprint,
+                "previousFingerprint": previous_fingerprint,
+                "previousValidUntil": previous_valid_until,
             }
         });
         let api: Api<ApiKey> = Api::namespaced(ctx.client.clone(), &ns);
@@ -911,6 +933,36 @@ async fn reconcile_apikey(key: Arc<ApiKey>, ctx: Arc<Context>) -> Result<Action,
             Some(was) => was != ready.status,
             None => !ready.status,
         };
+        // A rotation's start and end are worth a line in `kubectl get events`: the end is
+        // when callers still holding the old key start getting 403.
+        match (&old.previous_fingerprint, &previous_fingerprint) {
+            (None, Some(p)) => {
+                let note = format!(
+                    "key rotated: the previous key {p} is accepted until {}, sharing this key's counters",
+                    previous_valid_until.as_deref().unwrap_or_default()
+                );
+                publish(
+                    &ctx,
+                    key.as_ref(),
+                    EventType::Normal,
+                    "RotationStarted",
+                    note,
+                )
+                .await;
+            }
+            (Some(p), None) => {
+                let note = format!("rotation complete: the previous key {p} is no longer accepted");
+                publish(
+                    &ctx,
+                    key.as_ref(),
+                    EventType::Normal,
+                    "RotationComplete",
+                    note,
+                )
+                .await;
+            }
+            _ => {}
+        }
         if transition {
             let type_ = if ready.status {
                 EventType::Normal
@@ -933,12 +985,20 @@ async fn reconcile_apikey(key: Arc<ApiKey>, ctx: Arc<Context>) -> Result<Action,
     // its policy and that policy's render) wakes it through a watch, and a watch that lost
     // events relists. A timer per key would cost about 500 bytes each (kube's scheduler and
     // its delay queue) to repeat work that changes nothing: 50 MB at 100,000 keys.
-    Ok(
-        match render::seconds_until(bound.and_then(|b| b.expires_at), now.as_second()) {
-            Some(s) => Action::requeue(Duration::from_secs(s as u64 + 1).min(RESYNC)),
-            None => Action::await_change(),
-        },
-    )
+    // The end of a rotation's overlap is another such change.
+    let wake = [
+        bound.as_ref().and_then(|b| b.expires_at),
+        bound
+            .as_ref()
+            .and_then(|b| b.previous.as_ref().map(|p| p.valid_until)),
+    ]
+    .into_iter()
+    .filter_map(|t| render::seconds_until(t, now.as_second()))
+    .min();
+    Ok(match wake {
+        Some(s) => Action::requeue(Duration::from_secs(s as u64 + 1).min(RESYNC)),
+        None => Action::await_change(),
+    })
 }
 
 /// Renders the policy and writes what changed. Returns the summary and how many writes
@@ -949,13 +1009,14 @@ async fn write_config_maps(
     ns: &str,
     name: &str,
     ctx: &Arc<Context>,
+    now: i64,
 ) -> Result<(Rendered, usize, Vec<(String, Option<String>)>), Error> {
     let (ns, name) = (ns.to_string(), name.to_string());
     let hasher = ensure_hash_key(ctx, &ns).await?;
     let mut bound = vec![];
     for (key, secret) in keys {
         // Unusable keys are left out; their own status says why.
-        if let Ok(b) = render::bind_key(key, secret.as_deref(), &hasher) {
+        if let Ok(b) = render::bind_key(key, secret.as_deref(), &hasher, now) {
             bound.push(b);
         }
     }
@@ -1160,7 +1221,7 @@ async fn reconcile_policy(
                 && c.labels().get(POLICY_LABEL) == Some(&name)
         })
         .collect();
-    let inputs = render_inputs(&policy, &keys, &owned);
+    let inputs = render_inputs(&policy, &keys, &owned, now.as_second());
     let memo_key = (ns.clone(), name.clone());
     let memo = ctx
         .render_memo
@@ -1172,7 +1233,8 @@ async fn reconcile_policy(
     let rendered_summary = match memo {
         Some(m) => m,
         None => {
-            let summary = write_config_maps(&policy, &keys, &ns, &name, &ctx).await?;
+            let summary =
+                write_config_maps(&policy, &keys, &ns, &name, &ctx, now.as_second()).await?;
             // Publish the duplicates before asking the ApiKey controller to look again, so
             // the recheck reads them.
             ctx.duplicates.set(&ns, &name, summary.0.duplicates.clone());
@@ -1193,6 +1255,7 @@ async fn reconcile_policy(
                         .2
                         .iter()
                         .map(|(n, rv)| (Some(n.as_str()), rv.as_deref())),
+                    now.as_second(),
                 )
             };
             if let Ok(mut m) = ctx.render_memo.0.lock() {
@@ -1266,7 +1329,16 @@ async fn reconcile_policy(
             .await??;
         ctx.metrics.status_writes.inc();
     }
-    Ok(Action::requeue(RESYNC))
+    // A rotation's overlap ends without an event: render again then, to drop its key.
+    let overlap_ends = keys
+        .iter()
+        .filter_map(|(k, s)| render::previous_valid_until(k, s.as_deref()))
+        .filter_map(|t| render::seconds_until(Some(t), now.as_second()))
+        .min();
+    Ok(Action::requeue(match overlap_ends {
+        Some(s) => Duration::from_secs(s as u64 + 1).min(RESYNC),
+        None => RESYNC,
+    }))
 }
 
 fn refused(
@@ -1519,8 +1591,8 @@ mod tests {
         let a = vec![mk("a", 1, "10"), mk("b", 1, "11")];
         let reversed = vec![mk("b", 1, "11"), mk("a", 1, "10")];
         assert_eq!(
-            render_inputs(&p, &a, &[]),
-            render_inputs(&p, &reversed, &[])
+            render_inputs(&p, &a, &[], 0),
+            render_inputs(&p, &reversed, &[], 0)
         );
         // A status write changes resourceVersion, not generation: same inputs.
         let mut with_status = a.clone();
@@ -1528,19 +1600,22 @@ mod tests {
         k.metadata.resource_version = Some("999".into());
         with_status[0].0 = Arc::new(k);
         assert_eq!(
-            render_inputs(&p, &a, &[]),
-            render_inputs(&p, &with_status, &[])
+            render_inputs(&p, &a, &[], 0),
+            render_inputs(&p, &with_status, &[], 0)
         );
         // A rotated Secret, a spec change, a removed key: different inputs.
         assert_ne!(
-            render_inputs(&p, &a, &[]),
-            render_inputs(&p, &[mk("a", 1, "12"), mk("b", 1, "11")], &[])
+            render_inputs(&p, &a, &[], 0),
+            render_inputs(&p, &[mk("a", 1, "12"), mk("b", 1, "11")], &[], 0)
         );
         assert_ne!(
-            render_inputs(&p, &a, &[]),
-            render_inputs(&p, &[mk("a", 2, "10"), mk("b", 1, "11")], &[])
+            render_inputs(&p, &a, &[], 0),
+            render_inputs(&p, &[mk("a", 2, "10"), mk("b", 1, "11")], &[], 0)
         );
-        assert_ne!(render_inputs(&p, &a, &[]), render_inputs(&p, &a[..1], &[]));
+        assert_ne!(
+            render_inputs(&p, &a, &[], 0),
+            render_inputs(&p, &a[..1], &[], 0)
+        );
 
         // The memo after a write is keyed on what the write left (name, resourceVersion):
         // once the cache shows those ConfigMaps, the inputs match and nothing renders again;
@@ -1556,16 +1631,17 @@ mod tests {
             })
         };
         let written = [("p-0", Some("41")), ("p-1", Some("42"))];
-        let after_write = render_inputs_with(&p, &a, written.iter().map(|(n, rv)| (Some(*n), *rv)));
+        let after_write =
+            render_inputs_with(&p, &a, written.iter().map(|(n, rv)| (Some(*n), *rv)), 0);
         assert_eq!(
-            render_inputs(&p, &a, &[cm("p-1", "42"), cm("p-0", "41")]),
+            render_inputs(&p, &a, &[cm("p-1", "42"), cm("p-0", "41")], 0),
             after_write
         );
         assert_ne!(
-            render_inputs(&p, &a, &[cm("p-0", "41"), cm("p-1", "43")]),
+            render_inputs(&p, &a, &[cm("p-0", "41"), cm("p-1", "43")], 0),
             after_write
         );
-        assert_ne!(render_inputs(&p, &a, &[cm("p-0", "41")]), after_write);
+        assert_ne!(render_inputs(&p, &a, &[cm("p-0", "41")], 0), after_write);
     }
 
     #[test]

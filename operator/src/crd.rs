@@ -72,6 +72,18 @@ pub mod condition {
         priority = 1
     ),
     printcolumn(
+        name = "Previous",
+        type_ = "string",
+        json_path = ".status.previousFingerprint",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Previous-Until",
+        type_ = "string",
+        json_path = ".status.previousValidUntil",
+        priority = 1
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
@@ -103,6 +115,60 @@ pub struct ApiKeySpec {
     /// Limits for this key that replace the policy's (rates and quotas by name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub overrides: Option<LimitsSpec>,
+    /// Key rotation without downtime. With this set, a previous key kept in the Secret next
+    /// to the current one (data keys `<key>.previous` and `<key>.rotated-at`, written by
+    /// `kubectl keylimit rotate`) is accepted for `previousValidFor` after the rotation, and
+    /// both keys share one set of counters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<RotationSpec>,
+}
+
+/// How long a replaced key keeps working.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RotationSpec {
+    /// How long the previous key is still accepted after a rotation, as hours, minutes and
+    /// seconds (`24h`, `90m`, `1h30m`, `45s`); at most 8760h (a year).
+    #[x_kube(validation = Rule::new("self.matches('^([0-9]+h)?([0-9]+m)?([0-9]+s)?$') && self != ''").message("previousValidFor must be hours, minutes and seconds such as 24h, 90m or 1h30m"))]
+    #[x_kube(validation = Rule::new("!self.matches('^([0-9]+h)?([0-9]+m)?([0-9]+s)?$') || self == '' || duration(self) <= duration('8760h')").message("previousValidFor must be at most 8760h (a year)"))]
+    #[schemars(length(min = 2, max = 32))]
+    pub previous_valid_for: String,
+}
+
+impl RotationSpec {
+    /// `previousValidFor` in seconds; `None` if it is not hours, minutes and seconds (the
+    /// schema rejects that at apply time, so only a stored object from before could be).
+    pub fn previous_valid_for_seconds(&self) -> Option<i64> {
+        parse_hms(&self.previous_valid_for)
+    }
+}
+
+/// Parses `1h30m`, `24h`, `45s`: each unit at most once, in that order.
+pub fn parse_hms(s: &str) -> Option<i64> {
+    let (mut total, mut digits, mut last_unit) = (0i64, None::<i64>, 0u8);
+    for c in s.chars() {
+        if let Some(d) = c.to_digit(10) {
+            digits = Some(
+                digits
+                    .unwrap_or(0)
+                    .checked_mul(10)?
+                    .checked_add(i64::from(d))?,
+            );
+            continue;
+        }
+        let (rank, secs) = match c {
+            'h' => (1, 3600),
+            'm' => (2, 60),
+            's' => (3, 1),
+            _ => return None,
+        };
+        if rank <= last_unit {
+            return None;
+        }
+        total = total.checked_add(digits.take()?.checked_mul(secs)?)?;
+        last_unit = rank;
+    }
+    (digits.is_none() && last_unit > 0).then_some(total)
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
@@ -153,6 +219,12 @@ pub struct ApiKeyStatus {
     /// Quota use for the current period, e.g. "month 9800/10000".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<String>,
+    /// During a rotation's overlap: the previous key's fingerprint, still accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_fingerprint: Option<String>,
+    /// During a rotation's overlap: when the previous key stops working (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_valid_until: Option<String>,
 }
 
 // ---------------------------------------------------------------------------------------------

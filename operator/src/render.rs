@@ -3,13 +3,13 @@
 //! Nothing here does I/O, so every rule (hashing, sharding at the 1 MiB boundary, determinism,
 //! each way a key can be unusable) is unit-tested without a cluster.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use keylimit_dataplane as dp;
 
 use crate::crd::{
     ApiKey, FailModeSpec, LimitsSpec, MatrixParametersSpec, PolicyMode, QuotaAlignmentSpec,
-    QuotaPeriodSpec, RateLimitPolicy, RateLimitPolicySpec, StoreSpec, StoreType,
+    QuotaPeriodSpec, RateLimitPolicy, RateLimitPolicySpec, RotationSpec, StoreSpec, StoreType,
 };
 use crate::key_secret::KeySecret;
 use crate::webhook::MAX_SHARDS;
@@ -81,6 +81,12 @@ pub struct BoundKey {
     pub disabled: bool,
     pub expires_at: Option<i64>,
     pub overrides: Option<dp::Limits>,
+    /// During a rotation's overlap: the previous key, hashed, and when it stops working.
+    pub previous: Option<dp::PreviousKey>,
+    /// Why a previous key in the Secret is not accepted (said in the Ready message).
+    pub rotation_problem: Option<String>,
+    /// The hash of the key whose counters this key keeps (see [`counter_data_key`]).
+    pub counter: Option<String>,
 }
 
 impl BoundKey {
@@ -91,6 +97,98 @@ impl BoundKey {
     pub fn fingerprint(&self) -> String {
         self.sha256[..12].to_string()
     }
+
+    /// The previous key's fingerprint while it is accepted.
+    pub fn previous_fingerprint(&self) -> Option<String> {
+        self.previous.as_ref().map(|p| p.sha256[..12].to_string())
+    }
+}
+
+/// Data key of the previous key in a rotation, next to the current key's data key.
+pub fn previous_data_key(data_key: &str) -> String {
+    format!("{data_key}.previous")
+}
+
+/// Data key of the rotation's instant (RFC 3339), next to the current key's data key.
+pub fn rotated_at_data_key(data_key: &str) -> String {
+    format!("{data_key}.rotated-at")
+}
+
+/// Data key of the key a rotated key first replaced: its hash names the counters every later
+/// key of this ApiKey keeps, so rotating never starts a quota afresh. `kubectl keylimit
+/// rotate` sets it on the first rotation and leaves it after.
+pub fn counter_data_key(data_key: &str) -> String {
+    format!("{data_key}.counter-key")
+}
+
+/// When a rotation's overlap ends: the Secret's `<key>.rotated-at` plus `previousValidFor`.
+fn rotation_end(
+    rotation: &RotationSpec,
+    secret: &KeySecret,
+    data_key: &str,
+) -> Result<i64, String> {
+    let at_key = rotated_at_data_key(data_key);
+    let rotated_at = secret
+        .get(&at_key)
+        .and_then(|b| std::str::from_utf8(trim_newline(b)).ok())
+        .and_then(|s| s.parse::<k8s_openapi::jiff::Timestamp>().ok())
+        .ok_or_else(|| {
+            format!("the previous key is refused: {at_key} is missing or not an RFC 3339 timestamp")
+        })?
+        .as_second();
+    let valid_for = rotation.previous_valid_for_seconds().ok_or_else(|| {
+        format!(
+            "the previous key is refused: previousValidFor {:?} is not a duration",
+            rotation.previous_valid_for
+        )
+    })?;
+    Ok(rotated_at.saturating_add(valid_for))
+}
+
+/// When the overlap of this key's rotation ends, if it has a previous key at all. Cheap (no
+/// hashing): a policy's render inputs and its wake-up time come from it.
+pub fn previous_valid_until(key: &ApiKey, secret: Option<&KeySecret>) -> Option<i64> {
+    let rotation = key.spec.rotation.as_ref()?;
+    let secret = secret?;
+    let (_, data_key) = secret_ref(key);
+    secret.get(&previous_data_key(&data_key))?;
+    rotation_end(rotation, secret, &data_key).ok()
+}
+
+/// The previous key of a rotation while its overlap lasts. `Ok(None)`: no rotation declared,
+/// none in the Secret, or the overlap is over. `Err`: the Secret holds a previous key that
+/// cannot be accepted, and why.
+fn bind_previous(
+    key: &ApiKey,
+    secret: &KeySecret,
+    data_key: &str,
+    current: &[u8],
+    hasher: &dp::KeyHasher,
+    now: i64,
+) -> Result<Option<dp::PreviousKey>, String> {
+    let prev_key = previous_data_key(data_key);
+    let Some(previous) = secret.get(&prev_key).map(trim_newline) else {
+        return Ok(None);
+    };
+    let Some(rotation) = &key.spec.rotation else {
+        return Err(format!(
+            "the Secret holds a previous key ({prev_key}) but spec.rotation is not set, so it is refused"
+        ));
+    };
+    let valid_until = rotation_end(rotation, secret, data_key)?;
+    if previous.len() < MIN_KEY_BYTES {
+        return Err(format!(
+            "the previous key is refused: shorter than {MIN_KEY_BYTES} bytes"
+        ));
+    }
+    // The same material twice is no rotation; an ended overlap leaves nothing to serve.
+    if previous == current || valid_until <= now {
+        return Ok(None);
+    }
+    Ok(Some(dp::PreviousKey {
+        sha256: hasher.hash_hex(previous),
+        valid_until,
+    }))
 }
 
 /// The Secret an ApiKey reads, and the data key in it.
@@ -119,6 +217,7 @@ pub fn bind_key(
     key: &ApiKey,
     secret: Option<&KeySecret>,
     hasher: &dp::KeyHasher,
+    now: i64,
 ) -> Result<BoundKey, KeyProblem> {
     let (secret_name, data_key) = secret_ref(key);
     let secret = secret.ok_or_else(|| KeyProblem::SecretNotFound(secret_name.clone()))?;
@@ -146,6 +245,18 @@ pub fn bind_key(
                 .map_err(|_| KeyProblem::InvalidExpiry(s.clone()))
         })
         .transpose()?;
+    let (previous, rotation_problem) =
+        match bind_previous(key, secret, &data_key, material, hasher, now) {
+            Ok(p) => (p, None),
+            Err(e) => (None, Some(e)),
+        };
+    // The first key this ApiKey had, else the one it replaced last: the counters live there.
+    let counter = secret
+        .get(&counter_data_key(&data_key))
+        .or_else(|| secret.get(&previous_data_key(&data_key)))
+        .map(trim_newline)
+        .filter(|c| !c.is_empty() && *c != material)
+        .map(|c| hasher.hash_hex(c));
     Ok(BoundKey {
         name: key.metadata.name.clone().unwrap_or_default(),
         created: key
@@ -157,6 +268,9 @@ pub fn bind_key(
         disabled: key.spec.disabled,
         expires_at,
         overrides: key.spec.overrides.as_ref().map(limits_from_spec),
+        previous,
+        rotation_problem,
+        counter,
     })
 }
 
@@ -406,14 +520,30 @@ pub fn render_config(
     max_shards: usize,
 ) -> Result<Rendered, RenderError> {
     let (kept, duplicates) = dedupe(keys);
+    // A previous key is only an alias: it never displaces a current key, and of two previous
+    // keys with one hash neither is served (which ApiKey it belongs to would be a guess).
+    let current: HashSet<&str> = kept.iter().map(|k| k.sha256.as_str()).collect();
+    let mut previous_count: HashMap<&str, usize> = HashMap::new();
+    for p in kept.iter().filter_map(|k| k.previous.as_ref()) {
+        *previous_count.entry(p.sha256.as_str()).or_default() += 1;
+    }
     let mut entries: Vec<dp::KeyEntry> = kept
-        .into_iter()
+        .iter()
         .map(|k| dp::KeyEntry {
             name: k.name.clone(),
             sha256: k.sha256.clone(),
             disabled: k.disabled,
             expires_at: k.expires_at,
             overrides: k.overrides.clone(),
+            previous: k
+                .previous
+                .as_ref()
+                .filter(|p| {
+                    !current.contains(p.sha256.as_str())
+                        && previous_count.get(p.sha256.as_str()) == Some(&1)
+                })
+                .cloned(),
+            counter: k.counter.clone(),
         })
         .collect();
     entries.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.sha256.cmp(&b.sha256)));
@@ -516,7 +646,7 @@ pub fn seconds_until(expires_at: Option<i64>, now: i64) -> Option<i64> {
 #[cfg(test)]
 pub mod tests {
     use super::*;
-    use crate::crd::{ApiKeySpec, PolicyRef, RateSpec, RateUnit, SecretKeyRef};
+    use crate::crd::{ApiKeySpec, PolicyRef, RateSpec, RateUnit, RotationSpec, SecretKeyRef};
     use k8s_openapi::api::core::v1::Secret;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
     use k8s_openapi::ByteString;
@@ -569,6 +699,7 @@ pub mod tests {
                 expires_at: None,
                 secret_ref: None,
                 overrides: None,
+                rotation: None,
             },
         );
         k.metadata.namespace = Some("ns".into());
@@ -591,6 +722,213 @@ pub mod tests {
         dp::KeyHasher::hmac(&[42u8; dp::HASH_KEY_LEN]).unwrap()
     }
 
+    /// 2026-01-01T00:00:00Z.
+    const NOW: i64 = 1_767_225_600;
+
+    fn mk_secret_data(name: &str, data: &[(&str, &[u8])]) -> KeySecret {
+        KeySecret::from(Secret {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("ns".into()),
+                ..Default::default()
+            },
+            data: Some(
+                data.iter()
+                    .map(|(k, v)| (k.to_string(), ByteString(v.to_vec())))
+                    .collect(),
+            ),
+            ..Default::default()
+        })
+    }
+
+    fn rotating(name: &str, valid_for: &str) -> ApiKey {
+        let mut k = mk_apikey(name, "p");
+        k.spec.rotation = Some(RotationSpec {
+            previous_valid_for: valid_for.into(),
+        });
+        k
+    }
+
+    /// A Secret in a rotation's overlap: `rotated_at` seconds before NOW.
+    fn rotated_secret(name: &str, ago: i64) -> KeySecret {
+        let at = k8s_openapi::jiff::Timestamp::from_second(NOW - ago)
+            .unwrap()
+            .to_string();
+        mk_secret_data(
+            &format!("{name}-key"),
+            &[
+                ("key", b"kl_new_key_0123456789abcdef"),
+                ("key.previous", b"kl_old_key_0123456789abcdef\n"),
+                ("key.rotated-at", at.as_bytes()),
+            ],
+        )
+    }
+
+    #[test]
+    fn a_rotation_keeps_the_previous_key_for_its_overlap() {
+        let k = rotating("a", "1h");
+        let b = bind_key(&k, Some(&rotated_secret("a", 600)), &hasher(), NOW).unwrap();
+        assert_eq!(b.sha256, hasher().hash_hex(b"kl_new_key_0123456789abcdef"));
+        let p = b.previous.clone().expect("in the overlap");
+        // Trailing newline trimmed, as for the current key.
+        assert_eq!(p.sha256, hasher().hash_hex(b"kl_old_key_0123456789abcdef"));
+        assert_eq!(p.valid_until, NOW - 600 + 3600);
+        assert_eq!(b.rotation_problem, None);
+        // Without a counter key the counters stay with the key it replaced.
+        assert_eq!(b.counter.as_deref(), Some(p.sha256.as_str()));
+        assert_eq!(
+            previous_valid_until(&k, Some(&rotated_secret("a", 600))),
+            Some(p.valid_until)
+        );
+        // The document carries it next to the key; nothing of the plaintext.
+        let r = render(&mk_policy("p"), &[b]).unwrap();
+        let text = &r.config_maps[0].data["policy.json"];
+        assert!(!text.contains("kl_old") && text.contains(&p.sha256));
+        let doc = dp::PolicyDocument::parse(text.as_bytes()).unwrap();
+        assert_eq!(doc.keys[0].previous, Some(p));
+
+        // The overlap is over: only the current key is served.
+        let b = bind_key(&k, Some(&rotated_secret("a", 3600)), &hasher(), NOW).unwrap();
+        assert_eq!((b.previous, b.rotation_problem), (None, None));
+    }
+
+    #[test]
+    fn the_counters_stay_with_the_first_key_through_every_rotation() {
+        let s = mk_secret_data(
+            "a-key",
+            &[
+                ("key", b"kl_third_key_0123456789abc"),
+                ("key.previous", b"kl_second_key_0123456789ab"),
+                ("key.counter-key", b"kl_first_key_0123456789abc\n"),
+            ],
+        );
+        let b = bind_key(&mk_apikey("a", "p"), Some(&s), &hasher(), NOW).unwrap();
+        assert_eq!(
+            b.counter,
+            Some(hasher().hash_hex(b"kl_first_key_0123456789abc"))
+        );
+        let r = render(&mk_policy("p"), std::slice::from_ref(&b)).unwrap();
+        let doc =
+            dp::PolicyDocument::parse(r.config_maps[0].data["policy.json"].as_bytes()).unwrap();
+        assert_eq!(doc.keys[0].counter, b.counter);
+        // A key that was never rotated names no counter.
+        let plain = mk_secret("a-key", "key", b"kl_0123456789abcdef");
+        let b = bind_key(&mk_apikey("a", "p"), Some(&plain), &hasher(), NOW).unwrap();
+        assert_eq!(b.counter, None);
+    }
+
+    #[test]
+    fn a_previous_key_without_a_declared_or_dated_rotation_is_refused_and_said_why() {
+        // No spec.rotation: the current key binds, the previous one does not.
+        let b = bind_key(
+            &mk_apikey("a", "p"),
+            Some(&rotated_secret("a", 10)),
+            &hasher(),
+            NOW,
+        )
+        .unwrap();
+        assert!(b.previous.is_none());
+        assert!(b
+            .rotation_problem
+            .unwrap()
+            .contains("spec.rotation is not set"));
+        // No rotated-at, or one that is not a timestamp.
+        for at in [None, Some(&b"yesterday"[..])] {
+            let mut data: Vec<(&str, &[u8])> = vec![
+                ("key", b"kl_new_key_0123456789abcdef"),
+                ("key.previous", b"kl_old_key_0123456789abcdef"),
+            ];
+            if let Some(at) = at {
+                data.push(("key.rotated-at", at));
+            }
+            let s = mk_secret_data("a-key", &data);
+            let b = bind_key(&rotating("a", "1h"), Some(&s), &hasher(), NOW).unwrap();
+            assert!(b.previous.is_none());
+            assert!(b.rotation_problem.unwrap().contains("key.rotated-at"));
+        }
+        // A short previous key is refused like a short key.
+        let at = k8s_openapi::jiff::Timestamp::from_second(NOW)
+            .unwrap()
+            .to_string();
+        let s = mk_secret_data(
+            "a-key",
+            &[
+                ("key", b"kl_new_key_0123456789abcdef"),
+                ("key.previous", b"short"),
+                ("key.rotated-at", at.as_bytes()),
+            ],
+        );
+        let b = bind_key(&rotating("a", "1h"), Some(&s), &hasher(), NOW).unwrap();
+        assert!(b.previous.is_none() && b.rotation_problem.is_some());
+    }
+
+    #[test]
+    fn a_previous_key_never_displaces_a_current_key() {
+        let hash = |m: &str| hasher().hash_hex(m.as_bytes());
+        let prev = |m: &str| {
+            Some(dp::PreviousKey {
+                sha256: hash(m),
+                valid_until: NOW + 60,
+            })
+        };
+        // `a`'s previous key is `b`'s current key; `c` and `d` claim the same previous key.
+        let keys = [
+            BoundKey {
+                previous: prev("kl_b_material_0123456789"),
+                ..mk_bound("a")
+            },
+            BoundKey {
+                sha256: hash("kl_b_material_0123456789"),
+                ..mk_bound("b")
+            },
+            BoundKey {
+                previous: prev("kl_shared_old_0123456789"),
+                ..mk_bound("c")
+            },
+            BoundKey {
+                previous: prev("kl_shared_old_0123456789"),
+                ..mk_bound("d")
+            },
+            BoundKey {
+                previous: prev("kl_e_old_0123456789abcd"),
+                ..mk_bound("e")
+            },
+        ];
+        let r = render(&mk_policy("p"), &keys).unwrap();
+        let doc =
+            dp::PolicyDocument::parse(r.config_maps[0].data["policy.json"].as_bytes()).unwrap();
+        let with_previous: Vec<&str> = doc
+            .keys
+            .iter()
+            .filter(|k| k.previous.is_some())
+            .map(|k| k.name.as_str())
+            .collect();
+        assert_eq!(with_previous, ["e"]);
+        assert_eq!(doc.keys.len(), 5);
+    }
+
+    #[test]
+    fn durations_are_hours_minutes_seconds() {
+        use crate::crd::parse_hms;
+        assert_eq!(parse_hms("24h"), Some(86_400));
+        assert_eq!(parse_hms("1h30m"), Some(5_400));
+        assert_eq!(parse_hms("90m"), Some(5_400));
+        assert_eq!(parse_hms("1h2m3s"), Some(3_723));
+        for bad in [
+            "",
+            "h",
+            "1",
+            "30m1h",
+            "1h1h",
+            "1d",
+            "-1h",
+            "1.5h",
+            "99999999999999999999h",
+        ] {
+            assert_eq!(parse_hms(bad), None, "{bad:?}");
+        }
+    }
+
     fn mk_bound(name: &str) -> BoundKey {
         BoundKey {
             name: name.into(),
@@ -599,6 +937,9 @@ pub mod tests {
             disabled: false,
             expires_at: None,
             overrides: None,
+            previous: None,
+            rotation_problem: None,
+            counter: None,
         }
     }
 
@@ -606,7 +947,7 @@ pub mod tests {
     fn bind_hashes_the_key_and_trims_newline() {
         let k = mk_apikey("a", "p");
         let s = mk_secret("a-key", "key", b"kl_0123456789abcdef\n");
-        let b = bind_key(&k, Some(&s), &hasher()).unwrap();
+        let b = bind_key(&k, Some(&s), &hasher(), NOW).unwrap();
         assert_eq!(b.sha256, hasher().hash_hex(b"kl_0123456789abcdef"));
         assert_eq!(b.fingerprint().len(), 12);
         assert!(b.sha256.starts_with(&b.fingerprint()));
@@ -616,7 +957,7 @@ pub mod tests {
     fn key_hashes_and_fingerprint_are_keyed_not_plain_sha256() {
         let k = mk_apikey("a", "p");
         let s = mk_secret("a-key", "key", b"kl_0123456789abcdef");
-        let b = bind_key(&k, Some(&s), &hasher()).unwrap();
+        let b = bind_key(&k, Some(&s), &hasher(), NOW).unwrap();
         let plain = dp::hash_key(b"kl_0123456789abcdef");
         assert_ne!(
             b.sha256, plain,
@@ -628,7 +969,10 @@ pub mod tests {
         );
         // Another namespace's hash key gives other hashes for the same key.
         let other = dp::KeyHasher::hmac(&[43u8; dp::HASH_KEY_LEN]).unwrap();
-        assert_ne!(bind_key(&k, Some(&s), &other).unwrap().sha256, b.sha256);
+        assert_ne!(
+            bind_key(&k, Some(&s), &other, NOW).unwrap().sha256,
+            b.sha256
+        );
         // Every document says how its hashes were made, so a sidecar can match them.
         let r = render(&mk_policy("p"), std::slice::from_ref(&b)).unwrap();
         let doc =
@@ -646,7 +990,7 @@ pub mod tests {
     fn bind_reports_each_problem() {
         let mut k = mk_apikey("a", "p");
         assert_eq!(
-            bind_key(&k, None, &hasher()),
+            bind_key(&k, None, &hasher(), NOW),
             Err(KeyProblem::SecretNotFound("a-key".into()))
         );
         k.spec.secret_ref = Some(SecretKeyRef {
@@ -655,7 +999,7 @@ pub mod tests {
         });
         let s = mk_secret("mine", "other", b"kl_0123456789abcdef");
         assert_eq!(
-            bind_key(&k, Some(&s), &hasher()),
+            bind_key(&k, Some(&s), &hasher(), NOW),
             Err(KeyProblem::SecretKeyMissing {
                 secret: "mine".into(),
                 key: "token".into()
@@ -663,18 +1007,18 @@ pub mod tests {
         );
         let s = mk_secret("mine", "token", b"short");
         assert!(matches!(
-            bind_key(&k, Some(&s), &hasher()),
+            bind_key(&k, Some(&s), &hasher(), NOW),
             Err(KeyProblem::KeyTooShort { .. })
         ));
         let s = mk_secret("mine", "token", b"kl_0123456789abcdef");
         k.spec.expires_at = Some("tomorrow".into());
         assert_eq!(
-            bind_key(&k, Some(&s), &hasher()),
+            bind_key(&k, Some(&s), &hasher(), NOW),
             Err(KeyProblem::InvalidExpiry("tomorrow".into()))
         );
         k.spec.expires_at = Some("2027-01-01T00:00:00Z".into());
         assert_eq!(
-            bind_key(&k, Some(&s), &hasher()).unwrap().expires_at,
+            bind_key(&k, Some(&s), &hasher(), NOW).unwrap().expires_at,
             Some(1_798_761_600)
         );
         assert_eq!(
@@ -687,7 +1031,7 @@ pub mod tests {
     fn plaintext_never_reaches_the_configmap() {
         let k = mk_apikey("a", "p");
         let s = mk_secret("a-key", "key", b"kl_supersecretvalue123");
-        let b = bind_key(&k, Some(&s), &hasher()).unwrap();
+        let b = bind_key(&k, Some(&s), &hasher(), NOW).unwrap();
         let r = render(&mk_policy("p"), &[b]).unwrap();
         for cm in &r.config_maps {
             for v in cm.data.values() {
@@ -945,7 +1289,7 @@ pub mod tests {
                 ));
         }
         let s = mk_secret("shared", "key", b"kl_0123456789abcdef0123");
-        let bound = [&b, &a].map(|k| bind_key(k, Some(&s), &hasher()).unwrap());
+        let bound = [&b, &a].map(|k| bind_key(k, Some(&s), &hasher(), NOW).unwrap());
         assert_eq!(bound[1].created, Some(100));
         let r = render(&mk_policy("p"), &bound).unwrap();
         assert_eq!(doc_key_names(&r), ["a"]);

@@ -30,6 +30,8 @@ fn snapshot(n: usize) -> Snapshot {
             disabled: false,
             expires_at: None,
             overrides: None,
+            previous: None,
+            counter: None,
         })
         .collect();
     let doc = PolicyDocument {

@@ -68,6 +68,8 @@ fn generate(dir: &Path, n: usize, variant: u32) {
                 disabled: false,
                 expires_at: None,
                 overrides: None,
+                previous: None,
+                counter: None,
             }
         })
         .collect();

@@ -218,6 +218,8 @@ fn write_many(dir: &mut ConfigDir, n: usize, sharded: bool, valid: bool) -> usiz
             disabled: false,
             expires_at: None,
             overrides: None,
+            previous: None,
+            counter: None,
         })
         .collect();
     // The costly rejection: a keyed document on a sidecar without a hash key is refused only

@@ -78,6 +78,8 @@ fn write_sharded(dir: &mut ConfigDir, n: usize, variant: u32) {
             disabled: false,
             expires_at: None,
             overrides: None,
+            previous: None,
+            counter: None,
         })
         .collect();
     let mut d = doc(

@@ -16,7 +16,7 @@
 //! 8, the key id, and those are already skipped and reported (`id_collision`).
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -52,12 +52,26 @@ struct Entry {
     /// Into [`KeyIndex::sets`]; 0 is the policy defaults.
     limits: u16,
     name_len: u8,
-    disabled: bool,
+    /// [`DISABLED`], [`PREVIOUS`] and [`REMAPPED`] bits.
+    flags: u8,
 }
+
+/// The key is disabled.
+const DISABLED: u8 = 1;
+/// The entry is a rotated-out key in its overlap, served as its ApiKey.
+const PREVIOUS: u8 = 2;
+/// The entry's limiter state lives under another id ([`KeyIndex::remap`]): the previous key
+/// of a rotation counts as its key, and a rotated key keeps the counters of the key it
+/// replaced.
+const REMAPPED: u8 = 4;
 
 impl Entry {
     fn id(&self) -> u64 {
         id_of(&self.hash)
+    }
+
+    fn is_previous(&self) -> bool {
+        self.flags & PREVIOUS != 0
     }
 }
 
@@ -113,6 +127,11 @@ pub struct KeyIndex {
     names: Bytes,
     sets: Vec<Arc<LimitSet>>,
     skipped: Vec<SkippedKey>,
+    /// (entry's id, the id its limiter state lives under), sorted: entries of rotated keys.
+    remap: IdPairs,
+    /// (state id, the current key's own id), sorted: `by_id` for remapped keys.
+    owners: IdPairs,
+    previous_keys: usize,
 }
 
 impl std::fmt::Debug for KeyIndex {
@@ -171,9 +190,19 @@ impl KeyIndex {
     }
 
     fn view<'a>(&'a self, e: &Entry) -> KeyPolicy<'a> {
+        let id = if e.flags & REMAPPED != 0 {
+            let own = e.id();
+            self.remap
+                .binary_search_by_key(&own, |&(p, _)| p)
+                .ok()
+                .and_then(|i| self.remap.get(i))
+                .map_or(own, |&(_, state)| state)
+        } else {
+            e.id()
+        };
         KeyPolicy {
-            id: e.id(),
-            disabled: e.disabled,
+            id,
+            disabled: e.flags & DISABLED != 0,
             expires_at: (e.expires != 0).then_some(i64::from(e.expires)),
             limits: self
                 .sets
@@ -191,16 +220,29 @@ impl KeyIndex {
             .map(|e| self.view(e))
     }
 
+    /// The key whose limiter state is stored under `id` (a current key, never a previous one).
     pub fn by_id(&self, id: u64) -> Option<KeyPolicy<'_>> {
-        self.find(id).map(|e| self.view(e))
+        if let Ok(i) = self.owners.binary_search_by_key(&id, |&(state, _)| state) {
+            let own = self.owners.get(i)?.1;
+            return self.find(own).map(|e| self.view(e));
+        }
+        self.find(id)
+            .filter(|e| e.flags & (PREVIOUS | REMAPPED) == 0)
+            .map(|e| self.view(e))
     }
 
+    /// Previous keys of rotations in their overlap.
+    pub fn previous_keys(&self) -> usize {
+        self.previous_keys
+    }
+
+    /// Keys in the index (a rotation's previous key is not another key).
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.entries.len() - self.previous_keys
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len() == 0
     }
 
     /// Entries of the document that are not in the index.
@@ -236,6 +278,21 @@ pub struct KeyTable {
     overrides: Vec<dp::Limits>,
     override_ids: HashMap<String, u16>,
     skipped: Vec<SkippedKey>,
+    /// Previous-key entries pushed.
+    previous_keys: usize,
+    /// (a key's `name_off`, the id its counters live under) for keys that name a counter.
+    counters: Vec<(u32, u64)>,
+}
+
+/// One key entry's fields as [`KeyTable::push`] takes them, from an owned or borrowed entry.
+struct KeyFields<'k> {
+    name: &'k str,
+    sha256: &'k str,
+    disabled: bool,
+    expires_at: Option<i64>,
+    overrides: Option<&'k dp::Limits>,
+    previous: Option<&'k dp::PreviousKey>,
+    counter: Option<&'k str>,
 }
 
 /// A key entry borrowed from the document's bytes where it can be.
@@ -252,6 +309,10 @@ struct KeyEntryRef<'a> {
     expires_at: Option<i64>,
     #[serde(default)]
     overrides: Option<dp::Limits>,
+    #[serde(default)]
+    previous: Option<dp::PreviousKey>,
+    #[serde(default, borrow)]
+    counter: Option<Cow<'a, str>>,
 }
 
 impl KeyTable {
@@ -266,23 +327,26 @@ impl KeyTable {
     pub fn from_entries(keys: &[KeyEntry]) -> Self {
         let mut t = KeyTable::with_capacity(keys.len());
         for k in keys {
-            t.push(
-                &k.name,
-                &k.sha256,
-                k.disabled,
-                k.expires_at,
-                k.overrides.as_ref(),
-            );
+            t.push(KeyFields {
+                name: &k.name,
+                sha256: &k.sha256,
+                disabled: k.disabled,
+                expires_at: k.expires_at,
+                overrides: k.overrides.as_ref(),
+                previous: k.previous.as_ref(),
+                counter: k.counter.as_deref(),
+            });
         }
         t
     }
 
+    /// Keys parsed so far (a rotation's previous key is not another key).
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.entries.len() - self.previous_keys
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len() == 0
     }
 
     fn skip(&mut self, name: &str, reason: &'static str) {
@@ -292,17 +356,21 @@ impl KeyTable {
         });
     }
 
-    fn push(
-        &mut self,
-        name: &str,
-        sha256: &str,
-        disabled: bool,
-        expires_at: Option<i64>,
-        overrides: Option<&dp::Limits>,
-    ) {
+    fn push(&mut self, key: KeyFields<'_>) {
+        let KeyFields {
+            name,
+            sha256,
+            disabled,
+            expires_at,
+            overrides,
+            previous,
+            counter,
+        } = key;
         let mut hash = [0u8; 32];
         // Decoding once here keeps hex off the request path; a wrong length fails it too.
+        let mut counter_hash = [0u8; 32];
         let valid = hex::decode_to_slice(sha256, &mut hash).is_ok()
+            && counter.is_none_or(|c| hex::decode_to_slice(c, &mut counter_hash).is_ok())
             && overrides.is_none_or(|o| {
                 dp::validate_key(&KeyEntry {
                     name: name.to_string(),
@@ -310,6 +378,8 @@ impl KeyTable {
                     disabled,
                     expires_at,
                     overrides: Some(o.clone()),
+                    previous: None,
+                    counter: None,
                 })
                 .is_ok()
             });
@@ -344,13 +414,37 @@ impl KeyTable {
         let mut prefix = [0u8; HASH_LEN];
         prefix.copy_from_slice(&hash[..HASH_LEN]);
         self.names.extend_from_slice(name.as_bytes());
-        self.entries.push(Entry {
+        let entry = Entry {
             hash: prefix,
             name_off,
-            expires: expires_at.map_or(0, |t| u32::try_from(t.max(1)).unwrap_or(u32::MAX)),
+            expires: clamp_expiry(expires_at),
             limits,
             name_len,
-            disabled,
+            flags: if disabled { DISABLED } else { 0 },
+        };
+        self.entries.push(entry);
+        if counter.is_some() {
+            self.counters.push((name_off, key_id(&counter_hash)));
+        }
+        let Some(p) = previous else { return };
+        // The previous key: same name, limits and flags, its own hash, and refused after the
+        // earlier of the overlap's end and the key's own expiry.
+        let mut hash = [0u8; 32];
+        if hex::decode_to_slice(&p.sha256, &mut hash).is_err() {
+            return self.skip(name, "invalid_previous");
+        }
+        if key_id(&hash) == POLICY_SCOPE_ID {
+            return self.skip(name, "reserved_id");
+        }
+        let mut prefix = [0u8; HASH_LEN];
+        prefix.copy_from_slice(&hash[..HASH_LEN]);
+        let until = expires_at.map_or(p.valid_until, |e| e.min(p.valid_until));
+        self.previous_keys += 1;
+        self.entries.push(Entry {
+            hash: prefix,
+            expires: clamp_expiry(Some(until)),
+            flags: entry.flags | PREVIOUS,
+            ..entry
         });
     }
 
@@ -362,6 +456,8 @@ impl KeyTable {
             overrides,
             override_ids: _,
             mut skipped,
+            previous_keys,
+            counters,
         } = self;
         let mut sets = Vec::with_capacity(overrides.len() + 1);
         sets.push(defaults);
@@ -370,9 +466,10 @@ impl KeyTable {
                 .iter()
                 .map(|o| Arc::new(LimitSet::compile(&base.with_overrides(o), "key"))),
         );
-        // In place, no second copy; ties (one id twice) keep document order, which `name_off`
-        // follows, so the first entry of a clash stays and the later ones are skipped.
-        entries.sort_unstable_by_key(|e| (e.id(), e.name_off));
+        // In place, no second copy; ties (one id twice) keep current keys before previous
+        // ones, then document order, which `name_off` follows: the first entry of a clash
+        // stays and the later ones are skipped.
+        entries.sort_unstable_by_key(|e| (e.id(), e.is_previous(), e.name_off));
         let name_of = |names: &[u8], e: &Entry| {
             let (off, len) = (e.name_off as usize, usize::from(e.name_len));
             String::from_utf8_lossy(names.get(off..off + len).unwrap_or_default()).into_owned()
@@ -391,6 +488,10 @@ impl KeyTable {
             });
             true
         });
+        let (remap, owners, previous_keys) =
+            remap_rotated(&mut entries, &counters, previous_keys, &mut skipped, |e| {
+                name_of(&names, e)
+            });
         entries.shrink_to_fit();
         names.shrink_to_fit();
         // About 8 to 16 entries per bucket: the directory (a quarter of a byte per key) stays
@@ -413,8 +514,103 @@ impl KeyTable {
             names: Bytes::from(names),
             sets,
             skipped,
+            remap,
+            owners,
+            previous_keys,
         }
     }
+}
+
+/// Sorted `(id, id)` pairs: see [`KeyIndex::remap`] and [`KeyIndex::owners`].
+type IdPairs = Box<[(u64, u64)]>;
+
+/// Where the limiter state of rotated keys lives, after the clash check (`entries` sorted by
+/// id, one entry per id). A previous key counts as its key, so it stays only while that key
+/// does: a key skipped for a clash would otherwise leave it counting as whoever holds the id.
+/// A key's counter id (`counter` in the document: the hash of the key it replaced) is used
+/// unless another key owns that id; its previous key counts there too. Returns the remap
+/// (own id -> state id), its inverse for the current keys, and the previous keys kept.
+/// Costs nothing for documents without rotations.
+fn remap_rotated(
+    entries: &mut Vec<Entry>,
+    counters: &[(u32, u64)],
+    previous_keys: usize,
+    skipped: &mut Vec<SkippedKey>,
+    name_of: impl Fn(&Entry) -> String,
+) -> (IdPairs, IdPairs, usize) {
+    if previous_keys == 0 && counters.is_empty() {
+        return Default::default();
+    }
+    let rotated: HashSet<u32> = entries
+        .iter()
+        .filter(|e| e.is_previous())
+        .map(|e| e.name_off)
+        .chain(counters.iter().map(|&(off, _)| off))
+        .collect();
+    let current: HashMap<u32, u64> = entries
+        .iter()
+        .filter(|e| !e.is_previous() && rotated.contains(&e.name_off))
+        .map(|e| (e.name_off, e.id()))
+        .collect();
+    entries.retain(|e| {
+        let keep = !e.is_previous() || current.contains_key(&e.name_off);
+        if !keep {
+            skipped.push(SkippedKey {
+                name: name_of(e),
+                reason: "previous_without_key",
+            });
+        }
+        keep
+    });
+    let owner_of = |id: u64| {
+        entries
+            .binary_search_by_key(&id, Entry::id)
+            .ok()
+            .and_then(|i| entries.get(i))
+            .map(|e| e.name_off)
+    };
+    let mut state: HashMap<u32, u64> = current.clone();
+    for &(off, counter) in counters {
+        if !current.contains_key(&off) || counter == POLICY_SCOPE_ID {
+            continue;
+        }
+        match owner_of(counter) {
+            Some(o) if o != off => skipped.push(SkippedKey {
+                name: entries
+                    .iter()
+                    .find(|e| e.name_off == off)
+                    .map(&name_of)
+                    .unwrap_or_default(),
+                reason: "counter_collision",
+            }),
+            _ => {
+                state.insert(off, counter);
+            }
+        }
+    }
+    let (mut remap, mut owners, mut kept) = (vec![], vec![], 0);
+    for e in entries.iter_mut() {
+        e.flags &= !REMAPPED;
+        kept += usize::from(e.is_previous());
+        let Some(&to) = state.get(&e.name_off) else {
+            continue;
+        };
+        if to != e.id() {
+            e.flags |= REMAPPED;
+            remap.push((e.id(), to));
+            if !e.is_previous() {
+                owners.push((to, e.id()));
+            }
+        }
+    }
+    remap.sort_unstable();
+    owners.sort_unstable();
+    (remap.into(), owners.into(), kept)
+}
+
+/// Unix seconds as an [`Entry`] keeps them: 0 for never, else clamped to `1..=u32::MAX`.
+fn clamp_expiry(t: Option<i64>) -> u32 {
+    t.map_or(0, |t| u32::try_from(t.max(1)).unwrap_or(u32::MAX))
 }
 
 /// Deserialises a JSON array of key entries straight into a [`KeyTable`].
@@ -434,13 +630,15 @@ impl<'de> Visitor<'de> for KeysInto<'_> {
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         while let Some(k) = seq.next_element::<KeyEntryRef<'de>>()? {
-            self.0.push(
-                &k.name,
-                &k.sha256,
-                k.disabled,
-                k.expires_at,
-                k.overrides.as_ref(),
-            );
+            self.0.push(KeyFields {
+                name: &k.name,
+                sha256: &k.sha256,
+                disabled: k.disabled,
+                expires_at: k.expires_at,
+                overrides: k.overrides.as_ref(),
+                previous: k.previous.as_ref(),
+                counter: k.counter.as_deref(),
+            });
         }
         Ok(())
     }
@@ -601,6 +799,8 @@ mod tests {
             disabled: false,
             expires_at: None,
             overrides: None,
+            previous: None,
+            counter: None,
         }
     }
 
@@ -612,6 +812,124 @@ mod tests {
 
     fn index(keys: &[KeyEntry]) -> KeyIndex {
         KeyIndex::build(keys, &Arc::new(LimitSet::default()), &dp::Limits::default())
+    }
+
+    fn with_previous(mut e: KeyEntry, previous: [u8; 32], valid_until: i64) -> KeyEntry {
+        e.previous = Some(dp::PreviousKey {
+            sha256: hex::encode(previous),
+            valid_until,
+        });
+        e
+    }
+
+    #[test]
+    fn a_previous_key_counts_as_its_current_key_until_its_overlap_ends() {
+        let (cur, prev, other) = (hash(7, 1), hash(9, 2), hash(3, 3));
+        let mut a = with_previous(entry("a", cur), prev, 2_000);
+        a.expires_at = Some(5_000);
+        let mut b = with_previous(entry("b", other), hash(11, 4), 9_000);
+        b.expires_at = Some(1_500);
+        let idx = index(&[a, b]);
+        assert_eq!((idx.len(), idx.previous_keys()), (2, 2));
+        let (c, p) = (idx.lookup(&cur).unwrap(), idx.lookup(&prev).unwrap());
+        assert_eq!((p.id, p.name()), (c.id, "a"), "one set of counters");
+        assert_eq!(c.id, key_id(&cur));
+        assert!(std::ptr::eq(p.limits, c.limits));
+        assert_eq!((c.expires_at, p.expires_at), (Some(5_000), Some(2_000)));
+        // The key's own expiry comes first: the previous key ends with it.
+        let pb = idx.lookup(&hash(11, 4)).unwrap();
+        assert_eq!((pb.name(), pb.expires_at), ("b", Some(1_500)));
+        // Limiter state is stored under the current key's id only.
+        assert_eq!(idx.by_id(key_id(&cur)).map(|k| k.name()), Some("a"));
+        assert!(idx.by_id(key_id(&prev)).is_none());
+        assert!(idx.skipped().is_empty());
+    }
+
+    #[test]
+    fn a_rotated_key_keeps_the_counters_of_the_key_it_replaced() {
+        let (first, second, third) = (hash(7, 1), hash(9, 2), hash(12, 3));
+        let counter = Some(hex::encode(first));
+        // In the overlap of the first rotation: both keys count under the first key's id.
+        let mut a = with_previous(entry("a", second), first, 9_000);
+        a.counter = counter.clone();
+        let idx = index(&[a, entry("b", hash(3, 3))]);
+        let ids = [first, second].map(|h| idx.lookup(&h).unwrap().id);
+        assert_eq!(ids, [key_id(&first); 2]);
+        assert_eq!(idx.by_id(key_id(&first)).map(|k| k.name()), Some("a"));
+        assert!(idx.by_id(key_id(&second)).is_none());
+        // After the overlap, and through a second rotation: still the first key's id.
+        let mut a = entry("a", second);
+        a.counter = counter.clone();
+        let idx = index(&[a]);
+        assert_eq!(idx.lookup(&second).unwrap().id, key_id(&first));
+        assert!(idx.lookup(&first).is_none());
+        assert_eq!(idx.by_id(key_id(&first)).map(|k| k.name()), Some("a"));
+        let mut a = with_previous(entry("a", third), second, 9_000);
+        a.counter = counter;
+        let idx = index(&[a]);
+        let ids = [second, third].map(|h| idx.lookup(&h).unwrap().id);
+        assert_eq!(ids, [key_id(&first); 2]);
+        assert_eq!((idx.len(), idx.previous_keys()), (1, 1));
+    }
+
+    #[test]
+    fn a_counter_that_another_key_owns_is_not_taken() {
+        let (a_key, b_key) = (hash(7, 1), hash(9, 2));
+        let mut a = entry("a", a_key);
+        a.counter = Some(hex::encode(b_key));
+        let idx = index(&[a, entry("b", b_key)]);
+        assert_eq!(idx.lookup(&a_key).unwrap().id, key_id(&a_key));
+        assert_eq!(idx.by_id(key_id(&b_key)).map(|k| k.name()), Some("b"));
+        assert_eq!(idx.skipped()[0].reason, "counter_collision");
+    }
+
+    #[test]
+    fn a_previous_key_never_takes_another_keys_id() {
+        // `b`'s previous key has `a`'s id: `a` keeps it, and `b`'s previous key is skipped.
+        let a = hash(5, 0x90);
+        let clash = {
+            let mut h = a;
+            h[8..].fill(0x10);
+            h
+        };
+        let idx = index(&[
+            with_previous(entry("b", hash(6, 6)), clash, 9_000),
+            entry("a", a),
+        ]);
+        assert_eq!((idx.len(), idx.previous_keys()), (2, 0));
+        assert_eq!(idx.lookup(&a).map(|k| k.name()), Some("a"));
+        assert!(idx.lookup(&clash).is_none());
+        assert_eq!(idx.skipped()[0].name, "b");
+    }
+
+    #[test]
+    fn a_previous_key_goes_when_its_current_key_is_skipped() {
+        // `b` repeats `a`'s key and is skipped; its previous key must not count as `a`.
+        let a = hash(5, 0x90);
+        let prev = hash(8, 8);
+        let idx = index(&[entry("a", a), with_previous(entry("b", a), prev, 9_000)]);
+        assert_eq!((idx.len(), idx.previous_keys()), (1, 0));
+        assert!(idx.lookup(&prev).is_none());
+        let mut reasons: Vec<_> = idx.skipped().iter().map(|s| s.reason).collect();
+        reasons.sort_unstable();
+        assert_eq!(reasons, ["duplicate", "previous_without_key"]);
+    }
+
+    #[test]
+    fn a_previous_key_survives_the_streaming_parse() {
+        let keys = vec![with_previous(entry("a", hash(7, 1)), hash(9, 2), 2_000)];
+        let json = format!(
+            r#"{{"apiVersion":"{}","policy":{{"name":"p","namespace":"ns"}},"keys":{}}}"#,
+            dp::API_VERSION,
+            serde_json::to_string(&keys).unwrap()
+        );
+        let mut table = KeyTable::default();
+        parse_document(json.as_bytes(), &mut table).unwrap();
+        let idx = table.into_index(Arc::new(LimitSet::default()), &dp::Limits::default());
+        assert_eq!(
+            idx.lookup(&hash(9, 2)).map(|k| k.id),
+            Some(key_id(&hash(7, 1)))
+        );
     }
 
     #[test]

@@ -8,6 +8,8 @@ fn key(name: &str, material: &str) -> KeyEntry {
         disabled: false,
         expires_at: None,
         overrides: None,
+        previous: None,
+        counter: None,
     }
 }
 

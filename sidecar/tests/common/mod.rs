@@ -79,6 +79,8 @@ pub fn key(name: &str) -> KeyEntry {
         disabled: false,
         expires_at: None,
         overrides: None,
+        previous: None,
+        counter: None,
     }
 }
 
