@@ -102,6 +102,16 @@ async fn crds_install_and_reject_bad_manifests() {
                     "apiVersion: keylimit.dev/v1alpha1\nkind: ApiKey\nmetadata: {name: bad7}\nspec: {policyRef: {name: p}, expiresAt: soon}\n",
                     "expiresAt",
                 ),
+                (
+                    "apikey rotation overlap in days",
+                    "apiVersion: keylimit.dev/v1alpha1\nkind: ApiKey\nmetadata: {name: bad8}\nspec: {policyRef: {name: p}, rotation: {previousValidFor: 1d}}\n",
+                    "previousValidFor must be hours, minutes and seconds",
+                ),
+                (
+                    "apikey rotation overlap over a year",
+                    "apiVersion: keylimit.dev/v1alpha1\nkind: ApiKey\nmetadata: {name: bad9}\nspec: {policyRef: {name: p}, rotation: {previousValidFor: 9000h}}\n",
+                    "previousValidFor must be at most 8760h",
+                ),
             ];
             for (what, yaml, fragment) in cases {
                 match env.apply_yaml(yaml).await {
