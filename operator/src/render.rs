@@ -121,21 +121,29 @@ pub fn counter_data_key(data_key: &str) -> String {
     format!("{data_key}.counter-key")
 }
 
+/// How far ahead of the operator's clock a `<key>.rotated-at` may be.
+pub const MAX_CLOCK_SKEW_SECS: i64 = 300;
+
+/// The Secret's `<key>.rotated-at`, in Unix seconds.
+fn rotated_at(secret: &KeySecret, data_key: &str) -> Result<i64, String> {
+    let at_key = rotated_at_data_key(data_key);
+    secret
+        .get(&at_key)
+        .and_then(|b| std::str::from_utf8(trim_newline(b)).ok())
+        .and_then(|s| s.parse::<k8s_openapi::jiff::Timestamp>().ok())
+        .map(|t| t.as_second())
+        .ok_or_else(|| {
+            format!("the previous key is refused: {at_key} is missing or not an RFC 3339 timestamp")
+        })
+}
+
 /// When a rotation's overlap ends: the Secret's `<key>.rotated-at` plus `previousValidFor`.
 fn rotation_end(
     rotation: &RotationSpec,
     secret: &KeySecret,
     data_key: &str,
 ) -> Result<i64, String> {
-    let at_key = rotated_at_data_key(data_key);
-    let rotated_at = secret
-        .get(&at_key)
-        .and_then(|b| std::str::from_utf8(trim_newline(b)).ok())
-        .and_then(|s| s.parse::<k8s_openapi::jiff::Timestamp>().ok())
-        .ok_or_else(|| {
-            format!("the previous key is refused: {at_key} is missing or not an RFC 3339 timestamp")
-        })?
-        .as_second();
+    let rotated_at = rotated_at(secret, data_key)?;
     let valid_for = rotation.previous_valid_for_seconds().ok_or_else(|| {
         format!(
             "the previous key is refused: previousValidFor {:?} is not a duration",
@@ -175,6 +183,15 @@ fn bind_previous(
             "the Secret holds a previous key ({prev_key}) but spec.rotation is not set, so it is refused"
         ));
     };
+    let rotated_at = rotated_at(secret, data_key)?;
+    // Whoever writes the Secret must not outlast the overlap the ApiKey declares by dating
+    // the rotation ahead; clocks may differ a little.
+    if rotated_at > now + MAX_CLOCK_SKEW_SECS {
+        return Err(format!(
+            "the previous key is refused: {} is in the future",
+            rotated_at_data_key(data_key)
+        ));
+    }
     let valid_until = rotation_end(rotation, secret, data_key)?;
     if previous.len() < MIN_KEY_BYTES {
         return Err(format!(
@@ -860,6 +877,13 @@ pub mod tests {
         );
         let b = bind_key(&rotating("a", "1h"), Some(&s), &hasher(), NOW).unwrap();
         assert!(b.previous.is_none() && b.rotation_problem.is_some());
+        // Dated ahead to stretch the overlap: refused (a little clock skew is not).
+        let k = rotating("a", "1h");
+        let b = bind_key(&k, Some(&rotated_secret("a", -86_400)), &hasher(), NOW).unwrap();
+        assert!(b.previous.is_none());
+        assert!(b.rotation_problem.unwrap().contains("in the future"));
+        let b = bind_key(&k, Some(&rotated_secret("a", -60)), &hasher(), NOW).unwrap();
+        assert_eq!(b.previous.map(|p| p.valid_until), Some(NOW + 60 + 3600));
     }
 
     #[test]

@@ -569,13 +569,29 @@ fn remap_rotated(
             .and_then(|i| entries.get(i))
             .map(|e| e.name_off)
     };
+    // A counter is one ApiKey's: two keys naming the same one would share a budget.
+    let mut claims: HashMap<u64, usize> = HashMap::new();
+    for &(off, counter) in counters {
+        if current.contains_key(&off) {
+            *claims.entry(counter).or_default() += 1;
+        }
+    }
     let mut state: HashMap<u32, u64> = current.clone();
     for &(off, counter) in counters {
         if !current.contains_key(&off) || counter == POLICY_SCOPE_ID {
             continue;
         }
+        let shared = claims.get(&counter).is_some_and(|&n| n > 1);
         match owner_of(counter) {
-            Some(o) if o != off => skipped.push(SkippedKey {
+            Some(o) if o != off || shared => skipped.push(SkippedKey {
+                name: entries
+                    .iter()
+                    .find(|e| e.name_off == off)
+                    .map(&name_of)
+                    .unwrap_or_default(),
+                reason: "counter_collision",
+            }),
+            None if shared => skipped.push(SkippedKey {
                 name: entries
                     .iter()
                     .find(|e| e.name_off == off)
@@ -881,6 +897,29 @@ mod tests {
         assert_eq!(idx.lookup(&a_key).unwrap().id, key_id(&a_key));
         assert_eq!(idx.by_id(key_id(&b_key)).map(|k| k.name()), Some("b"));
         assert_eq!(idx.skipped()[0].reason, "counter_collision");
+    }
+
+    #[test]
+    fn two_keys_naming_one_counter_keep_their_own() {
+        let (a_key, b_key, counter) = (hash(7, 1), hash(9, 2), hash(4, 4));
+        let mut a = entry("a", a_key);
+        a.counter = Some(hex::encode(counter));
+        let mut b = entry("b", b_key);
+        b.counter = Some(hex::encode(counter));
+        let idx = index(&[a, b]);
+        assert_eq!(idx.lookup(&a_key).unwrap().id, key_id(&a_key));
+        assert_eq!(idx.lookup(&b_key).unwrap().id, key_id(&b_key));
+        assert!(idx.by_id(key_id(&counter)).is_none());
+        let mut reasons: Vec<_> = idx
+            .skipped()
+            .iter()
+            .map(|s| (s.name.as_str(), s.reason))
+            .collect();
+        reasons.sort_unstable();
+        assert_eq!(
+            reasons,
+            [("a", "counter_collision"), ("b", "counter_collision")]
+        );
     }
 
     #[test]
