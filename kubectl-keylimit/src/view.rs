@@ -331,7 +331,21 @@ pub fn explain(
         }
         _ => {}
     }
-    if reasons.is_empty() {
+    let healthy = reasons.is_empty();
+    // Not a refusal: which key callers may still be using, and until when.
+    let rotation = key.status.as_ref().and_then(|s| {
+        Some((
+            s.previous_fingerprint.as_deref()?,
+            s.previous_valid_until.as_deref()?,
+        ))
+    });
+    if let Some((fp, until)) = rotation {
+        reasons.push(format!(
+            "in a rotation: the previous key {fp} is also accepted, on the same counters, until {until} ({}); then it gets 403",
+            relative(until, now).unwrap_or_default()
+        ));
+    }
+    if healthy {
         reasons.push(
             "not refused: Ready, within every limit as far as the sidecars report (reports arrive every few seconds)"
                 .into(),
@@ -546,6 +560,24 @@ mod tests {
         let e = explain(&k, Some(&p), Some(true), now());
         assert_eq!(e.refused_with, Some(403));
         assert!(e.reasons[0].contains("1h0m ago"), "{:?}", e.reasons);
+    }
+
+    #[test]
+    fn explain_says_until_when_a_rotated_out_key_works() {
+        let p = mk_policy(LIMITS, "Enforce");
+        let mut k = mk_key(vec![mk_cond("Ready", "True", "Bound", "")], None, None);
+        if let Some(s) = k.status.as_mut() {
+            s.previous_fingerprint = Some("0123456789ab".into());
+            s.previous_valid_until = Some("2026-11-29T13:00:00Z".into());
+        }
+        let e = explain(&k, Some(&p), Some(true), now());
+        assert_eq!(e.refused_with, None);
+        assert!(
+            e.reasons[0].contains("0123456789ab") && e.reasons[0].contains("in 1h0m"),
+            "{:?}",
+            e.reasons
+        );
+        assert!(e.reasons[1].starts_with("not refused"), "{:?}", e.reasons);
     }
 
     #[test]

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use keylimit_dataplane::{
-    hash_key, KeyEntry, KeySource, Limits, Mode, PolicyConfig, PolicyDocument, RateWindow,
-    ResponseConfig, Store, API_VERSION,
+    hash_key, KeyEntry, KeySource, Limits, Mode, PolicyConfig, PolicyDocument, PreviousKey,
+    RateWindow, ResponseConfig, Store, API_VERSION,
 };
 use keylimit_sidecar::config::{hash_presented, Snapshot};
 use keylimit_sidecar::limiter::clock::SystemClock;
@@ -34,6 +34,31 @@ fn snapshot(n: usize) -> Snapshot {
             counter: None,
         })
         .collect();
+    snapshot_of(keys)
+}
+
+/// Material of the key that key 0 of [`rotated_snapshot`] replaced.
+const OLD: &str = "bench-old-key-material-padding-32";
+
+/// One key in a rotation's overlap: its previous key is `OLD`, which also names its counters,
+/// so both keys decide through the remap table.
+fn rotated_snapshot() -> Snapshot {
+    let old = hash_key(OLD.as_bytes());
+    snapshot_of(vec![KeyEntry {
+        name: "key-0".into(),
+        sha256: hash_key(material(0).as_bytes()),
+        disabled: false,
+        expires_at: None,
+        overrides: None,
+        previous: Some(PreviousKey {
+            sha256: old.clone(),
+            valid_until: i64::from(u32::MAX),
+        }),
+        counter: Some(old),
+    }])
+}
+
+fn snapshot_of(keys: Vec<KeyEntry>) -> Snapshot {
     let doc = PolicyDocument {
         api_version: API_VERSION.into(),
         policy: PolicyConfig {
@@ -129,6 +154,17 @@ fn benches(c: &mut Criterion) {
             decide_at(&one, &limiter, black_box(&h0), mono + tick)
         })
     });
+    // A key in a rotation's overlap, presented as the new key and as the old one: both
+    // decide under the first key's counters through the remap table.
+    let rotated = rotated_snapshot();
+    let old = hash_presented(OLD.as_bytes());
+    for (name, h) in [("rotated_key_new", &h0), ("rotated_key_previous", &old)] {
+        let limiter = Limiter::new(Arc::new(SystemClock));
+        assert!(decide(&rotated, &limiter, h), "{name} must be admitted");
+        g.bench_function(name, |b| {
+            b.iter(|| decide(&rotated, &limiter, black_box(h)))
+        });
+    }
     // The parts of `single_key`: the clock read every decision makes, and the index lookup.
     g.bench_function("clock_mono_ns", |b| {
         b.iter(|| keylimit_sidecar::limiter::clock::Clock::mono_ns(black_box(&SystemClock)))

@@ -813,6 +813,8 @@ async fn key_rotation_overlap_shares_counters_and_ends_on_time() {
         let until = st.previous_valid_until.context("previousValidUntil")?;
         let wide = kubectl(&["get", "apikeys", "acme", "-n", &env.ns, "-o", "wide"], None).await?;
         ensure!(wide.contains(&until) && wide.contains(&old_fp), "kubectl get -o wide:\n{wide}");
+        let why = plugin(env, &["explain", "acme"]).await?;
+        ensure!(why.contains("in a rotation") && why.contains(&until), "explain: {why}");
 
         // One quota for both keys: the new key gets exactly what is left, then the old key
         // is refused for the quota too, not for its key.
