@@ -60,7 +60,7 @@ struct Entry {
 const DISABLED: u8 = 1;
 /// The entry is a rotated-out key in its overlap, served as its ApiKey.
 const PREVIOUS: u8 = 2;
-/// The entry's limiter state lives under another id ([`KeyIndex::remap`]): the previous key
+/// The entry's limiter state lives under another id ([`KeyIndex::rotated`]): the previous key
 /// of a rotation counts as its key, and a rotated key keeps the counters of the key it
 /// replaced.
 const REMAPPED: u8 = 4;
@@ -127,8 +127,10 @@ pub struct KeyIndex {
     names: Bytes,
     sets: Vec<Arc<LimitSet>>,
     skipped: Vec<SkippedKey>,
-    /// (entry's id, the id its limiter state lives under), sorted: entries of rotated keys.
-    remap: IdPairs,
+    /// Entries whose limiter state lives under another id, with that id, sorted by entry id.
+    /// Kept apart from `entries` so that the lookup of every other key never looks at a
+    /// remap: checking a flag on every lookup cost 3.5 ns per decision (criterion A/B).
+    rotated: Box<[(Entry, u64)]>,
     /// (state id, the current key's own id), sorted: `by_id` for remapped keys.
     owners: IdPairs,
     previous_keys: usize,
@@ -137,7 +139,7 @@ pub struct KeyIndex {
 impl std::fmt::Debug for KeyIndex {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KeyIndex")
-            .field("keys", &self.entries.len())
+            .field("keys", &self.len())
             .field("limit_sets", &self.sets.len())
             .field("skipped", &self.skipped.len())
             .finish_non_exhaustive()
@@ -189,17 +191,24 @@ impl KeyIndex {
         }
     }
 
-    fn view<'a>(&'a self, e: &Entry) -> KeyPolicy<'a> {
-        let id = if e.flags & REMAPPED != 0 {
-            let own = e.id();
-            self.remap
-                .binary_search_by_key(&own, |&(p, _)| p)
-                .ok()
-                .and_then(|i| self.remap.get(i))
-                .map_or(own, |&(_, state)| state)
-        } else {
-            e.id()
-        };
+    fn find_rotated(&self, id: u64) -> Option<&(Entry, u64)> {
+        let i = self
+            .rotated
+            .binary_search_by_key(&id, |(e, _)| e.id())
+            .ok()?;
+        self.rotated.get(i)
+    }
+
+    /// The lookup of a key in a rotation: only reached when the main table has no entry.
+    #[cold]
+    fn lookup_rotated(&self, id: u64, hash: &[u8; 32]) -> Option<KeyPolicy<'_>> {
+        self.find_rotated(id)
+            .filter(|(e, _)| e.hash[..] == hash[..HASH_LEN])
+            .map(|(e, state)| self.view(e, *state))
+    }
+
+    /// The request path's view of `e`, whose limiter state lives under `id`.
+    fn view<'a>(&'a self, e: &Entry, id: u64) -> KeyPolicy<'a> {
         KeyPolicy {
             id,
             disabled: e.flags & DISABLED != 0,
@@ -215,20 +224,25 @@ impl KeyIndex {
     }
 
     pub fn lookup(&self, hash: &[u8; 32]) -> Option<KeyPolicy<'_>> {
-        self.find(key_id(hash))
-            .filter(|e| e.hash[..] == hash[..HASH_LEN])
-            .map(|e| self.view(e))
+        let id = key_id(hash);
+        match self.find(id) {
+            Some(e) => (e.hash[..] == hash[..HASH_LEN]).then(|| self.view(e, id)),
+            None if self.rotated.is_empty() => None,
+            None => self.lookup_rotated(id, hash),
+        }
     }
 
     /// The key whose limiter state is stored under `id` (a current key, never a previous one).
     pub fn by_id(&self, id: u64) -> Option<KeyPolicy<'_>> {
         if let Ok(i) = self.owners.binary_search_by_key(&id, |&(state, _)| state) {
             let own = self.owners.get(i)?.1;
-            return self.find(own).map(|e| self.view(e));
+            return self
+                .find_rotated(own)
+                .map(|(e, state)| self.view(e, *state));
         }
         self.find(id)
-            .filter(|e| e.flags & (PREVIOUS | REMAPPED) == 0)
-            .map(|e| self.view(e))
+            .filter(|e| e.flags & PREVIOUS == 0)
+            .map(|e| self.view(e, id))
     }
 
     /// Previous keys of rotations in their overlap.
@@ -238,7 +252,7 @@ impl KeyIndex {
 
     /// Keys in the index (a rotation's previous key is not another key).
     pub fn len(&self) -> usize {
-        self.entries.len() - self.previous_keys
+        self.entries.len() + self.rotated.len() - self.previous_keys
     }
 
     pub fn is_empty(&self) -> bool {
@@ -258,7 +272,10 @@ impl KeyIndex {
     /// Heap bytes of the index: entries, directory and names (limit sets and skipped entries
     /// are small and not counted).
     pub fn heap_bytes(&self) -> usize {
-        std::mem::size_of_val(&*self.entries) + std::mem::size_of_val(&*self.dir) + self.names.len()
+        std::mem::size_of_val(&*self.entries)
+            + std::mem::size_of_val(&*self.rotated)
+            + std::mem::size_of_val(&*self.dir)
+            + self.names.len()
     }
 }
 
@@ -492,6 +509,23 @@ impl KeyTable {
             remap_rotated(&mut entries, &counters, previous_keys, &mut skipped, |e| {
                 name_of(&names, e)
             });
+        // Remapped entries move to their own table (still in id order).
+        let mut rotated = Vec::with_capacity(remap.len());
+        if !remap.is_empty() {
+            entries.retain(|e| {
+                let state = remap
+                    .binary_search_by_key(&e.id(), |&(own, _)| own)
+                    .ok()
+                    .and_then(|i| remap.get(i));
+                match state {
+                    Some(&(_, state)) if e.flags & REMAPPED != 0 => {
+                        rotated.push((*e, state));
+                        false
+                    }
+                    _ => true,
+                }
+            });
+        }
         entries.shrink_to_fit();
         names.shrink_to_fit();
         // About 8 to 16 entries per bucket: the directory (a quarter of a byte per key) stays
@@ -514,14 +548,14 @@ impl KeyTable {
             names: Bytes::from(names),
             sets,
             skipped,
-            remap,
+            rotated: rotated.into_boxed_slice(),
             owners,
             previous_keys,
         }
     }
 }
 
-/// Sorted `(id, id)` pairs: see [`KeyIndex::remap`] and [`KeyIndex::owners`].
+/// Sorted `(id, id)` pairs: a remap (own id -> state id) or [`KeyIndex::owners`].
 type IdPairs = Box<[(u64, u64)]>;
 
 /// Where the limiter state of rotated keys lives, after the clash check (`entries` sorted by
