@@ -14,26 +14,11 @@ use http::StatusCode;
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use keylimit_dataplane::{
-    digest, KeyShard, Limits, QuotaAlignment, QuotaPeriod, QuotaWindow, ShardRef, UsageReport,
-    API_VERSION,
-};
+use keylimit_dataplane::{digest, KeyShard, ShardRef, UsageReport, API_VERSION};
 use keylimit_sidecar::config::ReloadOutcome;
 use keylimit_sidecar::limiter::clock::SystemClock;
 use keylimit_sidecar::report::ReportSettings;
 use keylimit_sidecar::{Settings, Sidecar};
-
-fn daily(requests: u64) -> Limits {
-    Limits {
-        quotas: vec![QuotaWindow {
-            name: "daily".into(),
-            requests,
-            period: QuotaPeriod::Day,
-            alignment: QuotaAlignment::Calendar,
-        }],
-        ..Limits::default()
-    }
-}
 
 #[tokio::test]
 async fn watcher_picks_up_an_atomic_writer_swap() {

@@ -10,9 +10,7 @@ use common::*;
 use http::StatusCode;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
-use keylimit_dataplane::{
-    hash_key, KeyEntry, Limits, PreviousKey, QuotaAlignment, QuotaPeriod, QuotaWindow,
-};
+use keylimit_dataplane::{hash_key, KeyEntry, Limits, PreviousKey};
 
 const NEW: &str = "acme-new-key-material-0123456789";
 const OLD: &str = "acme-old-key-material-0123456789";
@@ -35,16 +33,29 @@ fn rotated(valid_until: i64) -> KeyEntry {
     }
 }
 
-fn daily(requests: u64) -> Limits {
-    Limits {
-        quotas: vec![QuotaWindow {
-            name: "daily".into(),
-            requests,
-            period: QuotaPeriod::Day,
-            alignment: QuotaAlignment::Calendar,
-        }],
-        ..Limits::default()
-    }
+/// A sidecar serving one key in a rotation's overlap until `valid_until`, and a `/hold`
+/// request admitted with the old key whose body stays open.
+async fn held_with_old_key(
+    valid_until: i64,
+) -> (
+    ConfigDir,
+    Upstream,
+    keylimit_sidecar::Sidecar,
+    TestClient,
+    http::Response<hyper::body::Incoming>,
+) {
+    let mut dir = ConfigDir::new();
+    dir.write_doc(&doc(Limits::default(), vec![rotated(valid_until)]));
+    let up = upstream().await;
+    let sc = start(&dir, &up).await;
+    let c = client();
+    let req = http::Request::get(format!("http://{}/hold", sc.traffic_addr))
+        .header("x-api-key", OLD)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let held = c.request(req).await.unwrap();
+    assert_eq!(held.status(), StatusCode::OK);
+    (dir, up, sc, c, held)
 }
 
 async fn status(c: &TestClient, addr: std::net::SocketAddr, path: &str, key: &str) -> StatusCode {
@@ -76,19 +87,9 @@ async fn both_keys_are_one_key_with_one_budget() {
 
 #[tokio::test]
 async fn the_overlap_ends_on_the_clock_without_failing_a_request_in_flight() {
-    let mut dir = ConfigDir::new();
-    // The previous key works for about one more second.
-    dir.write_doc(&doc(Limits::default(), vec![rotated(unix_now() + 1)]));
-    let up = upstream().await;
-    let sc = start(&dir, &up).await;
-    let c = client();
-    // Admitted with the old key; the body stays open across the end of the overlap.
-    let req = http::Request::get(format!("http://{}/hold", sc.traffic_addr))
-        .header("x-api-key", OLD)
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let held = c.request(req).await.unwrap();
-    assert_eq!(held.status(), StatusCode::OK);
+    // The previous key works for about one more second; the held request's body stays open
+    // across the end of the overlap.
+    let (_dir, _up, sc, c, held) = held_with_old_key(unix_now() + 1).await;
     eventually(
         "the old key to be refused once its overlap is over",
         || async { status(&c, sc.traffic_addr, "/", OLD).await == StatusCode::FORBIDDEN },
@@ -104,17 +105,7 @@ async fn the_overlap_ends_on_the_clock_without_failing_a_request_in_flight() {
 
 #[tokio::test]
 async fn a_reload_without_the_previous_key_ends_the_overlap_for_new_requests_only() {
-    let mut dir = ConfigDir::new();
-    dir.write_doc(&doc(Limits::default(), vec![rotated(unix_now() + 3_600)]));
-    let up = upstream().await;
-    let sc = start(&dir, &up).await;
-    let c = client();
-    let req = http::Request::get(format!("http://{}/hold", sc.traffic_addr))
-        .header("x-api-key", OLD)
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let held = c.request(req).await.unwrap();
-    assert_eq!(held.status(), StatusCode::OK);
+    let (mut dir, _up, sc, c, held) = held_with_old_key(unix_now() + 3_600).await;
     // What the operator renders once the overlap is over: the key alone.
     let mut ended = rotated(0);
     ended.previous = None;

@@ -860,6 +860,13 @@ mod tests {
         h
     }
 
+    /// Another hash with `h`'s id (its first 8 bytes) and smaller bytes after them.
+    fn same_id(h: [u8; 32]) -> [u8; 32] {
+        let mut other = h;
+        other[8..].fill(0x10);
+        other
+    }
+
     fn index(keys: &[KeyEntry]) -> KeyIndex {
         KeyIndex::build(keys, &Arc::new(LimitSet::default()), &dp::Limits::default())
     }
@@ -960,11 +967,7 @@ mod tests {
     fn a_previous_key_never_takes_another_keys_id() {
         // `b`'s previous key has `a`'s id: `a` keeps it, and `b`'s previous key is skipped.
         let a = hash(5, 0x90);
-        let clash = {
-            let mut h = a;
-            h[8..].fill(0x10);
-            h
-        };
+        let clash = same_id(a);
         let idx = index(&[
             with_previous(entry("b", hash(6, 6)), clash, 9_000),
             entry("a", a),
@@ -1010,11 +1013,7 @@ mod tests {
         // `b` sorts before `a` (bytes 8.. are smaller) but comes later in the document: `a`
         // stays, `b` is the id collision; `c` repeats `a` exactly.
         let a = hash(5, 0x90);
-        let b = {
-            let mut h = a;
-            h[8..].fill(0x10);
-            h
-        };
+        let b = same_id(a);
         let idx = index(&[
             entry("a", a),
             entry("b", b),

@@ -89,6 +89,19 @@ pub fn material(name: &str) -> String {
     format!("{name}-secret-material-0123456789")
 }
 
+/// A calendar-day quota of `requests`.
+pub fn daily(requests: u64) -> Limits {
+    Limits {
+        quotas: vec![keylimit_dataplane::QuotaWindow {
+            name: "daily".into(),
+            requests,
+            period: keylimit_dataplane::QuotaPeriod::Day,
+            alignment: keylimit_dataplane::QuotaAlignment::Calendar,
+        }],
+        ..Limits::default()
+    }
+}
+
 pub fn doc(limits: Limits, keys: Vec<KeyEntry>) -> PolicyDocument {
     PolicyDocument {
         api_version: API_VERSION.into(),
