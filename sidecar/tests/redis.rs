@@ -236,6 +236,72 @@ async fn three_sidecars_share_one_limit_in_redis_but_not_locally() {
     assert_eq!(local, 150, "Local mode admits the limit per replica");
 }
 
+/// Key rotation against Redis: two sidecars, one quota. The key spends part of it, is rotated
+/// (the document names the old key as previous key and counter), and the rest is spent with
+/// the new key on one sidecar and the old one on the other: exactly the quota in total, and
+/// `/v1/usage` reports the refusal under the ApiKey's name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_key_keeps_its_redis_counters_on_every_sidecar() {
+    let redis = RedisServer::start();
+    let limits = daily(12);
+    let mut dir = ConfigDir::new();
+    dir.write_doc(&with_store(
+        limits.clone(),
+        store(redis.url(), FailMode::FailClosed, 2),
+    ));
+    let up = upstream().await;
+    let c = client();
+    let a = start_redis_sidecar(&dir, &up, Duration::from_secs(30)).await;
+    let b = start_redis_sidecar(&dir, &up, Duration::from_secs(30)).await;
+    for sc in [&a, &b, &a, &b] {
+        assert_eq!(
+            with_key(&c, sc.traffic_addr, "/", "k").await.status,
+            StatusCode::OK
+        );
+    }
+
+    let old = keylimit_dataplane::hash_key(material("k").as_bytes());
+    let new = "k-rotated-secret-material-0123456789";
+    let mut rotated = with_store(limits, store(redis.url(), FailMode::FailClosed, 2));
+    rotated.keys[0].sha256 = keylimit_dataplane::hash_key(new.as_bytes());
+    rotated.keys[0].previous = Some(keylimit_dataplane::PreviousKey {
+        sha256: old.clone(),
+        valid_until: i64::from(u32::MAX),
+    });
+    rotated.keys[0].counter = Some(old);
+    dir.write_doc(&rotated);
+    a.reload_now().await.unwrap();
+    b.reload_now().await.unwrap();
+
+    let (mut admitted, mut turn) = (0, 0);
+    loop {
+        let (sc, key) = if turn % 2 == 0 {
+            (&a, new.to_string())
+        } else {
+            (&b, material("k"))
+        };
+        turn += 1;
+        let r = get(&c, sc.traffic_addr, "/", &[("x-api-key", &key)]).await;
+        if r.status == StatusCode::TOO_MANY_REQUESTS {
+            break;
+        }
+        assert_eq!(r.status, StatusCode::OK);
+        admitted += 1;
+        assert!(admitted <= 12, "the quota never ran out");
+    }
+    eprintln!("MEASURED rotation in Redis: 4 before, {admitted} after (quota 12)");
+    assert_eq!(admitted, 8, "4 of 12 were spent before the rotation");
+    let usage = get(&c, a.admin_addr, "/v1/usage", &[]).await;
+    assert_eq!(usage.body["keys"][0]["name"], "k", "{}", usage.body);
+    // Sidecar `a` mirrors what Redis last told it: 11 on its last admission (`b` spent the
+    // 12th), then the refusal.
+    let k = &usage.body["keys"][0];
+    assert_eq!(k["quotas"][0]["used"], 11, "{}", usage.body);
+    assert_eq!(k["exhaustion"]["reason"], "QuotaExceeded", "{}", usage.body);
+    a.stop().await;
+    b.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quota_survives_a_sidecar_restart_and_headers_match_local_mode() {
     let redis = RedisServer::start();
