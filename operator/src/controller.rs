@@ -665,7 +665,9 @@ async fn ensure_generated_secret(key: &ApiKey, ctx: &Context) -> Result<Option<K
         // doubled the writes of a cold start over many new keys.
         Ok(s) => {
             info!(namespace = %ns, secret = %name, "generated a key");
-            Ok(Some(s.into()))
+            let created = KeySecret::from(s);
+            ctx.secrets.insert_created(&ns, &name, created.clone());
+            Ok(Some(created))
         }
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(api
             .get_opt(&name)
