@@ -678,6 +678,12 @@ async fn ensure_generated_secret(key: &ApiKey, ctx: &Context) -> Result<Option<K
     }
 }
 
+/// Whether the apiserver refused a create because the namespace is being deleted (403, reason
+/// Forbidden, "... because it is being terminated").
+pub fn namespace_terminating(e: &kube::core::Status) -> bool {
+    e.code == 403 && e.message.contains("because it is being terminated")
+}
+
 /// Whether keylimit wrote this ConfigMap for the policy `name`: it carries the policy label
 /// and an owner reference to a RateLimitPolicy of that name (any uid: a re-created policy
 /// adopts the ConfigMaps its predecessor left until the garbage collector removes them).
@@ -825,7 +831,14 @@ async fn reconcile_apikey(key: Arc<ApiKey>, ctx: Arc<Context>) -> Result<Action,
         .ok_or(Error::MissingField("metadata.namespace"))?;
     let name = key.name_any();
     let secret = if key.spec.secret_ref.is_none() {
-        ensure_generated_secret(&key, &ctx).await?
+        match ensure_generated_secret(&key, &ctx).await {
+            // Its namespace is being deleted, and the key with it: nothing to write, and a
+            // retry with backoff would only ask again until the key is gone.
+            Err(Error::Kube(kube::Error::Api(e))) if namespace_terminating(&e) => {
+                return Ok(Action::await_change())
+            }
+            r => r?,
+        }
     } else {
         let (sname, _) = render::secret_ref(&key);
         ctx.secrets.get(&ns, &sname).map(|s| (*s).clone())
@@ -1567,6 +1580,26 @@ mod tests {
 
     fn test_hasher() -> dp::KeyHasher {
         dp::KeyHasher::hmac(&[5u8; dp::HASH_KEY_LEN]).unwrap()
+    }
+
+    #[test]
+    fn a_create_in_a_terminating_namespace_is_recognised() {
+        let e = |code: u16, message: &str| {
+            kube::core::Status::failure(message, "Forbidden").with_code(code)
+        };
+        // The apiserver's wording (NamespaceLifecycle admission).
+        assert!(namespace_terminating(&e(
+            403,
+            "secrets \"k-key\" is forbidden: unable to create new content in namespace e2e-1 because it is being terminated"
+        )));
+        assert!(!namespace_terminating(&e(
+            403,
+            "secrets is forbidden: User \"x\" cannot create resource \"secrets\""
+        )));
+        assert!(!namespace_terminating(&e(
+            409,
+            "because it is being terminated"
+        )));
     }
 
     #[test]
