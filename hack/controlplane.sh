@@ -46,7 +46,7 @@ usage() {
 # The pid recorded for a component, if that process is still alive and is ours
 # (its command line names our state dir: guards against pid reuse).
 live_pid() { # <component>
-  local f="${CP_DIR}/$1.pid" pid state
+  local f="${CP_DIR}/$1.pid" pid state cmdline
   [[ -f "${f}" ]] || return 1
   pid=$(<"${f}")
   [[ "${pid}" =~ ^[0-9]+$ ]] || return 1
@@ -54,7 +54,13 @@ live_pid() { # <component>
   # A zombie (exited, not yet reaped by its parent) counts as gone.
   state=$(sed -e 's/^.*) //' "/proc/${pid}/stat" 2>/dev/null | cut -d' ' -f1) || return 1
   [[ "${state}" != Z ]] || return 1
-  tr '\0' ' ' < "/proc/${pid}/cmdline" | grep -qF -- "${CP_DIR}/" || return 1
+  # While a process is inside execve (nohup exec'ing a 100 MB binary from a cold page cache
+  # takes a while after a long build), /proc/<pid>/cmdline reads empty. That is the process
+  # starting, not gone: it read as "exited during startup" with an empty log, twice.
+  cmdline=$(tr '\0' ' ' < "/proc/${pid}/cmdline" 2>/dev/null) || return 1
+  if [[ -n "${cmdline}" ]]; then
+    grep -qF -- "${CP_DIR}/" <<<"${cmdline}" || return 1
+  fi
   printf '%s\n' "${pid}"
 }
 
