@@ -595,6 +595,30 @@ fn restricted_security_context(run_as_user: i64) -> SecurityContext {
     }
 }
 
+/// The sidecar's CPU limit: the chart's, unless an annotated CPU request dropped it.
+fn cpu_limit<'a>(s: &'a SidecarSettings, o: &Overrides) -> Option<&'a str> {
+    match o.cpu {
+        Some(_) => None,
+        None => s.sidecar_cpu_limit.as_deref(),
+    }
+}
+
+/// Runtime threads for the injected sidecar: its CPU limit rounded up, else one. Left to
+/// itself the sidecar starts a worker per CPU it can use, which without a limit is every CPU
+/// of the node (64 threads on a 64-core node, for a proxy that requests 20m); and one worker
+/// runs on the single-threaded runtime, the fastest per core.
+fn sidecar_worker_threads(cpu_limit: Option<&str>) -> u32 {
+    let cores = cpu_limit.and_then(|q| match q.strip_suffix('m') {
+        Some(milli) => milli.parse::<f64>().ok().map(|m| m / 1000.0),
+        None => q.parse::<f64>().ok(),
+    });
+    match cores {
+        // Bounded so a typo'd limit cannot start thousands of threads.
+        Some(c) if c.is_finite() && c > 0.0 => (c.ceil() as u32).clamp(1, 64),
+        _ => 1,
+    }
+}
+
 fn resources(s: &SidecarSettings, o: &Overrides) -> Option<ResourceRequirements> {
     let mut requests = BTreeMap::new();
     let mut limits = BTreeMap::new();
@@ -739,6 +763,11 @@ fn sidecar_container(s: &SidecarSettings, o: &Overrides, upstream_port: i32) -> 
                 EnvVar {
                     name: "RUST_LOG".into(),
                     value: Some(o.log_level.clone()),
+                    ..Default::default()
+                },
+                EnvVar {
+                    name: "KEYLIMIT_WORKER_THREADS".into(),
+                    value: Some(sidecar_worker_threads(cpu_limit(s, o)).to_string()),
                     ..Default::default()
                 },
             ]
@@ -1241,6 +1270,10 @@ mod tests {
         assert!(env
             .iter()
             .any(|e| e.name == "RUST_LOG" && e.value.as_deref() == Some("info")));
+        // No CPU limit: one worker, not one per node CPU.
+        assert!(env
+            .iter()
+            .any(|e| e.name == "KEYLIMIT_WORKER_THREADS" && e.value.as_deref() == Some("1")));
         assert_eq!(
             c.readiness_probe
                 .as_ref()
@@ -1428,6 +1461,22 @@ mod tests {
             Some("RuntimeDefault".to_string())
         );
         assert!(sc.run_as_user.is_some_and(|u| u > 0));
+    }
+
+    #[test]
+    fn worker_threads_follow_the_cpu_limit_rounded_up() {
+        for (limit, want) in [
+            (None, 1),
+            (Some("500m"), 1),
+            (Some("1"), 1),
+            (Some("1500m"), 2),
+            (Some("2"), 2),
+            (Some("0.25"), 1),
+            (Some("4k"), 1),
+            (Some("100000"), 64),
+        ] {
+            assert_eq!(sidecar_worker_threads(limit), want, "{limit:?}");
+        }
     }
 
     #[test]
