@@ -21,8 +21,9 @@ WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release -p keylimit-operator -p keylimit-sidecar \
- && mkdir -p /out && cp target/release/keylimit-operator target/release/keylimit-sidecar /out/
+    cargo build --release -p keylimit-operator \
+ && cargo build --profile sidecar -p keylimit-sidecar --bin keylimit-sidecar \
+ && mkdir -p /out && cp target/release/keylimit-operator target/sidecar/keylimit-sidecar /out/
 
 # The build context holds only keylimit-operator and keylimit-sidecar (never the repo's target/).
 FROM scratch AS bins-prebuilt

@@ -9,7 +9,8 @@
 #                                 keylimit-probe (the kind tier's in-cluster client) beside it
 #   keylimit/redis:$TAG           Debian's redis-server and its libraries (rootfs.sh) on
 #                                 runtime-base, user 65532
-# TAG defaults to dev. Binaries come from `cargo build --release` (workspace release profile).
+# TAG defaults to dev. Binaries come from `cargo build --release` (workspace release profile),
+# except the sidecar, which is built as shipped: `--profile sidecar` (fat LTO, Cargo.toml).
 # Sizes go to stdout and <cache>/kind/image-sizes.txt. Needs dockerd (hack/kind/docker.sh).
 set -euo pipefail
 KIND_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -32,18 +33,26 @@ trap 'rm -rf "${WORK}"' EXIT
 start=$SECONDS
 
 # --- release binaries ---------------------------------------------------------------------------
-log "cargo build --release (operator, sidecar, testapp, probe)..."
-(cd "${REPO_DIR}" && cargo build -q --release -p keylimit-operator -p keylimit-sidecar \
+log "cargo build --release (operator, testapp, probe) and --profile sidecar (sidecar)..."
+(cd "${REPO_DIR}" && cargo build -q --release -p keylimit-operator \
+  && cargo build -q --profile sidecar -p keylimit-sidecar --bin keylimit-sidecar \
   && cargo build -q --release -p keylimit-e2e --bin keylimit-testapp --bin keylimit-probe)
 bins=(keylimit-operator keylimit-sidecar keylimit-testapp keylimit-probe)
+# bin_path <binary>: where cargo put it (the sidecar's profile has its own directory).
+bin_path() {
+  case "$1" in
+    keylimit-sidecar) echo "${TARGET_DIR}/sidecar/$1" ;;
+    *) echo "${TARGET_DIR}/release/$1" ;;
+  esac
+}
 for b in "${bins[@]}"; do
-  [[ -x "${TARGET_DIR}/release/${b}" ]] || die "${TARGET_DIR}/release/${b} missing after cargo build"
+  [[ -x "$(bin_path "${b}")" ]] || die "$(bin_path "${b}") missing after cargo build"
 done
 
 # --- runtime base -------------------------------------------------------------------------------
 # Libraries the binaries link, by soname (the host is Debian too, but the files come from the
 # rootfs so the base does not depend on what the host has installed).
-sonames="$(for b in "${bins[@]}"; do ldd "${TARGET_DIR}/release/${b}"; done \
+sonames="$(for b in "${bins[@]}"; do ldd "$(bin_path "${b}")"; done \
   | awk '$1 !~ /^linux-vdso/ { n = $1; sub(".*/", "", n); print n }' | sort -u)"
 [[ -n "${sonames}" ]] || die "ldd found no libraries: are the binaries dynamically linked?"
 base_rootfs="$("${KIND_DIR}/rootfs.sh" keylimit/debian-base:"${DEBIAN_SUITE}" ca-certificates)"
@@ -111,7 +120,7 @@ done
 ctx="${WORK}/bins"
 mkdir -p "${ctx}"
 for b in "${bins[@]}"; do
-  cp "${TARGET_DIR}/release/${b}" "${ctx}/"
+  cp "$(bin_path "${b}")" "${ctx}/"
 done
 for target in operator sidecar; do
   log "building keylimit/${target}:${TAG}"

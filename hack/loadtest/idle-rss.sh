@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Idle memory of the release sidecar with a small config (lib.sh's policy with KEYS keys,
+# Idle memory of the shipped sidecar (profile `sidecar`) with a small config (lib.sh's policy with KEYS keys,
 # default 10): start it, wait for its admin /readyz, send 100 requests over one keep-alive
 # connection, then print VmRSS (resident now) and VmHWM (peak resident) from /proc, with the
 # anonymous/file split (file = the binary's own pages). Twice: with tokio's default worker count
@@ -21,10 +21,10 @@ lt_init idle-rss
 
 # SIDECAR_BIN: measure a given binary (e.g. built from a fixed commit) as is.
 if [[ -z "${SIDECAR_BIN:-}" ]]; then
-  echo "building the sidecar (release)..." >&2
-  cargo build --release -q -p keylimit-sidecar --manifest-path "$ROOT/Cargo.toml"
+  echo "building the sidecar (profile sidecar, as shipped)..." >&2
+  cargo build --profile sidecar -q -p keylimit-sidecar --manifest-path "$ROOT/Cargo.toml"
 fi
-BIN="${SIDECAR_BIN:-$ROOT/target/release/keylimit-sidecar}"
+BIN="${SIDECAR_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/sidecar/keylimit-sidecar}"
 
 KEY="loadtest-key-0-0123456789abcdef"
 lt_config "$KEYS"

@@ -22,9 +22,9 @@ command -v wrk >/dev/null || { echo "wrk missing: apt-get install -y wrk" >&2; e
 . "$(dirname "$0")/lib.sh"
 lt_init load
 
-echo "building the sidecar (release)..." >&2
-cargo build --release -q -p keylimit-sidecar --manifest-path "$ROOT/Cargo.toml"
-BIN="$ROOT/target/release/keylimit-sidecar"
+echo "building the sidecar (profile sidecar, as shipped)..." >&2
+cargo build --profile sidecar -q -p keylimit-sidecar --manifest-path "$ROOT/Cargo.toml"
+BIN="${CARGO_TARGET_DIR:-$ROOT/target}/sidecar/keylimit-sidecar"
 
 KEY="$LT_KEY"
 lt_start_proxies "$KEYS" "$UP_PORT" "$NGINX_PORT" "$SIDECAR_PORT" "$ADMIN_PORT" "$BIN"
