@@ -114,6 +114,34 @@ async fn allowed_requests_carry_identity_and_limit_headers_and_strip_the_key() {
     sc.stop().await;
 }
 
+/// A key with its own limits is not in the precomputed header values: when its own limit is
+/// the most restrictive, its headers name that limit, looked up per request; a key on the
+/// defaults gets the policy's.
+#[tokio::test]
+async fn a_key_with_its_own_limits_gets_headers_naming_them() {
+    let mut vip = key("vip");
+    vip.overrides = Some(Limits {
+        rates: vec![RateWindow {
+            name: "vip-hour".into(),
+            requests: 100,
+            period_seconds: 3600,
+            burst: 4,
+        }],
+        ..Limits::default()
+    });
+    let (_d, _u, sc) = setup(doc(rate(10, 60, 9), vec![key("std"), vip])).await;
+    let c = client();
+    let r = with_key(&c, sc.traffic_addr, "/", "vip").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.header("ratelimit-policy"), "\"vip-hour\";q=100;w=3600");
+    assert_eq!(r.header("ratelimit"), "\"vip-hour\";r=4;t=36");
+    assert_eq!(r.header("x-ratelimit-limit"), "100");
+    let r = with_key(&c, sc.traffic_addr, "/", "std").await;
+    assert_eq!(r.header("ratelimit-policy"), "\"minute\";q=10;w=60");
+    assert_eq!(r.header("x-ratelimit-remaining"), "9");
+    sc.stop().await;
+}
+
 #[tokio::test]
 async fn query_parameter_key_is_opt_in_and_stripped() {
     let mut d = doc(rate(10, 60, 9), vec![key("q")]);

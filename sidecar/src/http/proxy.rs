@@ -291,7 +291,17 @@ impl Proxy {
             .forward(req, peer, started, admission.permit, upgrade)
             .await;
         if let Some(status) = &admission.status {
-            snap.limit_headers.apply(resp.headers_mut(), status);
+            let sets = [
+                Some(check.key_limits),
+                check.route_limits,
+                check.policy_limits,
+            ];
+            snap.limit_headers.apply(resp.headers_mut(), status, |id| {
+                sets.iter()
+                    .flatten()
+                    .find_map(|s| s.name_of(id))
+                    .map(|n| &**n)
+            });
         }
         resp
     }

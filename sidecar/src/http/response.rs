@@ -138,9 +138,11 @@ pub fn too_many_requests(r: &Refusal, message: &str) -> Response<ProxyBody> {
     h.insert(RETRY_AFTER, HeaderValue::from(retry_after));
     limit_headers(
         h,
+        &r.name,
         &LimitStatus {
             kind: r.kind,
-            name: r.name.clone(),
+            // Not looked up: the refusal carries the name.
+            id: 0,
             limit: r.limit,
             window_s: r.window_s,
             remaining: 0,
@@ -166,10 +168,11 @@ fn sf_string(name: &str) -> String {
 }
 
 /// `RateLimit-Policy`/`RateLimit` (draft-ietf-httpapi-ratelimit-headers) and the de-facto
-/// `X-RateLimit-*` fields for one limit. Reset values are delta-seconds. Formats everything;
-/// the request path uses [`LimitHeaderCache::apply`], which formats only what varies.
-pub fn limit_headers(h: &mut HeaderMap, s: &LimitStatus) {
-    let name = sf_string(&s.name);
+/// `X-RateLimit-*` fields for one limit named `name`. Reset values are delta-seconds. Formats
+/// everything; the request path uses [`LimitHeaderCache::apply`], which formats only what
+/// varies.
+pub fn limit_headers(h: &mut HeaderMap, name: &str, s: &LimitStatus) {
+    let name = sf_string(name);
     let policy = match s.kind {
         LimitKind::Concurrency => format!("{name};q={};qu=\"concurrent-requests\"", s.limit),
         _ => format!("{name};q={};w={}", s.limit, s.window_s),
@@ -221,13 +224,6 @@ impl LimitHeaderValues {
             limit_value: HeaderValue::from(limit),
             current_prefix: format!("{quoted};r=").into_bytes().into_boxed_slice(),
         })
-    }
-
-    fn describes(&self, s: &LimitStatus) -> bool {
-        self.kind == s.kind
-            && self.limit == s.limit
-            && self.window_s == s.window_s
-            && (Arc::ptr_eq(&self.name, &s.name) || self.name == s.name)
     }
 
     fn apply(&self, h: &mut HeaderMap, s: &LimitStatus) {
@@ -285,25 +281,20 @@ pub(crate) fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
 #[derive(Debug, Default)]
 pub struct LimitHeaderCache {
     entries: Vec<LimitHeaderValues>,
+    /// Limit id -> entry: limits of different scopes with the same name and size share one.
+    by_id: Vec<(u64, usize)>,
 }
 
 impl LimitHeaderCache {
     pub fn build<'a>(sets: impl IntoIterator<Item = &'a LimitSet>) -> Self {
-        let mut entries: Vec<LimitHeaderValues> = Vec::new();
-        let mut add = |kind, name: &Arc<str>, limit, window_s| {
-            let known = entries.iter().any(|e| {
-                e.kind == kind && e.limit == limit && e.window_s == window_s && e.name == *name
-            });
-            if !known {
-                entries.extend(LimitHeaderValues::new(kind, name, limit, window_s));
-            }
-        };
+        let mut cache = Self::default();
         for set in sets {
             for r in &set.rates {
-                add(LimitKind::Rate, &r.name, r.requests, r.period_s);
+                cache.add(r.id(), LimitKind::Rate, &r.name, r.requests, r.period_s);
             }
             for q in &set.quotas {
-                add(
+                cache.add(
+                    q.id(),
                     LimitKind::Quota,
                     &q.name,
                     q.requests,
@@ -311,7 +302,27 @@ impl LimitHeaderCache {
                 );
             }
         }
-        Self { entries }
+        cache
+    }
+
+    fn add(&mut self, id: u64, kind: LimitKind, name: &Arc<str>, limit: u64, window_s: u64) {
+        if self.by_id.iter().any(|(known, _)| *known == id) {
+            return;
+        }
+        let same = |e: &LimitHeaderValues| {
+            e.kind == kind && e.limit == limit && e.window_s == window_s && e.name == *name
+        };
+        let entry = match self.entries.iter().position(same) {
+            Some(i) => i,
+            None => match LimitHeaderValues::new(kind, name, limit, window_s) {
+                Some(v) => {
+                    self.entries.push(v);
+                    self.entries.len() - 1
+                }
+                None => return,
+            },
+        };
+        self.by_id.push((id, entry));
     }
 
     pub fn len(&self) -> usize {
@@ -322,11 +333,28 @@ impl LimitHeaderCache {
         self.entries.is_empty()
     }
 
-    /// [`limit_headers`], with the fixed values taken from the cache when it has the limit.
-    pub fn apply(&self, h: &mut HeaderMap, s: &LimitStatus) {
-        match self.entries.iter().find(|e| e.describes(s)) {
+    /// Whether the fixed values of limit `id` are precomputed.
+    pub fn has(&self, id: u64) -> bool {
+        self.by_id.iter().any(|(known, _)| *known == id)
+    }
+
+    /// [`limit_headers`], with the fixed values taken from the cache when it has the limit;
+    /// otherwise the limit's name comes from `name_of` (the request's limit sets). A status
+    /// whose limit neither knows gets no headers rather than wrong ones.
+    pub fn apply<'n>(
+        &self,
+        h: &mut HeaderMap,
+        s: &LimitStatus,
+        name_of: impl FnOnce(u64) -> Option<&'n str>,
+    ) {
+        let cached = self.by_id.iter().find(|(id, _)| *id == s.id);
+        match cached.and_then(|&(_, i)| self.entries.get(i)) {
             Some(fixed) => fixed.apply(h, s),
-            None => limit_headers(h, s),
+            None => {
+                if let Some(name) = name_of(s.id) {
+                    limit_headers(h, name, s);
+                }
+            }
         }
     }
 }
@@ -358,10 +386,10 @@ mod tests {
         assert_eq!(h["x-ratelimit-reset"], "12");
     }
 
-    fn status(kind: LimitKind, name: &Arc<str>, limit: u64, window_s: u64) -> LimitStatus {
+    fn status(kind: LimitKind, id: u64, limit: u64, window_s: u64) -> LimitStatus {
         LimitStatus {
             kind,
-            name: name.clone(),
+            id,
             limit,
             window_s,
             remaining: 0,
@@ -378,53 +406,63 @@ mod tests {
         }))
         .expect("limits");
         let set = LimitSet::compile(&limits, "key");
-        let cache = LimitHeaderCache::build([&set, &set]);
+        // The same limits in another scope: other ids, the same header values.
+        let route = LimitSet::compile(&limits, "route:/x");
+        let cache = LimitHeaderCache::build([&set, &set, &route]);
         assert_eq!(cache.len(), 3, "one entry per distinct limit");
-        let mut statuses: Vec<LimitStatus> = set
-            .rates
-            .iter()
-            .map(|r| status(LimitKind::Rate, &r.name, r.requests, r.period_s))
-            .chain(set.quotas.iter().map(|q| {
-                status(
-                    LimitKind::Quota,
-                    &q.name,
-                    q.requests,
-                    window::nominal_secs(q.period),
-                )
-            }))
-            .collect();
-        // Not in the cache (a key's own override, a concurrency limit): formatted per request.
-        statuses.push(status(LimitKind::Rate, &Arc::from("other"), 7, 60));
-        statuses.push(status(LimitKind::Concurrency, &Arc::from("c"), 3, 0));
-        for (i, s) in statuses.iter().enumerate() {
-            assert_eq!(
-                cache.entries.iter().any(|e| e.describes(s)),
-                i < 3,
-                "cache hit for {s:?}"
-            );
+        let named = |s: &LimitSet| -> Vec<(LimitStatus, String)> {
+            s.rates
+                .iter()
+                .map(|r| {
+                    let st = status(LimitKind::Rate, r.id(), r.requests, r.period_s);
+                    (st, r.name.to_string())
+                })
+                .chain(s.quotas.iter().map(|q| {
+                    let w = window::nominal_secs(q.period);
+                    (
+                        status(LimitKind::Quota, q.id(), q.requests, w),
+                        q.name.to_string(),
+                    )
+                }))
+                .collect()
+        };
+        let mut statuses = named(&set);
+        statuses.extend(named(&route));
+        // Not in the cache (a key's own override, a concurrency limit): formatted per request
+        // under the name the request's limit sets give.
+        statuses.push((status(LimitKind::Rate, 7, 7, 60), "other".into()));
+        statuses.push((status(LimitKind::Concurrency, 8, 3, 0), "c".into()));
+        for (i, (s, name)) in statuses.iter().enumerate() {
+            assert_eq!(cache.has(s.id), i < 6, "cache hit for {s:?}");
             for (remaining, reset) in [(0, 0), (9, 6), (u64::MAX, 1_000_000_007)] {
                 let s = LimitStatus {
                     remaining,
                     reset_secs: reset,
-                    ..s.clone()
+                    ..*s
                 };
                 let mut want = HeaderMap::new();
-                limit_headers(&mut want, &s);
+                limit_headers(&mut want, name, &s);
                 let mut got = HeaderMap::new();
                 got.insert(X_RATELIMIT_RESET.clone(), HeaderValue::from_static("stale"));
-                cache.apply(&mut got, &s);
+                cache.apply(&mut got, &s, |id| (id == s.id).then_some(name.as_str()));
                 assert_eq!(want.len(), 5);
                 assert_eq!(got, want, "{s:?}");
             }
         }
+        // A limit nobody can name gets no headers, never another limit's.
+        let mut h = HeaderMap::new();
+        cache.apply(&mut h, &statuses[6].0, |_| None);
+        assert!(h.is_empty(), "{h:?}");
+
         let mut h = HeaderMap::new();
         cache.apply(
             &mut h,
             &LimitStatus {
                 remaining: 9,
                 reset_secs: 6,
-                ..statuses[0].clone()
+                ..statuses[0].0
             },
+            |_| None,
         );
         assert_eq!(h["ratelimit-policy"], "\"min\\\"ute\\\\\";q=10;w=60");
         assert_eq!(h["ratelimit"], "\"min\\\"ute\\\\\";r=9;t=6");

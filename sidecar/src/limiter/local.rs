@@ -590,7 +590,7 @@ fn commit_group(
             s.count = s.count.saturating_add(cost);
             offer(LimitStatus {
                 kind: LimitKind::Quota,
-                name: q.name.clone(),
+                id: q.id(),
                 limit: q.requests,
                 window_s: window::nominal_secs(q.period),
                 remaining: q.requests.saturating_sub(s.count),
@@ -607,7 +607,7 @@ fn commit_group(
             let ahead = tat - now.mono;
             offer(LimitStatus {
                 kind: LimitKind::Rate,
-                name: r.name.clone(),
+                id: r.id(),
                 limit: r.requests,
                 window_s: r.period_s,
                 remaining: r.tolerance_ns.saturating_sub(ahead) / r.interval_ns,

@@ -466,7 +466,7 @@ impl<'a> Group<'a> {
                     view.note_quota(key_id, q.id(), used, local_end_ns);
                     offer(LimitStatus {
                         kind: LimitKind::Quota,
-                        name: q.name.clone(),
+                        id: q.id(),
                         limit: q.requests,
                         window_s: window::nominal_secs(q.period),
                         remaining: q.requests.saturating_sub(used),
@@ -479,7 +479,7 @@ impl<'a> Group<'a> {
                     let ahead_ns = ns_until(v.next().unwrap_or(0), redis_now_us);
                     offer(LimitStatus {
                         kind: LimitKind::Rate,
-                        name: r.name.clone(),
+                        id: r.id(),
                         limit: r.requests,
                         window_s: r.period_s,
                         remaining: tolerance.saturating_sub(ahead_ns / NS_PER_US) / interval,

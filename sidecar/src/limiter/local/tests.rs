@@ -147,7 +147,7 @@ fn success_status_reports_most_restrictive_window() {
         panic!("refused")
     };
     let s = a.status.unwrap();
-    assert_eq!(&*s.name, "minute");
+    assert_eq!(set.name_of(s.id).map(|n| &**n), Some("minute"));
     assert_eq!(s.remaining, 9);
     assert_eq!(s.limit, 10);
     assert_eq!(s.reset_secs, 6);
