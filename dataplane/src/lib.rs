@@ -20,12 +20,19 @@ pub const API_VERSION: &str = "dataplane.keylimit.dev/v1";
 /// [`API_VERSION`]: it refuses such a document and keeps serving its last good config, where
 /// reading it as plain sha256 would refuse every key.
 pub const API_VERSION_KEYED: &str = "dataplane.keylimit.dev/v2";
+/// The version of documents that meter cost from responses ([`PolicyConfig::usage`], limits
+/// counted in tokens), under either key-hash scheme. A sidecar from before metering would
+/// read a token limit as a request limit (100,000 tokens a minute as 100,000 requests): it
+/// refuses this version instead and keeps serving its last good config.
+pub const API_VERSION_METERED: &str = "dataplane.keylimit.dev/v3";
 
-/// The version a document (and its shards) must carry for its key-hash scheme.
-pub fn api_version_for(algorithm: KeyHashAlgorithm) -> &'static str {
-    match algorithm {
-        KeyHashAlgorithm::Sha256 => API_VERSION,
-        KeyHashAlgorithm::HmacSha256 => API_VERSION_KEYED,
+/// The version a document (and its shards) must carry for its key-hash scheme, and whether
+/// it meters cost from responses.
+pub fn api_version_for(algorithm: KeyHashAlgorithm, metered: bool) -> &'static str {
+    match (metered, algorithm) {
+        (true, _) => API_VERSION_METERED,
+        (false, KeyHashAlgorithm::Sha256) => API_VERSION,
+        (false, KeyHashAlgorithm::HmacSha256) => API_VERSION_KEYED,
     }
 }
 /// File (ConfigMap data key) that holds the [`PolicyDocument`].
@@ -225,6 +232,9 @@ pub struct PolicyConfig {
     pub response: ResponseConfig,
     #[serde(default)]
     pub store: Store,
+    /// Where responses report their cost, for limits counted in tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageSource>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -298,6 +308,12 @@ impl Limits {
         self.rates.is_empty() && self.quotas.is_empty() && self.concurrency.is_none()
     }
 
+    /// Whether any rate or quota here counts tokens rather than requests.
+    pub fn counts_tokens(&self) -> bool {
+        self.rates.iter().any(|r| r.unit == Unit::Tokens)
+            || self.quotas.iter().any(|q| q.unit == Unit::Tokens)
+    }
+
     /// The limits a key gets: each part the key overrides replaces the policy's part whole.
     /// Rates and quotas are replaced by name, so a key can raise one window and keep the rest.
     pub fn with_overrides(&self, overrides: &Limits) -> Limits {
@@ -323,16 +339,84 @@ impl Limits {
     }
 }
 
+/// What a rate or quota counts. A request limit is charged the route's cost when the request
+/// is admitted; a token limit is charged what the response reports ([`UsageSource`]), after
+/// it completes, and may go into debt.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Unit {
+    #[default]
+    Requests,
+    Tokens,
+}
+
+impl Unit {
+    pub fn is_requests(&self) -> bool {
+        *self == Unit::Requests
+    }
+
+    /// The `qu` parameter of `RateLimit-Policy` and the unit in problem bodies and status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unit::Requests => "requests",
+            Unit::Tokens => "tokens",
+        }
+    }
+}
+
+/// Where a response reports what its request cost, in tokens.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageSource {
+    /// A response header holding a non-negative integer (`x-usage-tokens`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    /// A dot-separated path to a number in a JSON response body (`usage.total_tokens`), or
+    /// in the events of a `text/event-stream` body, where the last event that has it wins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub json_field: Option<String>,
+    /// Reserved when the request is admitted and reconciled with the reported cost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimate: Option<UsageEstimate>,
+}
+
+impl UsageSource {
+    /// The path segments of [`UsageSource::json_field`].
+    pub fn json_path(&self) -> Vec<String> {
+        self.json_field
+            .as_deref()
+            .map(|f| f.split('.').map(str::to_owned).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// The tokens reserved up front: a request header's value (`x-max-tokens`, capped at
+/// `max`), else `fixed`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageEstimate {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    #[serde(default)]
+    pub fixed: u64,
+    /// The most a request header may reserve (a caller must not be able to lock its own key
+    /// for a year with one header).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<u64>,
+}
+
 /// A rate window: `requests` per `period_seconds`, with `burst` extra requests allowed at once
 /// (GCRA: the emission interval is period/requests; tolerance is burst intervals).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RateWindow {
     pub name: String,
+    /// The count per period, in `unit`s.
     pub requests: u64,
     pub period_seconds: u64,
     #[serde(default)]
     pub burst: u64,
+    #[serde(default, skip_serializing_if = "Unit::is_requests")]
+    pub unit: Unit,
 }
 
 /// A long quota: `requests` per day/week/month.
@@ -340,10 +424,13 @@ pub struct RateWindow {
 #[serde(rename_all = "camelCase")]
 pub struct QuotaWindow {
     pub name: String,
+    /// The count per period, in `unit`s.
     pub requests: u64,
     pub period: QuotaPeriod,
     #[serde(default)]
     pub alignment: QuotaAlignment,
+    #[serde(default, skip_serializing_if = "Unit::is_requests")]
+    pub unit: Unit,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -524,15 +611,46 @@ impl PolicyDocument {
         self.policy.key_source.key_hash.algorithm
     }
 
-    pub fn parse(bytes: &[u8]) -> Result<Self, Error> {
-        let doc: PolicyDocument = serde_json::from_slice(bytes)?;
-        let expected = api_version_for(doc.key_hash_algorithm());
-        if doc.api_version != expected {
+    /// Whether any limit counts tokens or the policy reads cost from responses.
+    pub fn is_metered(&self) -> bool {
+        let p = &self.policy;
+        p.usage.is_some()
+            || p.limits.counts_tokens()
+            || p.policy_limits.as_ref().is_some_and(Limits::counts_tokens)
+            || p.routes
+                .iter()
+                .any(|r| r.limits.as_ref().is_some_and(Limits::counts_tokens))
+    }
+
+    /// The document's own version as one of the known constants (for an error about a shard
+    /// that differs from it).
+    fn api_version_str(&self) -> &'static str {
+        [API_VERSION, API_VERSION_KEYED, API_VERSION_METERED]
+            .into_iter()
+            .find(|v| *v == self.api_version)
+            .unwrap_or_else(|| self.expected_api_version())
+    }
+
+    /// The version this document (and its shards) must carry.
+    pub fn expected_api_version(&self) -> &'static str {
+        api_version_for(self.key_hash_algorithm(), self.is_metered())
+    }
+
+    /// v3 may carry anything; the older versions must not carry what they cannot express.
+    pub fn check_api_version(&self) -> Result<(), Error> {
+        let expected = self.expected_api_version();
+        if self.api_version != expected && self.api_version != API_VERSION_METERED {
             return Err(Error::ApiVersion {
-                found: doc.api_version,
+                found: self.api_version.clone(),
                 expected,
             });
         }
+        Ok(())
+    }
+
+    pub fn parse(bytes: &[u8]) -> Result<Self, Error> {
+        let doc: PolicyDocument = serde_json::from_slice(bytes)?;
+        doc.check_api_version()?;
         doc.validate()?;
         Ok(doc)
     }
@@ -554,6 +672,23 @@ impl PolicyDocument {
             if let Some(l) = &r.limits {
                 validate_limits(l, &format!("routes[{}].limits", r.name))?;
             }
+        }
+        if let Some(u) = &self.policy.usage {
+            if u.header.is_none() && u.json_field.is_none() {
+                return Err(Error::Invalid("usage needs a header or a jsonField".into()));
+            }
+            if u.json_path().iter().any(String::is_empty) {
+                return Err(Error::Invalid(
+                    "usage.jsonField has an empty segment".into(),
+                ));
+            }
+        }
+        if self.is_metered() && !matches!(self.policy.store, Store::Local) {
+            // The Redis scripts charge only at admission; a token limit there would never
+            // see its responses' cost. Refused rather than enforced wrongly.
+            return Err(Error::Invalid(
+                "limits counted in tokens need the Local store".into(),
+            ));
         }
         // Keys are not checked here: one bad entry must not freeze the whole policy. The
         // sidecar checks each key with `validate_key` and skips (and reports) a bad one.
@@ -582,7 +717,7 @@ impl PolicyDocument {
             if shard.api_version != self.api_version {
                 return Err(Error::ApiVersion {
                     found: shard.api_version,
-                    expected: api_version_for(self.key_hash_algorithm()),
+                    expected: self.api_version_str(),
                 });
             }
             keys.extend(shard.keys);
@@ -713,6 +848,8 @@ pub struct QuotaUsage {
     pub used: u64,
     pub limit: u64,
     pub reset_at: i64,
+    #[serde(default, skip_serializing_if = "Unit::is_requests")]
+    pub unit: Unit,
 }
 
 #[cfg(test)]
@@ -721,6 +858,7 @@ mod tests {
 
     fn mk_rate(name: &str, requests: u64) -> RateWindow {
         RateWindow {
+            unit: Unit::Requests,
             name: name.into(),
             requests,
             period_seconds: 60,
@@ -732,6 +870,7 @@ mod tests {
         PolicyDocument {
             api_version: API_VERSION.into(),
             policy: PolicyConfig {
+                usage: None,
                 name: "p".into(),
                 namespace: "ns".into(),
                 generation: 1,

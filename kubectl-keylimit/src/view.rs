@@ -101,7 +101,16 @@ fn rate_text(r: &RateSpec) -> String {
         RateUnit::Hour => "hour",
         RateUnit::Day => "day",
     };
-    format!("{}/{unit}", r.requests)
+    format!("{}/{unit}", amount(r.counted()))
+}
+
+/// `60` for requests, `100000 tokens` for tokens.
+fn amount(c: Option<(u64, bool)>) -> String {
+    match c {
+        Some((n, false)) => n.to_string(),
+        Some((n, true)) => format!("{n} tokens"),
+        None => "?".into(),
+    }
 }
 
 fn quota_text(q: &QuotaSpec) -> String {
@@ -111,7 +120,7 @@ fn quota_text(q: &QuotaSpec) -> String {
         QuotaPeriodSpec::Week => "week",
         QuotaPeriodSpec::Month => "month",
     };
-    format!("{}/{period}", q.requests)
+    format!("{}/{period}", amount(q.counted()))
 }
 
 /// Every limit of `key` with what the operator knows about its use. `policy` is `None` when
@@ -179,7 +188,7 @@ pub fn usage(key: &ApiKey, policy: Option<&RateLimitPolicy>) -> Vec<LimitUsage> 
         } else if exhausted.is_some() {
             // Reports name every quota a key has used; none yet means none used.
             row.used = Some(0);
-            row.max = Some(q.requests);
+            row.max = q.counted().map(|(n, _)| n);
         }
         rows.push(row);
     }
@@ -492,7 +501,7 @@ mod tests {
             .rates
             .iter()
             .flatten()
-            .map(|r| (r.name.as_str(), r.requests))
+            .map(|r| (r.name.as_str(), r.requests.unwrap_or_default()))
             .collect();
         assert_eq!(rates, [("per-minute", 60), ("per-second", 2)]);
         assert_eq!(l.concurrency, Some(4));

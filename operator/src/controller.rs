@@ -1693,8 +1693,9 @@ mod tests {
         let mut p = crate::render::tests::mk_policy("p");
         assert_eq!(quota_scope(&p.spec, 3).reason, "NoQuotas");
         p.spec.limits.as_mut().unwrap().quotas = Some(vec![crate::crd::QuotaSpec {
+            tokens: None,
             name: "monthly".into(),
-            requests: 10,
+            requests: Some(10),
             period: crate::crd::QuotaPeriodSpec::Month,
             alignment: crate::crd::QuotaAlignmentSpec::Calendar,
         }]);

@@ -276,6 +276,8 @@ pub struct ApiKeyStatus {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.routes) || self.routes.all(r, self.routes.exists_one(s, s.name == r.name))").message("route names must be unique"))]
 #[x_kube(validation = Rule::new("has(self.limits) || has(self.routes)").message("a policy needs limits or routes"))]
+#[x_kube(validation = Rule::new("has(self.usage) || ((!has(self.limits) || ((!has(self.limits.rates) || self.limits.rates.all(r, !has(r.tokens))) && (!has(self.limits.quotas) || self.limits.quotas.all(q, !has(q.tokens))))) && (!has(self.policyLimits) || ((!has(self.policyLimits.rates) || self.policyLimits.rates.all(r, !has(r.tokens))) && (!has(self.policyLimits.quotas) || self.policyLimits.quotas.all(q, !has(q.tokens))))))").message("limits counted in tokens need usage: where responses report their cost"))]
+#[x_kube(validation = Rule::new("!has(self.usage) || !has(self.store) || self.store.type != 'Redis'").message("usage (limits counted in tokens) needs the Local store"))]
 pub struct RateLimitPolicySpec {
     /// Pods whose sidecars enforce this policy. Must not be empty.
     #[x_kube(validation = Rule::new("(has(self.matchLabels) && size(self.matchLabels) > 0) || (has(self.matchExpressions) && size(self.matchExpressions) > 0)").message("selector must not be empty: give matchLabels or matchExpressions"))]
@@ -321,6 +323,57 @@ pub struct RateLimitPolicySpec {
     /// across replicas, durable quotas).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store: Option<StoreSpec>,
+    /// Where a response reports what its request cost, for rates and quotas counted in
+    /// `tokens` (for example an LLM API's `usage.total_tokens`). Needs the Local store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageSpec>,
+}
+
+/// Where the cost of a request is found once the upstream answers.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.header) || has(self.jsonField)").message("usage needs a header or a jsonField"))]
+pub struct UsageSpec {
+    /// A response header with the cost as a non-negative integer (e.g. `x-usage-tokens`).
+    /// Checked first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128))]
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9!#$%&*+.^_`|~-]+$')").message("header must be an HTTP header name"))]
+    pub header: Option<String>,
+    /// A dot-separated path to a number in the JSON response body (e.g.
+    /// `usage.total_tokens`). For a `text/event-stream` response, the path is looked up in
+    /// every event's data and the last event that has it wins (an LLM stream's final usage
+    /// chunk). Bodies are read as they pass, never buffered. A response without the field is
+    /// charged its estimate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9_$@-]+(\\\\.[A-Za-z0-9_$@-]+)*$')").message("jsonField must be dot-separated field names such as usage.total_tokens"))]
+    pub json_field: Option<String>,
+    /// Tokens reserved when a request is admitted, reconciled with the reported cost when
+    /// the response completes. Without it nothing is reserved: a request is admitted while
+    /// the key has any tokens left.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimate: Option<UsageEstimateSpec>,
+}
+
+/// The tokens reserved up front.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageEstimateSpec {
+    /// A request header whose integer value is reserved (e.g. `x-max-tokens`), at most `max`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128))]
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9!#$%&*+.^_`|~-]+$')").message("header must be an HTTP header name"))]
+    pub header: Option<String>,
+    /// Reserved when the header is absent or not set (default 0).
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 1000000000))]
+    pub fixed: u64,
+    /// The most the header may reserve (default 1,000,000), so that a caller cannot lock
+    /// its own key for a long time with one header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000000000))]
+    pub max: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
@@ -452,14 +505,23 @@ pub struct LimitsSpec {
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.requests) != has(self.tokens)").message("a rate counts either requests or tokens: set exactly one"))]
 pub struct RateSpec {
     /// Name of the window, shown in headers and status (e.g. `per-minute`).
     #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("name must be lowercase alphanumerics and '-'"))]
     #[schemars(length(min = 1, max = 63))]
     pub name: String,
     /// Requests admitted per `per`, paced evenly (GCRA): one every `per / requests`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1000000000))]
-    pub requests: u64,
+    pub requests: Option<u64>,
+    /// Tokens per `per`, as the responses report them (the policy's `usage`), instead of
+    /// requests. A request is admitted while the key has tokens left; its reported cost is
+    /// charged when the response completes and may put the key into debt, which it pays
+    /// back at this rate before it is admitted again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000000000000u64))]
+    pub tokens: Option<u64>,
     /// The window unit.
     pub per: RateUnit,
     /// Extra requests that may arrive at once on top of that pace (default 0): up to
@@ -468,6 +530,29 @@ pub struct RateSpec {
     #[serde(default)]
     #[schemars(range(min = 0, max = 1000000000))]
     pub burst: u64,
+}
+
+impl RateSpec {
+    /// The count and whether it is in tokens (`None` only for an object the CEL rule would
+    /// refuse: neither or both set).
+    pub fn counted(&self) -> Option<(u64, bool)> {
+        counted(self.requests, self.tokens)
+    }
+}
+
+impl QuotaSpec {
+    /// As [`RateSpec::counted`].
+    pub fn counted(&self) -> Option<(u64, bool)> {
+        counted(self.requests, self.tokens)
+    }
+}
+
+fn counted(requests: Option<u64>, tokens: Option<u64>) -> Option<(u64, bool)> {
+    match (requests, tokens) {
+        (Some(n), None) => Some((n, false)),
+        (None, Some(n)) => Some((n, true)),
+        _ => None,
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
@@ -491,12 +576,20 @@ impl RateUnit {
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.requests) != has(self.tokens)").message("a quota counts either requests or tokens: set exactly one"))]
 pub struct QuotaSpec {
     #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("name must be lowercase alphanumerics and '-'"))]
     #[schemars(length(min = 1, max = 63))]
     pub name: String,
+    /// Requests per period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1000000000000u64))]
-    pub requests: u64,
+    pub requests: Option<u64>,
+    /// Tokens per period, as the responses report them (the policy's `usage`). A key whose
+    /// last response took it over the quota is refused until the period ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000000000000000u64))]
+    pub tokens: Option<u64>,
     pub period: QuotaPeriodSpec,
     /// `Calendar` resets at the start of each UTC day/week (Monday)/month; `Rolling` one
     /// period after the first request of the window.

@@ -414,6 +414,7 @@ mod tests {
             name: name.into(),
             exhaustion: e,
             quotas: vec![QuotaUsage {
+                unit: keylimit_dataplane::Unit::Requests,
                 name: "month".into(),
                 used,
                 limit: 100,

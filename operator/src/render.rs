@@ -305,33 +305,68 @@ pub fn limits_from_spec(spec: &LimitsSpec) -> dp::Limits {
             .rates
             .iter()
             .flatten()
-            .map(|r| dp::RateWindow {
-                name: r.name.clone(),
-                requests: r.requests,
-                period_seconds: r.per.seconds(),
-                burst: r.burst,
+            .filter_map(|r| {
+                let (requests, unit) = counted(r.counted())?;
+                Some(dp::RateWindow {
+                    name: r.name.clone(),
+                    requests,
+                    period_seconds: r.per.seconds(),
+                    burst: r.burst,
+                    unit,
+                })
             })
             .collect(),
         quotas: spec
             .quotas
             .iter()
             .flatten()
-            .map(|q| dp::QuotaWindow {
-                name: q.name.clone(),
-                requests: q.requests,
-                period: match q.period {
-                    QuotaPeriodSpec::Hour => dp::QuotaPeriod::Hour,
-                    QuotaPeriodSpec::Day => dp::QuotaPeriod::Day,
-                    QuotaPeriodSpec::Week => dp::QuotaPeriod::Week,
-                    QuotaPeriodSpec::Month => dp::QuotaPeriod::Month,
-                },
-                alignment: match q.alignment {
-                    QuotaAlignmentSpec::Calendar => dp::QuotaAlignment::Calendar,
-                    QuotaAlignmentSpec::Rolling => dp::QuotaAlignment::Rolling,
-                },
+            .filter_map(|q| {
+                let (requests, unit) = counted(q.counted())?;
+                Some(dp::QuotaWindow {
+                    name: q.name.clone(),
+                    requests,
+                    unit,
+                    period: match q.period {
+                        QuotaPeriodSpec::Hour => dp::QuotaPeriod::Hour,
+                        QuotaPeriodSpec::Day => dp::QuotaPeriod::Day,
+                        QuotaPeriodSpec::Week => dp::QuotaPeriod::Week,
+                        QuotaPeriodSpec::Month => dp::QuotaPeriod::Month,
+                    },
+                    alignment: match q.alignment {
+                        QuotaAlignmentSpec::Calendar => dp::QuotaAlignment::Calendar,
+                        QuotaAlignmentSpec::Rolling => dp::QuotaAlignment::Rolling,
+                    },
+                })
             })
             .collect(),
         concurrency: spec.concurrency,
+    }
+}
+
+/// A rate's or quota's count and unit. The CRD's CEL rule sets exactly one of the two; an
+/// object that slipped past it with neither (or both) is left out, not guessed at.
+fn counted(c: Option<(u64, bool)>) -> Option<(u64, dp::Unit)> {
+    c.map(|(n, tokens)| {
+        (
+            n,
+            if tokens {
+                dp::Unit::Tokens
+            } else {
+                dp::Unit::Requests
+            },
+        )
+    })
+}
+
+pub fn usage_from_spec(u: &crate::crd::UsageSpec) -> dp::UsageSource {
+    dp::UsageSource {
+        header: u.header.clone(),
+        json_field: u.json_field.clone(),
+        estimate: u.estimate.as_ref().map(|e| dp::UsageEstimate {
+            header: e.header.clone(),
+            fixed: e.fixed,
+            max: e.max,
+        }),
     }
 }
 
@@ -443,6 +478,7 @@ pub fn policy_config(
             })
             .unwrap_or_default(),
         store: store_config(name, namespace, spec, 1),
+        usage: spec.usage.as_ref().map(usage_from_spec),
     }
 }
 
@@ -567,13 +603,19 @@ pub fn render_config(
     let policy_name = config.name.clone();
     let main = main_config_map(&policy_name);
 
-    let api_version = dp::api_version_for(config.key_source.key_hash.algorithm);
+    // A key whose own limits count tokens needs the metered version too: an older sidecar
+    // would read them as requests.
+    let metered = entries
+        .iter()
+        .any(|e| e.overrides.as_ref().is_some_and(dp::Limits::counts_tokens));
     let mut doc = dp::PolicyDocument {
-        api_version: api_version.to_string(),
+        api_version: String::new(),
         policy: config,
         keys: entries,
         shards: vec![],
     };
+    let api_version = dp::api_version_for(doc.key_hash_algorithm(), metered || doc.is_metered());
+    doc.api_version = api_version.to_string();
     let inline = serde_json::to_string(&doc)?;
     if inline.len() <= budget {
         return Ok(Rendered {
@@ -673,6 +715,7 @@ pub mod tests {
         let mut p = RateLimitPolicy::new(
             name,
             RateLimitPolicySpec {
+                usage: None,
                 selector: LabelSelector {
                     match_labels: Some(BTreeMap::from([("app".into(), "api".into())])),
                     ..Default::default()
@@ -680,8 +723,9 @@ pub mod tests {
                 key_source: None,
                 limits: Some(LimitsSpec {
                     rates: Some(vec![RateSpec {
+                        tokens: None,
                         name: "per-minute".into(),
-                        requests: 10,
+                        requests: Some(10),
                         per: RateUnit::Minute,
                         burst: 2,
                     }]),
@@ -1048,6 +1092,42 @@ pub mod tests {
         assert_eq!(
             KeyProblem::PolicyNotFound("p".into()).reason(),
             "PolicyNotFound"
+        );
+    }
+
+    #[test]
+    fn token_limits_render_with_their_unit_usage_and_the_metered_version() {
+        let k = mk_apikey("a", "p");
+        let s = mk_secret("a-key", "key", b"kl_0123456789abcdef");
+        let b = bind_key(&k, Some(&s), &hasher(), NOW).unwrap();
+        let plain = render(&mk_policy("p"), std::slice::from_ref(&b)).unwrap();
+        let doc = |r: &Rendered| {
+            dp::PolicyDocument::parse(r.config_maps[0].data[dp::POLICY_FILE].as_bytes()).unwrap()
+        };
+        assert_ne!(doc(&plain).api_version, dp::API_VERSION_METERED);
+        let mut p = mk_policy("p");
+        if let Some(l) = p.spec.limits.as_mut() {
+            l.quotas = Some(vec![crate::crd::QuotaSpec {
+                name: "monthly-tokens".into(),
+                requests: None,
+                tokens: Some(5_000_000),
+                period: QuotaPeriodSpec::Month,
+                alignment: QuotaAlignmentSpec::Calendar,
+            }]);
+        }
+        p.spec.usage = Some(crate::crd::UsageSpec {
+            header: None,
+            json_field: Some("usage.total_tokens".into()),
+            estimate: None,
+        });
+        let d = doc(&render(&p, &[b]).unwrap());
+        assert_eq!(d.api_version, dp::API_VERSION_METERED);
+        let q = &d.policy.limits.quotas[0];
+        assert_eq!((q.requests, q.unit), (5_000_000, dp::Unit::Tokens));
+        assert_eq!(d.policy.limits.rates[0].unit, dp::Unit::Requests);
+        assert_eq!(
+            d.policy.usage.and_then(|u| u.json_field).as_deref(),
+            Some("usage.total_tokens")
         );
     }
 

@@ -1147,6 +1147,7 @@ mod tests {
                 dry_run: false,
             }),
             quotas: vec![QuotaUsage {
+                unit: keylimit_dataplane::Unit::Requests,
                 name: "monthly".into(),
                 used: 123_456,
                 limit: 1_000_000,

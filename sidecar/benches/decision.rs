@@ -62,6 +62,7 @@ fn snapshot_of(keys: Vec<KeyEntry>) -> Snapshot {
     let doc = PolicyDocument {
         api_version: API_VERSION.into(),
         policy: PolicyConfig {
+            usage: None,
             name: "bench".into(),
             namespace: "ns".into(),
             generation: 1,
@@ -70,6 +71,7 @@ fn snapshot_of(keys: Vec<KeyEntry>) -> Snapshot {
             // Generous, so every decision admits and writes state (the common, costlier case).
             limits: Limits {
                 rates: vec![RateWindow {
+                    unit: keylimit_dataplane::Unit::Requests,
                     name: "second".into(),
                     requests: 1_000_000_000,
                     period_seconds: 1,
@@ -104,6 +106,7 @@ fn decide_at(snap: &Snapshot, limiter: &Limiter, hash: &[u8; 32], mono_ns: u64) 
                 route_limits: None,
                 policy_limits: snap.policy_limits.as_ref(),
                 cost: 1,
+                reserve: 0,
                 throttle: snap.throttle,
                 dry_run: snap.dry_run,
             },
@@ -125,6 +128,7 @@ fn decide(snap: &Snapshot, limiter: &Limiter, hash: &[u8; 32]) -> bool {
             route_limits: None,
             policy_limits: snap.policy_limits.as_ref(),
             cost: 1,
+            reserve: 0,
             throttle: snap.throttle,
             dry_run: snap.dry_run,
         }),
@@ -243,6 +247,7 @@ fn benches(c: &mut Criterion) {
                     route_limits: None,
                     policy_limits: None,
                     cost: 1,
+                    reserve: 0,
                     throttle: None,
                     dry_run: false,
                 };

@@ -121,6 +121,7 @@ async fn decisions_per_sec(
                     route_limits: None,
                     policy_limits: None,
                     cost: 1,
+                    reserve: 0,
                     throttle: None,
                     dry_run: false,
                 };
@@ -308,12 +309,14 @@ fn main() {
         .expect("runtime");
     let limits = Limits {
         rates: vec![RateWindow {
+            unit: keylimit_dataplane::Unit::Requests,
             name: "second".into(),
             requests: 1_000_000_000,
             period_seconds: 1,
             burst: 1_000_000_000,
         }],
         quotas: vec![QuotaWindow {
+            unit: keylimit_dataplane::Unit::Requests,
             name: "monthly".into(),
             requests: u64::MAX / 4,
             period: QuotaPeriod::Month,

@@ -76,6 +76,7 @@ fn generate(dir: &Path, n: usize, variant: u32) {
     let mut doc = PolicyDocument {
         api_version: API_VERSION.into(),
         policy: PolicyConfig {
+            usage: None,
             name: "scale".into(),
             namespace: "ns".into(),
             generation: i64::from(variant) + 1,
@@ -150,6 +151,7 @@ fn generate_in_child(dir: &Path, n: usize, variant: u32) {
 fn policy_limits() -> Limits {
     Limits {
         rates: vec![RateWindow {
+            unit: keylimit_dataplane::Unit::Requests,
             name: "second".into(),
             requests: 1_000_000,
             period_seconds: 1,
@@ -167,6 +169,7 @@ fn decide(limiter: &Limiter, key_id: u64, limits: &LimitSet) -> bool {
             route_limits: None,
             policy_limits: None,
             cost: 1,
+            reserve: 0,
             throttle: None,
             dry_run: false,
         }),

@@ -20,6 +20,7 @@ pub mod watch;
 pub use index::{key_id, KeyIndex, KeyPolicy, KeyTable, SkippedKey, HASH_LEN};
 use sha2::{Digest, Sha256};
 
+use crate::http::meter::{UsageRule, DEFAULT_ESTIMATE_MAX};
 use crate::http::path::SegmentPrefix;
 use crate::http::response::LimitHeaderCache;
 use crate::limiter::{LimitSet, ThrottleRule};
@@ -72,6 +73,8 @@ pub struct Snapshot {
     /// The rate-limit header values that depend only on the policy's limits, built once here
     /// so an allowed response formats only `remaining` and `reset`.
     pub limit_headers: LimitHeaderCache,
+    /// Where responses report their cost (limits counted in tokens).
+    pub usage: Option<UsageRule>,
 }
 
 fn header_name(name: &str, what: &str) -> Result<HeaderName, Error> {
@@ -179,8 +182,39 @@ impl Snapshot {
                 .chain(routes.iter().filter_map(|r| r.limits.as_ref()))
                 .chain(policy_limits.as_ref()),
         );
+        let usage = policy
+            .usage
+            .as_ref()
+            .map(|u| -> Result<UsageRule, Error> {
+                Ok(UsageRule {
+                    header: u
+                        .header
+                        .as_deref()
+                        .map(|h| header_name(h, "usage.header"))
+                        .transpose()?,
+                    json_path: u
+                        .json_path()
+                        .into_iter()
+                        .map(|s| s.into_bytes().into_boxed_slice())
+                        .collect(),
+                    estimate_header: u
+                        .estimate
+                        .as_ref()
+                        .and_then(|e| e.header.as_deref())
+                        .map(|h| header_name(h, "usage.estimate.header"))
+                        .transpose()?,
+                    estimate_fixed: u.estimate.as_ref().map_or(0, |e| e.fixed),
+                    estimate_max: u
+                        .estimate
+                        .as_ref()
+                        .and_then(|e| e.max)
+                        .unwrap_or(DEFAULT_ESTIMATE_MAX),
+                })
+            })
+            .transpose()?;
         let counters = metrics.policy_counters(&format!("{}/{}", policy.namespace, policy.name));
         Ok(Snapshot {
+            usage,
             generation,
             digest,
             dry_run: policy.mode == Mode::DryRun,

@@ -12,7 +12,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use keylimit_dataplane::{Exhaustion, ExhaustionReason, Limits, QuotaAlignment, QuotaPeriod};
+use keylimit_dataplane::{Exhaustion, ExhaustionReason, Limits, QuotaAlignment, QuotaPeriod, Unit};
 use sha2::{Digest, Sha256};
 
 use clock::NANOS_PER_SEC;
@@ -47,9 +47,11 @@ impl LimitKind {
 #[derive(Debug, Clone)]
 pub struct RateRule {
     pub name: Arc<str>,
+    /// The count per period, in `unit`s.
     pub requests: u64,
     pub period_s: u64,
     pub burst: u64,
+    pub unit: Unit,
     id: u64,
     pub(crate) interval_ns: u64,
     /// How far the theoretical arrival time may run ahead of now: `(burst + 1) * interval`.
@@ -61,7 +63,7 @@ impl RateRule {
         self.id
     }
 
-    fn new(name: Arc<str>, requests: u64, period_s: u64, burst: u64, id: u64) -> Self {
+    fn new(name: Arc<str>, requests: u64, period_s: u64, burst: u64, unit: Unit, id: u64) -> Self {
         let period_ns = period_s.saturating_mul(NANOS_PER_SEC);
         // Rounded up so that `requests` intervals never fit inside one period: the
         // window then admits at most requests + burst, never one more.
@@ -71,6 +73,7 @@ impl RateRule {
             requests,
             period_s,
             burst,
+            unit,
             id,
             interval_ns,
             tolerance_ns: interval_ns.saturating_mul(burst.saturating_add(1)),
@@ -81,9 +84,11 @@ impl RateRule {
 #[derive(Debug, Clone)]
 pub struct QuotaRule {
     pub name: Arc<str>,
+    /// The count per period, in `unit`s.
     pub requests: u64,
     pub period: QuotaPeriod,
     pub alignment: QuotaAlignment,
+    pub unit: Unit,
     id: u64,
 }
 
@@ -111,6 +116,18 @@ pub struct LimitSet {
     pub rates: Vec<RateRule>,
     pub quotas: Vec<QuotaRule>,
     pub concurrency: Option<ConcurrencyRule>,
+    /// Whether a rate or quota here counts tokens (settled after the response).
+    pub counts_tokens: bool,
+}
+
+/// The parameters a limit's id covers. A token limit adds a marker, so it never shares state
+/// with a request limit of the same name and size; a request limit's id is what it was before
+/// units existed, so upgrading keeps its counters (local and in Redis).
+fn with_unit(mut params: Vec<u64>, unit: Unit) -> Vec<u64> {
+    if unit == Unit::Tokens {
+        params.push(u64::from_le_bytes(*b"tokens\0\0"));
+    }
+    params
 }
 
 fn fingerprint(scope: &str, kind: LimitKind, name: &str, params: &[u64]) -> u64 {
@@ -155,11 +172,12 @@ impl LimitSet {
                     r.requests,
                     r.period_seconds,
                     r.burst,
+                    r.unit,
                     fingerprint(
                         scope,
                         LimitKind::Rate,
                         &r.name,
-                        &[r.requests, r.period_seconds, r.burst],
+                        &with_unit(vec![r.requests, r.period_seconds, r.burst], r.unit),
                     ),
                 )
             })
@@ -172,15 +190,19 @@ impl LimitSet {
                 requests: q.requests,
                 period: q.period,
                 alignment: q.alignment,
+                unit: q.unit,
                 id: fingerprint(
                     scope,
                     LimitKind::Quota,
                     &q.name,
-                    &[
-                        q.requests,
-                        period_code(q.period),
-                        matches!(q.alignment, QuotaAlignment::Rolling) as u64,
-                    ],
+                    &with_unit(
+                        vec![
+                            q.requests,
+                            period_code(q.period),
+                            matches!(q.alignment, QuotaAlignment::Rolling) as u64,
+                        ],
+                        q.unit,
+                    ),
                 ),
             })
             .collect();
@@ -192,6 +214,7 @@ impl LimitSet {
             rates,
             quotas,
             concurrency,
+            counts_tokens: limits.counts_tokens(),
         }
     }
 
@@ -224,6 +247,7 @@ impl LimitSet {
                         share(r.requests),
                         r.period_s,
                         r.burst / n,
+                        r.unit,
                         r.id,
                     )
                 })
@@ -240,6 +264,7 @@ impl LimitSet {
                 max: u32::try_from(share(u64::from(c.max))).unwrap_or(u32::MAX),
                 id: c.id,
             }),
+            counts_tokens: self.counts_tokens,
         }
     }
 }
@@ -251,6 +276,8 @@ pub struct Refusal {
     pub kind: LimitKind,
     pub name: Arc<str>,
     pub limit: u64,
+    /// What `limit` counts.
+    pub unit: Unit,
     pub window_s: u64,
     pub now_ns: u64,
     /// When the refused request would be admitted (rate), the window resets (quota), or a
@@ -275,11 +302,19 @@ impl Refusal {
     pub fn message(&self) -> String {
         match self.reason {
             ExhaustionReason::RateLimited => format!(
-                "rate {} {}/{}s exceeded",
-                self.name, self.limit, self.window_s
+                "rate {} {}{}/{}s exceeded",
+                self.name,
+                self.limit,
+                self.unit_suffix(),
+                self.window_s
             ),
             ExhaustionReason::QuotaExceeded => {
-                format!("quota {} {} exceeded", self.name, self.limit)
+                format!(
+                    "quota {} {}{} exceeded",
+                    self.name,
+                    self.limit,
+                    self.unit_suffix()
+                )
             }
             ExhaustionReason::ConcurrencyLimited => {
                 format!("concurrency {} in flight exceeded", self.limit)
@@ -287,6 +322,14 @@ impl Refusal {
             ExhaustionReason::Throttled => {
                 format!("throttle queue of {} requests is full", self.limit)
             }
+        }
+    }
+
+    /// Request limits read as before (`10/60s`); token limits say so (`100000 tokens/60s`).
+    fn unit_suffix(&self) -> &'static str {
+        match self.unit {
+            Unit::Requests => "",
+            Unit::Tokens => " tokens",
         }
     }
 
@@ -309,6 +352,7 @@ impl Refusal {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LimitStatus {
     pub kind: LimitKind,
+    pub unit: Unit,
     /// [`RateRule::id`] or [`QuotaRule::id`].
     pub id: u64,
     pub limit: u64,
@@ -319,7 +363,14 @@ pub struct LimitStatus {
 }
 
 impl LimitStatus {
+    /// Fewer left wins; between units (requests against tokens) the smaller share of its
+    /// limit left wins, since 5 requests and 5 tokens are not comparable.
     pub(crate) fn more_restrictive_than(&self, other: &LimitStatus) -> bool {
+        if self.unit != other.unit {
+            let mine = u128::from(self.remaining) * u128::from(other.limit);
+            let theirs = u128::from(other.remaining) * u128::from(self.limit);
+            return mine < theirs;
+        }
         (self.remaining, std::cmp::Reverse(self.reset_secs))
             < (other.remaining, std::cmp::Reverse(other.reset_secs))
     }
@@ -333,6 +384,10 @@ pub struct Check<'a> {
     pub route_limits: Option<&'a LimitSet>,
     pub policy_limits: Option<&'a LimitSet>,
     pub cost: u64,
+    /// Tokens reserved now for limits counted in tokens (the policy's estimate), reconciled
+    /// with the response's reported cost by [`local::Limiter::settle`]. Request limits never
+    /// read it.
+    pub reserve: u64,
     pub throttle: Option<ThrottleRule>,
     pub dry_run: bool,
 }

@@ -623,6 +623,7 @@ mod tests {
             quotas: quotas
                 .iter()
                 .map(|(n, used, limit, reset_at)| QuotaUsage {
+                    unit: keylimit_dataplane::Unit::Requests,
                     name: (*n).into(),
                     used: *used,
                     limit: *limit,

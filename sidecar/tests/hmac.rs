@@ -16,6 +16,7 @@ const HASH_KEY: [u8; 32] = *b"0123456789abcdef0123456789abcdef";
 fn limits() -> Limits {
     Limits {
         rates: vec![RateWindow {
+            unit: keylimit_dataplane::Unit::Requests,
             name: "minute".into(),
             requests: 100,
             period_seconds: 60,

@@ -17,6 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 fn rate(requests: u64, period_seconds: u64, burst: u64) -> Limits {
     Limits {
         rates: vec![RateWindow {
+            unit: keylimit_dataplane::Unit::Requests,
             name: "minute".into(),
             requests,
             period_seconds,
@@ -122,6 +123,7 @@ async fn a_key_with_its_own_limits_gets_headers_naming_them() {
     let mut vip = key("vip");
     vip.overrides = Some(Limits {
         rates: vec![RateWindow {
+            unit: keylimit_dataplane::Unit::Requests,
             name: "vip-hour".into(),
             requests: 100,
             period_seconds: 3600,
@@ -197,6 +199,7 @@ async fn rate_limit_refuses_with_429_body_and_headers() {
 async fn quota_refuses_and_reports_usage_and_custom_message() {
     let limits = Limits {
         quotas: vec![QuotaWindow {
+            unit: keylimit_dataplane::Unit::Requests,
             name: "daily".into(),
             requests: 3,
             period: QuotaPeriod::Day,
@@ -232,6 +235,7 @@ async fn quota_refuses_and_reports_usage_and_custom_message() {
 async fn route_cost_counts_against_the_quota() {
     let limits = Limits {
         quotas: vec![QuotaWindow {
+            unit: keylimit_dataplane::Unit::Requests,
             name: "daily".into(),
             requests: 10,
             period: QuotaPeriod::Day,

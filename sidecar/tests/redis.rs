@@ -141,6 +141,7 @@ fn store_with_timeout(url: String, fail_mode: FailMode, replicas: u32, timeout_m
 fn rate(requests: u64, period_seconds: u64, burst: u64) -> Limits {
     Limits {
         rates: vec![RateWindow {
+            unit: keylimit_dataplane::Unit::Requests,
             name: "hour".into(),
             requests,
             period_seconds,
@@ -307,6 +308,7 @@ async fn quota_survives_a_sidecar_restart_and_headers_match_local_mode() {
     let redis = RedisServer::start();
     let limits = Limits {
         quotas: vec![QuotaWindow {
+            unit: keylimit_dataplane::Unit::Requests,
             name: "monthly".into(),
             requests: 20,
             period: QuotaPeriod::Month,
@@ -428,6 +430,7 @@ async fn concurrency_leases_release_on_abort_and_expire_after_a_crash() {
         route_limits: None,
         policy_limits: None,
         cost: 1,
+        reserve: 0,
         throttle: None,
         dry_run: false,
     };
@@ -664,6 +667,7 @@ async fn decide(l: &RedisLimiter, cfg: &RedisStore, set: &LimitSet, key: u64) ->
         route_limits: None,
         policy_limits: None,
         cost: 1,
+        reserve: 0,
         throttle: None,
         dry_run: false,
     };
@@ -864,6 +868,7 @@ async fn a_fast_clock_neither_ends_nor_misplaces_quota_windows() {
     let quota_set = LimitSet::compile(
         &Limits {
             quotas: vec![QuotaWindow {
+                unit: keylimit_dataplane::Unit::Requests,
                 name: "hourly".into(),
                 requests: 3,
                 period: QuotaPeriod::Hour,
@@ -1337,6 +1342,7 @@ async fn concurrent_decisions_are_batched_and_stay_exact() {
     let quota_bound = Arc::new(LimitSet::compile(
         &Limits {
             quotas: vec![QuotaWindow {
+                unit: keylimit_dataplane::Unit::Requests,
                 name: "daily".into(),
                 requests: 15,
                 period: QuotaPeriod::Day,

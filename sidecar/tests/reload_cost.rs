@@ -17,6 +17,7 @@ use keylimit_sidecar::metrics::Metrics;
 fn limits(requests: u64) -> Limits {
     Limits {
         rates: vec![RateWindow {
+            unit: keylimit_dataplane::Unit::Requests,
             name: "second".into(),
             requests,
             period_seconds: 1,

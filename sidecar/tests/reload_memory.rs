@@ -85,6 +85,7 @@ fn write_sharded(dir: &mut ConfigDir, n: usize, variant: u32) {
     let mut d = doc(
         Limits {
             rates: vec![RateWindow {
+                unit: keylimit_dataplane::Unit::Requests,
                 name: "second".into(),
                 requests: 1_000,
                 period_seconds: 1,
@@ -142,6 +143,7 @@ fn keys_cost_under_100_bytes_each_and_a_reload_holds_only_the_new_index_besides(
             route_limits: None,
             policy_limits: None,
             cost: 1,
+            reserve: 0,
             throttle: None,
             dry_run: false,
         });

@@ -112,6 +112,26 @@ async fn crds_install_and_reject_bad_manifests() {
                     "apiVersion: keylimit.dev/v1alpha1\nkind: ApiKey\nmetadata: {name: bad9}\nspec: {policyRef: {name: p}, rotation: {previousValidFor: 9000h}}\n",
                     "previousValidFor must be at most 8760h",
                 ),
+                (
+                    "a rate of both requests and tokens",
+                    "apiVersion: keylimit.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {name: bad10}\nspec:\n  selector: {matchLabels: {a: b}}\n  usage: {header: x-usage-tokens}\n  limits:\n    rates: [{name: m, requests: 1, tokens: 5, per: Minute}]\n",
+                    "a rate counts either requests or tokens: set exactly one",
+                ),
+                (
+                    "token limits without usage",
+                    "apiVersion: keylimit.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {name: bad11}\nspec:\n  selector: {matchLabels: {a: b}}\n  limits:\n    quotas: [{name: q, tokens: 5, period: Month}]\n",
+                    "limits counted in tokens need usage",
+                ),
+                (
+                    "usage with the Redis store",
+                    "apiVersion: keylimit.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {name: bad12}\nspec:\n  selector: {matchLabels: {a: b}}\n  usage: {jsonField: usage.total_tokens}\n  store: {type: Redis, redis: {url: 'redis://r:6379'}}\n  limits:\n    rates: [{name: t, tokens: 5, per: Minute}]\n",
+                    "usage (limits counted in tokens) needs the Local store",
+                ),
+                (
+                    "usage with a bad json path",
+                    "apiVersion: keylimit.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {name: bad13}\nspec:\n  selector: {matchLabels: {a: b}}\n  usage: {jsonField: 'usage..total'}\n  limits:\n    rates: [{name: t, tokens: 5, per: Minute}]\n",
+                    "jsonField must be dot-separated field names",
+                ),
             ];
             for (what, yaml, fragment) in cases {
                 match env.apply_yaml(yaml).await {

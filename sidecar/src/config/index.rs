@@ -283,6 +283,7 @@ static EMPTY: LimitSet = LimitSet {
     rates: Vec::new(),
     quotas: Vec::new(),
     concurrency: None,
+    counts_tokens: false,
 };
 
 /// Keys as parsed, before the policy's limits are known: filled entry by entry from the
@@ -783,13 +784,7 @@ pub fn parse_document(bytes: &[u8], keys: &mut KeyTable) -> Result<dp::PolicyDoc
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let doc = DocInto(keys).deserialize(&mut de)?;
     de.end()?;
-    let expected = dp::api_version_for(doc.key_hash_algorithm());
-    if doc.api_version != expected {
-        return Err(dp::Error::ApiVersion {
-            found: doc.api_version,
-            expected,
-        });
-    }
+    doc.check_api_version()?;
     doc.validate()?;
     Ok(doc)
 }
@@ -831,7 +826,7 @@ where
         if api_version != doc.api_version {
             return Err(dp::Error::ApiVersion {
                 found: api_version,
-                expected: dp::api_version_for(doc.key_hash_algorithm()),
+                expected: doc.expected_api_version(),
             });
         }
     }

@@ -17,6 +17,7 @@ fn doc(keys: Vec<KeyEntry>, routes: Vec<Route>) -> PolicyDocument {
     PolicyDocument {
         api_version: dp::API_VERSION.into(),
         policy: PolicyConfig {
+            usage: None,
             name: "p".into(),
             namespace: "ns".into(),
             generation: 3,
@@ -24,6 +25,7 @@ fn doc(keys: Vec<KeyEntry>, routes: Vec<Route>) -> PolicyDocument {
             key_source: KeySource::default(),
             limits: Limits {
                 rates: vec![RateWindow {
+                    unit: keylimit_dataplane::Unit::Requests,
                     name: "minute".into(),
                     requests: 10,
                     period_seconds: 60,

@@ -152,6 +152,7 @@ pub fn usage_report(
                     used,
                     limit: q.requests,
                     reset_at: i64::try_from(end.div_ceil(NANOS_PER_SEC)).unwrap_or(i64::MAX),
+                    unit: q.unit,
                 })
             })
             .collect();

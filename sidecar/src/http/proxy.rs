@@ -17,6 +17,7 @@ use hyper_util::rt::TokioIo;
 
 use crate::authbudget::{AuthFailureBudget, AuthFailureLimit};
 use crate::config::{ConfigStore, KeyPolicy, KeySourceRule, Snapshot};
+use crate::http::meter::Meter;
 use crate::http::path;
 use crate::http::response::{self, ProxyBody};
 use crate::http::upstream::{Lent, UpstreamPool};
@@ -194,6 +195,7 @@ impl Proxy {
             route_limits: route.and_then(|r| r.limits.as_ref()),
             policy_limits: snap.policy_limits.as_ref(),
             cost: route.map_or(1, |r| r.cost),
+            reserve: snap.usage.as_ref().map_or(0, |u| u.estimate(req.headers())),
             throttle: snap.throttle,
             dry_run: snap.dry_run,
         };
@@ -287,8 +289,15 @@ impl Proxy {
             Some(v) => headers.insert(snap.source.identity_header.clone(), v),
             None => headers.remove(&snap.source.identity_header),
         };
+        let meter = snap.usage.is_some().then(|| Meter {
+            limiter: self.limiter.clone(),
+            snap: snap.clone(),
+            key_id: check.key_id,
+            route: route.and_then(|r| snap.routes.iter().position(|x| std::ptr::eq(x, r))),
+            reserved: check.reserve,
+        });
         let mut resp = self
-            .forward(req, peer, started, admission.permit, upgrade)
+            .forward_metered(req, peer, started, admission.permit, upgrade, meter)
             .await;
         if let Some(status) = &admission.status {
             let sets = [
@@ -356,11 +365,27 @@ impl Proxy {
     /// app; `upgrade` is the allowed protocol the client asked to switch to, if any.
     async fn forward(
         &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        started: Instant,
+        permit: Option<Permit>,
+        upgrade: Option<HeaderValue>,
+    ) -> Response<ProxyBody> {
+        self.forward_metered(req, peer, started, permit, upgrade, None)
+            .await
+    }
+
+    /// [`Proxy::forward`], settling the request's cost from the response when `meter` is
+    /// set. A request the app never answered (unreachable, timed out) is charged nothing:
+    /// its reservation is given back.
+    async fn forward_metered(
+        &self,
         mut req: Request<Incoming>,
         peer: SocketAddr,
         started: Instant,
         permit: Option<Permit>,
         upgrade: Option<HeaderValue>,
+        meter: Option<Meter>,
     ) -> Response<ProxyBody> {
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
 
@@ -400,6 +425,9 @@ impl Proxy {
         let (mut resp, lent) = match result {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
+                if let Some(m) = meter {
+                    m.settle(0);
+                }
                 self.metrics.upstream_errors.inc();
                 tracing::warn!(error = %e, "upstream request failed");
                 return response::error(
@@ -409,6 +437,9 @@ impl Proxy {
                 );
             }
             Err(_) => {
+                if let Some(m) = meter {
+                    m.settle(0);
+                }
                 self.metrics.upstream_errors.inc();
                 return response::error(
                     StatusCode::GATEWAY_TIMEOUT,
@@ -449,8 +480,20 @@ impl Proxy {
             inner: body,
             permit,
             lent: Some(lent),
+        }
+        .boxed();
+        // Metered: the cost comes from this response's header or passes by in its body.
+        let body = match meter {
+            Some(m) => {
+                let snap = m.snap.clone();
+                match &snap.usage {
+                    Some(rule) => m.attach(rule, &parts.headers, body),
+                    None => body,
+                }
+            }
+            None => body,
         };
-        Response::from_parts(parts, body.boxed())
+        Response::from_parts(parts, body)
     }
 }
 

@@ -6,6 +6,7 @@ use bytes::Bytes;
 use http::header::{CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use keylimit_dataplane::Unit;
 use serde::Serialize;
 
 use crate::limiter::window;
@@ -95,6 +96,8 @@ struct LimitBody<'a> {
     kind: &'a str,
     name: &'a str,
     limit: u64,
+    /// `requests` or `tokens`.
+    unit: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     window: Option<u64>,
 }
@@ -126,6 +129,10 @@ pub fn too_many_requests(r: &Refusal, message: &str) -> Response<ProxyBody> {
             kind: r.kind.as_str(),
             name: &r.name,
             limit: r.limit,
+            unit: match r.kind {
+                LimitKind::Concurrency => "concurrent-requests",
+                _ => r.unit.as_str(),
+            },
             window: (r.window_s > 0).then_some(r.window_s),
         },
         reset_at: rfc3339(r.reset_at_secs()),
@@ -141,6 +148,7 @@ pub fn too_many_requests(r: &Refusal, message: &str) -> Response<ProxyBody> {
         &r.name,
         &LimitStatus {
             kind: r.kind,
+            unit: r.unit,
             // Not looked up: the refusal carries the name.
             id: 0,
             limit: r.limit,
@@ -173,10 +181,7 @@ fn sf_string(name: &str) -> String {
 /// varies.
 pub fn limit_headers(h: &mut HeaderMap, name: &str, s: &LimitStatus) {
     let name = sf_string(name);
-    let policy = match s.kind {
-        LimitKind::Concurrency => format!("{name};q={};qu=\"concurrent-requests\"", s.limit),
-        _ => format!("{name};q={};w={}", s.limit, s.window_s),
-    };
+    let policy = policy_value(&name, s.kind, s.unit, s.limit, s.window_s);
     let current = format!("{name};r={};t={}", s.remaining, s.reset_secs);
     if let Ok(v) = HeaderValue::from_str(&policy) {
         h.insert(RATELIMIT_POLICY.clone(), v);
@@ -197,6 +202,7 @@ pub fn limit_headers(h: &mut HeaderMap, name: &str, s: &LimitStatus) {
 #[derive(Debug, Clone)]
 pub struct LimitHeaderValues {
     kind: LimitKind,
+    unit: Unit,
     name: Arc<str>,
     limit: u64,
     window_s: u64,
@@ -209,14 +215,18 @@ pub struct LimitHeaderValues {
 impl LimitHeaderValues {
     /// `None` only if the policy value is not a valid header value, which [`sf_string`] rules
     /// out; such a limit is then formatted per request by [`limit_headers`].
-    fn new(kind: LimitKind, name: &Arc<str>, limit: u64, window_s: u64) -> Option<Self> {
+    fn new(
+        kind: LimitKind,
+        unit: Unit,
+        name: &Arc<str>,
+        limit: u64,
+        window_s: u64,
+    ) -> Option<Self> {
         let quoted = sf_string(name);
-        let policy = match kind {
-            LimitKind::Concurrency => format!("{quoted};q={limit};qu=\"concurrent-requests\""),
-            _ => format!("{quoted};q={limit};w={window_s}"),
-        };
+        let policy = policy_value(&quoted, kind, unit, limit, window_s);
         Some(Self {
             kind,
+            unit,
             name: name.clone(),
             limit,
             window_s,
@@ -230,6 +240,17 @@ impl LimitHeaderValues {
         h.insert(RATELIMIT_POLICY.clone(), self.policy.clone());
         h.insert(X_RATELIMIT_LIMIT.clone(), self.limit_value.clone());
         apply_varying(h, &self.current_prefix, s);
+    }
+}
+
+/// `RateLimit-Policy`'s item for one limit. The draft's quota units are requests (the
+/// default), content bytes and concurrent requests; a token limit says `qu="tokens"` so that
+/// a client that does not know the unit can at least tell that it is not requests.
+fn policy_value(quoted: &str, kind: LimitKind, unit: Unit, limit: u64, window_s: u64) -> String {
+    match (kind, unit) {
+        (LimitKind::Concurrency, _) => format!("{quoted};q={limit};qu=\"concurrent-requests\""),
+        (_, Unit::Requests) => format!("{quoted};q={limit};w={window_s}"),
+        (_, Unit::Tokens) => format!("{quoted};q={limit};w={window_s};qu=\"tokens\""),
     }
 }
 
@@ -290,12 +311,20 @@ impl LimitHeaderCache {
         let mut cache = Self::default();
         for set in sets {
             for r in &set.rates {
-                cache.add(r.id(), LimitKind::Rate, &r.name, r.requests, r.period_s);
+                cache.add(
+                    r.id(),
+                    LimitKind::Rate,
+                    r.unit,
+                    &r.name,
+                    r.requests,
+                    r.period_s,
+                );
             }
             for q in &set.quotas {
                 cache.add(
                     q.id(),
                     LimitKind::Quota,
+                    q.unit,
                     &q.name,
                     q.requests,
                     window::nominal_secs(q.period),
@@ -305,16 +334,28 @@ impl LimitHeaderCache {
         cache
     }
 
-    fn add(&mut self, id: u64, kind: LimitKind, name: &Arc<str>, limit: u64, window_s: u64) {
+    fn add(
+        &mut self,
+        id: u64,
+        kind: LimitKind,
+        unit: Unit,
+        name: &Arc<str>,
+        limit: u64,
+        window_s: u64,
+    ) {
         if self.by_id.iter().any(|(known, _)| *known == id) {
             return;
         }
         let same = |e: &LimitHeaderValues| {
-            e.kind == kind && e.limit == limit && e.window_s == window_s && e.name == *name
+            e.kind == kind
+                && e.unit == unit
+                && e.limit == limit
+                && e.window_s == window_s
+                && e.name == *name
         };
         let entry = match self.entries.iter().position(same) {
             Some(i) => i,
-            None => match LimitHeaderValues::new(kind, name, limit, window_s) {
+            None => match LimitHeaderValues::new(kind, unit, name, limit, window_s) {
                 Some(v) => {
                     self.entries.push(v);
                     self.entries.len() - 1
@@ -367,6 +408,7 @@ mod tests {
     #[test]
     fn refusal_body_and_headers_follow_the_documented_shape() {
         let r = Refusal {
+            unit: keylimit_dataplane::Unit::Requests,
             reason: ExhaustionReason::RateLimited,
             kind: LimitKind::Rate,
             name: Arc::from("minute"),
@@ -388,6 +430,7 @@ mod tests {
 
     fn status(kind: LimitKind, id: u64, limit: u64, window_s: u64) -> LimitStatus {
         LimitStatus {
+            unit: keylimit_dataplane::Unit::Requests,
             kind,
             id,
             limit,

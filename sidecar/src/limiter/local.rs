@@ -10,7 +10,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use keylimit_dataplane::ExhaustionReason;
+use keylimit_dataplane::{ExhaustionReason, Unit};
 
 use super::clock::{Clock, NANOS_PER_SEC};
 use super::window;
@@ -172,7 +172,34 @@ impl std::fmt::Debug for Limiter {
     }
 }
 
-type Sets<'a> = [Option<&'a LimitSet>; 2];
+/// The limit sets of one scope: the key's own and its route's, or the policy's.
+pub type Sets<'a> = [Option<&'a LimitSet>; 2];
+
+/// What one request charges: `requests` to limits counted in requests (the route's cost),
+/// `tokens` to limits counted in tokens (the reservation).
+#[derive(Debug, Clone, Copy)]
+struct Charge {
+    requests: u64,
+    tokens: u64,
+}
+
+impl Charge {
+    fn of(self, unit: Unit) -> u64 {
+        match unit {
+            Unit::Requests => self.requests,
+            Unit::Tokens => self.tokens,
+        }
+    }
+
+    /// What must be left for the request to be admitted: its charge, and for a token limit
+    /// at least one token (a key in debt, or with nothing left, waits).
+    fn needed(self, unit: Unit) -> u64 {
+        match unit {
+            Unit::Requests => self.requests,
+            Unit::Tokens => self.tokens.max(1),
+        }
+    }
+}
 
 impl Limiter {
     pub fn new(clock: Arc<dyn Clock>) -> Self {
@@ -209,7 +236,10 @@ impl Limiter {
             _ => None,
         };
         // 0 is a free route: checked (a bucket is never "over" for it) but never charged.
-        let cost = c.cost;
+        let cost = Charge {
+            requests: c.cost,
+            tokens: c.reserve,
+        };
         let key_sets: Sets<'_> = [Some(c.key_limits), c.route_limits];
         let mut status: Option<LimitStatus> = None;
 
@@ -266,6 +296,7 @@ impl Limiter {
                         kind: LimitKind::Rate,
                         name: Arc::from("throttle"),
                         limit: u64::from(max_queue),
+                        unit: Unit::Requests,
                         window_s: 0,
                         now_ns: now.wall(),
                         reset_at_ns: now.wall().saturating_add(delay),
@@ -309,7 +340,7 @@ impl Limiter {
         })
     }
 
-    fn rollback(&self, c: &Check<'_>, key_sets: &Sets<'_>, policy_sets: &Sets<'_>, cost: u64) {
+    fn rollback(&self, c: &Check<'_>, key_sets: &Sets<'_>, policy_sets: &Sets<'_>, cost: Charge) {
         rollback_group(&mut self.store.shard(c.key_id), c.key_id, key_sets, cost);
         if policy_sets[0].is_some() {
             rollback_group(
@@ -333,6 +364,45 @@ impl Limiter {
     /// A throttle-queue place for a request another store decided to delay.
     pub(crate) fn try_enqueue(&self, max: u32) -> Option<QueueSlot> {
         self.enqueue(max)
+    }
+
+    /// Charges what a response reported (`actual` tokens) against the token limits of the
+    /// sets a request was admitted under, where `reserved` was charged at admission: the
+    /// difference is added (a key may go into debt: its rate's arrival time runs ahead, its
+    /// quota's count past the limit, and it is refused until that is paid back) or, when
+    /// the response cost less, given back. Request limits are untouched.
+    pub fn settle(
+        &self,
+        key_id: u64,
+        key_sets: Sets<'_>,
+        policy: Option<&LimitSet>,
+        reserved: u64,
+        actual: u64,
+    ) {
+        if actual == reserved {
+            return;
+        }
+        let now = Now::new(&*self.clock);
+        if key_sets.iter().flatten().any(|s| s.counts_tokens) {
+            settle_group(
+                &mut self.store.shard(key_id),
+                key_id,
+                &key_sets,
+                reserved,
+                actual,
+                &now,
+            );
+        }
+        if let Some(p) = policy.filter(|p| p.counts_tokens) {
+            settle_group(
+                &mut self.store.shard(POLICY_SCOPE_ID),
+                POLICY_SCOPE_ID,
+                &[Some(p), None],
+                reserved,
+                actual,
+                &now,
+            );
+        }
     }
 
     /// Records a refusal decided elsewhere (a shared store), so `/v1/usage` and the operator report
@@ -481,7 +551,7 @@ fn check_group(
     st: &ShardState,
     key: u64,
     sets: &Sets<'_>,
-    cost: u64,
+    cost: Charge,
     now: &Now<'_>,
     max_delay: Option<u64>,
 ) -> Result<u64, Refusal> {
@@ -495,12 +565,13 @@ fn check_group(
                 Some(s) if s.until > now.wall() => (s.count, s.until),
                 _ => (0, window::window_end_ns(q.period, q.alignment, now.wall())),
             };
-            if used.saturating_add(cost) > q.requests {
+            if used.saturating_add(cost.needed(q.unit)) > q.requests {
                 return Err(Refusal {
                     reason: ExhaustionReason::QuotaExceeded,
                     kind: LimitKind::Quota,
                     name: q.name.clone(),
                     limit: q.requests,
+                    unit: q.unit,
                     window_s: window::nominal_secs(q.period),
                     now_ns: now.wall(),
                     reset_at_ns: end,
@@ -510,7 +581,7 @@ fn check_group(
         }
         for r in &set.rates {
             let tat = slot(r.id).map_or(0, |s| s.until).max(now.mono);
-            let increment = r.interval_ns.saturating_mul(cost);
+            let increment = r.interval_ns.saturating_mul(cost.needed(r.unit));
             // A request costlier than the whole bucket is admitted only into a full bucket
             // instead of never.
             let capacity = r.tolerance_ns.max(increment);
@@ -525,6 +596,7 @@ fn check_group(
                             kind: LimitKind::Rate,
                             name: r.name.clone(),
                             limit: r.requests,
+                            unit: r.unit,
                             window_s: r.period_s,
                             now_ns: now.wall(),
                             reset_at_ns: now.wall_of(admit_at),
@@ -542,6 +614,7 @@ fn check_group(
                     kind: LimitKind::Concurrency,
                     name: Arc::from("concurrency"),
                     limit: u64::from(c.max),
+                    unit: Unit::Requests,
                     window_s: 0,
                     now_ns: now.wall(),
                     // A slot frees when any in-flight response ends; one second is a hint.
@@ -558,7 +631,7 @@ fn commit_group(
     st: &mut ShardState,
     key: u64,
     sets: &Sets<'_>,
-    cost: u64,
+    cost: Charge,
     now: &Now<'_>,
     status: &mut Option<LimitStatus>,
 ) {
@@ -576,37 +649,48 @@ fn commit_group(
             s.count += 1;
             s.until = u64::MAX;
         }
-        if cost == 0 {
+        if cost.requests == 0 && !set.counts_tokens {
             // A free request opens no window and moves no bucket (a rolling quota must not
             // start its period on a request that did not count).
             continue;
         }
         for q in &set.quotas {
+            let charge = cost.of(q.unit);
+            if charge == 0 {
+                // Nothing reserved: the header shows what is left without opening a window.
+                if q.unit == Unit::Tokens {
+                    let (used, until) = match st.slots.get(key, q.id) {
+                        Some(s) if s.until > now.wall() => (s.count, s.until),
+                        _ => (0, window::window_end_ns(q.period, q.alignment, now.wall())),
+                    };
+                    offer(quota_status(q, used, until, now));
+                }
+                continue;
+            }
             let s = st.slots.entry(key, q.id);
             if s.until <= now.wall() {
                 s.until = window::window_end_ns(q.period, q.alignment, now.wall());
                 s.count = 0;
             }
-            s.count = s.count.saturating_add(cost);
-            offer(LimitStatus {
-                kind: LimitKind::Quota,
-                id: q.id(),
-                limit: q.requests,
-                window_s: window::nominal_secs(q.period),
-                remaining: q.requests.saturating_sub(s.count),
-                reset_secs: (s.until - now.wall()).div_ceil(NANOS_PER_SEC),
-            });
+            s.count = s.count.saturating_add(charge);
+            let (used, until) = (s.count, s.until);
+            offer(quota_status(q, used, until, now));
         }
         for r in &set.rates {
+            let charge = cost.of(r.unit);
+            if charge == 0 && r.unit == Unit::Requests {
+                continue;
+            }
             let s = st.slots.entry(key, r.id);
             let tat = s
                 .until
                 .max(now.mono)
-                .saturating_add(r.interval_ns.saturating_mul(cost));
+                .saturating_add(r.interval_ns.saturating_mul(charge));
             s.until = tat;
             let ahead = tat - now.mono;
             offer(LimitStatus {
                 kind: LimitKind::Rate,
+                unit: r.unit,
                 id: r.id(),
                 limit: r.requests,
                 window_s: r.period_s,
@@ -617,18 +701,75 @@ fn commit_group(
     }
 }
 
-fn rollback_group(st: &mut ShardState, key: u64, sets: &Sets<'_>, cost: u64) {
+fn quota_status(q: &QuotaRule, used: u64, until: u64, now: &Now<'_>) -> LimitStatus {
+    LimitStatus {
+        kind: LimitKind::Quota,
+        unit: q.unit,
+        id: q.id(),
+        limit: q.requests,
+        window_s: window::nominal_secs(q.period),
+        remaining: q.requests.saturating_sub(used),
+        reset_secs: until.saturating_sub(now.wall()).div_ceil(NANOS_PER_SEC),
+    }
+}
+
+/// Moves the token limits of `sets` by `actual - reserved` (see [`Limiter::settle`]).
+fn settle_group(
+    st: &mut ShardState,
+    key: u64,
+    sets: &Sets<'_>,
+    reserved: u64,
+    actual: u64,
+    now: &Now<'_>,
+) {
+    for set in sets.iter().flatten().filter(|s| s.counts_tokens) {
+        for q in set.quotas.iter().filter(|q| q.unit == Unit::Tokens) {
+            if actual > reserved {
+                let s = st.slots.entry(key, q.id);
+                // A response that outlived its window charges the window it ended in.
+                if s.until <= now.wall() {
+                    s.until = window::window_end_ns(q.period, q.alignment, now.wall());
+                    s.count = 0;
+                }
+                s.count = s.count.saturating_add(actual - reserved);
+            } else if let Some(s) = st.slots.get_mut(key, q.id) {
+                // A refund goes back only into the window the reservation was taken from.
+                if s.until > now.wall() {
+                    s.count = s.count.saturating_sub(reserved - actual);
+                }
+            }
+        }
+        for r in set.rates.iter().filter(|r| r.unit == Unit::Tokens) {
+            if actual > reserved {
+                let s = st.slots.entry(key, r.id);
+                s.until = s
+                    .until
+                    .max(now.mono)
+                    .saturating_add(r.interval_ns.saturating_mul(actual - reserved));
+            } else if let Some(s) = st.slots.get_mut(key, r.id) {
+                // Any arrival time at or before now means a full bucket, as in rollback.
+                s.until = s
+                    .until
+                    .saturating_sub(r.interval_ns.saturating_mul(reserved - actual));
+            }
+        }
+    }
+}
+
+fn rollback_group(st: &mut ShardState, key: u64, sets: &Sets<'_>, cost: Charge) {
     for set in sets.iter().flatten() {
         for q in &set.quotas {
             if let Some(s) = st.slots.get_mut(key, q.id) {
-                s.count = s.count.saturating_sub(cost);
+                s.count = s.count.saturating_sub(cost.of(q.unit));
             }
         }
         for r in &set.rates {
             if let Some(s) = st.slots.get_mut(key, r.id) {
                 // Not necessarily the old value (that was lost if it lay in the past), but
                 // an equivalent one: any TAT at or before now means "full bucket".
-                s.until = s.until.saturating_sub(r.interval_ns.saturating_mul(cost));
+                s.until = s
+                    .until
+                    .saturating_sub(r.interval_ns.saturating_mul(cost.of(r.unit)));
             }
         }
         if let Some(c) = &set.concurrency {

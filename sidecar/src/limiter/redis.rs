@@ -35,7 +35,9 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use keylimit_dataplane::{ExhaustionReason, FailMode, QuotaAlignment, QuotaPeriod, RedisStore};
+use keylimit_dataplane::{
+    ExhaustionReason, FailMode, QuotaAlignment, QuotaPeriod, RedisStore, Unit,
+};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
@@ -405,6 +407,7 @@ impl<'a> Group<'a> {
                 kind: LimitKind::Quota,
                 name: q.name.clone(),
                 limit: q.requests,
+                unit: q.unit,
                 window_s: window::nominal_secs(q.period),
                 now_ns,
                 reset_at_ns,
@@ -415,6 +418,7 @@ impl<'a> Group<'a> {
                 kind: LimitKind::Rate,
                 name: r.name.clone(),
                 limit: r.requests,
+                unit: r.unit,
                 window_s: r.period_s,
                 now_ns,
                 reset_at_ns,
@@ -425,6 +429,7 @@ impl<'a> Group<'a> {
                 kind: LimitKind::Concurrency,
                 name: Arc::from("concurrency"),
                 limit: u64::from(c.max),
+                unit: Unit::Requests,
                 window_s: 0,
                 now_ns,
                 reset_at_ns: now_ns.saturating_add(NANOS_PER_SEC),
@@ -466,6 +471,7 @@ impl<'a> Group<'a> {
                     view.note_quota(key_id, q.id(), used, local_end_ns);
                     offer(LimitStatus {
                         kind: LimitKind::Quota,
+                        unit: q.unit,
                         id: q.id(),
                         limit: q.requests,
                         window_s: window::nominal_secs(q.period),
@@ -479,6 +485,7 @@ impl<'a> Group<'a> {
                     let ahead_ns = ns_until(v.next().unwrap_or(0), redis_now_us);
                     offer(LimitStatus {
                         kind: LimitKind::Rate,
+                        unit: r.unit,
                         id: r.id(),
                         limit: r.requests,
                         window_s: r.period_s,
@@ -1158,6 +1165,7 @@ impl Inner {
                         kind: LimitKind::Rate,
                         name: Arc::from("throttle"),
                         limit: u64::from(max_queue),
+                        unit: Unit::Requests,
                         window_s: 0,
                         now_ns,
                         reset_at_ns: now_ns.saturating_add(delay_ns),
@@ -1486,6 +1494,7 @@ mod tests {
         let set = LimitSet::compile(
             &Limits {
                 rates: vec![RateWindow {
+                    unit: keylimit_dataplane::Unit::Requests,
                     name: "minute".into(),
                     requests: 100,
                     period_seconds: 60,
@@ -1594,6 +1603,7 @@ mod tests {
         let set = LimitSet::compile(
             &Limits {
                 rates: vec![RateWindow {
+                    unit: keylimit_dataplane::Unit::Requests,
                     name: "minute".into(),
                     requests: 10,
                     period_seconds: 60,

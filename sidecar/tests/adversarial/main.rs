@@ -18,6 +18,7 @@ use keylimit_dataplane::{Limits, PolicyDocument, RateWindow};
 pub fn per_minute(requests: u64) -> Limits {
     Limits {
         rates: vec![RateWindow {
+            unit: keylimit_dataplane::Unit::Requests,
             name: "minute".into(),
             requests,
             period_seconds: 60,

@@ -93,6 +93,7 @@ pub fn material(name: &str) -> String {
 pub fn daily(requests: u64) -> Limits {
     Limits {
         quotas: vec![keylimit_dataplane::QuotaWindow {
+            unit: keylimit_dataplane::Unit::Requests,
             name: "daily".into(),
             requests,
             period: keylimit_dataplane::QuotaPeriod::Day,
@@ -106,6 +107,7 @@ pub fn doc(limits: Limits, keys: Vec<KeyEntry>) -> PolicyDocument {
     PolicyDocument {
         api_version: API_VERSION.into(),
         policy: PolicyConfig {
+            usage: None,
             name: "orders".into(),
             namespace: "shop".into(),
             generation: 1,

@@ -10,6 +10,7 @@ const KEY: u64 = 0xdead_beef_0000_0001;
 
 fn rate(name: &str, requests: u64, period_seconds: u64, burst: u64) -> RateWindow {
     RateWindow {
+        unit: keylimit_dataplane::Unit::Requests,
         name: name.into(),
         requests,
         period_seconds,
@@ -19,6 +20,7 @@ fn rate(name: &str, requests: u64, period_seconds: u64, burst: u64) -> RateWindo
 
 fn quota(name: &str, requests: u64, period: QuotaPeriod, alignment: QuotaAlignment) -> QuotaWindow {
     QuotaWindow {
+        unit: keylimit_dataplane::Unit::Requests,
         name: name.into(),
         requests,
         period,
@@ -49,6 +51,7 @@ fn check(set: &LimitSet) -> Check<'_> {
         route_limits: None,
         policy_limits: None,
         cost: 1,
+        reserve: 0,
         throttle: None,
         dry_run: false,
     }
@@ -623,4 +626,109 @@ fn cost_zero_is_free_but_still_holds_a_concurrency_slot() {
     assert!(admits(&l, &check(&set)), "the paid budget is untouched");
     assert!(!admits(&l, &check(&set)));
     assert!(admits(&l, &free), "and free stays free once it is spent");
+}
+
+fn tokens(set_rates: Vec<RateWindow>, set_quotas: Vec<QuotaWindow>) -> LimitSet {
+    let tok = |mut r: RateWindow| {
+        r.unit = keylimit_dataplane::Unit::Tokens;
+        r
+    };
+    let tokq = |mut q: QuotaWindow| {
+        q.unit = keylimit_dataplane::Unit::Tokens;
+        q
+    };
+    LimitSet::compile(
+        &Limits {
+            rates: set_rates.into_iter().map(tok).collect(),
+            quotas: set_quotas.into_iter().map(tokq).collect(),
+            ..Limits::default()
+        },
+        "key",
+    )
+}
+
+#[test]
+fn a_token_rate_admits_while_tokens_are_left_then_refuses_until_the_debt_is_paid() {
+    let (clock, l) = setup(1_000);
+    // 600 tokens a minute: one every 100 ms, up to 600 at once.
+    let set = tokens(vec![rate("per-minute-tokens", 600, 60, 599)], vec![]);
+    let c = check(&set);
+    assert!(admits(&l, &c), "a fresh key has tokens");
+    // The response reports 1,500 tokens: 900 more than the bucket held, so 90 s of debt.
+    l.settle(KEY, [Some(&set), None], None, 0, 1_500);
+    let r = refusal(l.decide(&c));
+    assert_eq!(r.unit, keylimit_dataplane::Unit::Tokens);
+    assert_eq!(r.reason, ExhaustionReason::RateLimited);
+    // Admitted again once one token is free: 900 tokens of debt plus one, at 100 ms each.
+    assert_eq!(r.retry_after_secs(), 91);
+    assert!(r.message().contains("600 tokens/60s"), "{}", r.message());
+    clock.advance_ns(90 * S);
+    assert!(
+        !admits(&l, &c),
+        "the debt is paid, but no token is free yet"
+    );
+    clock.advance_ns(S / 10);
+    assert!(admits(&l, &c));
+}
+
+#[test]
+fn a_reservation_is_charged_up_front_and_reconciled_both_ways() {
+    let (_clock, l) = setup(1_000);
+    let set = tokens(vec![rate("t", 1_000, 60, 999)], vec![]);
+    let c = Check {
+        reserve: 600,
+        ..check(&set)
+    };
+    assert!(admits(&l, &c));
+    // Two reservations of 600 do not fit in 1,000.
+    assert!(!admits(&l, &c));
+    // The first response cost only 100: 500 come back, and the second now fits.
+    l.settle(KEY, [Some(&set), None], None, 600, 100);
+    assert!(admits(&l, &c));
+    // Request limits never see tokens: two requests of a 2-request window, each refunded
+    // all its tokens, leave the third refused by the request limit.
+    let req = rates(vec![rate("r", 2, 60, 1)]);
+    let both = Check {
+        route_limits: Some(&req),
+        ..c
+    };
+    l.settle(KEY, [Some(&set), None], None, 600, 0);
+    l.settle(KEY, [Some(&set), None], None, 600, 0);
+    for _ in 0..2 {
+        assert!(admits(&l, &both));
+        l.settle(KEY, [Some(&set), Some(&req)], None, 600, 0);
+    }
+    assert_eq!(refusal(l.decide(&both)).name.as_ref(), "r");
+}
+
+#[test]
+fn a_token_quota_in_debt_waits_for_its_window_and_refunds_stay_in_theirs() {
+    let (clock, l) = setup(utc(2026, 5, 10, 12, 0, 0));
+    let set = tokens(
+        vec![],
+        vec![quota(
+            "daily-tokens",
+            1_000,
+            QuotaPeriod::Day,
+            QuotaAlignment::Calendar,
+        )],
+    );
+    let c = check(&set);
+    assert!(admits(&l, &c));
+    l.settle(KEY, [Some(&set), None], None, 0, 1_200);
+    let r = refusal(l.decide(&c));
+    assert_eq!(r.reason, ExhaustionReason::QuotaExceeded);
+    assert_eq!(r.reset_at_secs(), utc(2026, 5, 11, 0, 0, 0) as i64);
+    let used = l.quota_usage(KEY, &set.quotas[0]).map(|(u, _)| u);
+    assert_eq!(used, Some(1_200), "usage shows the overshoot");
+    clock.advance_secs(12 * 3_600);
+    assert!(admits(&l, &c), "a new day starts without the old debt");
+    // A refund goes back into the window its reservation was taken from.
+    let r = Check {
+        reserve: 300,
+        ..check(&set)
+    };
+    assert!(admits(&l, &r));
+    l.settle(KEY, [Some(&set), None], None, 300, 0);
+    assert_eq!(l.quota_usage(KEY, &set.quotas[0]).map(|(u, _)| u), Some(0));
 }
