@@ -341,7 +341,12 @@ pub fn key_status(view: Option<&KeyView>, sidecars: usize) -> KeyStatus {
         (!v.quotas.is_empty()).then(|| {
             v.quotas
                 .iter()
-                .map(|q| format!("{} {}/{}", q.name, q.used, q.limit))
+                .map(|q| match q.unit {
+                    keylimit_dataplane::Unit::Requests => {
+                        format!("{} {}/{}", q.name, q.used, q.limit)
+                    }
+                    unit => format!("{} {}/{} {}", q.name, q.used, q.limit, unit.as_str()),
+                })
                 .collect::<Vec<_>>()
                 .join(", ")
         })
@@ -470,6 +475,18 @@ mod tests {
         );
         assert_eq!(s.exhausted_until.as_deref(), Some("1970-01-01T00:02:40Z"));
         assert_eq!(s.usage.as_deref(), Some("month 9/100"), "highest use wins");
+        let mut tokens = mk_usage("t", None, 1_200);
+        for q in &mut tokens.quotas {
+            q.unit = keylimit_dataplane::Unit::Tokens;
+        }
+        rec(&mut book, mk_report("c", vec![tokens]), 100);
+        let v = book.view(&id(), 100);
+        let s = key_status(v.keys.get("t"), v.sidecars);
+        assert_eq!(
+            s.usage.as_deref(),
+            Some("month 1200/100 tokens"),
+            "the unit is named"
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! A real HTTP upstream for the sidecar to proxy to. `/hold` parks a request until the test
-//! releases it, so concurrency limits can be observed with requests really in flight.
+//! releases it, so concurrency limits can be observed with requests really in flight;
+//! `/usage?tokens=N` reports a cost the way an LLM API does.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -76,7 +77,27 @@ async fn handle(
         .unwrap_or("")
         .to_string();
     let saw_key = req.headers().contains_key("x-api-key");
-    let mut resp = http::Response::new(Full::new(Bytes::from_static(b"hello from upstream\n")));
+    // `/usage?tokens=N` answers like an LLM API: JSON whose `usage.total_tokens` is N.
+    let body = match (req.uri().path(), req.uri().query()) {
+        ("/usage", Some(q)) => {
+            let n: u64 = q
+                .strip_prefix("tokens=")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            Bytes::from(format!(
+                r#"{{"choices":[{{"text":"hi"}}],"usage":{{"total_tokens":{n}}}}}"#
+            ))
+        }
+        _ => Bytes::from_static(b"hello from upstream\n"),
+    };
+    let json = req.uri().path() == "/usage";
+    let mut resp = http::Response::new(Full::new(body));
+    if json {
+        resp.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+    }
     if let Ok(v) = http::HeaderValue::from_str(&saw_identity) {
         resp.headers_mut().insert("x-upstream-saw-identity", v);
     }

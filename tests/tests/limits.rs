@@ -374,6 +374,52 @@ async fn exhaustion_becomes_a_condition_and_clears() {
     .await;
 }
 
+/// #14, cost from the response: a policy counting tokens, applied with kubectl, is enforced
+/// from what the app's JSON responses report; the key goes into debt, gets 429 naming
+/// tokens, and its status says so with its token usage.
+#[tokio::test]
+#[ignore = "needs a control plane: run hack/test.sh"]
+async fn token_usage_from_responses_exhausts_a_key_in_status() {
+    scenario("tokens", async |env: &mut Env| {
+        // 600 tokens a minute (one every 100 ms), all at once; 1M tokens a month.
+        let p = format!(
+            "{}  usage: {{jsonField: usage.total_tokens}}\n",
+            policy(
+                "llm",
+                "    rates: [{name: per-minute-tokens, tokens: 600, per: Minute, burst: 599}]\n    quotas: [{name: monthly-tokens, tokens: 1000000, period: Month}]\n",
+            )
+        );
+        let s = stack(env, "llm", &p, &["acme"], &["--report"]).await?;
+        let key = read_key(env, "acme-key").await?;
+        let ak = apikeys(env);
+        let used = get(&s.sidecar.url("/usage?tokens=900"), &[("X-API-Key", &key)]).await?;
+        ensure!(used.status == 200, "first call got {}", used.status);
+        let pol = used.header("ratelimit-policy").unwrap_or_default();
+        ensure!(pol.contains("qu=\"tokens\""), "RateLimit-Policy {pol}");
+        let r = call(&s, &key).await?;
+        ensure!(r.status == 429, "a key 300 tokens in debt got {}", r.status);
+        let body = r.json()?;
+        ensure!(
+            body["limit"]["unit"] == "tokens" && body["limit"]["name"] == "per-minute-tokens",
+            "429 body {body}"
+        );
+        // 300 tokens of debt and one more at 100 ms each: 30.1 s.
+        ensure!(
+            r.header("retry-after").as_deref() == Some("31"),
+            "Retry-After {:?}",
+            r.header("retry-after")
+        );
+        let k = await_object(&ak, "acme", "Exhausted=True", T, has_condition("Exhausted", "True")).await?;
+        let (_, reason, message) = exhausted(&k).context("Exhausted condition")?;
+        ensure!(reason == "RateLimited", "reason {reason}");
+        ensure!(message.contains("600 tokens/60s"), "message {message}");
+        let wide = kubectl(&["get", "apikeys", "-n", &env.ns, "-o", "wide"], None).await?;
+        ensure!(wide.contains("monthly-tokens 900/1000000 tokens"), "wide: {wide}");
+        Ok(())
+    })
+    .await;
+}
+
 /// Two sidecars for one policy: a key exhausted on one of them is exhausted, and the message
 /// says so; a sidecar that stops reporting stops counting.
 #[tokio::test]
