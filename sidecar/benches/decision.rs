@@ -8,12 +8,12 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use keylimit_dataplane::{
     hash_key, KeyEntry, KeySource, Limits, Mode, PolicyConfig, PolicyDocument, PreviousKey,
-    RateWindow, ResponseConfig, Store, API_VERSION,
+    RateWindow, ResponseConfig, Store, Unit, API_VERSION,
 };
 use keylimit_sidecar::config::{hash_presented, Snapshot};
 use keylimit_sidecar::limiter::clock::SystemClock;
 use keylimit_sidecar::limiter::local::Limiter;
-use keylimit_sidecar::limiter::{Check, Decision};
+use keylimit_sidecar::limiter::{Check, Decision, LimitSet};
 use keylimit_sidecar::metrics::Metrics;
 
 const MANY: usize = 1_000_000;
@@ -169,6 +169,63 @@ fn benches(c: &mut Criterion) {
             b.iter(|| decide(&rotated, &limiter, black_box(h)))
         });
     }
+    // A key limited in tokens as well as requests (#14): the decision reserves an estimate;
+    // a response then settles the reported cost. Both at the caller's clock, so they compare
+    // with `single_key_caller_clock`.
+    let both = LimitSet::compile(
+        &Limits {
+            rates: vec![
+                RateWindow {
+                    unit: Unit::Requests,
+                    name: "second".into(),
+                    requests: 1_000_000_000,
+                    period_seconds: 1,
+                    burst: 1_000_000_000,
+                },
+                RateWindow {
+                    unit: Unit::Tokens,
+                    name: "second-tokens".into(),
+                    requests: 1_000_000_000_000,
+                    period_seconds: 1,
+                    burst: 1_000_000_000_000,
+                },
+            ],
+            ..Limits::default()
+        },
+        "key",
+    );
+    let token_check = Check {
+        key_id: 0x5eed_0000_0000_0001,
+        key_limits: &both,
+        route_limits: None,
+        policy_limits: None,
+        cost: 1,
+        reserve: 500,
+        throttle: None,
+        dry_run: false,
+    };
+    let limiter = Limiter::new(Arc::new(SystemClock));
+    let mut tick = 0u64;
+    g.bench_function("token_key_caller_clock", |b| {
+        b.iter(|| {
+            tick += 1;
+            matches!(
+                limiter.decide_at(black_box(&token_check), mono + tick),
+                Decision::Allow(_)
+            )
+        })
+    });
+    g.bench_function("token_key_settle", |b| {
+        b.iter(|| {
+            limiter.settle(
+                black_box(token_check.key_id),
+                [Some(&both), None],
+                None,
+                500,
+                black_box(420),
+            )
+        })
+    });
     // The parts of `single_key`: the clock read every decision makes, and the index lookup.
     g.bench_function("clock_mono_ns", |b| {
         b.iter(|| keylimit_sidecar::limiter::clock::Clock::mono_ns(black_box(&SystemClock)))

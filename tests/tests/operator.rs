@@ -142,6 +142,10 @@ async fn crds_install_and_reject_bad_manifests() {
                     ),
                 }
             }
+            // The README's token example is a valid manifest.
+            env.apply_yaml(include_str!("../../examples/tokens/llm.yaml"))
+                .await
+                .context("examples/tokens/llm.yaml")?;
             Ok(())
     })
     .await;
