@@ -235,6 +235,9 @@ pub struct PolicyConfig {
     /// Where responses report their cost, for limits counted in tokens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<UsageSource>,
+    /// Protect the app itself: an adaptive concurrency limit, shed fairly across keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_shedding: Option<LoadShedding>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -402,6 +405,19 @@ pub struct UsageEstimate {
     /// for a year with one header).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max: Option<u64>,
+}
+
+/// The app's adaptive concurrency limit: it follows the upstream's latency (a gradient of
+/// its baseline over its recent latency, like Envoy's adaptive concurrency), between `min` and
+/// `max`. At the limit, requests of keys over their fair share are shed with 503.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadShedding {
+    pub min_concurrency: u32,
+    pub max_concurrency: u32,
+    /// How far recent latency may rise over the baseline before the limit shrinks, in
+    /// percent of the baseline (150: up to 1.5 times).
+    pub latency_tolerance_percent: u32,
 }
 
 /// A rate window: `requests` per `period_seconds`, with `burst` extra requests allowed at once
@@ -673,6 +689,18 @@ impl PolicyDocument {
                 validate_limits(l, &format!("routes[{}].limits", r.name))?;
             }
         }
+        if let Some(l) = &self.policy.load_shedding {
+            if l.min_concurrency == 0 || l.min_concurrency > l.max_concurrency {
+                return Err(Error::Invalid(
+                    "loadShedding needs 0 < minConcurrency <= maxConcurrency".into(),
+                ));
+            }
+            if l.latency_tolerance_percent < 100 {
+                return Err(Error::Invalid(
+                    "loadShedding.latencyTolerancePercent must be at least 100".into(),
+                ));
+            }
+        }
         if let Some(u) = &self.policy.usage {
             if u.header.is_none() && u.json_field.is_none() {
                 return Err(Error::Invalid("usage needs a header or a jsonField".into()));
@@ -783,6 +811,8 @@ pub enum ExhaustionReason {
     QuotaExceeded,
     ConcurrencyLimited,
     Throttled,
+    /// The app was at its adaptive concurrency limit and the key over its fair share.
+    Shed,
 }
 
 /// What a sidecar's admin endpoint `GET /v1/usage` returns: per key, whether it is exhausted
@@ -870,6 +900,7 @@ mod tests {
         PolicyDocument {
             api_version: API_VERSION.into(),
             policy: PolicyConfig {
+                load_shedding: None,
                 usage: None,
                 name: "p".into(),
                 namespace: "ns".into(),

@@ -7,6 +7,9 @@ use k8s_openapi::jiff::Timestamp;
 /// On a RateLimitPolicy: False while fresh sidecar reports say they reject the config they
 /// are given (and serve an older one); written by the report aggregation (reports.rs).
 pub const CONFIG_LOADED: &str = "ConfigLoaded";
+/// On a policy with `loadShedding`: True while sidecars shed requests of keys over their
+/// fair share because the app is at its adaptive concurrency limit.
+pub const LOAD_SHEDDING: &str = "LoadShedding";
 
 /// A condition as reconcile wants it to be; the timestamp is filled in by [`merge`].
 #[derive(Debug, Clone, PartialEq, Eq)]

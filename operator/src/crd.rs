@@ -323,10 +323,50 @@ pub struct RateLimitPolicySpec {
     /// across replicas, durable quotas).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store: Option<StoreSpec>,
+    /// Protect the app itself: an adaptive concurrency limit that follows the app's latency,
+    /// and at that limit requests of keys over their fair share get 503 (`error: shed`)
+    /// first, so one noisy key cannot take the service from everyone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_shedding: Option<LoadSheddingSpec>,
     /// Where a response reports what its request cost, for rates and quotas counted in
     /// `tokens` (for example an LLM API's `usage.total_tokens`). Needs the Local store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<UsageSpec>,
+}
+
+/// Fair load shedding.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.minConcurrency <= self.maxConcurrency").message("minConcurrency must not exceed maxConcurrency"))]
+pub struct LoadSheddingSpec {
+    /// Switch shedding off without losing the settings.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// The adaptive limit never goes below this many requests in flight (default 4).
+    #[serde(default = "default_min_concurrency")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub min_concurrency: u32,
+    /// ... nor above this many (default 1000).
+    #[serde(default = "default_max_concurrency")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub max_concurrency: u32,
+    /// How far the app's recent latency may rise over its baseline before the limit
+    /// shrinks, in percent (default 150: up to 1.5 times the baseline).
+    #[serde(default = "default_latency_tolerance")]
+    #[schemars(range(min = 100, max = 1000))]
+    pub latency_tolerance_percent: u32,
+}
+
+fn default_min_concurrency() -> u32 {
+    4
+}
+
+fn default_max_concurrency() -> u32 {
+    1000
+}
+
+fn default_latency_tolerance() -> u32 {
+    150
 }
 
 /// Where the cost of a request is found once the upstream answers.

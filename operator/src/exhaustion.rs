@@ -313,11 +313,55 @@ pub fn reason(e: &Exhaustion) -> &'static str {
         (false, ExhaustionReason::QuotaExceeded) => "QuotaExceeded",
         (false, ExhaustionReason::ConcurrencyLimited) => "ConcurrencyLimited",
         (false, ExhaustionReason::Throttled) => "Throttled",
+        // Shedding is never dry-run: it protects the app, whatever the policy's mode.
+        (_, ExhaustionReason::Shed) => "Shed",
         (true, ExhaustionReason::RateLimited) => "WouldBeRateLimited",
         (true, ExhaustionReason::QuotaExceeded) => "WouldExceedQuota",
         (true, ExhaustionReason::ConcurrencyLimited) => "WouldBeConcurrencyLimited",
         (true, ExhaustionReason::Throttled) => "WouldBeThrottled",
     }
+}
+
+/// The policy's `LoadShedding` condition from the fresh reports: (status, reason, message).
+/// The True message names no counts that change every second, so a steady overload causes no
+/// status writes beyond the transition.
+pub fn load_shedding(view: Option<&PolicyView>) -> (bool, &'static str, String) {
+    let shed: Vec<&str> = view
+        .map(|v| {
+            v.keys
+                .iter()
+                .filter(|(_, k)| {
+                    k.worst
+                        .as_ref()
+                        .is_some_and(|w| w.reason == ExhaustionReason::Shed)
+                })
+                .map(|(name, _)| name.as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    if shed.is_empty() {
+        return (
+            false,
+            "NotShedding",
+            "no fresh sidecar report shows requests shed".into(),
+        );
+    }
+    let mut names: Vec<&str> = shed.iter().take(MAX_REASONS_SHOWN).copied().collect();
+    let more = shed.len().saturating_sub(MAX_REASONS_SHOWN);
+    let more = if more > 0 {
+        format!(" and {more} more")
+    } else {
+        String::new()
+    };
+    names.sort_unstable();
+    (
+        true,
+        "Shedding",
+        format!(
+            "the app is at its adaptive concurrency limit; requests of keys over their fair share are shed with 503: {}{more}",
+            names.join(", ")
+        ),
+    )
 }
 
 /// What the ApiKey status should say: (Exhausted?, reason, message, exhaustedUntil, usage).
@@ -487,6 +531,29 @@ mod tests {
             Some("month 1200/100 tokens"),
             "the unit is named"
         );
+        assert!(!load_shedding(Some(&v)).0, "a rate limit is not shedding");
+        let mut shed = ReportBook::default();
+        rec(
+            &mut shed,
+            mk_report(
+                "a",
+                vec![
+                    mk_usage("noisy", Some(mk_exhaustion(ExhaustionReason::Shed, 101)), 0),
+                    mk_usage(
+                        "k",
+                        Some(mk_exhaustion(ExhaustionReason::RateLimited, 160)),
+                        0,
+                    ),
+                ],
+            ),
+            100,
+        );
+        let v = shed.view(&id(), 100);
+        let (on, reason, message) = load_shedding(Some(&v));
+        assert!(on);
+        assert_eq!(reason, "Shedding");
+        assert!(message.ends_with(": noisy"), "{message}");
+        assert_eq!(key_status(v.keys.get("noisy"), 1).reason, "Shed");
     }
 
     #[test]

@@ -479,6 +479,13 @@ pub fn policy_config(
             .unwrap_or_default(),
         store: store_config(name, namespace, spec, 1),
         usage: spec.usage.as_ref().map(usage_from_spec),
+        load_shedding: spec.load_shedding.as_ref().filter(|l| l.enabled).map(|l| {
+            dp::LoadShedding {
+                min_concurrency: l.min_concurrency,
+                max_concurrency: l.max_concurrency,
+                latency_tolerance_percent: l.latency_tolerance_percent,
+            }
+        }),
     }
 }
 
@@ -715,6 +722,7 @@ pub mod tests {
         let mut p = RateLimitPolicy::new(
             name,
             RateLimitPolicySpec {
+                load_shedding: None,
                 usage: None,
                 selector: LabelSelector {
                     match_labels: Some(BTreeMap::from([("app".into(), "api".into())])),

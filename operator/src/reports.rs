@@ -926,18 +926,37 @@ pub async fn write_status(
             let (loaded, reason, message) = exhaustion::config_loaded(view);
             let desired = Desired::new(conditions::CONFIG_LOADED, loaded, reason, message);
             let generation = policy.metadata.generation;
-            let cond_current = conditions::is_current(&st.conditions, &desired, generation);
+            // Only a policy that sheds says whether it does; switching shedding off drops the
+            // condition (this manager no longer applies it).
+            let shedding = policy
+                .spec
+                .load_shedding
+                .as_ref()
+                .filter(|l| l.enabled)
+                .map(|_| {
+                    let (on, reason, message) = exhaustion::load_shedding(view);
+                    Desired::new(conditions::LOAD_SHEDDING, on, reason, message)
+                });
+            let shed_current = match &shedding {
+                Some(d) => conditions::is_current(&st.conditions, d, generation),
+                None => conditions::find(&st.conditions, conditions::LOAD_SHEDDING).is_none(),
+            };
+            let cond_current =
+                conditions::is_current(&st.conditions, &desired, generation) && shed_current;
             if (st.keys_exhausted, st.sidecars_reporting) == (exhausted, sidecars) && cond_current {
                 continue;
             }
-            let cond = conditions::merge(&st.conditions, &desired, generation, now);
+            let mut cond = vec![conditions::merge(&st.conditions, &desired, generation, now)];
+            if let Some(d) = &shedding {
+                cond.push(conditions::merge(&st.conditions, d, generation, now));
+            }
             let patch = json!({
                 "apiVersion": "keylimit.dev/v1alpha1",
                 "kind": "RateLimitPolicy",
                 "status": {
                     "keysExhausted": exhausted,
                     "sidecarsReporting": sidecars,
-                    "conditions": [cond],
+                    "conditions": cond,
                 }
             });
             let api: Api<RateLimitPolicy> = Api::namespaced(ctx.client.clone(), &id.0);

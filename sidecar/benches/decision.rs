@@ -62,6 +62,7 @@ fn snapshot_of(keys: Vec<KeyEntry>) -> Snapshot {
     let doc = PolicyDocument {
         api_version: API_VERSION.into(),
         policy: PolicyConfig {
+            load_shedding: None,
             usage: None,
             name: "bench".into(),
             namespace: "ns".into(),

@@ -76,6 +76,7 @@ fn generate(dir: &Path, n: usize, variant: u32) {
     let mut doc = PolicyDocument {
         api_version: API_VERSION.into(),
         policy: PolicyConfig {
+            load_shedding: None,
             usage: None,
             name: "scale".into(),
             namespace: "ns".into(),

@@ -20,6 +20,7 @@ use clock::NANOS_PER_SEC;
 pub mod clock;
 pub mod local;
 pub mod redis;
+pub mod shed;
 pub mod window;
 
 /// Key id under which policy-wide limits keep their state. Real key ids are the first 8 bytes
@@ -322,6 +323,10 @@ impl Refusal {
             ExhaustionReason::Throttled => {
                 format!("throttle queue of {} requests is full", self.limit)
             }
+            ExhaustionReason::Shed => format!(
+                "shed: the app is at its concurrency limit of {} and this key is over its fair share",
+                self.limit
+            ),
         }
     }
 

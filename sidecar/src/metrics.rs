@@ -34,10 +34,12 @@ pub enum Outcome {
     BadRequest,
     /// The peer used up its budget of failed key attempts (401/403): refused unchecked.
     AuthThrottled,
+    /// The app was at its adaptive concurrency limit and the key over its fair share (503).
+    Shed,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 14] = [
+    pub const ALL: [Outcome; 15] = [
         Outcome::Allowed,
         Outcome::DryRunRefused,
         Outcome::RateLimited,
@@ -52,6 +54,7 @@ impl Outcome {
         Outcome::StoreUnavailable,
         Outcome::BadRequest,
         Outcome::AuthThrottled,
+        Outcome::Shed,
     ];
 
     /// Also the machine-readable `error` code of the JSON body for refusals.
@@ -71,6 +74,7 @@ impl Outcome {
             Outcome::StoreUnavailable => "store_unavailable",
             Outcome::BadRequest => "bad_request",
             Outcome::AuthThrottled => "auth_throttled",
+            Outcome::Shed => "shed",
         }
     }
 
@@ -81,6 +85,7 @@ impl Outcome {
             R::QuotaExceeded => Outcome::QuotaExceeded,
             R::ConcurrencyLimited => Outcome::ConcurrencyLimited,
             R::Throttled => Outcome::Throttled,
+            R::Shed => Outcome::Shed,
         }
     }
 }
@@ -148,11 +153,12 @@ pub const OTHER_QUOTAS: &str = "_other";
 
 /// The `reason` values of `keylimit_exhausted_keys`, one series each (zeros included, so an
 /// alert on the series does not depend on a key having been exhausted once).
-const EXHAUSTION_REASONS: [keylimit_dataplane::ExhaustionReason; 4] = [
+const EXHAUSTION_REASONS: [keylimit_dataplane::ExhaustionReason; 5] = [
     keylimit_dataplane::ExhaustionReason::RateLimited,
     keylimit_dataplane::ExhaustionReason::QuotaExceeded,
     keylimit_dataplane::ExhaustionReason::ConcurrencyLimited,
     keylimit_dataplane::ExhaustionReason::Throttled,
+    keylimit_dataplane::ExhaustionReason::Shed,
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]

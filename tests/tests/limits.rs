@@ -612,6 +612,102 @@ async fn concurrency_exhaustion_becomes_a_condition() {
     .await;
 }
 
+/// #14, fair load shedding: with the app at its adaptive limit (pinned to `minConcurrency`
+/// while the first baseline probe runs, and held there by requests the app does not
+/// answer), the key holding the slots is shed with 503 while another key is still served;
+/// the key's status says `Shed` and the policy's `LoadShedding` condition turns True, then
+/// False once the app has room again.
+#[tokio::test]
+#[ignore = "needs a control plane: run hack/test.sh"]
+async fn a_key_over_its_fair_share_is_shed_and_the_policy_says_so() {
+    scenario("shed", async |env: &mut Env| {
+        let p = format!(
+            "{}  loadShedding: {{minConcurrency: 2, maxConcurrency: 10}}\n",
+            policy(
+                "p",
+                "    rates: [{name: per-minute, requests: 1000, per: Minute, burst: 999}]\n"
+            )
+        );
+        let s = stack(env, "p", &p, &["heavy", "light"], &["--report"]).await?;
+        let heavy = read_key(env, "heavy-key").await?;
+        let light = read_key(env, "light-key").await?;
+        let mut held = vec![];
+        for _ in 0..2 {
+            let (url, k) = (s.sidecar.url("/hold"), heavy.clone());
+            held.push(tokio::spawn(async move {
+                get(&url, &[("X-API-Key", &k)]).await
+            }));
+        }
+        let reached = eventually(T, "both held requests to reach the app", || async {
+            (s.upstream
+                .requests
+                .load(std::sync::atomic::Ordering::Relaxed)
+                >= 2)
+                .then_some(())
+        })
+        .await;
+        if let Err(e) = reached {
+            for h in held.iter().filter(|h| h.is_finished()) {
+                eprintln!("a held request ended early: {h:?}");
+            }
+            return Err(e);
+        }
+        let r = call(&s, &heavy).await?;
+        ensure!(r.status == 503, "heavy key at the limit got {}", r.status);
+        let body = r.json()?;
+        ensure!(body["error"] == "shed", "503 body {body}");
+        ensure!(
+            r.header("retry-after").as_deref() == Some("1"),
+            "Retry-After"
+        );
+        let ok = call(&s, &light).await?;
+        ensure!(
+            ok.status == 200,
+            "a key under its fair share got {}",
+            ok.status
+        );
+
+        let ak = apikeys(env);
+        // The heavy caller keeps retrying, as real clients do, which keeps the refusal fresh.
+        eventually(Duration::from_secs(15), "Exhausted=True Shed", || async {
+            call(&s, &heavy).await.ok()?;
+            let k = ak.get("heavy").await.ok()?;
+            let (status, reason, _) = exhausted(&k)?;
+            (status == "True" && reason == "Shed").then_some(())
+        })
+        .await?;
+        let rlp: kube::Api<keylimit_operator::crd::RateLimitPolicy> =
+            kube::Api::namespaced(env.client.clone(), &env.ns);
+        eventually(Duration::from_secs(15), "LoadShedding=True", || async {
+            call(&s, &heavy).await.ok()?;
+            let p = rlp.get("p").await.ok()?;
+            let c = p
+                .status?
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "LoadShedding")?;
+            (c.status == "True" && c.message.contains("heavy")).then_some(())
+        })
+        .await?;
+        s.upstream.release_all();
+        for h in held {
+            ensure!(h.await??.status == 200, "held request");
+        }
+        eventually(T, "LoadShedding=False once the app has room", || async {
+            let p = rlp.get("p").await.ok()?;
+            let c = p
+                .status?
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "LoadShedding")?;
+            (c.status == "False").then_some(())
+        })
+        .await?;
+        Ok(())
+    })
+    .await;
+}
+
 /// Status survives an operator restart: the new leader rebuilds it from the sidecars' next
 /// reports instead of clearing it (no false `Recovered`).
 #[tokio::test]

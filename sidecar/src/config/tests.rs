@@ -17,6 +17,7 @@ fn doc(keys: Vec<KeyEntry>, routes: Vec<Route>) -> PolicyDocument {
     PolicyDocument {
         api_version: dp::API_VERSION.into(),
         policy: PolicyConfig {
+            load_shedding: None,
             usage: None,
             name: "p".into(),
             namespace: "ns".into(),

@@ -23,10 +23,11 @@ use crate::http::response::{self, ProxyBody};
 use crate::http::upstream::{Lent, UpstreamPool};
 use crate::limiter::local::Limiter;
 use crate::limiter::redis::RedisBackends;
-use crate::limiter::{Admission, Check, Decision, Permit};
+use crate::limiter::shed::{LoadShedder, ShedPermit};
+use crate::limiter::{Admission, Check, Decision, LimitKind, Permit, Refusal};
 use crate::metrics::{Metrics, Outcome};
 use crate::Error;
-use keylimit_dataplane::{KeyHasher, Store};
+use keylimit_dataplane::{ExhaustionReason, KeyHasher, Store, Unit};
 
 /// Where allowed requests go.
 #[derive(Debug, Clone)]
@@ -65,6 +66,9 @@ pub struct Proxy {
     pub metrics_per_key: bool,
     auth_budget: AuthFailureBudget,
     pool: UpstreamPool<Incoming>,
+    /// The app's adaptive concurrency limit (the policy's `loadShedding`); kept across
+    /// reloads, like the limiter's counters.
+    pub shedder: LoadShedder,
 }
 
 impl Proxy {
@@ -92,6 +96,7 @@ impl Proxy {
             metrics_per_key,
             auth_budget: AuthFailureBudget::new(AuthFailureLimit::default()),
             pool,
+            shedder: LoadShedder::default(),
         }
     }
 
@@ -189,6 +194,32 @@ impl Proxy {
         {
             return self.auth_refused(&snap, peer, Some(key), Outcome::KeyExpired);
         }
+        // Shedding comes before the limits: a request the app has no room for costs the key
+        // nothing. (A throttled request then holds its app slot while it waits.)
+        let shed = match &snap.policy.load_shedding {
+            Some(cfg) => match self.shedder.try_acquire(key.id, cfg, now_mono) {
+                Ok(p) => Some(p),
+                Err(limit) => {
+                    let r = Refusal {
+                        reason: ExhaustionReason::Shed,
+                        kind: LimitKind::Concurrency,
+                        name: Arc::from("load-shedding"),
+                        limit: u64::from(limit),
+                        unit: Unit::Requests,
+                        window_s: 0,
+                        now_ns,
+                        reset_at_ns: now_ns.saturating_add(1_000_000_000),
+                        dry_run: false,
+                    };
+                    self.count(&snap, Some(key), Outcome::Shed);
+                    self.metrics.exhaustion(r.reason);
+                    // The key's report (and so its status) says why it was refused.
+                    self.limiter.note_refusal(key.id, r);
+                    return response::shed(limit);
+                }
+            },
+            None => None,
+        };
         let check = Check {
             key_id: key.id,
             key_limits: key.limits,
@@ -296,8 +327,9 @@ impl Proxy {
             route: route.and_then(|r| snap.routes.iter().position(|x| std::ptr::eq(x, r))),
             reserved: check.reserve,
         });
+        let hooks = Hooks { meter, shed };
         let mut resp = self
-            .forward_metered(req, peer, started, admission.permit, upgrade, meter)
+            .forward_metered(req, peer, started, admission.permit, upgrade, hooks)
             .await;
         if let Some(status) = &admission.status {
             let sets = [
@@ -371,13 +403,14 @@ impl Proxy {
         permit: Option<Permit>,
         upgrade: Option<HeaderValue>,
     ) -> Response<ProxyBody> {
-        self.forward_metered(req, peer, started, permit, upgrade, None)
+        self.forward_metered(req, peer, started, permit, upgrade, Hooks::default())
             .await
     }
 
-    /// [`Proxy::forward`], settling the request's cost from the response when `meter` is
-    /// set. A request the app never answered (unreachable, timed out) is charged nothing:
-    /// its reservation is given back.
+    /// [`Proxy::forward`], settling the request's cost from the response (`hooks.meter`) and
+    /// feeding the upstream's latency to the adaptive limit (`hooks.shed`). A request the app
+    /// never answered (unreachable, timed out) is charged nothing: its reservation is given
+    /// back, and it is no latency sample.
     async fn forward_metered(
         &self,
         mut req: Request<Incoming>,
@@ -385,8 +418,9 @@ impl Proxy {
         started: Instant,
         permit: Option<Permit>,
         upgrade: Option<HeaderValue>,
-        meter: Option<Meter>,
+        hooks: Hooks,
     ) -> Response<ProxyBody> {
+        let Hooks { meter, shed } = hooks;
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
 
         let (mut parts, body) = req.into_parts();
@@ -423,7 +457,12 @@ impl Proxy {
             .upstream_seconds
             .observe(sent.elapsed().as_secs_f64());
         let (mut resp, lent) = match result {
-            Ok(Ok(r)) => r,
+            Ok(Ok(r)) => {
+                if let Some(s) = &shed {
+                    s.observe(self.limiter.mono_ns());
+                }
+                r
+            }
             Ok(Err(e)) => {
                 if let Some(m) = meter {
                     m.settle(0);
@@ -479,6 +518,7 @@ impl Proxy {
         let body = GuardedBody {
             inner: body,
             permit,
+            shed,
             lent: Some(lent),
         }
         .boxed();
@@ -504,7 +544,16 @@ impl Proxy {
 struct GuardedBody {
     inner: Incoming,
     permit: Option<Permit>,
+    /// The request's slot in the app's adaptive limit, held like `permit`.
+    shed: Option<ShedPermit>,
     lent: Option<Lent<Incoming>>,
+}
+
+/// What a forwarded request does with its response besides passing it on.
+#[derive(Default)]
+struct Hooks {
+    meter: Option<Meter>,
+    shed: Option<ShedPermit>,
 }
 
 impl Drop for GuardedBody {
@@ -528,6 +577,7 @@ impl Body for GuardedBody {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
             self.permit = None;
+            self.shed = None;
         }
         polled
     }

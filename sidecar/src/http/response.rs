@@ -118,6 +118,24 @@ pub fn rfc3339(secs: i64) -> String {
         .unwrap_or_default()
 }
 
+/// The 503 for a request shed because the app is at its adaptive concurrency limit and the
+/// key over its fair share: a distinct `error` code, so clients and dashboards can tell the
+/// app's overload from the key's own limits.
+pub fn shed(limit: u32) -> Response<ProxyBody> {
+    let body = serde_json::json!({
+        "error": Outcome::Shed.as_str(),
+        "message": "the service is overloaded and this key is using more than its fair share; retry shortly",
+        "limit": {"kind": "concurrency", "name": "load-shedding", "limit": limit, "unit": "concurrent-requests"},
+        "retryAfter": 1,
+    });
+    let mut resp = Response::new(full(serde_json::to_vec(&body).unwrap_or_default()));
+    *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(RETRY_AFTER, HeaderValue::from(1u32));
+    resp
+}
+
 /// The 429 for a refusal: JSON body naming the limit, `Retry-After`, and the limit headers
 /// describing the limit that refused.
 pub fn too_many_requests(r: &Refusal, message: &str) -> Response<ProxyBody> {

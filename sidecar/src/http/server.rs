@@ -18,6 +18,7 @@ use crate::http::proxy::{Proxy, Upstream};
 use crate::limiter::clock::Clock;
 use crate::limiter::local::Limiter;
 use crate::limiter::redis::{RedisBackends, RedisSettings};
+use crate::limiter::shed::LoadShedder;
 use crate::metrics::Metrics;
 use crate::Error;
 
@@ -101,6 +102,8 @@ pub struct Sidecar {
     /// The Redis store, created when a config first asks for it.
     pub redis: Arc<RedisBackends>,
     pub metrics: Arc<Metrics>,
+    /// The app's adaptive concurrency limit (`loadShedding`).
+    pub shedder: LoadShedder,
     source: ConfigSource,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -149,6 +152,7 @@ impl Sidecar {
                 ..AuthFailureLimit::default()
             }),
         );
+        let shedder = proxy.shedder.clone();
         let proxy_for_eviction = proxy.clone();
         let admin_svc = Arc::new(Admin {
             config: config.clone(),
@@ -210,6 +214,7 @@ impl Sidecar {
             limiter,
             redis,
             metrics,
+            shedder,
             source: settings.source,
             shutdown,
             tasks,

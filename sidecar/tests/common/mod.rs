@@ -107,6 +107,7 @@ pub fn doc(limits: Limits, keys: Vec<KeyEntry>) -> PolicyDocument {
     PolicyDocument {
         api_version: API_VERSION.into(),
         policy: PolicyConfig {
+            load_shedding: None,
             usage: None,
             name: "orders".into(),
             namespace: "shop".into(),

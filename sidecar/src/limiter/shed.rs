@@ -1,0 +1,351 @@
+//! Fair load shedding: protects the app itself when it is the exhausted resource.
+//!
+//! An adaptive concurrency limit follows the upstream's latency, in the manner of Envoy's
+//! adaptive concurrency filter and Netflix's gradient limiter:
+//! - the baseline is measured in a probe, as Envoy does for its minimum RTT: at the start and
+//!   then every [`PROBE_EVERY`] windows, the limit is pinned to `min` until
+//!   [`WINDOW_SAMPLES`] requests admitted during the probe have answered, and their mean
+//!   latency is the new baseline. Under sustained overload the latency never falls back to
+//!   the baseline by itself, so without the probe a baseline taken in a busy moment would
+//!   stick;
+//! - every window (at least [`WINDOW_SAMPLES`] responses and [`WINDOW_NS`]) the window's mean
+//!   latency is compared with the baseline;
+//! - `gradient = clamp(tolerance × baseline / recent, 0.5, 1)`;
+//! - `limit ← 0.8 × limit + 0.2 × (limit × gradient + √limit)`, within `[min, max]`. With
+//!   latency at baseline the limit grows by about `0.2 √limit` a window; as latency rises it
+//!   shrinks by up to half.
+//!
+//! At the limit, a request is still admitted while its key holds fewer than its fair share
+//! (`limit / keys with requests in flight`): a key under its share is never shed because
+//! another key is loud, and the loud key's in-flight count drains to its share. Requests of
+//! keys at or over their share are shed.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use keylimit_dataplane::LoadShedding;
+
+/// Responses per window, at least.
+pub const WINDOW_SAMPLES: u32 = 16;
+/// Window length, at least.
+pub const WINDOW_NS: u64 = 20_000_000;
+/// Windows between two baseline probes (about 5 s at the shortest window).
+pub const PROBE_EVERY: u32 = 250;
+
+#[derive(Debug)]
+struct State {
+    limit: f64,
+    in_flight: u32,
+    by_key: HashMap<u64, u32>,
+    window_start_ns: u64,
+    window_sum_ns: u64,
+    window_count: u32,
+    /// Mean latency of the last probe (ns), 0 until the first probe ends.
+    baseline_ns: f64,
+    /// Set while the limit is pinned to `min` to measure the baseline.
+    probing: bool,
+    /// Counts probes; a permit taken during the current probe carries its number.
+    probe_epoch: u64,
+    windows_since_probe: u32,
+    shed_total: u64,
+}
+
+/// The app's adaptive concurrency limit and who holds it. Cheap to clone; one per sidecar,
+/// kept across config reloads.
+#[derive(Debug, Clone)]
+pub struct LoadShedder(Arc<Mutex<State>>);
+
+impl Default for LoadShedder {
+    fn default() -> Self {
+        LoadShedder(Arc::new(Mutex::new(State {
+            limit: 0.0,
+            in_flight: 0,
+            by_key: HashMap::new(),
+            window_start_ns: 0,
+            window_sum_ns: 0,
+            window_count: 0,
+            baseline_ns: 0.0,
+            probing: true,
+            probe_epoch: 1,
+            windows_since_probe: 0,
+            shed_total: 0,
+        })))
+    }
+}
+
+/// What [`LoadShedder::snapshot`] shows (metrics, usage reports).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ShedView {
+    pub limit: u32,
+    pub in_flight: u32,
+    pub shed_total: u64,
+}
+
+/// A slot in the app's concurrency; the response's latency is recorded with
+/// [`ShedPermit::observe`] and the slot freed on drop.
+#[derive(Debug)]
+pub struct ShedPermit {
+    shedder: LoadShedder,
+    key_id: u64,
+    started_ns: u64,
+    /// The probe this request was admitted in, 0 if none.
+    probe: u64,
+    cfg: LoadShedding,
+}
+
+impl LoadShedder {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // Every update is a whole value; a panic mid-update leaves a usable state.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Admits the request of `key_id` at `now_ns` (monotonic), or `Err(limit)` when the app is
+    /// at its limit and the key at or over its fair share.
+    pub fn try_acquire(
+        &self,
+        key_id: u64,
+        cfg: &LoadShedding,
+        now_ns: u64,
+    ) -> Result<ShedPermit, u32> {
+        let mut st = self.lock();
+        let (min, max) = (
+            f64::from(cfg.min_concurrency),
+            f64::from(cfg.max_concurrency),
+        );
+        if st.limit == 0.0 {
+            // Start low and grow while latency allows: an unknown app is not trusted with
+            // its maximum at once.
+            st.limit = (min * 4.0).clamp(min, max);
+            st.window_start_ns = now_ns;
+        }
+        st.limit = st.limit.clamp(min, max);
+        let limit = if st.probing {
+            cfg.min_concurrency
+        } else {
+            st.limit.floor() as u32
+        };
+        let held = st.by_key.get(&key_id).copied().unwrap_or(0);
+        if st.in_flight >= limit {
+            let keys = st.by_key.len() as u32 + u32::from(held == 0);
+            let share = (limit / keys.max(1)).max(1);
+            if held >= share {
+                st.shed_total += 1;
+                return Err(limit);
+            }
+        }
+        st.in_flight += 1;
+        *st.by_key.entry(key_id).or_insert(0) += 1;
+        Ok(ShedPermit {
+            shedder: self.clone(),
+            key_id,
+            started_ns: now_ns,
+            probe: if st.probing { st.probe_epoch } else { 0 },
+            cfg: *cfg,
+        })
+    }
+
+    pub fn snapshot(&self) -> ShedView {
+        let st = self.lock();
+        ShedView {
+            limit: st.limit.floor() as u32,
+            in_flight: st.in_flight,
+            shed_total: st.shed_total,
+        }
+    }
+
+    fn observe(&self, cfg: &LoadShedding, probe: u64, latency_ns: u64, now_ns: u64) {
+        let mut st = self.lock();
+        if st.probing {
+            // Only requests admitted under the pinned limit measure the baseline.
+            if probe != st.probe_epoch {
+                return;
+            }
+            st.window_sum_ns = st.window_sum_ns.saturating_add(latency_ns);
+            st.window_count += 1;
+            if st.window_count >= WINDOW_SAMPLES {
+                st.baseline_ns = (st.window_sum_ns as f64 / f64::from(st.window_count)).max(1.0);
+                st.probing = false;
+                st.windows_since_probe = 0;
+                st.window_sum_ns = 0;
+                st.window_count = 0;
+                st.window_start_ns = now_ns;
+            }
+            return;
+        }
+        st.window_sum_ns = st.window_sum_ns.saturating_add(latency_ns);
+        st.window_count += 1;
+        if st.window_count < WINDOW_SAMPLES || now_ns.saturating_sub(st.window_start_ns) < WINDOW_NS
+        {
+            return;
+        }
+        let recent = (st.window_sum_ns as f64 / f64::from(st.window_count)).max(1.0);
+        st.window_sum_ns = 0;
+        st.window_count = 0;
+        st.window_start_ns = now_ns;
+        st.windows_since_probe += 1;
+        if st.windows_since_probe >= PROBE_EVERY {
+            st.probing = true;
+            st.probe_epoch += 1;
+        }
+        let tolerance = f64::from(cfg.latency_tolerance_percent) / 100.0;
+        let gradient = (tolerance * st.baseline_ns / recent).clamp(0.5, 1.0);
+        let limit = st.limit;
+        let next = limit * gradient + limit.sqrt();
+        st.limit = (0.8 * limit + 0.2 * next).clamp(
+            f64::from(cfg.min_concurrency),
+            f64::from(cfg.max_concurrency),
+        );
+    }
+
+    fn release(&self, key_id: u64) {
+        let mut st = self.lock();
+        st.in_flight = st.in_flight.saturating_sub(1);
+        if let Some(n) = st.by_key.get_mut(&key_id) {
+            *n -= 1;
+            if *n == 0 {
+                st.by_key.remove(&key_id);
+            }
+        }
+    }
+}
+
+impl ShedPermit {
+    /// Records the upstream's latency for this request (its response head arrived at
+    /// `now_ns`). Requests the app never answered are not samples.
+    pub fn observe(&self, now_ns: u64) {
+        self.shedder.observe(
+            &self.cfg,
+            self.probe,
+            now_ns.saturating_sub(self.started_ns),
+            now_ns,
+        );
+    }
+}
+
+impl Drop for ShedPermit {
+    fn drop(&mut self) {
+        self.shedder.release(self.key_id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    fn cfg() -> LoadShedding {
+        LoadShedding {
+            min_concurrency: 2,
+            max_concurrency: 100,
+            latency_tolerance_percent: 150,
+        }
+    }
+
+    /// One window of `n` responses of `latency` each, starting at `*now`.
+    fn window(s: &LoadShedder, now: &mut u64, latency: u64) {
+        for _ in 0..WINDOW_SAMPLES {
+            let p = s.try_acquire(1, &cfg(), *now).map_err(|_| ()).ok();
+            *now += WINDOW_NS / u64::from(WINDOW_SAMPLES) + 1;
+            if let Some(p) = p {
+                p.shedder.observe(&cfg(), p.probe, latency, *now);
+            }
+        }
+    }
+
+    #[test]
+    fn the_limit_grows_at_baseline_latency_shrinks_as_it_rises_and_recovers() {
+        let s = LoadShedder::default();
+        let mut now = 1_000 * MS;
+        window(&s, &mut now, 10 * MS);
+        let start = s.snapshot().limit;
+        assert_eq!(start, 8, "starts at 4 x min");
+        for _ in 0..50 {
+            window(&s, &mut now, 10 * MS);
+        }
+        let grown = s.snapshot().limit;
+        assert!(
+            grown > start * 2,
+            "grew from {start} to {grown} at baseline latency"
+        );
+        // Latency triples, past the 1.5x tolerance: the limit falls to near min.
+        for _ in 0..30 {
+            window(&s, &mut now, 30 * MS);
+        }
+        let shrunk = s.snapshot().limit;
+        assert!(shrunk < grown / 4, "{grown} -> {shrunk} under 3x latency");
+        // Within tolerance (1.4x) it grows again: latency recovered.
+        for _ in 0..60 {
+            window(&s, &mut now, 14 * MS);
+        }
+        let recovered = s.snapshot().limit;
+        assert!(
+            recovered > shrunk * 2,
+            "{shrunk} -> {recovered} after recovery"
+        );
+    }
+
+    #[test]
+    fn a_probe_re_measures_the_baseline_under_the_pinned_limit() {
+        let s = LoadShedder::default();
+        let mut now = 1_000 * MS;
+        // First probe at 40 ms (a busy moment), then the app is at 10 ms for good.
+        window(&s, &mut now, 40 * MS);
+        for _ in 0..PROBE_EVERY {
+            window(&s, &mut now, 10 * MS);
+        }
+        // The next probe measures 10 ms: 30 ms is now 3x the baseline, and the limit falls.
+        window(&s, &mut now, 10 * MS);
+        let before = s.snapshot().limit;
+        for _ in 0..30 {
+            window(&s, &mut now, 30 * MS);
+        }
+        assert!(
+            s.snapshot().limit < before / 4,
+            "{before} -> {:?}",
+            s.snapshot()
+        );
+    }
+
+    #[test]
+    fn at_the_limit_only_keys_over_their_fair_share_are_shed() {
+        let s = LoadShedder::default();
+        let c = cfg();
+        let mut now = 0;
+        // The first probe: the limit is pinned to min (2) until 16 requests have answered.
+        let probe: Vec<_> = (0..2)
+            .map(|_| s.try_acquire(1, &c, 0).expect("under min"))
+            .collect();
+        assert!(
+            s.try_acquire(1, &c, 0).is_err(),
+            "pinned to min while probing"
+        );
+        drop(probe);
+        window(&s, &mut now, 10 * MS);
+        assert_eq!(s.snapshot().shed_total, 1);
+        // Limit 8: a heavy key takes all 8 slots.
+        let heavy: Vec<_> = (0..8)
+            .map(|_| s.try_acquire(1, &c, 0).expect("under the limit"))
+            .collect();
+        assert_eq!(
+            s.try_acquire(1, &c, 0).err(),
+            Some(8),
+            "heavy is over its share"
+        );
+        // Light keys under their share (8 / 2 keys = 4 each) still get in.
+        let light: Vec<_> = (0..4)
+            .map(|_| s.try_acquire(2, &c, 0).expect("light key under its share"))
+            .collect();
+        assert!(
+            s.try_acquire(2, &c, 0).is_err(),
+            "light at its share is shed too"
+        );
+        assert_eq!(s.snapshot().shed_total, 3);
+        // As the heavy key's requests end, it is still over its share until it drains to it.
+        drop(heavy);
+        assert_eq!(s.snapshot().in_flight, 4);
+        assert!(s.try_acquire(1, &c, 0).is_ok(), "under the limit again");
+        drop(light);
+        assert_eq!(s.snapshot().in_flight, 0);
+    }
+}
