@@ -185,6 +185,8 @@ pub struct Metrics {
     /// rejection's, so were parsed.
     pub config_parses: Counter,
     pub in_flight: Gauge,
+    /// The app's adaptive concurrency limit (`loadShedding`); 0 until shedding has run.
+    pub shed_limit: Gauge,
     /// 1 while the shared store (Redis) answers, 0 while decisions use the fail mode.
     pub store_up: Gauge,
     store_fallbacks: Family<ModeLabels, Counter>,
@@ -295,6 +297,12 @@ impl Metrics {
             "in_flight_requests",
             "Requests being handled",
             in_flight.clone(),
+        );
+        let shed_limit = Gauge::default();
+        registry.register(
+            "load_shedding_limit",
+            "The app's adaptive concurrency limit under the policy's loadShedding (0 until it has run); requests shed at it count as decision=\"shed\"",
+            shed_limit.clone(),
         );
         let limiter_slots = Gauge::default();
         registry.register(
@@ -410,6 +418,7 @@ impl Metrics {
             config_reads,
             config_parses,
             in_flight,
+            shed_limit,
             limiter_slots,
             config_skipped_keys,
             auth_failure_peers,

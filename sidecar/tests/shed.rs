@@ -159,6 +159,22 @@ async fn run(shedding: bool) -> (Tally, Tally) {
         heavy_total.other += t.other;
     }
     let shed_view = sc.shedder.snapshot();
+    let metrics = get(&c, sc.admin_addr, "/metrics", &[]).await;
+    let text = metrics.body.as_str().unwrap_or_default().to_string();
+    let limit_line = text
+        .lines()
+        .find(|l| l.starts_with("keylimit_load_shedding_limit "))
+        .map(str::to_string);
+    assert_eq!(
+        limit_line,
+        Some(format!("keylimit_load_shedding_limit {}", shed_view.limit)),
+        "the adaptive limit is exported"
+    );
+    assert_eq!(
+        text.contains("decision=\"shed\"} 0") || !text.contains("decision=\"shed\""),
+        !shedding,
+        "shed requests are counted"
+    );
     sc.stop().await;
     let p99 = light_total.p99_ms();
     eprintln!(

@@ -16,6 +16,7 @@ use keylimit_dataplane::{ConfigFailure, KeyUsage, QuotaUsage, UsageReport};
 
 use crate::config::{ConfigStore, Snapshot};
 use crate::http::response::{self, ProxyBody};
+use crate::limiter::shed::LoadShedder;
 use crate::limiter::clock::NANOS_PER_SEC;
 use crate::limiter::local::Limiter;
 use crate::metrics::Metrics;
@@ -25,6 +26,7 @@ pub struct Admin {
     pub limiter: Limiter,
     pub metrics: Arc<Metrics>,
     pub sidecar_name: String,
+    pub shedder: LoadShedder,
 }
 
 impl Admin {
@@ -65,6 +67,8 @@ impl Admin {
             },
             "/metrics" => {
                 self.metrics.limiter_slots.set(self.limiter.slots() as i64);
+                let shed = self.shedder.snapshot();
+                self.metrics.shed_limit.set(i64::from(shed.limit));
                 self.metrics.observe_usage(&usage_report(
                     &self.sidecar_name,
                     self.config.current().as_deref(),

@@ -159,6 +159,7 @@ impl Sidecar {
             limiter: limiter.clone(),
             metrics: metrics.clone(),
             sidecar_name: settings.sidecar_name.clone(),
+            shedder: shedder.clone(),
         });
 
         let changed = Arc::new(Notify::new());
