@@ -16,9 +16,9 @@ use keylimit_dataplane::{ConfigFailure, KeyUsage, QuotaUsage, UsageReport};
 
 use crate::config::{ConfigStore, Snapshot};
 use crate::http::response::{self, ProxyBody};
-use crate::limiter::shed::LoadShedder;
 use crate::limiter::clock::NANOS_PER_SEC;
 use crate::limiter::local::Limiter;
+use crate::limiter::shed::LoadShedder;
 use crate::metrics::Metrics;
 
 pub struct Admin {
