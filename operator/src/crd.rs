@@ -564,12 +564,14 @@ pub struct RateSpec {
     pub tokens: Option<u64>,
     /// The window unit.
     pub per: RateUnit,
-    /// Extra requests that may arrive at once on top of that pace (default 0): up to
+    /// Extra requests (or tokens) that may be spent at once on top of that pace: up to
     /// `burst + 1` back to back. No window of one `per` ever admits more than
     /// `requests + burst`; `burst: requests - 1` lets a whole window's worth arrive at once.
-    #[serde(default)]
-    #[schemars(range(min = 0, max = 1000000000))]
-    pub burst: u64,
+    /// Default 0 for requests; for tokens `tokens - 1`, since one response spends many
+    /// tokens at once (with 0, a 500-token response would make the key wait 500 intervals).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1000000000000u64))]
+    pub burst: Option<u64>,
 }
 
 impl RateSpec {
@@ -577,6 +579,15 @@ impl RateSpec {
     /// refuse: neither or both set).
     pub fn counted(&self) -> Option<(u64, bool)> {
         counted(self.requests, self.tokens)
+    }
+
+    /// `burst`, or its default for the rate's unit.
+    pub fn burst_or_default(&self) -> u64 {
+        match (self.burst, self.tokens) {
+            (Some(b), _) => b,
+            (None, Some(t)) => t.saturating_sub(1),
+            (None, None) => 0,
+        }
     }
 }
 

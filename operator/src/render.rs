@@ -311,7 +311,7 @@ pub fn limits_from_spec(spec: &LimitsSpec) -> dp::Limits {
                     name: r.name.clone(),
                     requests,
                     period_seconds: r.per.seconds(),
-                    burst: r.burst,
+                    burst: r.burst_or_default(),
                     unit,
                 })
             })
@@ -735,7 +735,7 @@ pub mod tests {
                         name: "per-minute".into(),
                         requests: Some(10),
                         per: RateUnit::Minute,
-                        burst: 2,
+                        burst: Some(2),
                     }]),
                     quotas: None,
                     concurrency: None,
@@ -1115,6 +1115,13 @@ pub mod tests {
         assert_ne!(doc(&plain).api_version, dp::API_VERSION_METERED);
         let mut p = mk_policy("p");
         if let Some(l) = p.spec.limits.as_mut() {
+            l.rates.get_or_insert_with(Vec::new).push(RateSpec {
+                name: "per-minute-tokens".into(),
+                requests: None,
+                tokens: Some(6_000),
+                per: RateUnit::Minute,
+                burst: None,
+            });
             l.quotas = Some(vec![crate::crd::QuotaSpec {
                 name: "monthly-tokens".into(),
                 requests: None,
@@ -1133,6 +1140,16 @@ pub mod tests {
         let q = &d.policy.limits.quotas[0];
         assert_eq!((q.requests, q.unit), (5_000_000, dp::Unit::Tokens));
         assert_eq!(d.policy.limits.rates[0].unit, dp::Unit::Requests);
+        // Without a burst, a request rate paces one at a time and a token rate may spend a
+        // whole period's tokens in one response.
+        let bursts: Vec<_> = d
+            .policy
+            .limits
+            .rates
+            .iter()
+            .map(|r| (r.unit, r.burst))
+            .collect();
+        assert_eq!(bursts, [(dp::Unit::Requests, 2), (dp::Unit::Tokens, 5_999)]);
         assert_eq!(
             d.policy.usage.and_then(|u| u.json_field).as_deref(),
             Some("usage.total_tokens")

@@ -97,6 +97,20 @@ impl QuotaRule {
     pub fn id(&self) -> u64 {
         self.id
     }
+
+    /// What the response headers say about this quota with `used` spent and `reset_secs`
+    /// until its window ends (every store reports it the same way).
+    pub(crate) fn status(&self, used: u64, reset_secs: u64) -> LimitStatus {
+        LimitStatus {
+            kind: LimitKind::Quota,
+            unit: self.unit,
+            id: self.id,
+            limit: self.requests,
+            window_s: window::nominal_secs(self.period),
+            remaining: self.requests.saturating_sub(used),
+            reset_secs,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -4,6 +4,7 @@
 mod common;
 
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use common::*;
@@ -49,6 +50,8 @@ type Body = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
 
 /// Breaks `/sse-cut`'s body.
 static CUT: tokio::sync::Notify = tokio::sync::Notify::const_new();
+/// Lets `/sse-hold`'s body finish.
+static HOLD: tokio::sync::Notify = tokio::sync::Notify::const_new();
 
 fn tokens_of(req: &http::Request<Incoming>) -> u64 {
     req.uri()
@@ -108,6 +111,19 @@ async fn llm(req: http::Request<Incoming>) -> Result<Response<Body>, Infallible>
                 Err(std::io::Error::other("the model crashed"))
             });
             let mut r = Response::new(BodyExt::boxed(StreamBody::new(first.chain(cut))));
+            r.headers_mut()
+                .insert("content-type", "text/event-stream".parse().unwrap());
+            r
+        }
+        "/sse-hold" => {
+            let first = futures_util::stream::iter([frame("data: {\"choices\":[]}\n\n")]);
+            let rest = futures_util::stream::once(async move {
+                HOLD.notified().await;
+                Ok(Frame::data(Bytes::from(format!(
+                    "data: {{\"usage\":{{\"total_tokens\":{n}}}}}\n\n"
+                ))))
+            });
+            let mut r = Response::new(BodyExt::boxed(StreamBody::new(first.chain(rest))));
             r.headers_mut()
                 .insert("content-type", "text/event-stream".parse().unwrap());
             r
@@ -247,4 +263,40 @@ async fn an_older_document_version_with_token_limits_is_refused() {
     let bytes = serde_json::to_vec(&d).unwrap();
     let err = keylimit_dataplane::PolicyDocument::parse(&bytes).unwrap_err();
     assert!(err.to_string().contains("v3"), "{err}");
+}
+
+#[tokio::test]
+async fn an_open_stream_does_not_pin_a_replaced_config_and_is_charged_under_the_new_one() {
+    let (mut dir, sc) = setup(token_doc(0)).await;
+    let (c, a) = (client(), sc.traffic_addr);
+    let req = http::Request::get(format!("http://{a}/sse-hold?tokens=1500"))
+        .header("x-api-key", material("a"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = c.request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let old = Arc::downgrade(&sc.config.current().expect("a config"));
+    let mut next = token_doc(0);
+    next.policy.generation = 2;
+    next.keys.push(key("c"));
+    dir.write_doc(&next);
+    sc.reload_now().await.unwrap();
+    assert_eq!(sc.config.generation(), 2);
+    // The replaced snapshot is freed (by the retiring thread) while the stream is still
+    // open: the stream's meter does not hold it.
+    eventually("the replaced config to be freed", || {
+        let gone = old.upgrade().is_none();
+        async move { gone }
+    })
+    .await;
+    HOLD.notify_one();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("1500"));
+    // The unchanged limit kept its id: the 1,500 tokens put the key in debt under the new
+    // config.
+    assert_eq!(
+        with_key(&c, a, "/none", "a").await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    sc.stop().await;
 }

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, CONTENT_TYPE};
 use hyper::body::{Body, Frame, SizeHint};
 
-use crate::config::Snapshot;
+use crate::config::ConfigStore;
 use crate::http::response::ProxyBody;
 use crate::limiter::local::Limiter;
 
@@ -60,30 +60,42 @@ fn parse_count(b: &[u8]) -> Option<u64> {
         .map(|n| n.min(MAX_COST))
 }
 
-/// What a response settles against: the limits the request was admitted under.
+/// What a response settles: the key, its route and its reservation. It names them, and
+/// looks their limits up in the config current when the response ends, rather than holding
+/// the snapshot the request was admitted under: a long stream must not keep a replaced
+/// million-key index alive. Limit ids are stable across reloads, so an unchanged limit is
+/// charged as if nothing had happened, and a changed one starts fresh either way.
 pub struct Meter {
     pub limiter: Limiter,
-    pub snap: Arc<Snapshot>,
+    pub config: Arc<ConfigStore>,
+    pub rule: UsageRule,
     pub key_id: u64,
-    /// Index into `snap.routes`.
-    pub route: Option<usize>,
+    /// The route's name, if the request matched one.
+    pub route: Option<Arc<str>>,
     pub reserved: u64,
 }
 
 impl Meter {
     /// Charges `actual` (in place of the reservation). Consumes the meter: once only.
     pub fn settle(self, actual: u64) {
-        let Some(key) = self.snap.index.by_id(self.key_id) else {
+        if actual == self.reserved {
+            return;
+        }
+        let Some(snap) = self.config.current() else {
+            return;
+        };
+        let Some(key) = snap.index.by_id(self.key_id) else {
             return;
         };
         let route = self
             .route
-            .and_then(|i| self.snap.routes.get(i))
+            .as_ref()
+            .and_then(|name| snap.routes.iter().find(|r| r.name == *name))
             .and_then(|r| r.limits.as_ref());
         self.limiter.settle(
             self.key_id,
             [Some(key.limits), route],
-            self.snap.policy_limits.as_ref(),
+            snap.policy_limits.as_ref(),
             self.reserved,
             actual,
         );
@@ -91,27 +103,29 @@ impl Meter {
 
     /// Settles from the response's header, or wraps its body to find the cost as it passes.
     /// A response that reports nothing is charged its reservation.
-    pub fn attach(self, rule: &UsageRule, headers: &HeaderMap, body: ProxyBody) -> ProxyBody {
-        if let Some(n) = rule
+    pub fn attach(self, headers: &HeaderMap, body: ProxyBody) -> ProxyBody {
+        let reported = self
+            .rule
             .header
             .as_ref()
             .and_then(|h| headers.get(h))
-            .and_then(|v| parse_count(v.as_bytes()))
-        {
+            .and_then(|v| parse_count(v.as_bytes()));
+        if let Some(n) = reported {
             self.settle(n);
             return body;
         }
+        let path = &self.rule.json_path;
         let ct = headers
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_ascii_lowercase();
-        let scan = if rule.json_path.is_empty() {
+        let scan = if path.is_empty() {
             None
         } else if ct.starts_with("text/event-stream") {
-            Some(Scan::Events(EventScanner::new(rule.json_path.clone())))
+            Some(Scan::Events(EventScanner::new(path.clone())))
         } else if ct.contains("json") {
-            Some(Scan::Json(JsonScanner::new(rule.json_path.clone())))
+            Some(Scan::Json(JsonScanner::new(path.clone())))
         } else {
             None
         };

@@ -320,11 +320,12 @@ impl Proxy {
             Some(v) => headers.insert(snap.source.identity_header.clone(), v),
             None => headers.remove(&snap.source.identity_header),
         };
-        let meter = snap.usage.is_some().then(|| Meter {
+        let meter = snap.usage.as_ref().map(|rule| Meter {
             limiter: self.limiter.clone(),
-            snap: snap.clone(),
+            config: self.config.clone(),
+            rule: rule.clone(),
             key_id: check.key_id,
-            route: route.and_then(|r| snap.routes.iter().position(|x| std::ptr::eq(x, r))),
+            route: route.map(|r| r.name.clone()),
             reserved: check.reserve,
         });
         let hooks = Hooks { meter, shed };
@@ -524,13 +525,7 @@ impl Proxy {
         .boxed();
         // Metered: the cost comes from this response's header or passes by in its body.
         let body = match meter {
-            Some(m) => {
-                let snap = m.snap.clone();
-                match &snap.usage {
-                    Some(rule) => m.attach(rule, &parts.headers, body),
-                    None => body,
-                }
-            }
+            Some(m) => m.attach(&parts.headers, body),
             None => body,
         };
         Response::from_parts(parts, body)

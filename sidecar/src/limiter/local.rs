@@ -702,15 +702,10 @@ fn commit_group(
 }
 
 fn quota_status(q: &QuotaRule, used: u64, until: u64, now: &Now<'_>) -> LimitStatus {
-    LimitStatus {
-        kind: LimitKind::Quota,
-        unit: q.unit,
-        id: q.id(),
-        limit: q.requests,
-        window_s: window::nominal_secs(q.period),
-        remaining: q.requests.saturating_sub(used),
-        reset_secs: until.saturating_sub(now.wall()).div_ceil(NANOS_PER_SEC),
-    }
+    q.status(
+        used,
+        until.saturating_sub(now.wall()).div_ceil(NANOS_PER_SEC),
+    )
 }
 
 /// Moves the token limits of `sets` by `actual - reserved` (see [`Limiter::settle`]).

@@ -469,15 +469,7 @@ impl<'a> Group<'a> {
                         .unwrap_or(0)
                         .saturating_mul(NS_PER_US);
                     view.note_quota(key_id, q.id(), used, local_end_ns);
-                    offer(LimitStatus {
-                        kind: LimitKind::Quota,
-                        unit: q.unit,
-                        id: q.id(),
-                        limit: q.requests,
-                        window_s: window::nominal_secs(q.period),
-                        remaining: q.requests.saturating_sub(used),
-                        reset_secs: ns_until(end_us, redis_now_us).div_ceil(NANOS_PER_SEC),
-                    });
+                    offer(q.status(used, ns_until(end_us, redis_now_us).div_ceil(NANOS_PER_SEC)));
                 }
                 Rule::Rate(r) => {
                     let interval = interval_us(r);
