@@ -155,6 +155,25 @@ async fn setup(d: keylimit_dataplane::PolicyDocument) -> (ConfigDir, keylimit_si
     (dir, sc)
 }
 
+/// Key a's request for `path`, answered with its head while the body may still be open.
+async fn open_stream(c: &TestClient, a: std::net::SocketAddr, path: &str) -> Response<Incoming> {
+    let req = http::Request::get(format!("http://{a}{path}"))
+        .header("x-api-key", material("a"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    c.request(req).await.unwrap()
+}
+
+/// Reloads the same token policy with one more key, `c`: the token limit is unchanged.
+async fn reload_with_another_key(dir: &mut ConfigDir, sc: &keylimit_sidecar::Sidecar) {
+    let mut next = token_doc(0);
+    next.policy.generation = 2;
+    next.keys.push(key("c"));
+    dir.write_doc(&next);
+    sc.reload_now().await.unwrap();
+    assert_eq!(sc.config.generation(), 2);
+}
+
 #[tokio::test]
 async fn a_json_body_puts_the_key_in_debt_and_the_429_names_tokens() {
     let (_d, sc) = setup(token_doc(0)).await;
@@ -212,11 +231,7 @@ async fn a_response_without_the_field_or_cut_midway_is_charged_its_estimate() {
     let (c, a) = (client(), sc.traffic_addr);
     assert_eq!(with_key(&c, a, "/none", "a").await.status, StatusCode::OK);
     // The cut stream: the client sees the body fail; the reservation stays charged.
-    let req = http::Request::get(format!("http://{a}/sse-cut"))
-        .header("x-api-key", material("a"))
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let resp = c.request(req).await.unwrap();
+    let resp = open_stream(&c, a, "/sse-cut").await;
     assert_eq!(resp.status(), StatusCode::OK);
     CUT.notify_one();
     assert!(
@@ -241,12 +256,7 @@ async fn debt_survives_a_reload_that_keeps_the_limit() {
         with_key(&c, a, "/none", "a").await.status,
         StatusCode::TOO_MANY_REQUESTS
     );
-    let mut next = token_doc(0);
-    next.policy.generation = 2;
-    next.keys.push(key("c"));
-    dir.write_doc(&next);
-    sc.reload_now().await.unwrap();
-    assert_eq!(sc.config.generation(), 2);
+    reload_with_another_key(&mut dir, &sc).await;
     assert_eq!(
         with_key(&c, a, "/none", "a").await.status,
         StatusCode::TOO_MANY_REQUESTS,
@@ -269,19 +279,10 @@ async fn an_older_document_version_with_token_limits_is_refused() {
 async fn an_open_stream_does_not_pin_a_replaced_config_and_is_charged_under_the_new_one() {
     let (mut dir, sc) = setup(token_doc(0)).await;
     let (c, a) = (client(), sc.traffic_addr);
-    let req = http::Request::get(format!("http://{a}/sse-hold?tokens=1500"))
-        .header("x-api-key", material("a"))
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let resp = c.request(req).await.unwrap();
+    let resp = open_stream(&c, a, "/sse-hold?tokens=1500").await;
     assert_eq!(resp.status(), StatusCode::OK);
     let old = Arc::downgrade(&sc.config.current().expect("a config"));
-    let mut next = token_doc(0);
-    next.policy.generation = 2;
-    next.keys.push(key("c"));
-    dir.write_doc(&next);
-    sc.reload_now().await.unwrap();
-    assert_eq!(sc.config.generation(), 2);
+    reload_with_another_key(&mut dir, &sc).await;
     // The replaced snapshot is freed (by the retiring thread) while the stream is still
     // open: the stream's meter does not hold it.
     eventually("the replaced config to be freed", || {
