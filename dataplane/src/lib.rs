@@ -711,13 +711,6 @@ impl PolicyDocument {
                 ));
             }
         }
-        if self.is_metered() && !matches!(self.policy.store, Store::Local) {
-            // The Redis scripts charge only at admission; a token limit there would never
-            // see its responses' cost. Refused rather than enforced wrongly.
-            return Err(Error::Invalid(
-                "limits counted in tokens need the Local store".into(),
-            ));
-        }
         // Keys are not checked here: one bad entry must not freeze the whole policy. The
         // sidecar checks each key with `validate_key` and skips (and reports) a bad one.
         Ok(())

@@ -277,7 +277,6 @@ pub struct ApiKeyStatus {
 #[x_kube(validation = Rule::new("!has(self.routes) || self.routes.all(r, self.routes.exists_one(s, s.name == r.name))").message("route names must be unique"))]
 #[x_kube(validation = Rule::new("has(self.limits) || has(self.routes)").message("a policy needs limits or routes"))]
 #[x_kube(validation = Rule::new("has(self.usage) || ((!has(self.limits) || ((!has(self.limits.rates) || self.limits.rates.all(r, !has(r.tokens))) && (!has(self.limits.quotas) || self.limits.quotas.all(q, !has(q.tokens))))) && (!has(self.policyLimits) || ((!has(self.policyLimits.rates) || self.policyLimits.rates.all(r, !has(r.tokens))) && (!has(self.policyLimits.quotas) || self.policyLimits.quotas.all(q, !has(q.tokens))))))").message("limits counted in tokens need usage: where responses report their cost"))]
-#[x_kube(validation = Rule::new("!has(self.usage) || !has(self.store) || self.store.type != 'Redis'").message("usage (limits counted in tokens) needs the Local store"))]
 pub struct RateLimitPolicySpec {
     /// Pods whose sidecars enforce this policy. Must not be empty.
     #[x_kube(validation = Rule::new("(has(self.matchLabels) && size(self.matchLabels) > 0) || (has(self.matchExpressions) && size(self.matchExpressions) > 0)").message("selector must not be empty: give matchLabels or matchExpressions"))]
@@ -329,7 +328,7 @@ pub struct RateLimitPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_shedding: Option<LoadSheddingSpec>,
     /// Where a response reports what its request cost, for rates and quotas counted in
-    /// `tokens` (for example an LLM API's `usage.total_tokens`). Needs the Local store.
+    /// `tokens` (for example an LLM API's `usage.total_tokens`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<UsageSpec>,
 }

@@ -1470,3 +1470,105 @@ async fn concurrent_decisions_are_batched_and_stay_exact() {
     })
     .await;
 }
+
+/// An app that reports `?tokens=N` in `x-usage-tokens`, as a metered API does.
+async fn usage_upstream() -> Upstream {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let n = req
+                            .uri()
+                            .query()
+                            .and_then(|q| q.strip_prefix("tokens="))
+                            .unwrap_or("0")
+                            .to_string();
+                        let mut r = http::Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from_static(b"{}"),
+                        ));
+                        r.headers_mut().insert("x-usage-tokens", n.parse().unwrap());
+                        Ok::<_, std::convert::Infallible>(r)
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Upstream { addr }
+}
+
+/// Token limits in Redis (#14): the cost a response reports on one sidecar is charged where
+/// every sidecar sees it, a cheaper response gives its reservation back, and debt run up on
+/// one sidecar refuses the key on the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_costs_settle_in_redis_for_the_whole_fleet() {
+    let redis = RedisServer::start();
+    let mut d = with_store(
+        Limits {
+            rates: vec![RateWindow {
+                unit: keylimit_dataplane::Unit::Tokens,
+                name: "hour-tokens".into(),
+                requests: 1_000,
+                period_seconds: 3_600,
+                burst: 999,
+            }],
+            ..Limits::default()
+        },
+        store(redis.url(), FailMode::FailClosed, 2),
+    );
+    d.api_version = keylimit_dataplane::API_VERSION_METERED.into();
+    d.policy.usage = Some(keylimit_dataplane::UsageSource {
+        header: Some("x-usage-tokens".into()),
+        json_field: None,
+        estimate: Some(keylimit_dataplane::UsageEstimate {
+            header: None,
+            fixed: 100,
+            max: None,
+        }),
+    });
+    let mut dir = ConfigDir::new();
+    dir.write_doc(&d);
+    let up = usage_upstream().await;
+    let a = start_redis_sidecar(&dir, &up, Duration::from_secs(30)).await;
+    let b = start_redis_sidecar(&dir, &up, Duration::from_secs(30)).await;
+    let c = client();
+    let r = with_key(&c, a.traffic_addr, "/?tokens=40", "k").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.header("x-ratelimit-remaining"), "900", "100 reserved");
+    // On the other sidecar: 40 spent (60 of the reservation came back), 100 reserved now.
+    // Settlement is asynchronous, and each of these probes reports 0, so it gives its own
+    // reservation back: they converge on 860.
+    eventually("the reported 40 tokens to settle in Redis", || {
+        let c = c.clone();
+        let addr = b.traffic_addr;
+        async move {
+            with_key(&c, addr, "/?tokens=0", "k")
+                .await
+                .header("x-ratelimit-remaining")
+                == "860"
+        }
+    })
+    .await;
+    assert_eq!(
+        with_key(&c, a.traffic_addr, "/?tokens=5000", "k")
+            .await
+            .status,
+        StatusCode::OK
+    );
+    eventually("the debt run up on a to refuse the key on b", || {
+        let c = c.clone();
+        let addr = b.traffic_addr;
+        async move {
+            let r = with_key(&c, addr, "/?tokens=0", "k").await;
+            r.status == StatusCode::TOO_MANY_REQUESTS && r.body["limit"]["unit"] == "tokens"
+        }
+    })
+    .await;
+    a.stop().await;
+    b.stop().await;
+}

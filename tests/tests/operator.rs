@@ -123,11 +123,6 @@ async fn crds_install_and_reject_bad_manifests() {
                     "limits counted in tokens need usage",
                 ),
                 (
-                    "usage with the Redis store",
-                    "apiVersion: keylimit.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {name: bad12}\nspec:\n  selector: {matchLabels: {a: b}}\n  usage: {jsonField: usage.total_tokens}\n  store: {type: Redis, redis: {url: 'redis://r:6379'}}\n  limits:\n    rates: [{name: t, tokens: 5, per: Minute}]\n",
-                    "usage (limits counted in tokens) needs the Local store",
-                ),
-                (
                     "usage with a bad json path",
                     "apiVersion: keylimit.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {name: bad13}\nspec:\n  selector: {matchLabels: {a: b}}\n  usage: {jsonField: 'usage..total'}\n  limits:\n    rates: [{name: t, tokens: 5, per: Minute}]\n",
                     "jsonField must be dot-separated field names",

@@ -15,6 +15,8 @@ use hyper::body::{Body, Frame, SizeHint};
 use crate::config::ConfigStore;
 use crate::http::response::ProxyBody;
 use crate::limiter::local::Limiter;
+use crate::limiter::redis::RedisBackends;
+use keylimit_dataplane::Store;
 
 /// How deep a JSON body may nest before the scanner stops looking (and the request is
 /// charged its estimate): bounds the scanner's memory against a hostile upstream.
@@ -67,6 +69,8 @@ fn parse_count(b: &[u8]) -> Option<u64> {
 /// charged as if nothing had happened, and a changed one starts fresh either way.
 pub struct Meter {
     pub limiter: Limiter,
+    /// For policies whose counters live in Redis.
+    pub redis: Arc<RedisBackends>,
     pub config: Arc<ConfigStore>,
     pub rule: UsageRule,
     pub key_id: u64,
@@ -92,13 +96,18 @@ impl Meter {
             .as_ref()
             .and_then(|name| snap.routes.iter().find(|r| r.name == *name))
             .and_then(|r| r.limits.as_ref());
-        self.limiter.settle(
-            self.key_id,
-            [Some(key.limits), route],
-            snap.policy_limits.as_ref(),
-            self.reserved,
-            actual,
-        );
+        let sets = [Some(key.limits), route];
+        let policy = snap.policy_limits.as_ref();
+        match &snap.policy.store {
+            Store::Local => self
+                .limiter
+                .settle(self.key_id, sets, policy, self.reserved, actual),
+            Store::Redis(cfg) => {
+                self.redis
+                    .get(cfg)
+                    .settle(self.key_id, sets, policy, self.reserved, actual)
+            }
+        }
     }
 
     /// Settles from the response's header, or wraps its body to find the cost as it passes.

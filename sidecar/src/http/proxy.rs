@@ -322,6 +322,7 @@ impl Proxy {
         };
         let meter = snap.usage.as_ref().map(|rule| Meter {
             limiter: self.limiter.clone(),
+            redis: self.redis.clone(),
             config: self.config.clone(),
             rule: rule.clone(),
             key_id: check.key_id,

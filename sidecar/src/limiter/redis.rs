@@ -89,26 +89,34 @@ local function expire_ms(us) return int(math.ceil(us / 1000)) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 -- One scope: its keys are KEYS[k0 + 1 .. k0 + n], its arguments start after ARGV[p] (= n).
+-- Upper-case kinds count tokens: charged the reservation, and admitted only with at least
+-- one token left (a key in debt waits).
+local function charge_of(kind, cost, reserve)
+  if kind == 'Q' or kind == 'O' or kind == 'R' then return reserve, math.max(reserve, 1) end
+  return cost, cost
+end
 local function decide(k0, p, n)
   local cost = tonumber(ARGV[p + 1])
   local max_delay = tonumber(ARGV[p + 2])
+  local reserve = tonumber(ARGV[p + 5])
   local delay = 0
   local seen = {}
   for i = 1, n do
-    local q = p + 4 * i
+    local q = p + 1 + 4 * i
     local kind = ARGV[q + 1]
     local a = tonumber(ARGV[q + 2])
     local b = tonumber(ARGV[q + 3])
     local c = tonumber(ARGV[q + 4])
     local k = KEYS[k0 + i]
-    if kind == 'q' or kind == 'o' then
+    local _, need = charge_of(kind, cost, reserve)
+    if kind == 'q' or kind == 'o' or kind == 'Q' or kind == 'O' then
       local v = redis.call('HMGET', k, 'c', 'e')
       local used, e = tonumber(v[1]) or 0, tonumber(v[2]) or 0
       local opened = false
       if e <= now then
         used = 0
         opened = true
-        if kind == 'o' then
+        if kind == 'o' or kind == 'O' then
           e = now + b
         elseif b <= now and now < c then
           e = c
@@ -116,12 +124,12 @@ local function decide(k0, p, n)
           return {2, now}
         end
       end
-      if used + cost > a then return {0, i, e, now} end
+      if used + need > a then return {0, i, e, now} end
       seen[i] = {used, e, opened}
-    elseif kind == 'r' then
+    elseif kind == 'r' or kind == 'R' then
       local tat = tonumber(redis.call('GET', k)) or 0
       if tat < now then tat = now end
-      local inc = a * cost
+      local inc = a * need
       local cap = b
       if inc > cap then cap = inc end
       local admit_at = tat + inc - cap
@@ -145,19 +153,20 @@ local function decide(k0, p, n)
   local out = {1, delay, now}
   local lease_expiry = int(now + tonumber(ARGV[p + 4]))
   for i = 1, n do
-    local q = p + 4 * i
+    local q = p + 1 + 4 * i
     local kind = ARGV[q + 1]
     local a = tonumber(ARGV[q + 2])
     local k = KEYS[k0 + i]
-    if kind == 'q' or kind == 'o' then
-      local used, e = seen[i][1] + cost, seen[i][2]
+    local charge = charge_of(kind, cost, reserve)
+    if kind == 'q' or kind == 'o' or kind == 'Q' or kind == 'O' then
+      local used, e = seen[i][1] + charge, seen[i][2]
       redis.call('HSET', k, 'c', int(used), 'e', int(e))
       -- HSET keeps the hash's TTL: it only needs setting when a window opens.
       if seen[i][3] then redis.call('PEXPIREAT', k, expire_ms(e)) end
       out[#out + 1] = used
       out[#out + 1] = e
-    elseif kind == 'r' then
-      local tat = seen[i] + a * cost
+    elseif kind == 'r' or kind == 'R' then
+      local tat = seen[i] + a * charge
       redis.call('SET', k, int(tat), 'PXAT', expire_ms(tat))
       out[#out + 1] = tat
     else
@@ -175,28 +184,79 @@ for j = 1, tonumber(ARGV[1]) do
   local n = tonumber(ARGV[p])
   replies[j] = decide(k0, p, n)
   k0 = k0 + n
-  p = p + 5 + 4 * n
+  p = p + 6 + 4 * n
 end
 return replies
 "#;
 
 /// Gives back what [`DECIDE_LUA`] charged for one scope (its KEYS, and its ARGV without the
-/// leading counts: cost, max delay, lease id, lease TTL, four per key): used when a later scope
-/// (policy-wide limits) or the throttle queue refuses a request the key scope admitted.
+/// leading counts: cost, max delay, lease id, lease TTL, reservation, four per key): used when
+/// a later scope (policy-wide limits) or the throttle queue refuses a request the key scope
+/// admitted.
 const UNDO_LUA: &str = r#"
 local function int(x) return string.format('%d', x) end
 local cost = tonumber(ARGV[1])
+local reserve = tonumber(ARGV[5])
 for i = 1, #KEYS do
-  local kind = ARGV[4 * i + 1]
-  local a = tonumber(ARGV[4 * i + 2])
+  local kind = ARGV[4 * i + 2]
+  local a = tonumber(ARGV[4 * i + 3])
   local k = KEYS[i]
-  if kind == 'q' or kind == 'o' then
-    if redis.call('EXISTS', k) == 1 then redis.call('HINCRBY', k, 'c', int(-cost)) end
-  elseif kind == 'r' then
+  local charge = cost
+  if kind == 'Q' or kind == 'O' or kind == 'R' then charge = reserve end
+  if kind == 'q' or kind == 'o' or kind == 'Q' or kind == 'O' then
+    if redis.call('EXISTS', k) == 1 then redis.call('HINCRBY', k, 'c', int(-charge)) end
+  elseif kind == 'r' or kind == 'R' then
     local tat = tonumber(redis.call('GET', k))
-    if tat then redis.call('SET', k, int(tat - a * cost), 'KEEPTTL') end
+    if tat then redis.call('SET', k, int(tat - a * charge), 'KEEPTTL') end
   else
     redis.call('ZREM', k, ARGV[3])
+  end
+end
+return 1
+"#;
+
+/// Charges a response's reported tokens against one scope's token limits (KEYS): ARGV[1] is
+/// the reported cost minus the reservation (negative: a refund), then four per key as in
+/// [`DECIDE_LUA`] (calendar windows placed by the sidecar's estimate of Redis' now). Debt
+/// moves a rate's arrival time, and its expiry, past now; a refund never reaches a quota
+/// window that ended since the reservation.
+const SETTLE_LUA: &str = r#"
+local function int(x) return string.format('%d', x) end
+local function expire_ms(us) return int(math.ceil(us / 1000)) end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local delta = tonumber(ARGV[1])
+for i = 1, #KEYS do
+  local kind = ARGV[4 * i - 2]
+  local a = tonumber(ARGV[4 * i - 1])
+  local b = tonumber(ARGV[4 * i])
+  local c = tonumber(ARGV[4 * i + 1])
+  local k = KEYS[i]
+  if kind == 'Q' or kind == 'O' then
+    local v = redis.call('HMGET', k, 'c', 'e')
+    local used, e = tonumber(v[1]) or 0, tonumber(v[2]) or 0
+    if e > now then
+      local n = used + delta
+      if n < 0 then n = 0 end
+      redis.call('HSET', k, 'c', int(n))
+    elseif delta > 0 then
+      -- The window ended while the response ran: the charge opens the one it ended in.
+      if kind == 'O' then e = now + b elseif b <= now and now < c then e = c else e = 0 end
+      if e > 0 then
+        redis.call('HSET', k, 'c', int(delta), 'e', int(e))
+        redis.call('PEXPIREAT', k, expire_ms(e))
+      end
+    end
+  elseif kind == 'R' then
+    local tat = tonumber(redis.call('GET', k))
+    if delta > 0 then
+      if not tat or tat < now then tat = now end
+      tat = tat + a * delta
+      redis.call('SET', k, int(tat), 'PXAT', expire_ms(tat))
+    elseif tat then
+      tat = tat + a * delta
+      if tat > now then redis.call('SET', k, int(tat), 'PXAT', expire_ms(tat)) else redis.call('DEL', k) end
+    end
   end
 end
 return 1
@@ -288,6 +348,50 @@ enum Rule<'a> {
     Concurrency(&'a ConcurrencyRule),
 }
 
+impl Rule<'_> {
+    fn counts_tokens(&self) -> bool {
+        match self {
+            Rule::Quota(q) => q.unit == Unit::Tokens,
+            Rule::Rate(r) => r.unit == Unit::Tokens,
+            Rule::Concurrency(_) => false,
+        }
+    }
+
+    /// The rule's kind and three parameters for the scripts; calendar quota windows are
+    /// placed at `est_us`, the sidecar's estimate of Redis' now. An upper-case kind counts
+    /// tokens.
+    fn script_args(&self, est_us: u64) -> (&'static str, u64, u64, u64) {
+        let tokens = self.counts_tokens();
+        match self {
+            Rule::Quota(q) => match q.alignment {
+                QuotaAlignment::Calendar => {
+                    let (start, end) = calendar_window_us(q.period, est_us);
+                    (if tokens { "Q" } else { "q" }, q.requests, start, end)
+                }
+                QuotaAlignment::Rolling => {
+                    // The script adds its own now: only the length (a calendar month's, for
+                    // Month) comes from here.
+                    let est_ns = est_us.saturating_mul(NS_PER_US);
+                    let len = window::window_end_ns(q.period, q.alignment, est_ns)
+                        .saturating_sub(est_ns)
+                        / NS_PER_US;
+                    (if tokens { "O" } else { "o" }, q.requests, len, 0)
+                }
+            },
+            Rule::Rate(r) => {
+                let interval = interval_us(r);
+                (
+                    if tokens { "R" } else { "r" },
+                    interval,
+                    interval.saturating_mul(r.burst.saturating_add(1)),
+                    0,
+                )
+            }
+            Rule::Concurrency(c) => ("c", u64::from(c.max), 0, 0),
+        }
+    }
+}
+
 /// One scope's limits as script KEYS and ARGV.
 struct Group<'a> {
     keys: Vec<String>,
@@ -326,6 +430,30 @@ impl<'a> Group<'a> {
         self.keys.is_empty()
     }
 
+    /// [`SETTLE_LUA`] for this scope's token limits, `None` if it has none.
+    fn settle_cmd(&self, delta: i64, est_us: u64) -> Option<redis::Cmd> {
+        let tokens: Vec<(&String, &Rule<'_>)> = self
+            .keys
+            .iter()
+            .zip(&self.rules)
+            .filter(|(_, r)| r.counts_tokens())
+            .collect();
+        if tokens.is_empty() {
+            return None;
+        }
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(SETTLE_LUA).arg(tokens.len());
+        for (k, _) in &tokens {
+            cmd.arg(*k);
+        }
+        cmd.arg(delta);
+        for (_, rule) in &tokens {
+            let (kind, x, y, z) = rule.script_args(est_us);
+            cmd.arg(kind).arg(x).arg(y).arg(z);
+        }
+        Some(cmd)
+    }
+
     fn lease_keys(&self) -> impl Iterator<Item = &String> {
         self.keys
             .iter()
@@ -346,35 +474,11 @@ impl<'a> Group<'a> {
             .arg(a.cost)
             .arg(a.max_delay_us)
             .arg(a.lease_id)
-            .arg(a.lease_ttl_us);
-        let est_ns = est_us.saturating_mul(NS_PER_US);
+            .arg(a.lease_ttl_us)
+            .arg(a.reserve);
         for rule in &self.rules {
-            match rule {
-                Rule::Quota(q) => match q.alignment {
-                    QuotaAlignment::Calendar => {
-                        let (start, end) = calendar_window_us(q.period, est_us);
-                        argv.arg("q").arg(q.requests).arg(start).arg(end);
-                    }
-                    QuotaAlignment::Rolling => {
-                        // The script adds its own now: only the length (a calendar month's,
-                        // for Month) comes from here.
-                        let len = window::window_end_ns(q.period, q.alignment, est_ns)
-                            .saturating_sub(est_ns)
-                            / NS_PER_US;
-                        argv.arg("o").arg(q.requests).arg(len).arg(0);
-                    }
-                },
-                Rule::Rate(r) => {
-                    let interval = interval_us(r);
-                    argv.arg("r")
-                        .arg(interval)
-                        .arg(interval.saturating_mul(r.burst.saturating_add(1)))
-                        .arg(0);
-                }
-                Rule::Concurrency(c) => {
-                    argv.arg("c").arg(c.max).arg(0).arg(0);
-                }
-            }
+            let (kind, x, y, z) = rule.script_args(est_us);
+            argv.arg(kind).arg(x).arg(y).arg(z);
         }
         let lease_keys: Vec<String> = self.lease_keys().cloned().collect();
         Job {
@@ -538,6 +642,8 @@ struct Args<'a> {
     max_delay_us: i64,
     lease_id: &'a str,
     lease_ttl_us: u64,
+    /// Tokens reserved for token limits ([`Check::reserve`]).
+    reserve: u64,
 }
 
 #[derive(Debug)]
@@ -905,6 +1011,52 @@ impl RedisLimiter {
         self.inner.halted.store(true, Ordering::Release);
     }
 
+    /// Charges a response's reported tokens (`actual`, in place of the reservation) against
+    /// the token limits of the sets a request was admitted under, in the background. While
+    /// Redis is away nothing is settled: the reservation stands as the charge.
+    pub fn settle(
+        &self,
+        key_id: u64,
+        key_sets: [Option<&LimitSet>; 2],
+        policy: Option<&LimitSet>,
+        reserved: u64,
+        actual: u64,
+    ) {
+        let inner = &self.inner;
+        if actual == reserved || !inner.up.load(Ordering::Acquire) {
+            return;
+        }
+        let Some(conn) = inner.conn.clone() else {
+            return;
+        };
+        let delta = i64::try_from(actual)
+            .unwrap_or(i64::MAX)
+            .saturating_sub(i64::try_from(reserved).unwrap_or(i64::MAX));
+        let est_us = inner.redis_now_estimate_us();
+        let policy = [policy.filter(|p| !p.is_empty())];
+        let cmds: Vec<redis::Cmd> = [
+            Group::new(&inner.prefix, key_id, &key_sets),
+            Group::new(&inner.prefix, POLICY_SCOPE_ID, &policy),
+        ]
+        .iter()
+        .filter_map(|g| g.settle_cmd(delta, est_us))
+        .collect();
+        if cmds.is_empty() {
+            return;
+        }
+        let timeout = Duration::from_millis(inner.last_timeout_ms.load(Ordering::Relaxed));
+        tokio::spawn(async move {
+            let mut conn = conn;
+            for cmd in cmds {
+                let r =
+                    tokio::time::timeout(timeout, cmd.query_async::<redis::Value>(&mut conn)).await;
+                if !matches!(r, Ok(Ok(_))) {
+                    tracing::debug!("redis settlement failed; the reservation stands");
+                }
+            }
+        });
+    }
+
     /// Decides one request. `None` means refuse with 503 (FailClosed and Redis unavailable).
     /// Never waits longer than the store's timeout for Redis.
     pub async fn decide(
@@ -1083,6 +1235,7 @@ impl Inner {
             },
             lease_id: &lease_id,
             lease_ttl_us: u64::try_from(self.settings.lease_ttl.as_micros()).unwrap_or(u64::MAX),
+            reserve: c.reserve,
         };
         let mut status = None;
         let mut delay_us = 0;
@@ -1260,19 +1413,12 @@ fn undo_cmd(g: &Group<'_>, a: &Args<'_>) -> redis::Cmd {
     cmd.arg(a.cost)
         .arg(a.max_delay_us)
         .arg(a.lease_id)
-        .arg(a.lease_ttl_us);
+        .arg(a.lease_ttl_us)
+        .arg(a.reserve);
     for rule in &g.rules {
-        match rule {
-            Rule::Quota(q) => {
-                cmd.arg("q").arg(q.requests).arg(0).arg(0);
-            }
-            Rule::Rate(r) => {
-                cmd.arg("r").arg(interval_us(r)).arg(0).arg(0);
-            }
-            Rule::Concurrency(c) => {
-                cmd.arg("c").arg(c.max).arg(0).arg(0);
-            }
-        }
+        // The undo reads only the kind and the first parameter.
+        let (kind, x, _, _) = rule.script_args(0);
+        cmd.arg(kind).arg(x).arg(0).arg(0);
     }
     cmd
 }
