@@ -2,18 +2,23 @@
 //!
 //! An adaptive concurrency limit follows the upstream's latency, in the manner of Envoy's
 //! adaptive concurrency filter and Netflix's gradient limiter:
-//! - the baseline is measured in a probe, as Envoy does for its minimum RTT: at the start and
-//!   then every [`PROBE_EVERY`] windows, the limit is pinned to `min` until
-//!   [`WINDOW_SAMPLES`] requests admitted during the probe have answered, and their mean
-//!   latency is the new baseline. Under sustained overload the latency never falls back to
-//!   the baseline by itself, so without the probe a baseline taken in a busy moment would
-//!   stick;
+//! - the baseline is measured in a probe, as Envoy does for its minimum RTT: the limit is
+//!   pinned to `min` until [`WINDOW_SAMPLES`] requests admitted during the probe have
+//!   answered, and their mean latency is the new baseline. Under sustained overload the
+//!   latency never falls back to the baseline by itself, so a baseline cannot be learnt from
+//!   ordinary traffic. A probe runs at the start; when the limit has sat at `min` for
+//!   [`STUCK_WINDOWS`] windows (the baseline may be too low: the app got slower for good);
+//!   and every [`PROBE_INTERVAL_NS`] (it may be too high). A probe sheds the requests of keys
+//!   over their share of `min`, so probes are rare: a healthy app is not probed every few
+//!   seconds;
 //! - every window (at least [`WINDOW_SAMPLES`] responses and [`WINDOW_NS`]) the window's mean
-//!   latency is compared with the baseline;
-//! - `gradient = clamp(tolerance × baseline / recent, 0.5, 1)`;
-//! - `limit ← 0.8 × limit + 0.2 × (limit × gradient + √limit)`, within `[min, max]`. With
-//!   latency at baseline the limit grows by about `0.2 √limit` a window; as latency rises it
-//!   shrinks by up to half.
+//!   latency `recent` is compared with `tolerance × baseline`:
+//!   - within it, the limit grows by `√limit` (smoothed, about `0.2 √limit` a window), but
+//!     only if the window used at least half the limit: an idle app earns no headroom it has
+//!     not shown it can take;
+//!   - over it, the limit is multiplied by `gradient = max(tolerance × baseline / recent,
+//!     0.5)` (smoothed), within `[min, max]`. So latency settles at the tolerance the policy
+//!     declared, not above it.
 //!
 //! At the limit, a request is still admitted while its key holds fewer than its fair share
 //! (`limit / keys with requests in flight`): a key under its share is never shed because
@@ -29,8 +34,10 @@ use keylimit_dataplane::LoadShedding;
 pub const WINDOW_SAMPLES: u32 = 16;
 /// Window length, at least.
 pub const WINDOW_NS: u64 = 20_000_000;
-/// Windows between two baseline probes (about 5 s at the shortest window).
-pub const PROBE_EVERY: u32 = 250;
+/// Windows at `min` in a row that start a probe (at least 1 s).
+pub const STUCK_WINDOWS: u32 = 50;
+/// Time between two scheduled probes.
+pub const PROBE_INTERVAL_NS: u64 = 60_000_000_000;
 
 #[derive(Debug)]
 struct State {
@@ -46,7 +53,12 @@ struct State {
     probing: bool,
     /// Counts probes; a permit taken during the current probe carries its number.
     probe_epoch: u64,
-    windows_since_probe: u32,
+    /// When the last probe ended (monotonic ns).
+    probed_at_ns: u64,
+    /// Windows in a row that ended with the limit at `min`.
+    windows_at_min: u32,
+    /// The most requests in flight during the current window.
+    window_peak: u32,
     shed_total: u64,
 }
 
@@ -67,7 +79,9 @@ impl Default for LoadShedder {
             baseline_ns: 0.0,
             probing: true,
             probe_epoch: 1,
-            windows_since_probe: 0,
+            probed_at_ns: 0,
+            windows_at_min: 0,
+            window_peak: 0,
             shed_total: 0,
         })))
     }
@@ -134,6 +148,7 @@ impl LoadShedder {
             }
         }
         st.in_flight += 1;
+        st.window_peak = st.window_peak.max(st.in_flight);
         *st.by_key.entry(key_id).or_insert(0) += 1;
         Ok(ShedPermit {
             shedder: self.clone(),
@@ -165,7 +180,9 @@ impl LoadShedder {
             if st.window_count >= WINDOW_SAMPLES {
                 st.baseline_ns = (st.window_sum_ns as f64 / f64::from(st.window_count)).max(1.0);
                 st.probing = false;
-                st.windows_since_probe = 0;
+                st.probed_at_ns = now_ns;
+                st.windows_at_min = 0;
+                st.window_peak = 0;
                 st.window_sum_ns = 0;
                 st.window_count = 0;
                 st.window_start_ns = now_ns;
@@ -179,22 +196,39 @@ impl LoadShedder {
             return;
         }
         let recent = (st.window_sum_ns as f64 / f64::from(st.window_count)).max(1.0);
+        let peak = f64::from(st.window_peak);
         st.window_sum_ns = 0;
         st.window_count = 0;
+        st.window_peak = st.in_flight;
         st.window_start_ns = now_ns;
-        st.windows_since_probe += 1;
-        if st.windows_since_probe >= PROBE_EVERY {
-            st.probing = true;
-            st.probe_epoch += 1;
-        }
-        let tolerance = f64::from(cfg.latency_tolerance_percent) / 100.0;
-        let gradient = (tolerance * st.baseline_ns / recent).clamp(0.5, 1.0);
-        let limit = st.limit;
-        let next = limit * gradient + limit.sqrt();
-        st.limit = (0.8 * limit + 0.2 * next).clamp(
+        let (min, max) = (
             f64::from(cfg.min_concurrency),
             f64::from(cfg.max_concurrency),
         );
+        let tolerance = f64::from(cfg.latency_tolerance_percent) / 100.0;
+        let allowed = tolerance * st.baseline_ns;
+        let limit = st.limit;
+        let next = if recent <= allowed {
+            if peak * 2.0 >= limit {
+                limit + limit.sqrt()
+            } else {
+                limit
+            }
+        } else {
+            limit * (allowed / recent).max(0.5)
+        };
+        st.limit = (0.8 * limit + 0.2 * next).clamp(min, max);
+        st.windows_at_min = if st.limit.floor() <= min {
+            st.windows_at_min + 1
+        } else {
+            0
+        };
+        if st.windows_at_min >= STUCK_WINDOWS
+            || now_ns.saturating_sub(st.probed_at_ns) >= PROBE_INTERVAL_NS
+        {
+            st.probing = true;
+            st.probe_epoch += 1;
+        }
     }
 
     fn release(&self, key_id: u64) {
@@ -242,69 +276,123 @@ mod tests {
         }
     }
 
-    /// One window of `n` responses of `latency` each, starting at `*now`.
-    fn window(s: &LoadShedder, now: &mut u64, latency: u64) {
-        for _ in 0..WINDOW_SAMPLES {
-            let p = s.try_acquire(1, &cfg(), *now).map_err(|_| ()).ok();
-            *now += WINDOW_NS / u64::from(WINDOW_SAMPLES) + 1;
-            if let Some(p) = p {
+    /// `rounds` rounds of a saturating client: each takes every slot the shedder gives key 1,
+    /// and they all answer `step` later after `latency`.
+    fn load(s: &LoadShedder, now: &mut u64, latency: u64, step: u64, rounds: u32) {
+        for _ in 0..rounds {
+            let permits: Vec<_> = (0..1_000)
+                .map_while(|_| s.try_acquire(1, &cfg(), *now).ok())
+                .collect();
+            *now += step;
+            for p in &permits {
                 p.shedder.observe(&cfg(), p.probe, latency, *now);
             }
         }
     }
 
+    const STEP: u64 = WINDOW_NS / 4;
+
     #[test]
     fn the_limit_grows_at_baseline_latency_shrinks_as_it_rises_and_recovers() {
         let s = LoadShedder::default();
         let mut now = 1_000 * MS;
-        window(&s, &mut now, 10 * MS);
+        // The first probe: 2 at a time until 16 have answered.
+        load(&s, &mut now, 10 * MS, STEP, 8);
         let start = s.snapshot().limit;
         assert_eq!(start, 8, "starts at 4 x min");
-        for _ in 0..50 {
-            window(&s, &mut now, 10 * MS);
-        }
+        load(&s, &mut now, 10 * MS, STEP, 200);
         let grown = s.snapshot().limit;
         assert!(
-            grown > start * 2,
+            grown > start * 4,
             "grew from {start} to {grown} at baseline latency"
         );
         // Latency triples, past the 1.5x tolerance: the limit falls to near min.
-        for _ in 0..30 {
-            window(&s, &mut now, 30 * MS);
-        }
+        load(&s, &mut now, 30 * MS, STEP, 120);
         let shrunk = s.snapshot().limit;
         assert!(shrunk < grown / 4, "{grown} -> {shrunk} under 3x latency");
         // Within tolerance (1.4x) it grows again: latency recovered.
-        for _ in 0..60 {
-            window(&s, &mut now, 14 * MS);
-        }
+        load(&s, &mut now, 14 * MS, STEP, 240);
         let recovered = s.snapshot().limit;
         assert!(
-            recovered > shrunk * 2,
+            recovered > shrunk * 4,
             "{shrunk} -> {recovered} after recovery"
         );
     }
 
     #[test]
-    fn a_probe_re_measures_the_baseline_under_the_pinned_limit() {
+    fn latency_settles_at_the_declared_tolerance() {
+        // An app whose latency is 1 ms per request in flight: the limit settles where the
+        // latency is 1.5x the baseline, not beyond.
+        let s = LoadShedder::default();
+        let mut now = 1_000 * MS;
+        for _ in 0..2_000 {
+            let permits: Vec<_> = (0..1_000)
+                .map_while(|_| s.try_acquire(1, &cfg(), now).ok())
+                .collect();
+            now += STEP;
+            let latency = permits.len() as u64 * MS;
+            for p in &permits {
+                p.shedder.observe(&cfg(), p.probe, latency, now);
+            }
+        }
+        // Baseline 2 ms (the probe at min 2), tolerance 1.5: about 3 in flight.
+        let limit = s.snapshot().limit;
+        assert!((2..=4).contains(&limit), "settled at {limit}");
+    }
+
+    #[test]
+    fn an_idle_app_earns_no_headroom() {
+        let s = LoadShedder::default();
+        let mut now = 1_000 * MS;
+        load(&s, &mut now, 10 * MS, STEP, 8);
+        // One request at a time, at baseline latency, for many windows.
+        for _ in 0..2_000 {
+            let p = s.try_acquire(1, &cfg(), now).expect("under the limit");
+            now += STEP / 4;
+            p.observe(now);
+        }
+        assert_eq!(s.snapshot().limit, 8);
+    }
+
+    #[test]
+    fn a_scheduled_probe_re_measures_a_baseline_taken_in_a_busy_moment() {
         let s = LoadShedder::default();
         let mut now = 1_000 * MS;
         // First probe at 40 ms (a busy moment), then the app is at 10 ms for good.
-        window(&s, &mut now, 40 * MS);
-        for _ in 0..PROBE_EVERY {
-            window(&s, &mut now, 10 * MS);
-        }
-        // The next probe measures 10 ms: 30 ms is now 3x the baseline, and the limit falls.
-        window(&s, &mut now, 10 * MS);
+        load(&s, &mut now, 40 * MS, STEP, 8);
+        load(&s, &mut now, 10 * MS, STEP, 100);
+        // 30 ms is within 1.5 x 40 ms: nothing falls before the next probe.
         let before = s.snapshot().limit;
-        for _ in 0..30 {
-            window(&s, &mut now, 30 * MS);
-        }
+        load(&s, &mut now, 30 * MS, STEP, 40);
+        assert!(
+            s.snapshot().limit >= before,
+            "{before} -> {:?}",
+            s.snapshot()
+        );
+        // A minute on, the probe measures 10 ms, and 30 ms is now 3x the baseline.
+        load(&s, &mut now, 10 * MS, PROBE_INTERVAL_NS / 100, 100);
+        load(&s, &mut now, 10 * MS, STEP, 20);
+        let before = s.snapshot().limit;
+        load(&s, &mut now, 30 * MS, STEP, 120);
         assert!(
             s.snapshot().limit < before / 4,
             "{before} -> {:?}",
             s.snapshot()
         );
+    }
+
+    #[test]
+    fn a_limit_stuck_at_min_re_probes_an_app_that_got_slower_for_good() {
+        let s = LoadShedder::default();
+        let mut now = 1_000 * MS;
+        load(&s, &mut now, 10 * MS, STEP, 8);
+        load(&s, &mut now, 10 * MS, STEP, 100);
+        // A new release answers in 100 ms at any load: the limit falls to min, then a probe
+        // takes 100 ms as the baseline and it grows again.
+        load(&s, &mut now, 100 * MS, STEP, 200);
+        assert_eq!(s.snapshot().limit, 2);
+        load(&s, &mut now, 100 * MS, STEP, 400);
+        assert!(s.snapshot().limit > 8, "{:?}", s.snapshot());
     }
 
     #[test]
@@ -321,8 +409,8 @@ mod tests {
             "pinned to min while probing"
         );
         drop(probe);
-        window(&s, &mut now, 10 * MS);
-        assert_eq!(s.snapshot().shed_total, 1);
+        load(&s, &mut now, 10 * MS, STEP, 8);
+        let shed_before = s.snapshot().shed_total;
         // Limit 8: a heavy key takes all 8 slots.
         let heavy: Vec<_> = (0..8)
             .map(|_| s.try_acquire(1, &c, 0).expect("under the limit"))
@@ -340,7 +428,7 @@ mod tests {
             s.try_acquire(2, &c, 0).is_err(),
             "light at its share is shed too"
         );
-        assert_eq!(s.snapshot().shed_total, 3);
+        assert_eq!(s.snapshot().shed_total, shed_before + 2);
         // As the heavy key's requests end, it is still over its share until it drains to it.
         drop(heavy);
         assert_eq!(s.snapshot().in_flight, 4);
