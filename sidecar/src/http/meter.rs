@@ -4,16 +4,11 @@
 //! ends. Bodies are never buffered: the scanners keep a few hundred bytes of state whatever
 //! the body's size.
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, CONTENT_TYPE};
-use hyper::body::{Body, Frame, SizeHint};
 
 use crate::config::ConfigStore;
-use crate::http::response::ProxyBody;
 use crate::limiter::local::Limiter;
 use crate::limiter::redis::RedisBackends;
 use keylimit_dataplane::Store;
@@ -110,9 +105,9 @@ impl Meter {
         }
     }
 
-    /// Settles from the response's header, or wraps its body to find the cost as it passes.
-    /// A response that reports nothing is charged its reservation.
-    pub fn attach(self, headers: &HeaderMap, body: ProxyBody) -> ProxyBody {
+    /// Settles from the response's header, or returns the [`BodyMeter`] that finds the cost
+    /// as the body passes. A response that reports nothing is charged its reservation.
+    pub fn attach(self, headers: &HeaderMap) -> Option<BodyMeter> {
         let reported = self
             .rule
             .header
@@ -121,7 +116,7 @@ impl Meter {
             .and_then(|v| parse_count(v.as_bytes()));
         if let Some(n) = reported {
             self.settle(n);
-            return body;
+            return None;
         }
         let path = &self.rule.json_path;
         let ct = headers
@@ -129,6 +124,7 @@ impl Meter {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_ascii_lowercase();
+        // With no scan, nothing will report a cost: the reservation stands as the charge.
         let scan = if path.is_empty() {
             None
         } else if ct.starts_with("text/event-stream") {
@@ -137,16 +133,11 @@ impl Meter {
             Some(Scan::Json(JsonScanner::new(path.clone())))
         } else {
             None
-        };
-        match scan {
-            // Nothing will report a cost: the reservation stands as the charge.
-            None => body,
-            Some(scan) => http_body_util::BodyExt::boxed(MeteredBody {
-                inner: body,
-                scan,
-                meter: Some(self),
-            }),
-        }
+        }?;
+        Some(BodyMeter {
+            scan,
+            meter: Some(self),
+        })
     }
 }
 
@@ -171,16 +162,21 @@ impl Scan {
     }
 }
 
-/// A response body that settles its request's cost when it ends, is cut, or is dropped (the
-/// client went away): with the cost it saw, or the reservation if it saw none.
-struct MeteredBody {
-    inner: ProxyBody,
+/// Reads a response body's cost as its frames pass, and settles it when the body ends, is
+/// cut, or is dropped (the client went away): with the cost it saw, or the reservation if it
+/// saw none. The proxy's response body drives it.
+pub struct BodyMeter {
     scan: Scan,
     meter: Option<Meter>,
 }
 
-impl MeteredBody {
-    fn settle(&mut self) {
+impl BodyMeter {
+    pub fn feed(&mut self, data: &[u8]) {
+        self.scan.feed(data);
+    }
+
+    /// Settles once; later calls do nothing.
+    pub fn finish(&mut self) {
         if let Some(m) = self.meter.take() {
             let actual = self.scan.found().unwrap_or(m.reserved);
             m.settle(actual);
@@ -188,43 +184,9 @@ impl MeteredBody {
     }
 }
 
-impl Drop for MeteredBody {
+impl Drop for BodyMeter {
     fn drop(&mut self) {
-        self.settle();
-    }
-}
-
-impl Body for MeteredBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(d) = frame.data_ref() {
-                    this.scan.feed(d);
-                }
-                if this.inner.is_end_stream() {
-                    this.settle();
-                }
-            }
-            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => this.settle(),
-            Poll::Pending => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.finish();
     }
 }
 

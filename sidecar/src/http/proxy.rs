@@ -17,7 +17,7 @@ use hyper_util::rt::TokioIo;
 
 use crate::authbudget::{AuthFailureBudget, AuthFailureLimit};
 use crate::config::{ConfigStore, KeyPolicy, KeySourceRule, Snapshot};
-use crate::http::meter::Meter;
+use crate::http::meter::{BodyMeter, Meter};
 use crate::http::path;
 use crate::http::response::{self, ProxyBody};
 use crate::http::upstream::{Lent, UpstreamPool};
@@ -521,27 +521,29 @@ impl Proxy {
             inner: body,
             permit,
             shed,
+            // Metered: the cost comes from this response's header or passes by in its body.
+            meter: meter.and_then(|m| m.attach(&parts.headers)),
             lent: Some(lent),
         }
         .boxed();
-        // Metered: the cost comes from this response's header or passes by in its body.
-        let body = match meter {
-            Some(m) => m.attach(&parts.headers, body),
-            None => body,
-        };
         Response::from_parts(parts, body)
     }
 }
 
-/// Keeps the request's concurrency slots until the response body ends or is dropped (the
-/// client went away), whichever comes first, and returns the upstream connection to the pool
-/// when the body was read to its end (hyper stops polling once `is_end_stream`, so the check
-/// is on drop). A body dropped half-read drops the connection: hyper closes it.
+/// The response body on its way to the client, with what ends with it:
+/// - it keeps the request's concurrency slots until the body ends or is dropped (the client
+///   went away), whichever comes first;
+/// - a metered response's cost is read as its frames pass and settled when it ends (or on
+///   drop, by the [`BodyMeter`]);
+/// - the upstream connection goes back to the pool when the body was read to its end (hyper
+///   stops polling once `is_end_stream`, so the check is on drop). A body dropped half-read
+///   drops the connection: hyper closes it.
 struct GuardedBody {
     inner: Incoming,
     permit: Option<Permit>,
     /// The request's slot in the app's adaptive limit, held like `permit`.
     shed: Option<ShedPermit>,
+    meter: Option<BodyMeter>,
     lent: Option<Lent<Incoming>>,
 }
 
@@ -570,10 +572,27 @@ impl Body for GuardedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-            self.permit = None;
-            self.shed = None;
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let ended = match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(m), Some(d)) = (&mut this.meter, frame.data_ref()) {
+                    m.feed(d);
+                }
+                // hyper may not poll again once the body says it has ended.
+                this.meter.is_some() && this.inner.is_end_stream()
+            }
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => {
+                this.permit = None;
+                this.shed = None;
+                true
+            }
+            Poll::Pending => false,
+        };
+        if ended {
+            if let Some(m) = &mut this.meter {
+                m.finish();
+            }
         }
         polled
     }
