@@ -341,7 +341,9 @@ pub struct LoadSheddingSpec {
     /// Switch shedding off without losing the settings.
     #[serde(default = "yes")]
     pub enabled: bool,
-    /// The adaptive limit never goes below this many requests in flight (default 4).
+    /// The adaptive limit never goes below this many requests in flight (default 4). The
+    /// app's baseline latency is measured with the limit pinned here: at start, when the
+    /// limit has sat here for 50 windows, and every 60 s.
     #[serde(default = "default_min_concurrency")]
     #[schemars(range(min = 1, max = 100000))]
     pub min_concurrency: u32,
