@@ -7,12 +7,13 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use keylimit_dataplane::{
-    hash_key, KeyEntry, KeySource, Limits, Mode, PolicyConfig, PolicyDocument, PreviousKey,
-    RateWindow, ResponseConfig, Store, Unit, API_VERSION,
+    hash_key, KeyEntry, KeySource, Limits, LoadShedding, Mode, PolicyConfig, PolicyDocument,
+    PreviousKey, RateWindow, ResponseConfig, Store, Unit, API_VERSION,
 };
 use keylimit_sidecar::config::{hash_presented, Snapshot};
 use keylimit_sidecar::limiter::clock::SystemClock;
 use keylimit_sidecar::limiter::local::Limiter;
+use keylimit_sidecar::limiter::shed::LoadShedder;
 use keylimit_sidecar::limiter::{Check, Decision, LimitSet};
 use keylimit_sidecar::metrics::Metrics;
 
@@ -225,6 +226,24 @@ fn benches(c: &mut Criterion) {
                 500,
                 black_box(420),
             )
+        })
+    });
+    // Load shedding's admission: a mutex and the per-key in-flight map, then the latency
+    // sample and the release when the response ends. The permit's observe() also closes a
+    // window every 16 samples.
+    let shedder = LoadShedder::default();
+    let shedding = LoadShedding {
+        min_concurrency: 4,
+        max_concurrency: 1000,
+        latency_tolerance_percent: 150,
+    };
+    let mut at = mono;
+    g.bench_function("shed_admit_observe_release", |b| {
+        b.iter(|| {
+            at += 1_000_000;
+            if let Ok(p) = shedder.try_acquire(black_box(7), &shedding, at) {
+                p.observe(at + 500_000);
+            }
         })
     });
     // The parts of `single_key`: the clock read every decision makes, and the index lookup.
