@@ -489,6 +489,9 @@ pub struct Route {
     pub cost: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<Limits>,
+    /// Where this route's responses report their cost, in place of the policy's `usage`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageSource>,
 }
 
 fn one() -> u64 {
@@ -617,6 +620,20 @@ pub struct PreviousKey {
     pub valid_until: i64,
 }
 
+fn validate_usage(u: &UsageSource, what: &str) -> Result<(), Error> {
+    if u.header.is_none() && u.json_field.is_none() {
+        return Err(Error::Invalid(format!(
+            "{what} needs a header or a jsonField"
+        )));
+    }
+    if u.json_path().iter().any(String::is_empty) {
+        return Err(Error::Invalid(format!(
+            "{what}.jsonField has an empty segment"
+        )));
+    }
+    Ok(())
+}
+
 fn is_false(b: &bool) -> bool {
     !*b
 }
@@ -631,6 +648,7 @@ impl PolicyDocument {
     pub fn is_metered(&self) -> bool {
         let p = &self.policy;
         p.usage.is_some()
+            || p.routes.iter().any(|r| r.usage.is_some())
             || p.limits.counts_tokens()
             || p.policy_limits.as_ref().is_some_and(Limits::counts_tokens)
             || p.routes
@@ -688,6 +706,9 @@ impl PolicyDocument {
             if let Some(l) = &r.limits {
                 validate_limits(l, &format!("routes[{}].limits", r.name))?;
             }
+            if let Some(u) = &r.usage {
+                validate_usage(u, &format!("routes[{}].usage", r.name))?;
+            }
         }
         if let Some(l) = &self.policy.load_shedding {
             if l.min_concurrency == 0 || l.min_concurrency > l.max_concurrency {
@@ -702,14 +723,7 @@ impl PolicyDocument {
             }
         }
         if let Some(u) = &self.policy.usage {
-            if u.header.is_none() && u.json_field.is_none() {
-                return Err(Error::Invalid("usage needs a header or a jsonField".into()));
-            }
-            if u.json_path().iter().any(String::is_empty) {
-                return Err(Error::Invalid(
-                    "usage.jsonField has an empty segment".into(),
-                ));
-            }
+            validate_usage(u, "usage")?;
         }
         // Keys are not checked here: one bad entry must not freeze the whole policy. The
         // sidecar checks each key with `validate_key` and skips (and reports) a bad one.

@@ -276,7 +276,7 @@ pub struct ApiKeyStatus {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.routes) || self.routes.all(r, self.routes.exists_one(s, s.name == r.name))").message("route names must be unique"))]
 #[x_kube(validation = Rule::new("has(self.limits) || has(self.routes)").message("a policy needs limits or routes"))]
-#[x_kube(validation = Rule::new("has(self.usage) || ((!has(self.limits) || ((!has(self.limits.rates) || self.limits.rates.all(r, !has(r.tokens))) && (!has(self.limits.quotas) || self.limits.quotas.all(q, !has(q.tokens))))) && (!has(self.policyLimits) || ((!has(self.policyLimits.rates) || self.policyLimits.rates.all(r, !has(r.tokens))) && (!has(self.policyLimits.quotas) || self.policyLimits.quotas.all(q, !has(q.tokens))))))").message("limits counted in tokens need usage: where responses report their cost"))]
+#[x_kube(validation = Rule::new("has(self.usage) || ((!has(self.routes) || self.routes.all(r, has(r.usage) || (!has(r.limits) || ((!has(r.limits.rates) || r.limits.rates.all(x, !has(x.tokens))) && (!has(r.limits.quotas) || r.limits.quotas.all(x, !has(x.tokens))))))) && (((!has(self.limits) || ((!has(self.limits.rates) || self.limits.rates.all(x, !has(x.tokens))) && (!has(self.limits.quotas) || self.limits.quotas.all(x, !has(x.tokens))))) && (!has(self.policyLimits) || ((!has(self.policyLimits.rates) || self.policyLimits.rates.all(x, !has(x.tokens))) && (!has(self.policyLimits.quotas) || self.policyLimits.quotas.all(x, !has(x.tokens)))))) || (has(self.routes) && self.routes.exists(r, has(r.usage)))))").message("limits counted in tokens need usage: where responses report their cost (on the policy, or on the route)"))]
 pub struct RateLimitPolicySpec {
     /// Pods whose sidecars enforce this policy. Must not be empty.
     #[x_kube(validation = Rule::new("(has(self.matchLabels) && size(self.matchLabels) > 0) || (has(self.matchExpressions) && size(self.matchExpressions) > 0)").message("selector must not be empty: give matchLabels or matchExpressions"))]
@@ -556,7 +556,7 @@ pub struct RateSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1000000000))]
     pub requests: Option<u64>,
-    /// Tokens per `per`, as the responses report them (the policy's `usage`), instead of
+    /// Tokens per `per`, as the responses report them (the policy's or the route's `usage`), instead of
     /// requests. A request is admitted while the key has tokens left; its reported cost is
     /// charged when the response completes and may put the key into debt, which it pays
     /// back at this rate before it is admitted again.
@@ -637,7 +637,7 @@ pub struct QuotaSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1000000000000u64))]
     pub requests: Option<u64>,
-    /// Tokens per period, as the responses report them (the policy's `usage`). A key whose
+    /// Tokens per period, as the responses report them (the policy's or the route's `usage`). A key whose
     /// last response took it over the quota is refused until the period ends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1000000000000000u64))]
@@ -704,7 +704,7 @@ pub enum MatrixParametersSpec {
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("has(self.limits) || self.cost != 1").message("a route needs its own limits or a cost other than 1"))]
+#[x_kube(validation = Rule::new("has(self.limits) || self.cost != 1 || has(self.usage)").message("a route needs its own limits, a cost other than 1, or its own usage"))]
 #[x_kube(validation = Rule::new("self.cost != 0 || !has(self.limits)").message("a route with cost 0 is free: it is charged nothing against rates and quotas, so its own limits would never count; remove limits or set a cost"))]
 pub struct RouteSpec {
     #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("name must be lowercase alphanumerics and '-'"))]
@@ -728,6 +728,11 @@ pub struct RouteSpec {
     /// Limits for this route only, per key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<LimitsSpec>,
+    /// Where this route's responses report their cost, in place of the policy's `usage`
+    /// (for example an embeddings route that reports `usage.prompt_tokens`). Requests on a
+    /// route without it use the policy's; with neither, they cost no tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageSpec>,
 }
 
 fn default_cost() -> u64 {
@@ -855,6 +860,7 @@ mod tests {
 
         let mut p = mk_policy("p");
         let route = RouteSpec {
+            usage: None,
             name: "a".into(),
             path_prefix: "/a".into(),
             methods: None,
@@ -873,6 +879,7 @@ mod tests {
 
         let mut p = mk_policy("p");
         p.spec.routes = Some(vec![RouteSpec {
+            usage: None,
             name: "a".into(),
             path_prefix: "nope".into(),
             methods: Some(vec!["get".into()]),
@@ -881,17 +888,63 @@ mod tests {
         }]);
         rejects(&p, "pathPrefix must start with '/'");
         rejects(&p, "methods must be HTTP methods");
-        rejects(&p, "a route needs its own limits or a cost");
+        rejects(&p, "a route needs its own limits, a cost");
     }
 
     fn route(cost: u64, limits: Option<LimitsSpec>) -> RouteSpec {
         RouteSpec {
+            usage: None,
             name: "r".into(),
             path_prefix: "/r".into(),
             methods: None,
             cost,
             limits,
         }
+    }
+
+    #[test]
+    fn token_limits_need_usage_on_the_policy_or_a_route() {
+        let tokens = || {
+            Some(LimitsSpec {
+                rates: Some(vec![RateSpec {
+                    name: "t".into(),
+                    requests: None,
+                    tokens: Some(1_000),
+                    per: RateUnit::Minute,
+                    burst: None,
+                }]),
+                ..Default::default()
+            })
+        };
+        let usage = || {
+            Some(UsageSpec {
+                header: Some("x-usage-tokens".into()),
+                json_field: None,
+                estimate: None,
+            })
+        };
+        // A route's own token limits, with no usage anywhere.
+        let mut p = mk_policy("p");
+        p.spec.routes = Some(vec![route(1, tokens())]);
+        rejects(&p, "limits counted in tokens need usage");
+        // ... metered by the route's usage, or the policy's.
+        p.spec.routes = Some(vec![RouteSpec {
+            usage: usage(),
+            ..route(1, tokens())
+        }]);
+        p.validate_cel().unwrap();
+        p.spec.routes = Some(vec![route(1, tokens())]);
+        p.spec.usage = usage();
+        p.validate_cel().unwrap();
+        // Policy-wide token limits metered by one route's usage; a route may have only usage.
+        let mut p = mk_policy("p");
+        p.spec.limits = tokens();
+        rejects(&p, "limits counted in tokens need usage");
+        p.spec.routes = Some(vec![RouteSpec {
+            usage: usage(),
+            ..route(1, None)
+        }]);
+        p.validate_cel().unwrap();
     }
 
     #[test]
@@ -909,7 +962,7 @@ mod tests {
         rejects(&p, "a route with cost 0 is free");
         // The older rule still holds, and a priced route may have limits.
         p.spec.routes = Some(vec![route(1, None)]);
-        rejects(&p, "a route needs its own limits or a cost");
+        rejects(&p, "a route needs its own limits, a cost");
         p.spec.routes = Some(vec![route(1, concurrency())]);
         p.validate_cel().unwrap();
         p.spec.routes = Some(vec![route(3, concurrency())]);

@@ -456,6 +456,7 @@ pub fn policy_config(
                 methods: r.methods.clone().unwrap_or_default(),
                 cost: r.cost,
                 limits: r.limits.as_ref().map(limits_from_spec),
+                usage: r.usage.as_ref().map(usage_from_spec),
             })
             .collect(),
         path_matching: spec
@@ -1293,6 +1294,7 @@ pub mod tests {
     fn overrides_and_routes_reach_the_document() {
         let mut p = mk_policy("p");
         p.spec.routes = Some(vec![crate::crd::RouteSpec {
+            usage: None,
             name: "search".into(),
             path_prefix: "/search".into(),
             methods: Some(vec!["GET".into()]),
@@ -1311,6 +1313,34 @@ pub mod tests {
         assert_eq!(doc.policy.mode, dp::Mode::DryRun);
         assert_eq!(doc.policy.routes[0].cost, 5);
         assert_eq!(doc.keys[0].overrides.as_ref().unwrap().concurrency, Some(4));
+    }
+
+    #[test]
+    fn a_routes_usage_reaches_the_document_and_makes_it_metered() {
+        let mut p = mk_policy("p");
+        p.spec.routes = Some(vec![crate::crd::RouteSpec {
+            usage: Some(crate::crd::UsageSpec {
+                header: None,
+                json_field: Some("usage.prompt_tokens".into()),
+                estimate: None,
+            }),
+            name: "embeddings".into(),
+            path_prefix: "/v1/embeddings".into(),
+            methods: None,
+            cost: 1,
+            limits: None,
+        }]);
+        let r = render(&p, &[mk_bound("a")]).unwrap();
+        let doc =
+            dp::PolicyDocument::parse(r.config_maps[0].data["policy.json"].as_bytes()).unwrap();
+        assert_eq!(doc.api_version, dp::API_VERSION_METERED);
+        assert_eq!(
+            doc.policy.routes[0]
+                .usage
+                .as_ref()
+                .and_then(|u| u.json_field.as_deref()),
+            Some("usage.prompt_tokens")
+        );
     }
 
     #[test]
@@ -1513,6 +1543,7 @@ pub mod tests {
             matrix_parameters: MatrixParametersSpec::Reject,
         });
         p.spec.routes = Some(vec![crate::crd::RouteSpec {
+            usage: None,
             name: "health".into(),
             path_prefix: "/health".into(),
             methods: None,

@@ -41,6 +41,8 @@ pub struct RouteRule {
     pub methods: Vec<Method>,
     pub cost: u64,
     pub limits: Option<LimitSet>,
+    /// Where this route's responses report their cost, in place of the policy's.
+    pub usage: Option<UsageRule>,
 }
 
 /// Where the key is read from, with header names parsed once.
@@ -82,6 +84,34 @@ fn header_name(name: &str, what: &str) -> Result<HeaderName, Error> {
         Error::Document(dp::Error::Invalid(format!(
             "{what} {name:?} is not a valid header name"
         )))
+    })
+}
+
+/// The sidecar's form of a `usage` (the policy's or a route's): header names parsed once.
+fn usage_rule(u: &dp::UsageSource, what: &str) -> Result<UsageRule, Error> {
+    Ok(UsageRule {
+        header: u
+            .header
+            .as_deref()
+            .map(|h| header_name(h, &format!("{what}.header")))
+            .transpose()?,
+        json_path: u
+            .json_path()
+            .into_iter()
+            .map(|s| s.into_bytes().into_boxed_slice())
+            .collect(),
+        estimate_header: u
+            .estimate
+            .as_ref()
+            .and_then(|e| e.header.as_deref())
+            .map(|h| header_name(h, &format!("{what}.estimate.header")))
+            .transpose()?,
+        estimate_fixed: u.estimate.as_ref().map_or(0, |e| e.fixed),
+        estimate_max: u
+            .estimate
+            .as_ref()
+            .and_then(|e| e.max)
+            .unwrap_or(DEFAULT_ESTIMATE_MAX),
     })
 }
 
@@ -153,6 +183,11 @@ impl Snapshot {
                         .limits
                         .as_ref()
                         .map(|l| LimitSet::compile(l, &format!("route/{}", r.name))),
+                    usage: r
+                        .usage
+                        .as_ref()
+                        .map(|u| usage_rule(u, &format!("routes[{}].usage", r.name)))
+                        .transpose()?,
                 })
             })
             .collect::<Result<Vec<_>, Error>>()?;
@@ -185,32 +220,7 @@ impl Snapshot {
         let usage = policy
             .usage
             .as_ref()
-            .map(|u| -> Result<UsageRule, Error> {
-                Ok(UsageRule {
-                    header: u
-                        .header
-                        .as_deref()
-                        .map(|h| header_name(h, "usage.header"))
-                        .transpose()?,
-                    json_path: u
-                        .json_path()
-                        .into_iter()
-                        .map(|s| s.into_bytes().into_boxed_slice())
-                        .collect(),
-                    estimate_header: u
-                        .estimate
-                        .as_ref()
-                        .and_then(|e| e.header.as_deref())
-                        .map(|h| header_name(h, "usage.estimate.header"))
-                        .transpose()?,
-                    estimate_fixed: u.estimate.as_ref().map_or(0, |e| e.fixed),
-                    estimate_max: u
-                        .estimate
-                        .as_ref()
-                        .and_then(|e| e.max)
-                        .unwrap_or(DEFAULT_ESTIMATE_MAX),
-                })
-            })
+            .map(|u| usage_rule(u, "usage"))
             .transpose()?;
         let counters = metrics.policy_counters(&format!("{}/{}", policy.namespace, policy.name));
         Ok(Snapshot {

@@ -245,6 +245,7 @@ async fn route_cost_counts_against_the_quota() {
     };
     let mut d = doc(limits, vec![key("dan")]);
     d.policy.routes = vec![Route {
+        usage: None,
         name: "export".into(),
         path_prefix: "/export".into(),
         methods: vec![],

@@ -1282,6 +1282,7 @@ async fn a_free_route_costs_nothing_in_redis_either() {
         store_with_timeout(redis.url(), FailMode::FailClosed, 1, 1000),
     );
     d.policy.routes = vec![keylimit_dataplane::Route {
+        usage: None,
         name: "health".into(),
         path_prefix: "/health".into(),
         methods: vec![],

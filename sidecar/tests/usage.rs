@@ -301,3 +301,39 @@ async fn an_open_stream_does_not_pin_a_replaced_config_and_is_charged_under_the_
     );
     sc.stop().await;
 }
+
+#[tokio::test]
+async fn a_route_reads_its_cost_from_its_own_usage() {
+    // An embeddings-style route reports `usage.prompt_tokens`; the rest of the API reports
+    // `usage.total_tokens` (the policy's).
+    let mut d = token_doc(0);
+    d.policy.routes.push(keylimit_dataplane::Route {
+        name: "embed".into(),
+        path_prefix: "/json".into(),
+        methods: vec![],
+        cost: 1,
+        limits: None,
+        usage: Some(UsageSource {
+            header: None,
+            json_field: Some("usage.prompt_tokens".into()),
+            estimate: None,
+        }),
+    });
+    let (_d, sc) = setup(d).await;
+    let (c, a) = (client(), sc.traffic_addr);
+    // The body says 1 prompt token and 1,500 in total: the route's field is charged.
+    assert_eq!(
+        with_key(&c, a, "/json?tokens=1500", "a").await.status,
+        StatusCode::OK
+    );
+    let r = with_key(&c, a, "/json?tokens=1500", "a").await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.header("x-ratelimit-remaining"), "999");
+    // Off the route, the policy's field: 2,000 tokens put key b in debt.
+    with_key(&c, a, "/sse?tokens=2000", "b").await;
+    assert_eq!(
+        with_key(&c, a, "/none", "b").await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    sc.stop().await;
+}

@@ -127,6 +127,11 @@ async fn crds_install_and_reject_bad_manifests() {
                     "apiVersion: keylimit.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {name: bad13}\nspec:\n  selector: {matchLabels: {a: b}}\n  usage: {jsonField: 'usage..total'}\n  limits:\n    rates: [{name: t, tokens: 5, per: Minute}]\n",
                     "jsonField must be dot-separated field names",
                 ),
+                (
+                    "a route's token limits without usage",
+                    "apiVersion: keylimit.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {name: bad14}\nspec:\n  selector: {matchLabels: {a: b}}\n  limits:\n    rates: [{name: m, requests: 1, per: Minute}]\n  routes:\n    - {name: chat, pathPrefix: /chat, limits: {rates: [{name: t, tokens: 5, per: Minute}]}}\n",
+                    "limits counted in tokens need usage",
+                ),
             ];
             for (what, yaml, fragment) in cases {
                 match env.apply_yaml(yaml).await {
@@ -141,6 +146,11 @@ async fn crds_install_and_reject_bad_manifests() {
             env.apply_yaml(include_str!("../../examples/tokens/llm.yaml"))
                 .await
                 .context("examples/tokens/llm.yaml")?;
+            // Policy-wide token limits may be metered by a route's usage alone (the other
+            // routes then cost no tokens).
+            env.apply_yaml("apiVersion: keylimit.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {name: route-usage}\nspec:\n  selector: {matchLabels: {a: b}}\n  limits:\n    rates: [{name: t, tokens: 5000, per: Minute}]\n  routes:\n    - {name: chat, pathPrefix: /chat, usage: {jsonField: usage.total_tokens}}\n")
+                .await
+                .context("token limits metered by a route's usage")?;
             Ok(())
     })
     .await;

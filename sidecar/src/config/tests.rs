@@ -82,6 +82,7 @@ fn index_finds_keys_by_presented_material_only() {
 #[test]
 fn longest_route_prefix_wins_and_methods_filter() {
     let route = |name: &str, prefix: &str, methods: Vec<&str>, cost| Route {
+        usage: None,
         name: name.into(),
         path_prefix: prefix.into(),
         methods: methods.into_iter().map(String::from).collect(),

@@ -220,13 +220,15 @@ impl Proxy {
             },
             None => None,
         };
+        // A route's own `usage` replaces the policy's for its requests.
+        let usage = route.and_then(|r| r.usage.as_ref()).or(snap.usage.as_ref());
         let check = Check {
             key_id: key.id,
             key_limits: key.limits,
             route_limits: route.and_then(|r| r.limits.as_ref()),
             policy_limits: snap.policy_limits.as_ref(),
             cost: route.map_or(1, |r| r.cost),
-            reserve: snap.usage.as_ref().map_or(0, |u| u.estimate(req.headers())),
+            reserve: usage.map_or(0, |u| u.estimate(req.headers())),
             throttle: snap.throttle,
             dry_run: snap.dry_run,
         };
@@ -320,7 +322,7 @@ impl Proxy {
             Some(v) => headers.insert(snap.source.identity_header.clone(), v),
             None => headers.remove(&snap.source.identity_header),
         };
-        let meter = snap.usage.as_ref().map(|rule| Meter {
+        let meter = usage.map(|rule| Meter {
             limiter: self.limiter.clone(),
             redis: self.redis.clone(),
             config: self.config.clone(),

@@ -9,6 +9,7 @@ use crate::{echoed, per_minute, setup};
 fn admin_route_doc(matching: PathMatching) -> keylimit_dataplane::PolicyDocument {
     let mut d = doc(per_minute(1_000), vec![key("k")]);
     d.policy.routes = vec![Route {
+        usage: None,
         name: "admin".into(),
         path_prefix: "/admin".into(),
         methods: vec![],
@@ -142,6 +143,7 @@ async fn policy_can_make_matching_case_sensitive_and_refuse_matrix_parameters() 
 async fn a_free_route_is_served_after_the_key_is_exhausted() {
     let mut d = doc(per_minute(1), vec![key("k")]);
     d.policy.routes = vec![Route {
+        usage: None,
         name: "health".into(),
         path_prefix: "/health".into(),
         methods: vec![],
