@@ -22,8 +22,7 @@ COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release -p keylimit-operator \
- && cargo build --profile sidecar -p keylimit-sidecar --bin keylimit-sidecar \
- && mkdir -p /out && cp target/release/keylimit-operator target/sidecar/keylimit-sidecar /out/
+ && mkdir -p /out && cp target/release/keylimit-operator "$(bash hack/build-sidecar.sh)" /out/
 
 # The build context holds only keylimit-operator and keylimit-sidecar (never the repo's target/).
 FROM scratch AS bins-prebuilt

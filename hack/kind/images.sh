@@ -10,7 +10,7 @@
 #   keylimit/redis:$TAG           Debian's redis-server and its libraries (rootfs.sh) on
 #                                 runtime-base, user 65532
 # TAG defaults to dev. Binaries come from `cargo build --release` (workspace release profile),
-# except the sidecar, which is built as shipped: `--profile sidecar` (fat LTO, Cargo.toml).
+# except the sidecar, which is built as shipped by hack/build-sidecar.sh (fat LTO, glibc linked in).
 # Sizes go to stdout and <cache>/kind/image-sizes.txt. Needs dockerd (hack/kind/docker.sh).
 set -euo pipefail
 KIND_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -33,15 +33,15 @@ trap 'rm -rf "${WORK}"' EXIT
 start=$SECONDS
 
 # --- release binaries ---------------------------------------------------------------------------
-log "cargo build --release (operator, testapp, probe) and --profile sidecar (sidecar)..."
+log "cargo build --release (operator, testapp, probe) and hack/build-sidecar.sh (sidecar)..."
 (cd "${REPO_DIR}" && cargo build -q --release -p keylimit-operator \
-  && cargo build -q --profile sidecar -p keylimit-sidecar --bin keylimit-sidecar \
   && cargo build -q --release -p keylimit-e2e --bin keylimit-testapp --bin keylimit-probe)
+SIDECAR_BIN="$("${REPO_DIR}/hack/build-sidecar.sh")"
 bins=(keylimit-operator keylimit-sidecar keylimit-testapp keylimit-probe)
 # bin_path <binary>: where cargo put it (the sidecar's profile has its own directory).
 bin_path() {
   case "$1" in
-    keylimit-sidecar) echo "${TARGET_DIR}/sidecar/$1" ;;
+    keylimit-sidecar) echo "${SIDECAR_BIN}" ;;
     *) echo "${TARGET_DIR}/release/$1" ;;
   esac
 }
@@ -53,7 +53,7 @@ done
 # Libraries the binaries link, by soname (the host is Debian too, but the files come from the
 # rootfs so the base does not depend on what the host has installed).
 sonames="$(for b in "${bins[@]}"; do ldd "$(bin_path "${b}")"; done \
-  | awk '$1 !~ /^linux-vdso/ { n = $1; sub(".*/", "", n); print n }' | sort -u)"
+  | awk '$1 !~ /^linux-vdso/ && $1 != "statically" { n = $1; sub(".*/", "", n); print n }' | sort -u)"
 [[ -n "${sonames}" ]] || die "ldd found no libraries: are the binaries dynamically linked?"
 base_rootfs="$("${KIND_DIR}/rootfs.sh" keylimit/debian-base:"${DEBIAN_SUITE}" ca-certificates)"
 rootfs_hash="$("${DOCKER}" image inspect --format '{{index .Config.Labels "dev.keylimit.rootfs"}}' "${base_rootfs}")"

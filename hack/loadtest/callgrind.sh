@@ -12,12 +12,12 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
-BIN="${1:-${CARGO_TARGET_DIR:-$ROOT/target}/sidecar/keylimit-sidecar}"
+BIN="${1:-${CARGO_TARGET_DIR:-$ROOT/target}/$(rustc -vV | sed -n 's/^host: //p')/sidecar/keylimit-sidecar}"
 REQUESTS="${2:-2000}"
 KEYS="${KEYS:-1000}"
 UP_PORT=18181 SIDECAR_PORT=18180 ADMIN_PORT=18190
 command -v valgrind >/dev/null || { echo "valgrind missing: apt-get install -y valgrind" >&2; exit 1; }
-[ -x "$BIN" ] || { echo "no sidecar binary at $BIN (cargo build --profile sidecar -p keylimit-sidecar)" >&2; exit 1; }
+[ -x "$BIN" ] || { echo "no sidecar binary at $BIN (hack/build-sidecar.sh)" >&2; exit 1; }
 # shellcheck source=hack/loadtest/lib.sh
 . "$(dirname "$0")/lib.sh"
 lt_init callgrind

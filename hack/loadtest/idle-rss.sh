@@ -21,10 +21,10 @@ lt_init idle-rss
 
 # SIDECAR_BIN: measure a given binary (e.g. built from a fixed commit) as is.
 if [[ -z "${SIDECAR_BIN:-}" ]]; then
-  echo "building the sidecar (profile sidecar, as shipped)..." >&2
-  cargo build --profile sidecar -q -p keylimit-sidecar --manifest-path "$ROOT/Cargo.toml"
+  echo "building the sidecar (as shipped: hack/build-sidecar.sh)..." >&2
+  SIDECAR_BIN="$("$ROOT/hack/build-sidecar.sh")"
 fi
-BIN="${SIDECAR_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/sidecar/keylimit-sidecar}"
+BIN="$SIDECAR_BIN"
 
 KEY="loadtest-key-0-0123456789abcdef"
 lt_config "$KEYS"

@@ -39,14 +39,14 @@ lt_init openloop
 
 # SIDECAR_BIN / OPENLOOP_BIN: measure given binaries (e.g. built from a fixed commit) as is.
 if [[ -z "${SIDECAR_BIN:-}" ]]; then
-  echo "building the sidecar (profile sidecar, as shipped)..." >&2
-  cargo build --profile sidecar -q -p keylimit-sidecar --manifest-path "$ROOT/Cargo.toml"
+  echo "building the sidecar (as shipped: hack/build-sidecar.sh)..." >&2
+  SIDECAR_BIN="$("$ROOT/hack/build-sidecar.sh")"
 fi
 if [[ -z "${OPENLOOP_BIN:-}" ]]; then
   echo "building the generator (release)..." >&2
   cargo build --release -q -p keylimit-e2e --bin openloop --manifest-path "$ROOT/Cargo.toml"
 fi
-BIN="${SIDECAR_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/sidecar/keylimit-sidecar}"
+BIN="$SIDECAR_BIN"
 GEN="${OPENLOOP_BIN:-$ROOT/target/release/openloop}"
 
 KEY="$LT_KEY"

@@ -22,9 +22,8 @@ command -v wrk >/dev/null || { echo "wrk missing: apt-get install -y wrk" >&2; e
 . "$(dirname "$0")/lib.sh"
 lt_init load
 
-echo "building the sidecar (profile sidecar, as shipped)..." >&2
-cargo build --profile sidecar -q -p keylimit-sidecar --manifest-path "$ROOT/Cargo.toml"
-BIN="${CARGO_TARGET_DIR:-$ROOT/target}/sidecar/keylimit-sidecar"
+echo "building the sidecar (as shipped: hack/build-sidecar.sh)..." >&2
+BIN="$("$ROOT/hack/build-sidecar.sh")"
 
 KEY="$LT_KEY"
 lt_start_proxies "$KEYS" "$UP_PORT" "$NGINX_PORT" "$SIDECAR_PORT" "$ADMIN_PORT" "$BIN"
