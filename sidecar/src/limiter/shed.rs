@@ -279,13 +279,25 @@ mod tests {
     /// `rounds` rounds of a saturating client: each takes every slot the shedder gives key 1,
     /// and they all answer `step` later after `latency`.
     fn load(s: &LoadShedder, now: &mut u64, latency: u64, step: u64, rounds: u32) {
+        load_with(s, now, |_| latency, step, rounds);
+    }
+
+    /// [`load`] with the latency a function of how many requests are in flight.
+    fn load_with(
+        s: &LoadShedder,
+        now: &mut u64,
+        latency: impl Fn(u64) -> u64,
+        step: u64,
+        rounds: u32,
+    ) {
         for _ in 0..rounds {
             let permits: Vec<_> = (0..1_000)
                 .map_while(|_| s.try_acquire(1, &cfg(), *now).ok())
                 .collect();
             *now += step;
+            let l = latency(permits.len() as u64);
             for p in &permits {
-                p.shedder.observe(&cfg(), p.probe, latency, *now);
+                p.shedder.observe(&cfg(), p.probe, l, *now);
             }
         }
     }
@@ -325,16 +337,7 @@ mod tests {
         // latency is 1.5x the baseline, not beyond.
         let s = LoadShedder::default();
         let mut now = 1_000 * MS;
-        for _ in 0..2_000 {
-            let permits: Vec<_> = (0..1_000)
-                .map_while(|_| s.try_acquire(1, &cfg(), now).ok())
-                .collect();
-            now += STEP;
-            let latency = permits.len() as u64 * MS;
-            for p in &permits {
-                p.shedder.observe(&cfg(), p.probe, latency, now);
-            }
-        }
+        load_with(&s, &mut now, |in_flight| in_flight * MS, STEP, 2_000);
         // Baseline 2 ms (the probe at min 2), tolerance 1.5: about 3 in flight.
         let limit = s.snapshot().limit;
         assert!((2..=4).contains(&limit), "settled at {limit}");
