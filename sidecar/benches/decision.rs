@@ -241,8 +241,8 @@ fn benches(c: &mut Criterion) {
     g.bench_function("shed_admit_observe_release", |b| {
         b.iter(|| {
             at += 1_000_000;
-            if let Ok(p) = shedder.try_acquire(black_box(7), &shedding, at) {
-                p.observe(at + 500_000);
+            if let Ok(mut p) = shedder.try_acquire(black_box(7), &shedding, at) {
+                p.answered(at + 500_000);
             }
         })
     });

@@ -9,6 +9,7 @@
 //! parameters, so after a config reload every limit that did not change finds its old counters
 //! and every limit that did starts fresh, without any migration step.
 
+use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
@@ -521,5 +522,37 @@ pub struct QueueSlot(Arc<AtomicU32>);
 impl Drop for QueueSlot {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// For maps keyed by key id. Key ids are already uniformly distributed (sha256 bytes) and only
+/// keys from the index get state, so an attacker cannot choose them: a multiply-mix is enough
+/// and keeps the lookup cheap compared with SipHash.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MixHasher(u64);
+
+impl Hasher for MixHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(26) ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0 ^ (self.0 >> 31)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BuildMix;
+
+impl BuildHasher for BuildMix {
+    type Hasher = MixHasher;
+    fn build_hasher(&self) -> MixHasher {
+        MixHasher(0)
     }
 }

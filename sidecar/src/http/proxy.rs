@@ -424,7 +424,7 @@ impl Proxy {
         upgrade: Option<HeaderValue>,
         hooks: Hooks,
     ) -> Response<ProxyBody> {
-        let Hooks { meter, shed } = hooks;
+        let Hooks { meter, mut shed } = hooks;
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
 
         let (mut parts, body) = req.into_parts();
@@ -462,8 +462,8 @@ impl Proxy {
             .observe(sent.elapsed().as_secs_f64());
         let (mut resp, lent) = match result {
             Ok(Ok(r)) => {
-                if let Some(s) = &shed {
-                    s.observe(self.limiter.mono_ns());
+                if let Some(s) = &mut shed {
+                    s.answered(self.limiter.mono_ns());
                 }
                 r
             }

@@ -6,7 +6,6 @@
 //! any decision.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -14,6 +13,7 @@ use keylimit_dataplane::{ExhaustionReason, Unit};
 
 use super::clock::{Clock, NANOS_PER_SEC};
 use super::window;
+use super::BuildMix;
 use super::{
     Admission, Check, Decision, DecisionStore, HeldSlots, LimitKind, LimitSet, LimitStatus, Permit,
     QueueSlot, QuotaRule, Refusal, ReleaseSlots, POLICY_SCOPE_ID,
@@ -68,38 +68,6 @@ impl<'c> Now<'c> {
     /// A monotonic instant as wall time, for `resetAt`.
     fn wall_of(&self, mono: u64) -> u64 {
         self.wall().saturating_add(mono.saturating_sub(self.mono))
-    }
-}
-
-/// Key ids are already uniformly distributed (sha256 bytes) and only keys from the index get
-/// state, so an attacker cannot choose them: a multiply-mix is enough and keeps the lookup
-/// cheap compared with SipHash.
-#[derive(Debug, Clone, Copy, Default)]
-struct MixHasher(u64);
-
-impl Hasher for MixHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.write_u64(u64::from(*b));
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0.rotate_left(26) ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-
-    fn finish(&self) -> u64 {
-        self.0 ^ (self.0 >> 31)
-    }
-}
-
-#[derive(Debug, Clone, Copy, Default)]
-struct BuildMix;
-
-impl BuildHasher for BuildMix {
-    type Hasher = MixHasher;
-    fn build_hasher(&self) -> MixHasher {
-        MixHasher(0)
     }
 }
 

@@ -30,6 +30,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use keylimit_dataplane::LoadShedding;
 
+use crate::limiter::BuildMix;
+
 /// Responses per window, at least.
 pub const WINDOW_SAMPLES: u32 = 16;
 /// Window length, at least.
@@ -43,7 +45,7 @@ pub const PROBE_INTERVAL_NS: u64 = 60_000_000_000;
 struct State {
     limit: f64,
     in_flight: u32,
-    by_key: HashMap<u64, u32>,
+    by_key: HashMap<u64, u32, BuildMix>,
     window_start_ns: u64,
     window_sum_ns: u64,
     window_count: u32,
@@ -72,7 +74,7 @@ impl Default for LoadShedder {
         LoadShedder(Arc::new(Mutex::new(State {
             limit: 0.0,
             in_flight: 0,
-            by_key: HashMap::new(),
+            by_key: HashMap::default(),
             window_start_ns: 0,
             window_sum_ns: 0,
             window_count: 0,
@@ -105,6 +107,8 @@ pub struct ShedPermit {
     /// The probe this request was admitted in, 0 if none.
     probe: u64,
     cfg: LoadShedding,
+    /// When the app's response head arrived, if it did.
+    answered_ns: Option<u64>,
 }
 
 impl LoadShedder {
@@ -156,6 +160,7 @@ impl LoadShedder {
             started_ns: now_ns,
             probe: if st.probing { st.probe_epoch } else { 0 },
             cfg: *cfg,
+            answered_ns: None,
         })
     }
 
@@ -167,9 +172,11 @@ impl LoadShedder {
             shed_total: st.shed_total,
         }
     }
+}
 
-    fn observe(&self, cfg: &LoadShedding, probe: u64, latency_ns: u64, now_ns: u64) {
-        let mut st = self.lock();
+impl State {
+    fn observe(&mut self, cfg: &LoadShedding, probe: u64, latency_ns: u64, now_ns: u64) {
+        let st = self;
         if st.probing {
             // Only requests admitted under the pinned limit measure the baseline.
             if probe != st.probe_epoch {
@@ -231,8 +238,8 @@ impl LoadShedder {
         }
     }
 
-    fn release(&self, key_id: u64) {
-        let mut st = self.lock();
+    fn release(&mut self, key_id: u64) {
+        let st = self;
         st.in_flight = st.in_flight.saturating_sub(1);
         if let Some(n) = st.by_key.get_mut(&key_id) {
             *n -= 1;
@@ -244,21 +251,26 @@ impl LoadShedder {
 }
 
 impl ShedPermit {
-    /// Records the upstream's latency for this request (its response head arrived at
-    /// `now_ns`). Requests the app never answered are not samples.
-    pub fn observe(&self, now_ns: u64) {
-        self.shedder.observe(
-            &self.cfg,
-            self.probe,
-            now_ns.saturating_sub(self.started_ns),
-            now_ns,
-        );
+    /// Notes that the app's response head arrived at `now_ns`: the request's latency sample,
+    /// recorded when the permit is released, under the same lock. Requests the app never
+    /// answered are not samples.
+    pub fn answered(&mut self, now_ns: u64) {
+        self.answered_ns = Some(now_ns);
     }
 }
 
 impl Drop for ShedPermit {
     fn drop(&mut self) {
-        self.shedder.release(self.key_id);
+        let mut st = self.shedder.lock();
+        if let Some(at) = self.answered_ns {
+            st.observe(
+                &self.cfg,
+                self.probe,
+                at.saturating_sub(self.started_ns),
+                at,
+            );
+        }
+        st.release(self.key_id);
     }
 }
 
@@ -291,13 +303,15 @@ mod tests {
         rounds: u32,
     ) {
         for _ in 0..rounds {
-            let permits: Vec<_> = (0..1_000)
+            let mut permits: Vec<_> = (0..1_000)
                 .map_while(|_| s.try_acquire(1, &cfg(), *now).ok())
                 .collect();
             *now += step;
             let l = latency(permits.len() as u64);
-            for p in &permits {
-                p.shedder.observe(&cfg(), p.probe, l, *now);
+            for p in &mut permits {
+                // Every request took `l`, answered now.
+                p.started_ns = *now - l;
+                p.answered(*now);
             }
         }
     }
@@ -350,9 +364,9 @@ mod tests {
         load(&s, &mut now, 10 * MS, STEP, 8);
         // One request at a time, at baseline latency, for many windows.
         for _ in 0..2_000 {
-            let p = s.try_acquire(1, &cfg(), now).expect("under the limit");
+            let mut p = s.try_acquire(1, &cfg(), now).expect("under the limit");
             now += STEP / 4;
-            p.observe(now);
+            p.answered(now);
         }
         assert_eq!(s.snapshot().limit, 8);
     }
@@ -402,7 +416,7 @@ mod tests {
     fn at_the_limit_only_keys_over_their_fair_share_are_shed() {
         let s = LoadShedder::default();
         let c = cfg();
-        let mut now = 0;
+        let mut now = 1_000 * MS;
         // The first probe: the limit is pinned to min (2) until 16 requests have answered.
         let probe: Vec<_> = (0..2)
             .map(|_| s.try_acquire(1, &c, 0).expect("under min"))
