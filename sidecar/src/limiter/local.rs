@@ -16,7 +16,7 @@ use super::window;
 use super::BuildMix;
 use super::{
     Admission, Check, Decision, DecisionStore, HeldSlots, LimitKind, LimitSet, LimitStatus, Permit,
-    QueueSlot, QuotaRule, Refusal, ReleaseSlots, POLICY_SCOPE_ID,
+    QueueSlot, QuotaRule, RateRule, Refusal, ReleaseSlots, POLICY_SCOPE_ID,
 };
 
 mod table;
@@ -198,6 +198,9 @@ impl Limiter {
     /// then counts as if it had arrived at that reading, so a window's pacing is off by at
     /// most the reading's age (the microsecond or so the caller spent since).
     pub fn decide_at(&self, c: &Check<'_>, mono_ns: u64) -> Decision {
+        if let Some(d) = self.decide_one_rate(c, mono_ns) {
+            return d;
+        }
         let now = Now::at(&*self.clock, mono_ns);
         let max_delay = match (c.dry_run, c.throttle) {
             (false, Some(t)) => Some(t.max_delay_ns),
@@ -306,6 +309,50 @@ impl Limiter {
             queued,
             dry_run_refusal: None,
         })
+    }
+
+    /// The most common shape of check: the key's limits are one rate window counted in
+    /// requests, and nothing else applies (no route, policy, quota, concurrency or throttle
+    /// limits, a request that costs something). It is decided with one probe of the key's
+    /// slot, where the general path probes it twice (check, then commit): 5-6 ns of a hot
+    /// key's decision (criterion). `None` for every other shape.
+    fn decide_one_rate(&self, c: &Check<'_>, mono: u64) -> Option<Decision> {
+        let set = c.key_limits;
+        let [r] = set.rates.as_slice() else {
+            return None;
+        };
+        let throttled = c.throttle.is_some() && !c.dry_run;
+        if !set.quotas.is_empty()
+            || set.concurrency.is_some()
+            || r.unit != Unit::Requests
+            || c.route_limits.is_some()
+            || c.policy_limits.is_some_and(|p| !p.is_empty())
+            || c.cost == 0
+            || throttled
+        {
+            return None;
+        }
+        let increment = r.interval_ns.saturating_mul(c.cost);
+        let capacity = r.tolerance_ns.max(increment);
+        let mut st = self.store.shard(c.key_id);
+        // A fresh slot is never refused (`admit_at <= now` when `until` is 0), so taking the
+        // entry before the check never leaves an empty slot behind for a refused key.
+        let slot = st.slots.entry(c.key_id, r.id);
+        let tat = slot.until.max(mono);
+        let admit_at = tat.saturating_add(increment).saturating_sub(capacity);
+        if admit_at > mono {
+            let mut refusal = rate_refusal(r, &Now::at(&*self.clock, mono), admit_at);
+            refusal.dry_run = c.dry_run;
+            st.refusals.insert(c.key_id, refusal.clone());
+            return Some(refused(refusal));
+        }
+        let until = tat.saturating_add(increment);
+        slot.until = until;
+        drop(st);
+        Some(Decision::Allow(Admission {
+            status: Some(rate_status(r, until - mono)),
+            ..Admission::default()
+        }))
     }
 
     fn rollback(&self, c: &Check<'_>, key_sets: &Sets<'_>, policy_sets: &Sets<'_>, cost: Charge) {
@@ -558,19 +605,7 @@ fn check_group(
                 let wait = admit_at - now.mono;
                 match max_delay {
                     Some(max) if wait <= max => delay = delay.max(wait),
-                    _ => {
-                        return Err(Refusal {
-                            reason: ExhaustionReason::RateLimited,
-                            kind: LimitKind::Rate,
-                            name: r.name.clone(),
-                            limit: r.requests,
-                            unit: r.unit,
-                            window_s: r.period_s,
-                            now_ns: now.wall(),
-                            reset_at_ns: now.wall_of(admit_at),
-                            dry_run: false,
-                        })
-                    }
+                    _ => return Err(rate_refusal(r, now, admit_at)),
                 }
             }
         }
@@ -655,17 +690,36 @@ fn commit_group(
                 .max(now.mono)
                 .saturating_add(r.interval_ns.saturating_mul(charge));
             s.until = tat;
-            let ahead = tat - now.mono;
-            offer(LimitStatus {
-                kind: LimitKind::Rate,
-                unit: r.unit,
-                id: r.id(),
-                limit: r.requests,
-                window_s: r.period_s,
-                remaining: r.tolerance_ns.saturating_sub(ahead) / r.interval_ns,
-                reset_secs: ahead.div_ceil(NANOS_PER_SEC),
-            });
+            offer(rate_status(r, tat - now.mono));
         }
+    }
+}
+
+/// A rate window refused until `admit_at` (monotonic).
+fn rate_refusal(r: &RateRule, now: &Now<'_>, admit_at: u64) -> Refusal {
+    Refusal {
+        reason: ExhaustionReason::RateLimited,
+        kind: LimitKind::Rate,
+        name: r.name.clone(),
+        limit: r.requests,
+        unit: r.unit,
+        window_s: r.period_s,
+        now_ns: now.wall(),
+        reset_at_ns: now.wall_of(admit_at),
+        dry_run: false,
+    }
+}
+
+/// What the headers say of a rate window whose arrival time runs `ahead` of now.
+fn rate_status(r: &RateRule, ahead: u64) -> LimitStatus {
+    LimitStatus {
+        kind: LimitKind::Rate,
+        unit: r.unit,
+        id: r.id(),
+        limit: r.requests,
+        window_s: r.period_s,
+        remaining: r.tolerance_ns.saturating_sub(ahead) / r.interval_ns,
+        reset_secs: ahead.div_ceil(NANOS_PER_SEC),
     }
 }
 
