@@ -24,7 +24,7 @@ use crate::http::upstream::{Lent, UpstreamPool};
 use crate::limiter::local::Limiter;
 use crate::limiter::redis::RedisBackends;
 use crate::limiter::shed::{LoadShedder, ShedPermit};
-use crate::limiter::{Admission, Check, Decision, LimitKind, Permit, Refusal};
+use crate::limiter::{Check, Decision, LimitKind, Permit, Refusal};
 use crate::metrics::{Metrics, Outcome};
 use crate::Error;
 use keylimit_dataplane::{ExhaustionReason, KeyHasher, Store, Unit};
@@ -238,12 +238,11 @@ impl Proxy {
                 let store = self.redis.get(cfg);
                 match store.decide(cfg, &check, &self.limiter).await {
                     Some(d) => {
-                        if let Decision::Refuse(r)
-                        | Decision::Allow(Admission {
-                            dry_run_refusal: Some(r),
-                            ..
-                        }) = &d
-                        {
+                        let refusal = match &d {
+                            Decision::Refuse(r) => Some(r),
+                            Decision::Allow(a) => a.dry_run_refusal.as_deref(),
+                        };
+                        if let Some(r) = refusal {
                             // The local view feeds /v1/usage and the operator's report.
                             self.limiter.note_refusal(key.id, r.clone());
                         }

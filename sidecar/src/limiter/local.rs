@@ -104,15 +104,15 @@ impl Shards {
 
 impl ReleaseSlots for Shards {
     fn release(&self, h: &HeldSlots) {
-        if h.key_slots.iter().any(Option::is_some) {
+        if h.key_slots.iter().any(|&l| l != 0) {
             let mut st = self.shard(h.key_id);
-            for limit in h.key_slots.iter().flatten() {
-                release(&mut st, h.key_id, *limit);
+            for &limit in h.key_slots.iter().filter(|&&l| l != 0) {
+                release(&mut st, h.key_id, limit);
             }
         }
-        if let Some(limit) = h.policy_slot {
+        if h.policy_slot != 0 {
             let mut st = self.shard(POLICY_SCOPE_ID);
-            release(&mut st, POLICY_SCOPE_ID, limit);
+            release(&mut st, POLICY_SCOPE_ID, h.policy_slot);
         }
     }
 }
@@ -283,15 +283,15 @@ impl Limiter {
         }
 
         let key_slots = [
-            c.key_limits.concurrency.as_ref().map(|r| r.id),
+            c.key_limits.concurrency.as_ref().map_or(0, |r| r.id),
             c.route_limits
                 .and_then(|s| s.concurrency.as_ref())
-                .map(|r| r.id),
+                .map_or(0, |r| r.id),
         ];
         let policy_slot = policy_sets[0]
             .and_then(|s| s.concurrency.as_ref())
-            .map(|r| r.id);
-        let permit = (key_slots.iter().any(Option::is_some) || policy_slot.is_some()).then(|| {
+            .map_or(0, |r| r.id);
+        let permit = (key_slots.iter().any(|&l| l != 0) || policy_slot != 0).then(|| {
             Permit::slots(
                 self.store.clone(),
                 HeldSlots {
@@ -317,21 +317,7 @@ impl Limiter {
     /// slot, where the general path probes it twice (check, then commit): 5-6 ns of a hot
     /// key's decision (criterion). `None` for every other shape.
     fn decide_one_rate(&self, c: &Check<'_>, mono: u64) -> Option<Decision> {
-        let set = c.key_limits;
-        let [r] = set.rates.as_slice() else {
-            return None;
-        };
-        let throttled = c.throttle.is_some() && !c.dry_run;
-        if !set.quotas.is_empty()
-            || set.concurrency.is_some()
-            || r.unit != Unit::Requests
-            || c.route_limits.is_some()
-            || c.policy_limits.is_some_and(|p| !p.is_empty())
-            || c.cost == 0
-            || throttled
-        {
-            return None;
-        }
+        let r = one_rate(c)?;
         let increment = r.interval_ns.saturating_mul(c.cost);
         let capacity = r.tolerance_ns.max(increment);
         let mut st = self.store.shard(c.key_id);
@@ -554,7 +540,7 @@ impl DecisionStore for Limiter {
 fn refused(r: Refusal) -> Decision {
     if r.dry_run {
         Decision::Allow(Admission {
-            dry_run_refusal: Some(r),
+            dry_run_refusal: Some(Box::new(r)),
             ..Admission::default()
         })
     } else {
@@ -693,6 +679,23 @@ fn commit_group(
             offer(rate_status(r, tat - now.mono));
         }
     }
+}
+
+/// The rate window of a check that [`Limiter::decide_one_rate`] can decide on its own.
+fn one_rate<'a>(c: &Check<'a>) -> Option<&'a RateRule> {
+    let set = c.key_limits;
+    let [r] = set.rates.as_slice() else {
+        return None;
+    };
+    let throttled = c.throttle.is_some() && !c.dry_run;
+    let alone = set.quotas.is_empty()
+        && set.concurrency.is_none()
+        && r.unit == Unit::Requests
+        && c.route_limits.is_none()
+        && c.policy_limits.is_none_or(LimitSet::is_empty)
+        && c.cost > 0
+        && !throttled;
+    alone.then_some(r)
 }
 
 /// A rate window refused until `admit_at` (monotonic).

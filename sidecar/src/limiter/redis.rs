@@ -1279,7 +1279,7 @@ impl Inner {
                     return Ok(if r.dry_run {
                         // DryRun forwards what it would refuse, uncharged, as local mode does.
                         Decision::Allow(Admission {
-                            dry_run_refusal: Some(r),
+                            dry_run_refusal: Some(Box::new(r)),
                             ..Admission::default()
                         })
                     } else {

@@ -489,6 +489,42 @@ fn refusal_is_reported_only_until_its_reset() {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
+    /// A key with one rate window is decided by `decide_one_rate` (one probe); the same key
+    /// with an empty route set beside it takes the general path (check, then commit). Both
+    /// give the same answer, headers, reset time and dry-run refusal for every request of a
+    /// random sequence of costs and gaps, refused ones included.
+    #[test]
+    fn one_rate_path_decides_as_the_general_path(
+        requests in 1u64..20,
+        period in 1u64..10,
+        burst in 0u64..5,
+        dry_run in any::<bool>(),
+        steps in proptest::collection::vec((0u64..2_000_000_000, 1u64..4), 1..200),
+    ) {
+        let (clock_a, one) = setup(10_000);
+        let (clock_b, general) = setup(10_000);
+        let set = rates(vec![rate("w", requests, period, burst)]);
+        let empty = LimitSet::default();
+        let mut refused = 0usize;
+        for (gap, cost) in steps {
+            clock_a.advance_ns(gap % (period * S));
+            clock_b.advance_ns(gap % (period * S));
+            let a = Check { cost, dry_run, ..check(&set) };
+            let b = Check { route_limits: Some(&empty), ..a };
+            prop_assert!(one_rate(&a).is_some() && one_rate(&b).is_none());
+            let (da, db) = (one.decide(&a), general.decide(&b));
+            let summary = |d: &Decision| match d {
+                Decision::Allow(x) => (true, x.status, x.dry_run_refusal.as_deref().cloned(), None),
+                Decision::Refuse(r) => (false, None, None, Some(r.clone())),
+            };
+            let (sa, sb) = (summary(&da), summary(&db));
+            refused += usize::from(sa.3.is_some() || sa.2.is_some());
+            prop_assert_eq!(format!("{sa:?}"), format!("{sb:?}"));
+        }
+        // Sequences with no refusal at all would compare only the easy half.
+        prop_assume!(refused > 0);
+    }
+
     /// No half-open window of one period ever admits more than requests + burst.
     #[test]
     fn rate_window_never_exceeds_limit_plus_burst(
