@@ -714,6 +714,11 @@ fn rate_refusal(r: &RateRule, now: &Now<'_>, admit_at: u64) -> Refusal {
 }
 
 /// What the headers say of a rate window whose arrival time runs `ahead` of now.
+///
+/// Always inlined: called out of line, its result went through the stack and was read back
+/// with a wider load than it was written with, which the CPU cannot forward from the store
+/// buffer; that stall was 3 ns of a 27 ns hot-key decision (criterion A/B, 26.8 -> 23.8 ns).
+#[inline(always)]
 fn rate_status(r: &RateRule, ahead: u64) -> LimitStatus {
     LimitStatus {
         kind: LimitKind::Rate,
