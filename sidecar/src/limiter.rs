@@ -65,6 +65,22 @@ impl RateRule {
         self.id
     }
 
+    /// This window refused at `now_ns` until `reset_at_ns` (wall time; every store reports
+    /// it the same way).
+    pub(crate) fn refusal(&self, now_ns: u64, reset_at_ns: u64) -> Refusal {
+        Refusal {
+            reason: ExhaustionReason::RateLimited,
+            kind: LimitKind::Rate,
+            name: self.name.clone(),
+            limit: self.requests,
+            unit: self.unit,
+            window_s: self.period_s,
+            now_ns,
+            reset_at_ns,
+            dry_run: false,
+        }
+    }
+
     fn new(name: Arc<str>, requests: u64, period_s: u64, burst: u64, unit: Unit, id: u64) -> Self {
         let period_ns = period_s.saturating_mul(NANOS_PER_SEC);
         // Rounded up so that `requests` intervals never fit inside one period: the

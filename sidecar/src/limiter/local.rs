@@ -700,17 +700,7 @@ fn one_rate<'a>(c: &Check<'a>) -> Option<&'a RateRule> {
 
 /// A rate window refused until `admit_at` (monotonic).
 fn rate_refusal(r: &RateRule, now: &Now<'_>, admit_at: u64) -> Refusal {
-    Refusal {
-        reason: ExhaustionReason::RateLimited,
-        kind: LimitKind::Rate,
-        name: r.name.clone(),
-        limit: r.requests,
-        unit: r.unit,
-        window_s: r.period_s,
-        now_ns: now.wall(),
-        reset_at_ns: now.wall_of(admit_at),
-        dry_run: false,
-    }
+    r.refusal(now.wall(), now.wall_of(admit_at))
 }
 
 /// What the headers say of a rate window whose arrival time runs `ahead` of now.

@@ -517,17 +517,7 @@ impl<'a> Group<'a> {
                 reset_at_ns,
                 dry_run: false,
             },
-            Rule::Rate(r) => Refusal {
-                reason: ExhaustionReason::RateLimited,
-                kind: LimitKind::Rate,
-                name: r.name.clone(),
-                limit: r.requests,
-                unit: r.unit,
-                window_s: r.period_s,
-                now_ns,
-                reset_at_ns,
-                dry_run: false,
-            },
+            Rule::Rate(r) => r.refusal(now_ns, reset_at_ns),
             Rule::Concurrency(c) => Refusal {
                 reason: ExhaustionReason::ConcurrencyLimited,
                 kind: LimitKind::Concurrency,
