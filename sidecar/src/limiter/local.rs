@@ -311,8 +311,8 @@ impl Limiter {
         })
     }
 
-    /// The most common shape of check: the key's limits are one rate window counted in
-    /// requests, and nothing else applies (no route, policy, quota, concurrency or throttle
+    /// A per-key rate limit alone (what nginx's `limit_req` does): the key's limits are one
+    /// rate window counted in requests, and nothing else applies (no route, policy, quota, concurrency or throttle
     /// limits, a request that costs something). It is decided with one probe of the key's
     /// slot, where the general path probes it twice (check, then commit): 40.9 -> 28.5 ns
     /// for a hot key (criterion A/B). `None` for every other shape.
