@@ -426,6 +426,38 @@ async fn upstream_down_is_a_502_with_a_clear_body() {
 }
 
 #[tokio::test]
+async fn an_app_that_does_not_answer_in_time_is_a_504_and_traffic_goes_on() {
+    let mut dir = ConfigDir::new();
+    dir.write_doc(&doc(rate(100, 60, 99), vec![key("x")]));
+    let up = upstream().await;
+    let timeout = Duration::from_millis(300);
+    let sc = start_with(&dir, &up, |s| s.upstream_timeout = timeout).await;
+    let c = client();
+    // Each stall goes out on the pooled connection `/ok` just used, its timer moved to the
+    // stall's deadline; a timed-out connection is dropped, so each round starts a new one.
+    for _ in 0..2 {
+        assert_eq!(
+            with_key(&c, sc.traffic_addr, "/ok", "x").await.status,
+            StatusCode::OK
+        );
+        let started = Instant::now();
+        let r = with_key(&c, sc.traffic_addr, "/stall", "x").await;
+        let waited = started.elapsed();
+        assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(r.body["error"], "upstream_timeout");
+        assert!(
+            waited >= timeout && waited < Duration::from_secs(5),
+            "answered after {waited:?}"
+        );
+    }
+    assert_eq!(
+        with_key(&c, sc.traffic_addr, "/ok", "x").await.status,
+        StatusCode::OK
+    );
+    sc.stop().await;
+}
+
+#[tokio::test]
 async fn before_the_first_config_it_fails_closed_and_is_not_ready() {
     let mut dir = ConfigDir::new();
     let up = upstream().await;

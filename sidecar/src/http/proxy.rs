@@ -20,7 +20,7 @@ use crate::config::{ConfigStore, KeyPolicy, KeySourceRule, Snapshot};
 use crate::http::meter::{BodyMeter, Meter};
 use crate::http::path;
 use crate::http::response::{self, ProxyBody};
-use crate::http::upstream::{Lent, UpstreamPool};
+use crate::http::upstream::{Lent, Unanswered, UpstreamPool};
 use crate::limiter::local::Limiter;
 use crate::limiter::redis::RedisBackends;
 use crate::limiter::shed::{LoadShedder, ShedPermit};
@@ -453,20 +453,19 @@ impl Proxy {
 
         let upstream_req = Request::from_parts(parts, body);
         let sent = Instant::now();
-        let result =
-            tokio::time::timeout(self.upstream_timeout, self.pool.send(upstream_req, started))
-                .await;
+        let deadline = tokio::time::Instant::from_std(started) + self.upstream_timeout;
+        let result = self.pool.send(upstream_req, started, deadline).await;
         self.metrics
             .upstream_seconds
             .observe(sent.elapsed().as_secs_f64());
         let (mut resp, lent) = match result {
-            Ok(Ok(r)) => {
+            Ok(r) => {
                 if let Some(s) = &mut shed {
                     s.answered(self.limiter.mono_ns());
                 }
                 r
             }
-            Ok(Err(e)) => {
+            Err(Unanswered::Failed(e)) => {
                 if let Some(m) = meter {
                     m.settle(0);
                 }
@@ -478,7 +477,7 @@ impl Proxy {
                     "the application did not accept the request",
                 );
             }
-            Err(_) => {
+            Err(Unanswered::TimedOut) => {
                 if let Some(m) = meter {
                     m.settle(0);
                 }

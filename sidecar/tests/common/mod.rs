@@ -129,8 +129,8 @@ pub fn doc(limits: Limits, keys: Vec<KeyEntry>) -> PolicyDocument {
 }
 
 /// The upstream app. Paths: `/hold` answers headers at once and keeps the body open until
-/// the test sends on `release` (or forever); `/upgrade` switches protocols and echoes bytes;
-/// anything else answers 200 with the request's headers as JSON.
+/// the test sends on `release` (or forever); `/stall` never answers; `/upgrade` switches
+/// protocols and echoes bytes; anything else answers 200 with the request's headers as JSON.
 pub struct Upstream {
     pub addr: SocketAddr,
 }
@@ -169,6 +169,7 @@ async fn app(mut req: Request<Incoming>) -> Result<Response<AppBody>, Infallible
             let stream = tokio_stream_from(rx);
             Ok(Response::new(StreamBody::new(stream).boxed()))
         }
+        "/stall" => std::future::pending().await,
         "/upgrade" => {
             let on = hyper::upgrade::on(&mut req);
             tokio::spawn(async move {
