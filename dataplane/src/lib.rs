@@ -528,14 +528,33 @@ pub enum MatrixParameters {
 #[serde(rename_all = "camelCase")]
 pub struct ResponseConfig {
     pub message: String,
+    /// Which limit headers go on responses.
+    #[serde(default)]
+    pub limit_headers: LimitHeaders,
 }
 
 impl Default for ResponseConfig {
     fn default() -> Self {
         Self {
             message: DEFAULT_EXHAUSTED_MESSAGE.to_string(),
+            limit_headers: LimitHeaders::default(),
         }
     }
+}
+
+/// Which limit headers a policy's responses carry. A 429 always carries `Retry-After` and the
+/// refusing limit's `RateLimit` and `RateLimit-Policy`: a refused client needs the reset time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LimitHeaders {
+    /// `RateLimit`, `RateLimit-Policy` and `X-RateLimit-Limit`/`-Remaining`/`-Reset`, on
+    /// forwarded responses and on 429s.
+    #[default]
+    Full,
+    /// Only the draft's `RateLimit` and `RateLimit-Policy`, on forwarded responses and 429s.
+    Draft,
+    /// Nothing on forwarded responses (the app's clients learn nothing of their allowance
+    /// until they are refused); 429s carry the full set.
+    OnRefusal,
 }
 
 /// Where counters live.

@@ -20,20 +20,23 @@ lt_cleanup() {
 }
 
 # lt_config <keys>: $WORK/config holds policy.json (one rate that never refuses) the way
-# kubelet lays out a ConfigMap volume.
+# kubelet lays out a ConfigMap volume. LIMIT_HEADERS=Draft|OnRefusal sets the policy's
+# response.limitHeaders (default Full: five limit headers on every response; nginx sends none).
 lt_config() {
   local data="$WORK/config/..2026_01_01_00_00_00.1"
   mkdir -p "$data"
-  python3 - "$data" "$1" <<'PY'
+  python3 - "$data" "$1" "${LIMIT_HEADERS:-Full}" <<'PY'
 import hashlib, json, sys
-out, n = sys.argv[1], int(sys.argv[2])
+out, n, headers = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 keys = [{"name": f"key-{i}",
          "sha256": hashlib.sha256(f"loadtest-key-{i}-0123456789abcdef".encode()).hexdigest()}
         for i in range(n)]
 doc = {"apiVersion": "dataplane.keylimit.dev/v1",
        "policy": {"name": "load", "namespace": "bench", "generation": 1,
                   "limits": {"rates": [{"name": "second", "requests": 1000000,
-                                        "periodSeconds": 1, "burst": 1000000}]}},
+                                        "periodSeconds": 1, "burst": 1000000}]},
+                  "response": {"message": "Keys Temporarily Exhausted",
+                               "limitHeaders": headers}},
        "keys": sorted(keys, key=lambda k: k["name"])}
 json.dump(doc, open(f"{out}/policy.json", "w"))
 PY

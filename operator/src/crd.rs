@@ -743,8 +743,23 @@ fn default_cost() -> u64 {
 #[serde(rename_all = "camelCase")]
 pub struct ResponseSpec {
     /// Message in the 429 body (default "Keys Temporarily Exhausted").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 1024))]
-    pub message: String,
+    pub message: Option<String>,
+    /// Which limit headers responses carry. `Full` (default): `RateLimit`, `RateLimit-Policy`
+    /// and `X-RateLimit-Limit`/`-Remaining`/`-Reset` on every response. `Draft`: only the IETF
+    /// draft's `RateLimit` and `RateLimit-Policy`. `OnRefusal`: none on forwarded responses,
+    /// the full set on a 429. A 429 always has `Retry-After`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit_headers: Option<LimitHeadersSpec>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum LimitHeadersSpec {
+    #[default]
+    Full,
+    Draft,
+    OnRefusal,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]

@@ -8,8 +8,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use keylimit_dataplane as dp;
 
 use crate::crd::{
-    ApiKey, FailModeSpec, LimitsSpec, MatrixParametersSpec, PolicyMode, QuotaAlignmentSpec,
-    QuotaPeriodSpec, RateLimitPolicy, RateLimitPolicySpec, RotationSpec, StoreSpec, StoreType,
+    ApiKey, FailModeSpec, LimitHeadersSpec, LimitsSpec, MatrixParametersSpec, PolicyMode,
+    QuotaAlignmentSpec, QuotaPeriodSpec, RateLimitPolicy, RateLimitPolicySpec, RotationSpec,
+    StoreSpec, StoreType,
 };
 use crate::key_secret::KeySecret;
 use crate::webhook::MAX_SHARDS;
@@ -475,7 +476,15 @@ pub fn policy_config(
             .response
             .as_ref()
             .map(|r| dp::ResponseConfig {
-                message: r.message.clone(),
+                message: r
+                    .message
+                    .clone()
+                    .unwrap_or_else(|| dp::DEFAULT_EXHAUSTED_MESSAGE.to_string()),
+                limit_headers: match r.limit_headers.unwrap_or_default() {
+                    LimitHeadersSpec::Full => dp::LimitHeaders::Full,
+                    LimitHeadersSpec::Draft => dp::LimitHeaders::Draft,
+                    LimitHeadersSpec::OnRefusal => dp::LimitHeaders::OnRefusal,
+                },
             })
             .unwrap_or_default(),
         store: store_config(name, namespace, spec, 1),
@@ -1313,6 +1322,43 @@ pub mod tests {
         assert_eq!(doc.policy.mode, dp::Mode::DryRun);
         assert_eq!(doc.policy.routes[0].cost, 5);
         assert_eq!(doc.keys[0].overrides.as_ref().unwrap().concurrency, Some(4));
+    }
+
+    /// `response` may set the headers alone; the message then stays the default.
+    #[test]
+    fn the_choice_of_limit_headers_reaches_the_document() {
+        let cases = [
+            (
+                None,
+                None,
+                dp::LimitHeaders::Full,
+                "Keys Temporarily Exhausted",
+            ),
+            (
+                Some(LimitHeadersSpec::OnRefusal),
+                None,
+                dp::LimitHeaders::OnRefusal,
+                "Keys Temporarily Exhausted",
+            ),
+            (
+                Some(LimitHeadersSpec::Draft),
+                Some("Out of credits"),
+                dp::LimitHeaders::Draft,
+                "Out of credits",
+            ),
+        ];
+        for (headers, message, want, want_message) in cases {
+            let mut p = mk_policy("p");
+            p.spec.response = Some(crate::crd::ResponseSpec {
+                message: message.map(str::to_owned),
+                limit_headers: headers,
+            });
+            let r = render(&p, &[mk_bound("a")]).unwrap();
+            let doc =
+                dp::PolicyDocument::parse(r.config_maps[0].data["policy.json"].as_bytes()).unwrap();
+            assert_eq!(doc.policy.response.limit_headers, want, "{headers:?}");
+            assert_eq!(doc.policy.response.message, want_message);
+        }
     }
 
     #[test]

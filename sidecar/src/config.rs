@@ -213,6 +213,7 @@ impl Snapshot {
             max_queue: t.max_queue,
         });
         let limit_headers = LimitHeaderCache::build(
+            policy.response.limit_headers,
             std::iter::once(&*defaults)
                 .chain(routes.iter().filter_map(|r| r.limits.as_ref()))
                 .chain(policy_limits.as_ref()),

@@ -115,6 +115,53 @@ async fn allowed_requests_carry_identity_and_limit_headers_and_strip_the_key() {
     sc.stop().await;
 }
 
+/// `Draft` drops the `X-RateLimit-*` fields; `OnRefusal` sends no limit headers until the key
+/// is refused, and then the full set with `Retry-After`.
+#[tokio::test]
+async fn the_policy_chooses_which_limit_headers_responses_carry() {
+    use keylimit_dataplane::LimitHeaders;
+    for which in [LimitHeaders::Draft, LimitHeaders::OnRefusal] {
+        let mut d = doc(rate(10, 60, 0), vec![key("alice")]);
+        d.policy.response.limit_headers = which;
+        let (_d, _u, sc) = setup(d).await;
+        let c = client();
+        let ok = with_key(&c, sc.traffic_addr, "/", "alice").await;
+        assert_eq!(ok.status, StatusCode::OK);
+        let limit_headers = |r: &Reply| {
+            let mut names: Vec<String> = r
+                .headers
+                .keys()
+                .map(|n| n.as_str().to_owned())
+                .filter(|n| n.contains("ratelimit") || n == "retry-after")
+                .collect();
+            names.sort_unstable();
+            names
+        };
+        match which {
+            LimitHeaders::Draft => {
+                assert_eq!(limit_headers(&ok), ["ratelimit", "ratelimit-policy"]);
+                assert_eq!(ok.header("ratelimit"), "\"minute\";r=0;t=6");
+            }
+            _ => assert!(limit_headers(&ok).is_empty(), "{:?}", ok.headers),
+        }
+        let refused = with_key(&c, sc.traffic_addr, "/", "alice").await;
+        assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+        let want: &[&str] = match which {
+            LimitHeaders::Draft => &["ratelimit", "ratelimit-policy", "retry-after"],
+            _ => &[
+                "ratelimit",
+                "ratelimit-policy",
+                "retry-after",
+                "x-ratelimit-limit",
+                "x-ratelimit-remaining",
+                "x-ratelimit-reset",
+            ],
+        };
+        assert_eq!(limit_headers(&refused), want, "{which:?}");
+        sc.stop().await;
+    }
+}
+
 /// A key with its own limits is not in the precomputed header values: when its own limit is
 /// the most restrictive, its headers name that limit, looked up per request; a key on the
 /// defaults gets the policy's.

@@ -83,6 +83,11 @@ async fn crds_install_and_reject_bad_manifests() {
                     "Unsupported value: \"Fortnight\"",
                 ),
                 (
+                    "unknown choice of limit headers",
+                    "apiVersion: keylimit.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {name: bad30}\nspec:\n  selector: {matchLabels: {a: b}}\n  limits: {concurrency: 1}\n  response: {limitHeaders: Never}\n",
+                    "Unsupported value: \"Never\"",
+                ),
+                (
                     "bad quota period",
                     "apiVersion: keylimit.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {name: bad4}\nspec:\n  selector: {matchLabels: {a: b}}\n  limits:\n    quotas: [{name: q, requests: 5, period: Year}]\n",
                     "Unsupported value: \"Year\"",

@@ -264,7 +264,8 @@ impl Proxy {
                 self.count(&snap, Some(key), outcome);
                 self.metrics.exhaustion(r.reason);
                 tracing::debug!(key = %key.name(), reason = ?r.reason, limit = %r.name, "refused");
-                return response::too_many_requests(&r, &snap.policy.response.message);
+                let answer = &snap.policy.response;
+                return response::too_many_requests(&r, &answer.message, answer.limit_headers);
             }
             Decision::Allow(a) => a,
         };

@@ -6,7 +6,7 @@ use bytes::Bytes;
 use http::header::{CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
-use keylimit_dataplane::Unit;
+use keylimit_dataplane::{LimitHeaders, Unit};
 use serde::Serialize;
 
 use crate::limiter::window;
@@ -137,8 +137,9 @@ pub fn shed(limit: u32) -> Response<ProxyBody> {
 }
 
 /// The 429 for a refusal: JSON body naming the limit, `Retry-After`, and the limit headers
-/// describing the limit that refused.
-pub fn too_many_requests(r: &Refusal, message: &str) -> Response<ProxyBody> {
+/// describing the limit that refused. `which` is the policy's choice of limit headers; only
+/// `Draft` changes a 429 (no `X-RateLimit-*`).
+pub fn too_many_requests(r: &Refusal, message: &str, which: LimitHeaders) -> Response<ProxyBody> {
     let retry_after = r.retry_after_secs();
     let body = RefusalBody {
         error: Outcome::from_reason(r.reason).as_str(),
@@ -174,6 +175,7 @@ pub fn too_many_requests(r: &Refusal, message: &str) -> Response<ProxyBody> {
             remaining: 0,
             reset_secs: retry_after,
         },
+        which != LimitHeaders::Draft,
     );
     resp
 }
@@ -193,11 +195,11 @@ fn sf_string(name: &str) -> String {
     out
 }
 
-/// `RateLimit-Policy`/`RateLimit` (draft-ietf-httpapi-ratelimit-headers) and the de-facto
-/// `X-RateLimit-*` fields for one limit named `name`. Reset values are delta-seconds. Formats
-/// everything; the request path uses [`LimitHeaderCache::apply`], which formats only what
-/// varies.
-pub fn limit_headers(h: &mut HeaderMap, name: &str, s: &LimitStatus) {
+/// `RateLimit-Policy`/`RateLimit` (draft-ietf-httpapi-ratelimit-headers) and, with
+/// `x_fields`, the de-facto `X-RateLimit-*` fields for one limit named `name`. Reset values
+/// are delta-seconds. Formats everything; the request path uses [`LimitHeaderCache::apply`],
+/// which formats only what varies.
+pub fn limit_headers(h: &mut HeaderMap, name: &str, s: &LimitStatus, x_fields: bool) {
     let name = sf_string(name);
     let policy = policy_value(&name, s.kind, s.unit, s.limit, s.window_s);
     let current = format!("{name};r={};t={}", s.remaining, s.reset_secs);
@@ -206,6 +208,9 @@ pub fn limit_headers(h: &mut HeaderMap, name: &str, s: &LimitStatus) {
     }
     if let Ok(v) = HeaderValue::from_str(&current) {
         h.insert(RATELIMIT.clone(), v);
+    }
+    if !x_fields {
+        return;
     }
     h.insert(X_RATELIMIT_LIMIT.clone(), HeaderValue::from(s.limit));
     h.insert(
@@ -254,10 +259,12 @@ impl LimitHeaderValues {
         })
     }
 
-    fn apply(&self, h: &mut HeaderMap, s: &LimitStatus) {
+    fn apply(&self, h: &mut HeaderMap, s: &LimitStatus, x_fields: bool) {
         h.insert(RATELIMIT_POLICY.clone(), self.policy.clone());
-        h.insert(X_RATELIMIT_LIMIT.clone(), self.limit_value.clone());
-        apply_varying(h, &self.current_prefix, s);
+        if x_fields {
+            h.insert(X_RATELIMIT_LIMIT.clone(), self.limit_value.clone());
+        }
+        apply_varying(h, &self.current_prefix, s, x_fields);
     }
 }
 
@@ -272,9 +279,10 @@ fn policy_value(quoted: &str, kind: LimitKind, unit: Unit, limit: u64, window_s:
     }
 }
 
-/// `RateLimit` (`"name";r=R;t=T`), `X-RateLimit-Remaining` and `X-RateLimit-Reset`, written
-/// into one buffer and sliced, so the three values cost one allocation. `prefix` is `"name";r=`.
-fn apply_varying(h: &mut HeaderMap, prefix: &[u8], s: &LimitStatus) {
+/// `RateLimit` (`"name";r=R;t=T`) and, with `x_fields`, `X-RateLimit-Remaining` and
+/// `X-RateLimit-Reset`, written into one buffer and sliced, so the three values cost one
+/// allocation. `prefix` is `"name";r=`.
+fn apply_varying(h: &mut HeaderMap, prefix: &[u8], s: &LimitStatus, x_fields: bool) {
     let mut remaining = [0u8; 20];
     let remaining = decimal(s.remaining, &mut remaining);
     let mut reset = [0u8; 20];
@@ -292,6 +300,9 @@ fn apply_varying(h: &mut HeaderMap, prefix: &[u8], s: &LimitStatus) {
     let buf = Bytes::from(buf);
     if let Ok(v) = HeaderValue::from_maybe_shared(buf.slice(..current_end)) {
         h.insert(RATELIMIT.clone(), v);
+    }
+    if !x_fields {
+        return;
     }
     if let Ok(v) = HeaderValue::from_maybe_shared(buf.slice(current_end..remaining_end)) {
         h.insert(X_RATELIMIT_REMAINING.clone(), v);
@@ -319,14 +330,19 @@ pub(crate) fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
 /// not in here (there can be a million of them) and are formatted per request.
 #[derive(Debug, Default)]
 pub struct LimitHeaderCache {
+    /// The policy's choice of headers for forwarded responses.
+    which: LimitHeaders,
     entries: Vec<LimitHeaderValues>,
     /// Limit id -> entry: limits of different scopes with the same name and size share one.
     by_id: Vec<(u64, usize)>,
 }
 
 impl LimitHeaderCache {
-    pub fn build<'a>(sets: impl IntoIterator<Item = &'a LimitSet>) -> Self {
-        let mut cache = Self::default();
+    pub fn build<'a>(which: LimitHeaders, sets: impl IntoIterator<Item = &'a LimitSet>) -> Self {
+        let mut cache = Self {
+            which,
+            ..Self::default()
+        };
         for set in sets {
             for r in &set.rates {
                 cache.add(
@@ -397,6 +413,7 @@ impl LimitHeaderCache {
         self.by_id.iter().any(|(known, _)| *known == id)
     }
 
+    /// The headers of a forwarded response, as the policy chose ([`LimitHeaders`]):
     /// [`limit_headers`], with the fixed values taken from the cache when it has the limit;
     /// otherwise the limit's name comes from `name_of` (the request's limit sets). A status
     /// whose limit neither knows gets no headers rather than wrong ones.
@@ -406,12 +423,17 @@ impl LimitHeaderCache {
         s: &LimitStatus,
         name_of: impl FnOnce(u64) -> Option<&'n str>,
     ) {
+        let x_fields = match self.which {
+            LimitHeaders::OnRefusal => return,
+            LimitHeaders::Draft => false,
+            LimitHeaders::Full => true,
+        };
         let cached = self.by_id.iter().find(|(id, _)| *id == s.id);
         match cached.and_then(|&(_, i)| self.entries.get(i)) {
-            Some(fixed) => fixed.apply(h, s),
+            Some(fixed) => fixed.apply(h, s, x_fields),
             None => {
                 if let Some(name) = name_of(s.id) {
-                    limit_headers(h, name, s);
+                    limit_headers(h, name, s, x_fields);
                 }
             }
         }
@@ -436,7 +458,7 @@ mod tests {
             reset_at_ns: 1_795_921_200 * 1_000_000_000,
             dry_run: false,
         };
-        let resp = too_many_requests(&r, "Keys Temporarily Exhausted");
+        let resp = too_many_requests(&r, "Keys Temporarily Exhausted", LimitHeaders::Full);
         assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
         let h = resp.headers();
         assert_eq!(h["retry-after"], "12");
@@ -444,6 +466,63 @@ mod tests {
         assert_eq!(h["ratelimit"], "\"minute\";r=0;t=12");
         assert_eq!(h["x-ratelimit-remaining"], "0");
         assert_eq!(h["x-ratelimit-reset"], "12");
+    }
+
+    /// Each policy choice of headers, on a forwarded response (cached and uncached limits) and
+    /// on a 429: `Draft` is `Full` without the `X-` fields, byte for byte; `OnRefusal` writes
+    /// nothing on a forwarded response and the full set on a 429.
+    #[test]
+    fn each_choice_of_limit_headers_writes_its_set() {
+        let limits: dp::Limits = serde_json::from_value(serde_json::json!({
+            "rates": [{"name": "minute", "requests": 10, "periodSeconds": 60, "burst": 0}]
+        }))
+        .expect("limits");
+        let set = LimitSet::compile(&limits, "key");
+        let cached = LimitStatus {
+            remaining: 4,
+            reset_secs: 6,
+            ..status(LimitKind::Rate, set.rates[0].id(), 10, 60)
+        };
+        let uncached = LimitStatus { id: 7, ..cached };
+        let draft = [RATELIMIT.as_str(), RATELIMIT_POLICY.as_str()];
+        for s in [cached, uncached] {
+            let forwarded = |which| {
+                let mut h = HeaderMap::new();
+                LimitHeaderCache::build(which, [&set]).apply(&mut h, &s, |_| Some("minute"));
+                h
+            };
+            let full = forwarded(LimitHeaders::Full);
+            assert_eq!(full.len(), 5, "{full:?}");
+            let mut want = HeaderMap::new();
+            for (n, v) in full.iter().filter(|(n, _)| draft.contains(&n.as_str())) {
+                want.insert(n.clone(), v.clone());
+            }
+            assert_eq!(want.len(), 2);
+            assert_eq!(forwarded(LimitHeaders::Draft), want);
+            assert!(forwarded(LimitHeaders::OnRefusal).is_empty());
+        }
+
+        let r = Refusal {
+            unit: keylimit_dataplane::Unit::Requests,
+            reason: ExhaustionReason::RateLimited,
+            kind: LimitKind::Rate,
+            name: Arc::from("minute"),
+            limit: 10,
+            window_s: 60,
+            now_ns: 0,
+            reset_at_ns: 6_000_000_000,
+            dry_run: false,
+        };
+        let refused = |which| too_many_requests(&r, "m", which).headers().clone();
+        for which in [LimitHeaders::Full, LimitHeaders::OnRefusal] {
+            let h = refused(which);
+            assert_eq!(h["x-ratelimit-remaining"], "0", "{which:?}");
+            assert_eq!(h["ratelimit"], "\"minute\";r=0;t=6", "{which:?}");
+        }
+        let h = refused(LimitHeaders::Draft);
+        assert_eq!(h["retry-after"], "6");
+        assert_eq!(h["ratelimit"], "\"minute\";r=0;t=6");
+        assert!(h.keys().all(|n| !n.as_str().starts_with("x-")), "{h:?}");
     }
 
     fn status(kind: LimitKind, id: u64, limit: u64, window_s: u64) -> LimitStatus {
@@ -469,7 +548,7 @@ mod tests {
         let set = LimitSet::compile(&limits, "key");
         // The same limits in another scope: other ids, the same header values.
         let route = LimitSet::compile(&limits, "route:/x");
-        let cache = LimitHeaderCache::build([&set, &set, &route]);
+        let cache = LimitHeaderCache::build(LimitHeaders::Full, [&set, &set, &route]);
         assert_eq!(cache.len(), 3, "one entry per distinct limit");
         let named = |s: &LimitSet| -> Vec<(LimitStatus, String)> {
             s.rates
@@ -502,7 +581,7 @@ mod tests {
                     ..*s
                 };
                 let mut want = HeaderMap::new();
-                limit_headers(&mut want, name, &s);
+                limit_headers(&mut want, name, &s, true);
                 let mut got = HeaderMap::new();
                 got.insert(X_RATELIMIT_RESET.clone(), HeaderValue::from_static("stale"));
                 cache.apply(&mut got, &s, |id| (id == s.id).then_some(name.as_str()));
