@@ -316,8 +316,13 @@ impl Proxy {
             }
         }
         let headers = req.headers_mut();
-        // Never let a client-supplied identity header through, under either name.
-        headers.remove(keylimit_dataplane::DEFAULT_IDENTITY_HEADER);
+        // Never let a client-supplied identity header through, under either name. The
+        // configured name is replaced (every value) or removed below; the default name needs
+        // a removal of its own only when it is not the configured one (a removal by a string
+        // name parses and hashes it: 400 instructions a request).
+        if snap.source.identity_header != keylimit_dataplane::DEFAULT_IDENTITY_HEADER {
+            headers.remove(keylimit_dataplane::DEFAULT_IDENTITY_HEADER);
+        }
         match key.identity() {
             Some(v) => headers.insert(snap.source.identity_header.clone(), v),
             None => headers.remove(&snap.source.identity_header),

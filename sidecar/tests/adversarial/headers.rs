@@ -33,6 +33,26 @@ async fn a_client_cannot_remove_or_forge_the_identity_header() {
     sc.stop().await;
 }
 
+/// With the identity under another name, a forged header under the default name is removed
+/// too: the app may still read the default name.
+#[tokio::test]
+async fn a_forged_identity_under_the_default_name_is_removed_when_another_name_is_set() {
+    let mut d = doc(per_minute(1_000), vec![key("k")]);
+    d.policy.key_source.identity_header = "x-consumer".into();
+    let (_d, _u, sc) = setup(d).await;
+    let h = key_header();
+    let r = send(
+        sc.traffic_addr,
+        &get("/", &[&h, "X-KeyLimit-Key: admin", "X-Consumer: root"]),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let seen = echoed(&r);
+    assert_eq!(seen["x-consumer"], "k", "{seen}");
+    assert!(seen.get("x-keylimit-key").is_none(), "{seen}");
+    sc.stop().await;
+}
+
 #[tokio::test]
 async fn connection_named_headers_never_reach_the_app() {
     let (_d, _u, sc) = setup(doc(per_minute(1_000), vec![key("k")])).await;
