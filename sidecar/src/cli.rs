@@ -12,6 +12,14 @@ use crate::http::server::{serve_until_signal, Settings};
 use crate::limiter::clock::SystemClock;
 use crate::Error;
 
+/// The longest any duration flag may be: a year. Durations are added to instants on the
+/// request path, and one near u64::MAX seconds would overflow there.
+const MAX_SECS: u64 = 365 * 86_400;
+
+fn secs() -> clap::builder::RangedU64ValueParser {
+    clap::value_parser!(u64).range(..=MAX_SECS)
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Json,
@@ -45,16 +53,16 @@ pub struct Args {
     #[arg(long)]
     pub configmap: Option<String>,
     /// Fallback re-read interval in case a filesystem event is missed.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, value_parser = secs())]
     pub reload_interval_secs: u64,
     /// Forward requests unchecked until the first config loads (default: 503).
     #[arg(long)]
     pub fail_open_before_config: bool,
     /// How long to wait for in-flight requests on SIGTERM.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = secs())]
     pub drain_timeout_secs: u64,
     /// Time allowed for the application's response headers.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, value_parser = secs())]
     pub upstream_timeout_secs: u64,
     /// Name reported in /v1/usage (defaults to $HOSTNAME, the pod name).
     #[arg(long, env = "HOSTNAME", default_value = "keylimit-sidecar")]
@@ -80,22 +88,22 @@ pub struct Args {
     #[arg(long)]
     pub report_token_file: Option<PathBuf>,
     /// How often a report is pushed (and at most every second more when keys are refused).
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..=MAX_SECS * 1000))]
     pub report_interval_ms: u64,
     /// How often idle limiter state is swept.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, value_parser = secs())]
     pub eviction_interval_secs: u64,
     /// Redis store only: how long a concurrency slot of a crashed sidecar stays taken (live
     /// slots are renewed every third of it).
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, value_parser = secs())]
     pub redis_lease_ttl_secs: u64,
     /// Both ports: a request head must be complete this long after its first byte (slowloris).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = secs())]
     pub header_read_timeout_secs: u64,
     /// Both ports: a connection with no request in flight is closed after this long. Keep it
     /// above the keep-alive timeout of whatever pools connections to the pod (60 s for most
     /// load balancers), so the sidecar is never the side closing a connection being reused.
-    #[arg(long, default_value_t = 75)]
+    #[arg(long, default_value_t = 75, value_parser = secs())]
     pub idle_timeout_secs: u64,
     /// Open traffic connections at most; further clients wait in the listen backlog until one
     /// closes. Each proxied connection needs up to two file descriptors.
@@ -265,6 +273,39 @@ mod tests {
         assert_eq!(one.ok(), Some(RuntimeFlavor::CurrentThread));
         let two = runtime(2).map(|rt| (rt.handle().runtime_flavor(), rt.metrics().num_workers()));
         assert_eq!(two.ok(), Some((RuntimeFlavor::MultiThread, 2)));
+    }
+
+    #[test]
+    fn a_duration_flag_over_a_year_is_refused_at_start() {
+        for flag in [
+            "--upstream-timeout-secs",
+            "--header-read-timeout-secs",
+            "--idle-timeout-secs",
+            "--drain-timeout-secs",
+            "--reload-interval-secs",
+            "--eviction-interval-secs",
+            "--redis-lease-ttl-secs",
+        ] {
+            let e = parse(&[flag, "18446744073709551615"])
+                .err()
+                .map(|e| e.to_string());
+            assert!(
+                e.as_deref().is_some_and(|e| e.contains(flag)),
+                "{flag}: {e:?}"
+            );
+            assert!(
+                parse(&[flag, "31536000"]).is_ok(),
+                "{flag}: a year is allowed"
+            );
+        }
+        let e = parse(&["--report-interval-ms", "0"])
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            e.as_deref()
+                .is_some_and(|e| e.contains("--report-interval-ms")),
+            "{e:?}"
+        );
     }
 
     #[test]

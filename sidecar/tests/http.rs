@@ -504,6 +504,18 @@ async fn an_app_that_does_not_answer_in_time_is_a_504_and_traffic_goes_on() {
     sc.stop().await;
 }
 
+/// An upstream timeout too large to add to an instant is no timeout, not a panic.
+#[tokio::test]
+async fn an_upstream_timeout_past_the_end_of_time_still_forwards() {
+    let mut dir = ConfigDir::new();
+    dir.write_doc(&doc(rate(100, 60, 99), vec![key("x")]));
+    let up = upstream().await;
+    let sc = start_with(&dir, &up, |s| s.upstream_timeout = Duration::MAX).await;
+    let r = with_key(&client(), sc.traffic_addr, "/ok", "x").await;
+    assert_eq!(r.status, StatusCode::OK);
+    sc.stop().await;
+}
+
 #[tokio::test]
 async fn before_the_first_config_it_fails_closed_and_is_not_ready() {
     let mut dir = ConfigDir::new();

@@ -459,7 +459,12 @@ impl Proxy {
 
         let upstream_req = Request::from_parts(parts, body);
         let sent = Instant::now();
-        let deadline = tokio::time::Instant::from_std(started) + self.upstream_timeout;
+        let start = tokio::time::Instant::from_std(started);
+        // A timeout too large to add to an instant (`--upstream-timeout-secs` near u64::MAX)
+        // means none; a year stands in for it rather than a panic on the request path.
+        let deadline = start
+            .checked_add(self.upstream_timeout)
+            .unwrap_or_else(|| start + Duration::from_secs(365 * 86_400));
         let result = self.pool.send(upstream_req, started, deadline).await;
         self.metrics
             .upstream_seconds
