@@ -445,19 +445,24 @@ mod tests {
     use super::*;
     use keylimit_dataplane::{self as dp, ExhaustionReason};
 
-    #[test]
-    fn refusal_body_and_headers_follow_the_documented_shape() {
-        let r = Refusal {
+    /// A refusal by the rate `"minute"` (10 a minute) at `now_s`, until `reset_s`.
+    fn mk_refusal(now_s: u64, reset_s: u64) -> Refusal {
+        Refusal {
             unit: keylimit_dataplane::Unit::Requests,
             reason: ExhaustionReason::RateLimited,
             kind: LimitKind::Rate,
             name: Arc::from("minute"),
             limit: 10,
             window_s: 60,
-            now_ns: 1_795_921_188 * 1_000_000_000,
-            reset_at_ns: 1_795_921_200 * 1_000_000_000,
+            now_ns: now_s * 1_000_000_000,
+            reset_at_ns: reset_s * 1_000_000_000,
             dry_run: false,
-        };
+        }
+    }
+
+    #[test]
+    fn refusal_body_and_headers_follow_the_documented_shape() {
+        let r = mk_refusal(1_795_921_188, 1_795_921_200);
         let resp = too_many_requests(&r, "Keys Temporarily Exhausted", LimitHeaders::Full);
         assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
         let h = resp.headers();
@@ -502,17 +507,7 @@ mod tests {
             assert!(forwarded(LimitHeaders::OnRefusal).is_empty());
         }
 
-        let r = Refusal {
-            unit: keylimit_dataplane::Unit::Requests,
-            reason: ExhaustionReason::RateLimited,
-            kind: LimitKind::Rate,
-            name: Arc::from("minute"),
-            limit: 10,
-            window_s: 60,
-            now_ns: 0,
-            reset_at_ns: 6_000_000_000,
-            dry_run: false,
-        };
+        let r = mk_refusal(0, 6);
         let refused = |which| too_many_requests(&r, "m", which).headers().clone();
         for which in [LimitHeaders::Full, LimitHeaders::OnRefusal] {
             let h = refused(which);
