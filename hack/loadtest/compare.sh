@@ -62,12 +62,22 @@ for port in $ports; do
     sleep 0.1
   done
 done
-run() { taskset -c 1 wrk -t1 -c"$CONNS" -d"$DURATION" -H "X-API-Key: $KEY" "http://127.0.0.1:$1/" \
-  | awk '/Requests\/sec/ {print $2}'; }
+# run <port> <label>: one wrk round into $WORK/rps. A round with any non-2xx answer voids the
+# comparison: a proxy answering errors fast would otherwise look like a fast proxy.
+run() {
+  local out non2xx
+  out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"$DURATION" -H "X-API-Key: $KEY" "http://127.0.0.1:$1/")
+  non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
+  if [ -n "$non2xx" ]; then
+    echo "$2 (port $1): $non2xx non-2xx answers: the comparison is void" >&2
+    return 1
+  fi
+  echo "$2 $(awk '/Requests\/sec/ {print $2}' <<<"$out")" >>"$WORK/rps"
+}
 for i in $(seq 1 "$ROUNDS"); do
-  echo "A $(run $A_PORT)" >>"$WORK/rps"
-  echo "B $(run $B_PORT)" >>"$WORK/rps"
-  if [ "${NGINX_TOO:-0}" = 1 ]; then echo "N $(run $N_PORT)" >>"$WORK/rps"; fi
+  run "$A_PORT" A
+  run "$B_PORT" B
+  if [ "${NGINX_TOO:-0}" = 1 ]; then run "$N_PORT" N; fi
 done
 cat "$WORK/rps"
 python3 - "$WORK/rps" <<'PY'
