@@ -119,7 +119,9 @@ impl Proxy {
                 if req.method() == Method::CONNECT {
                     return Ok(connect_refused());
                 }
-                let upgrade = take_upgrade(&mut req, &[]);
+                let Ok(upgrade) = take_upgrade(&mut req, &[]) else {
+                    return Ok(unsupported_transfer_coding());
+                };
                 // No config means no identity to vouch for: never pass a client's own claim.
                 req.headers_mut()
                     .remove(keylimit_dataplane::DEFAULT_IDENTITY_HEADER);
@@ -147,7 +149,10 @@ impl Proxy {
         }
         // Hop-by-hop headers go before anything reads or sets a header, so a client's
         // `Connection: x-keylimit-key` cannot remove what the sidecar sets further down.
-        let upgrade = take_upgrade(&mut req, &snap.policy.upgrade_protocols);
+        let Ok(upgrade) = take_upgrade(&mut req, &snap.policy.upgrade_protocols) else {
+            snap.counters.inc(Outcome::BadRequest);
+            return unsupported_transfer_coding();
+        };
         let path = match path::normalize(req.uri().path()) {
             Ok(p) => p,
             Err(e) => return self.bad_request(&snap, "bad_path", e.message()),
@@ -765,13 +770,57 @@ pub fn cut_query_param(query: &str, param: &str) -> Option<String> {
 /// Strips the request's hop-by-hop headers and returns the protocol it may switch to: an
 /// HTTP/1.1 `Upgrade` to `websocket` or to a protocol the policy allows. Any other upgrade is
 /// dropped with the rest of the hop-by-hop headers and the request goes on as a plain one.
-fn take_upgrade<B>(req: &mut Request<B>, allowed: &[String]) -> Option<HeaderValue> {
-    let proto = (req.version() == Version::HTTP_11 && is_upgrade(req.headers()))
-        .then(|| req.headers().get(header::UPGRADE).cloned())
-        .flatten()
-        .filter(|v| upgrade_allowed(v, allowed));
-    strip_hop_by_hop(req.headers_mut());
-    proto
+fn take_upgrade<B>(
+    req: &mut Request<B>,
+    allowed: &[String],
+) -> Result<Option<HeaderValue>, UnsupportedTransferCoding> {
+    let present = hop_by_hop_present(req.headers());
+    if present & TRANSFER_ENCODING_BIT != 0 && !only_chunked(req.headers()) {
+        return Err(UnsupportedTransferCoding);
+    }
+    let proto = (present & UPGRADE_BIT != 0
+        && req.version() == Version::HTTP_11
+        && is_upgrade(req.headers()))
+    .then(|| req.headers().get(header::UPGRADE).cloned())
+    .flatten()
+    .filter(|v| upgrade_allowed(v, allowed));
+    strip_present(req.headers_mut(), present);
+    Ok(proto)
+}
+
+/// A request body in a transfer coding other than `chunked` (`Transfer-Encoding: gzip,
+/// chunked`). hyper takes the chunks off and `Transfer-Encoding` is hop-by-hop, so forwarding
+/// it would hand the app gzip bytes with nothing saying so; RFC 9112 §6.1 answers 501.
+#[derive(Debug)]
+struct UnsupportedTransferCoding;
+
+/// Whether the `Transfer-Encoding` fields name `chunked` once and nothing else (hyper has
+/// already refused a request whose last coding is not `chunked`; `chunked, chunked` would
+/// lose a layer the same way).
+fn only_chunked(h: &HeaderMap) -> bool {
+    let mut codings = 0;
+    for v in h.get_all(header::TRANSFER_ENCODING) {
+        let Ok(s) = v.to_str() else { return false };
+        for t in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            if !t.eq_ignore_ascii_case("chunked") {
+                return false;
+            }
+            codings += 1;
+        }
+    }
+    codings == 1
+}
+
+fn unsupported_transfer_coding() -> Response<ProxyBody> {
+    let mut resp = response::error(
+        StatusCode::NOT_IMPLEMENTED,
+        "unsupported_transfer_coding",
+        "only the chunked transfer coding is accepted",
+    );
+    // The body's framing is the client's and unread: nothing after it on this connection.
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
 }
 
 fn upgrade_allowed(v: &HeaderValue, allowed: &[String]) -> bool {
@@ -799,14 +848,14 @@ fn connect_refused() -> Response<ProxyBody> {
     resp
 }
 
+/// Whether `Connection` names `upgrade` (the caller has seen an `Upgrade` field).
 fn is_upgrade(h: &HeaderMap) -> bool {
-    h.contains_key(header::UPGRADE)
-        && h.get_all(header::CONNECTION).iter().any(|v| {
-            v.to_str().is_ok_and(|s| {
-                s.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
+    h.get_all(header::CONNECTION).iter().any(|v| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
         })
+    })
 }
 
 /// Fields that never cross a proxy (RFC 9110 §7.6.1), besides those `Connection` names.
@@ -821,6 +870,9 @@ const HOP_BY_HOP: [&str; 9] = [
     "keep-alive",
     "proxy-connection",
 ];
+
+const TRANSFER_ENCODING_BIT: u16 = 1 << 3;
+const UPGRADE_BIT: u16 = 1 << 4;
 
 /// The bit of `n` in [`HOP_BY_HOP`] (bit 0: `connection`), 0 if it is not one of them.
 fn hop_by_hop_bit(n: &HeaderName) -> u16 {
@@ -840,9 +892,17 @@ fn hop_by_hop_bit(n: &HeaderName) -> u16 {
 
 /// RFC 9110 §7.6.1: connection-specific fields, plus any the `Connection` header names.
 fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // One pass over the names present, then removals only for what is there: most requests
-    // carry none of these, and most responses only `Connection: keep-alive`.
-    let present = h.keys().fold(0, |acc, n| acc | hop_by_hop_bit(n));
+    strip_present(h, hop_by_hop_present(h));
+}
+
+/// The [`HOP_BY_HOP`] bits of the fields `h` has, in one pass over its names.
+fn hop_by_hop_present(h: &HeaderMap) -> u16 {
+    h.keys().fold(0, |acc, n| acc | hop_by_hop_bit(n))
+}
+
+/// [`strip_hop_by_hop`] once the fields present are known: removals only for what is there,
+/// since most requests carry none of these, and most responses only `Connection: keep-alive`.
+fn strip_present(h: &mut HeaderMap, present: u16) {
     if present == 0 {
         return;
     }
