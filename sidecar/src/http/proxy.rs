@@ -493,6 +493,17 @@ impl Proxy {
                     "the application did not accept the request",
                 );
             }
+            Err(Unanswered::ClientBody(e)) => {
+                if let Some(m) = meter {
+                    m.settle(0);
+                }
+                tracing::debug!(error = %e, "client request body failed while forwarded");
+                return response::error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request_body",
+                    "the request body was malformed or cut short",
+                );
+            }
             Err(Unanswered::TimedOut) => {
                 if let Some(m) = meter {
                     m.settle(0);

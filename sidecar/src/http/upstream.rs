@@ -37,6 +37,9 @@ pub enum Unanswered {
     TimedOut,
     /// The connect or the exchange failed.
     Failed(BoxError),
+    /// The client's request body failed while it was being forwarded: malformed (a bad chunk)
+    /// or cut short. The client's fault, not the app's.
+    ClientBody(BoxError),
 }
 
 /// The idle connections to the upstream.
@@ -161,7 +164,19 @@ where
                 }
                 Some(Err(mut e)) => match e.take_message() {
                     Some(r) if reused => req = r,
-                    _ => return Err(Unanswered::Failed(e.into_error().into())),
+                    _ => {
+                        let e = e.into_error();
+                        // hyper reports an error of the body it was sending as a user error
+                        // whose cause is that body's error.
+                        let client_body = e.is_user()
+                            && std::error::Error::source(&e)
+                                .is_some_and(|c| c.is::<hyper::Error>());
+                        return Err(if client_body {
+                            Unanswered::ClientBody(e.into())
+                        } else {
+                            Unanswered::Failed(e.into())
+                        });
+                    }
                 },
             }
         }

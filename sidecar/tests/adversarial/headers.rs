@@ -2,7 +2,7 @@
 //! and CONNECT (issue 11, items 2 and 7).
 
 use crate::common::{doc, key, material};
-use crate::raw::{get, send, send_head};
+use crate::raw::{get, send, send_all, send_head};
 use crate::{echoed, per_minute, setup};
 
 fn key_header() -> String {
@@ -50,6 +50,55 @@ async fn a_forged_identity_under_the_default_name_is_removed_when_another_name_i
     let seen = echoed(&r);
     assert_eq!(seen["x-consumer"], "k", "{seen}");
     assert!(seen.get("x-keylimit-key").is_none(), "{seen}");
+    sc.stop().await;
+}
+
+/// Request smuggling: framing a front end and a back end could read differently. Whatever the
+/// sidecar accepts reaches the app framed one way only (never `Content-Length` together with
+/// `Transfer-Encoding`), a request hidden after a body is never forwarded unchecked (it has no
+/// key: a 401 at most), and the pooled connection to the app stays in step: the next client's
+/// request gets its own answer, not the answer to a hidden one.
+#[tokio::test]
+async fn smuggled_requests_never_reach_the_app_and_never_desync_its_connection() {
+    let (_d, _u, sc) = setup(doc(per_minute(1_000), vec![key("k")])).await;
+    let h = key_header();
+    let hidden = "GET /smuggled HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n";
+    let cases = [
+        ("CL.TE", format!("Content-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{hidden}")),
+        ("TE.CL", format!("Transfer-Encoding: chunked\r\nContent-Length: 60\r\n\r\n5\r\nhello\r\n0\r\n\r\n{hidden}")),
+        ("two lengths", format!("Content-Length: 5\r\nContent-Length: 40\r\n\r\nhello{hidden}")),
+        ("TE with a space", format!("Transfer-Encoding : chunked\r\nContent-Length: 5\r\n\r\nhello{hidden}")),
+        ("TE xchunked", format!("Transfer-Encoding: xchunked\r\nContent-Length: 5\r\n\r\nhello{hidden}")),
+        ("chunk extension", format!("Transfer-Encoding: chunked\r\n\r\n5;a=\"0\r\n\r\n\"\r\nhello\r\n0\r\n\r\n{hidden}")),
+        ("length with a sign", format!("Content-Length: +5\r\n\r\nhello{hidden}")),
+    ];
+    for (name, rest) in &cases {
+        let request = format!("POST / HTTP/1.1\r\nHost: app\r\n{h}\r\n{rest}");
+        let answers = send_all(sc.traffic_addr, request.as_bytes()).await;
+        assert!(!answers.is_empty(), "{name}: no answer");
+        for r in &answers {
+            match r.status {
+                400 | 401 | 501 => {}
+                200 => {
+                    let seen = echoed(r);
+                    assert_eq!(seen[":uri"], "/", "{name}: {seen}");
+                    assert!(
+                        seen.get("content-length").is_none()
+                            || seen.get("transfer-encoding").is_none(),
+                        "{name}: the app got both framings: {seen}"
+                    );
+                }
+                s => panic!("{name}: status {s}: {r:?}"),
+            }
+        }
+        let probe = send(sc.traffic_addr, &get("/probe", &[&h])).await;
+        assert_eq!(probe.status, 200, "{name}: {probe:?}");
+        assert_eq!(
+            echoed(&probe)[":uri"],
+            "/probe",
+            "{name}: the app's connection is out of step"
+        );
+    }
     sc.stop().await;
 }
 

@@ -57,6 +57,31 @@ pub async fn send_head(addr: SocketAddr, request: &[u8]) -> RawResponse {
     parse(&buf)
 }
 
+/// Sends `request` verbatim and splits everything read until the connection closes into
+/// responses (each framed by `Content-Length`, as every answer in these tests is).
+pub async fn send_all(addr: SocketAddr, request: &[u8]) -> Vec<RawResponse> {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request).await.expect("write");
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .expect("the sidecar closed the connection within 10 s")
+        .expect("read");
+    let mut out = Vec::new();
+    let mut rest = &buf[..];
+    while let Some(end) = rest.windows(4).position(|w| w == b"\r\n\r\n") {
+        let head = parse(&rest[..end]);
+        let len: usize = head
+            .header("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(rest.len() - end - 4);
+        let body_end = (end + 4 + len).min(rest.len());
+        out.push(parse(&rest[..body_end]));
+        rest = &rest[body_end..];
+    }
+    out
+}
+
 pub fn parse(buf: &[u8]) -> RawResponse {
     let text = String::from_utf8_lossy(buf).to_string();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
