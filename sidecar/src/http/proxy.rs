@@ -119,6 +119,13 @@ impl Proxy {
                 if req.method() == Method::CONNECT {
                     return Ok(connect_refused());
                 }
+                if let Some(message) = malformed_head(&req) {
+                    return Ok(response::error(
+                        StatusCode::BAD_REQUEST,
+                        Outcome::BadRequest.as_str(),
+                        message,
+                    ));
+                }
                 let Ok(upgrade) = take_upgrade(&mut req, &[]) else {
                     return Ok(unsupported_transfer_coding());
                 };
@@ -146,6 +153,9 @@ impl Proxy {
         if req.method() == Method::CONNECT {
             snap.counters.inc(Outcome::BadRequest);
             return connect_refused();
+        }
+        if let Some(message) = malformed_head(&req) {
+            return self.bad_request(&snap, "bad_request", message);
         }
         // Hop-by-hop headers go before anything reads or sets a header, so a client's
         // `Connection: x-keylimit-key` cannot remove what the sidecar sets further down.
@@ -797,6 +807,32 @@ fn take_upgrade<B>(
     .filter(|v| upgrade_allowed(v, allowed));
     strip_present(req.headers_mut(), present);
     Ok(proto)
+}
+
+/// What hyper lets through but a proxy must not forward (RFC 9112 §3.2; nginx answers 400 to
+/// each): an HTTP/1.1 request without `Host`, or one with two `Host` lines, which a front end
+/// and an app could each read their own way; and a method in lower case. Methods are
+/// case-sensitive, so `get` is not `GET` to the route matcher, but some frameworks upper-case
+/// the method (Werkzeug, so Flask), and `get /search` would skip a route limit set for
+/// `GET /search`.
+fn malformed_head<B>(req: &Request<B>) -> Option<&'static str> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let first = hosts.next();
+    if hosts.next().is_some() {
+        return Some("more than one Host header");
+    }
+    if first.is_none() && req.version() == Version::HTTP_11 {
+        return Some("an HTTP/1.1 request needs a Host header");
+    }
+    if req
+        .method()
+        .as_str()
+        .bytes()
+        .any(|b| b.is_ascii_lowercase())
+    {
+        return Some("methods are upper case (GET, not get)");
+    }
+    None
 }
 
 /// A request body in a transfer coding other than `chunked` (`Transfer-Encoding: gzip,

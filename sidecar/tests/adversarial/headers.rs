@@ -53,6 +53,47 @@ async fn a_forged_identity_under_the_default_name_is_removed_when_another_name_i
     sc.stop().await;
 }
 
+/// Heads hyper accepts and a proxy must not forward: two `Host` lines (the sidecar and the app
+/// could each take another), an HTTP/1.1 request with none, and a lower-case method, which some
+/// frameworks upper-case after the route matcher has failed to match it. Each is a 400 and the
+/// app never sees it; HTTP/1.0 without `Host` and the upper-case method still go through.
+#[tokio::test]
+async fn duplicate_or_missing_hosts_and_lower_case_methods_are_400() {
+    let mut d = doc(per_minute(1_000), vec![key("k")]);
+    // A route whose own limit a lower-case `get` would otherwise skip.
+    d.policy.routes = vec![keylimit_dataplane::Route {
+        name: "search".into(),
+        path_prefix: "/search".into(),
+        methods: vec!["GET".into()],
+        cost: 1,
+        limits: Some(per_minute(1)),
+        usage: None,
+    }];
+    let (_d, _u, sc) = setup(d).await;
+    let h = key_header();
+    let refused = [
+        format!("GET / HTTP/1.1\r\nHost: app\r\nHost: admin.internal\r\n{h}\r\nConnection: close\r\n\r\n"),
+        format!("GET / HTTP/1.1\r\n{h}\r\nConnection: close\r\n\r\n"),
+        format!("get /search HTTP/1.1\r\nHost: app\r\n{h}\r\nConnection: close\r\n\r\n"),
+    ];
+    for request in &refused {
+        let r = send(sc.traffic_addr, request.as_bytes()).await;
+        assert_eq!(r.status, 400, "{request:?}: {r:?}");
+        assert!(r.body.contains("bad_request"), "{r:?}");
+    }
+    let r = send(
+        sc.traffic_addr,
+        format!("GET / HTTP/1.0\r\n{h}\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "HTTP/1.0 needs no Host: {r:?}");
+    // The route's limit of one a minute holds for the method in any spelling.
+    let search = get("/search", &[&h]);
+    assert_eq!(send(sc.traffic_addr, &search).await.status, 200);
+    assert_eq!(send(sc.traffic_addr, &search).await.status, 429);
+    sc.stop().await;
+}
+
 /// Request smuggling: framing a front end and a back end could read differently. Whatever the
 /// sidecar accepts reaches the app framed one way only (never `Content-Length` together with
 /// `Transfer-Encoding`), a request hidden after a body is never forwarded unchecked (it has no
