@@ -425,6 +425,34 @@ async fn h2c_requests_are_proxied() {
     sc.stop().await;
 }
 
+/// Over HTTP/2 the app gets the request's `Host`, built from `:authority` when there is none; a
+/// `Host` that names something else than `:authority` is malformed (RFC 9113 §8.3.1): 400.
+#[tokio::test]
+async fn an_h2_host_unlike_the_authority_is_400() {
+    let (_d, _u, sc) = setup(doc(rate(100, 60, 99), vec![key("h2")])).await;
+    let c = h2c_client();
+    let addr = sc.traffic_addr;
+    let send = |host: Option<String>| {
+        let mut b = Request::get(format!("http://{addr}/x")).header("x-api-key", material("h2"));
+        if let Some(h) = host {
+            b = b.header("host", h);
+        }
+        c.request(b.body(Full::new(Bytes::new())).unwrap())
+    };
+    let r = send(Some("admin.internal".into())).await.unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let body = r.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        String::from_utf8_lossy(&body).contains(":authority"),
+        "{body:?}"
+    );
+    // The same name in either case, and no Host at all, are one entity.
+    let same = addr.to_string().to_uppercase();
+    assert_eq!(send(Some(same)).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(send(None).await.unwrap().status(), StatusCode::OK);
+    sc.stop().await;
+}
+
 #[tokio::test]
 async fn upgrades_pass_through_both_ways() {
     // `echo` is not websocket: the policy has to declare it (see the adversarial suite).

@@ -810,11 +810,11 @@ fn take_upgrade<B>(
 }
 
 /// What hyper lets through but a proxy must not forward (RFC 9112 §3.2; nginx answers 400 to
-/// each): an HTTP/1.1 request without `Host`, or one with two `Host` lines, which a front end
-/// and an app could each read their own way; and a method in lower case. Methods are
-/// case-sensitive, so `get` is not `GET` to the route matcher, but some frameworks upper-case
-/// the method (Werkzeug, so Flask), and `get /search` would skip a route limit set for
-/// `GET /search`.
+/// each): an HTTP/1.1 request without `Host`, or one with two `Host` lines (or, over HTTP/2,
+/// a `Host` unlike `:authority`), which a front end and an app could each read their own way;
+/// and a method in lower case. Methods are case-sensitive, so `get` is not `GET` to the route
+/// matcher, but some frameworks upper-case the method (Werkzeug, so Flask), and `get /search`
+/// would skip a route limit set for `GET /search`.
 fn malformed_head<B>(req: &Request<B>) -> Option<&'static str> {
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let first = hosts.next();
@@ -823,6 +823,17 @@ fn malformed_head<B>(req: &Request<B>) -> Option<&'static str> {
     }
     if first.is_none() && req.version() == Version::HTTP_11 {
         return Some("an HTTP/1.1 request needs a Host header");
+    }
+    // HTTP/2 (RFC 9113 §8.3.1): a Host that names another entity than :authority is malformed;
+    // the app would get the Host, the authority being gone by then.
+    if let (Some(host), Some(authority)) = (first, req.uri().authority()) {
+        if req.version() == Version::HTTP_2
+            && !host
+                .as_bytes()
+                .eq_ignore_ascii_case(authority.as_str().as_bytes())
+        {
+            return Some("Host differs from :authority");
+        }
     }
     if req
         .method()
