@@ -453,12 +453,14 @@ impl Proxy {
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        // An h2 request carries its host in :authority; the app speaks HTTP/1.1 and wants Host.
-        if !parts.headers.contains_key(header::HOST) {
-            if let Some(a) = parts.uri.authority() {
-                if let Ok(v) = HeaderValue::from_str(a.as_str()) {
-                    parts.headers.insert(header::HOST, v);
-                }
+        // The target's authority names the host when there is one: an h2 request's :authority
+        // (a Host unlike it was refused), or an HTTP/1.1 absolute-form target, whose Host a
+        // proxy must replace (RFC 9112 §3.2.2). The app speaks HTTP/1.1 and reads Host.
+        // Userinfo (`user:pass@`) is never part of a Host.
+        if let Some(a) = parts.uri.authority() {
+            let host_port = a.as_str().rsplit('@').next().unwrap_or_default();
+            if let Ok(v) = HeaderValue::from_str(host_port) {
+                parts.headers.insert(header::HOST, v);
             }
         }
         // Origin form: the pool's connections all go to the one upstream.

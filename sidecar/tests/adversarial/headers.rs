@@ -94,6 +94,29 @@ async fn duplicate_or_missing_hosts_and_lower_case_methods_are_400() {
     sc.stop().await;
 }
 
+/// An absolute-form target names the host: the app gets it as `Host`, never the client's own
+/// `Host` line (RFC 9112 §3.2.2), and never the target's userinfo; the request still goes to
+/// the one upstream, in origin form.
+#[tokio::test]
+async fn an_absolute_form_target_replaces_the_clients_host() {
+    let (_d, _u, sc) = setup(doc(per_minute(1_000), vec![key("k")])).await;
+    let h = key_header();
+    for (target, want) in [
+        ("http://app.example/x?q=1", "app.example"),
+        ("http://user:pw@app.example:8080/x?q=1", "app.example:8080"),
+    ] {
+        let request = format!(
+            "GET {target} HTTP/1.1\r\nHost: admin.internal\r\n{h}\r\nConnection: close\r\n\r\n"
+        );
+        let r = send(sc.traffic_addr, request.as_bytes()).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        let seen = echoed(&r);
+        assert_eq!(seen["host"], want, "{seen}");
+        assert_eq!(seen[":uri"], "/x?q=1", "{seen}");
+    }
+    sc.stop().await;
+}
+
 /// Request smuggling: framing a front end and a back end could read differently. Whatever the
 /// sidecar accepts reaches the app framed one way only (never `Content-Length` together with
 /// `Transfer-Encoding`), a request hidden after a body is never forwarded unchecked (it has no
