@@ -793,6 +793,8 @@ pub fn cut_query_param(query: &str, param: &str) -> Option<String> {
 /// Strips the request's hop-by-hop headers and returns the protocol it may switch to: an
 /// HTTP/1.1 `Upgrade` to `websocket` or to a protocol the policy allows. Any other upgrade is
 /// dropped with the rest of the hop-by-hop headers and the request goes on as a plain one.
+/// A body in a transfer coding besides `chunked` is an error, checked before the
+/// `Transfer-Encoding` field goes.
 fn take_upgrade<B>(
     req: &mut Request<B>,
     allowed: &[String],
