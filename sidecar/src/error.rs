@@ -42,6 +42,10 @@ pub enum Error {
     /// The Redis store did not answer within the policy's timeout.
     #[error("redis store did not answer within {0:?}")]
     RedisTimeout(std::time::Duration),
+    /// The app's answer was not HTTP/1.x the proxy can pass on (a malformed head, a conflicting
+    /// length, a body cut short).
+    #[error("upstream: {0}")]
+    Upstream(&'static str),
 }
 
 impl From<redis::RedisError> for Error {
@@ -68,6 +72,7 @@ impl Error {
             Error::Io(_) => "io",
             Error::Redis(_) => "redis",
             Error::RedisTimeout(_) => "redis_timeout",
+            Error::Upstream(_) => "upstream",
         }
     }
 }

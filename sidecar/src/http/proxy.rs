@@ -20,7 +20,7 @@ use crate::config::{ConfigStore, KeyPolicy, KeySourceRule, Snapshot};
 use crate::http::meter::{BodyMeter, Meter};
 use crate::http::path;
 use crate::http::response::{self, ProxyBody};
-use crate::http::upstream::{Lent, Unanswered, UpstreamPool};
+use crate::http::upstream::{BoxError, Reply, Unanswered, UpstreamBody, UpstreamPool};
 use crate::limiter::local::Limiter;
 use crate::limiter::redis::RedisBackends;
 use crate::limiter::shed::{LoadShedder, ShedPermit};
@@ -65,7 +65,7 @@ pub struct Proxy {
     pub fail_open: bool,
     pub metrics_per_key: bool,
     auth_budget: AuthFailureBudget,
-    pool: UpstreamPool<Incoming>,
+    pool: UpstreamPool,
     /// The app's adaptive concurrency limit (the policy's `loadShedding`); kept across
     /// reloads, like the limiter's counters.
     pub shedder: LoadShedder,
@@ -486,7 +486,7 @@ impl Proxy {
         self.metrics
             .upstream_seconds
             .observe(sent.elapsed().as_secs_f64());
-        let (mut resp, lent) = match result {
+        let resp = match result {
             Ok(r) => {
                 if let Some(s) = &mut shed {
                     s.answered(self.limiter.mono_ns());
@@ -529,40 +529,49 @@ impl Proxy {
             }
         };
 
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            let Some(client_upgrade) = client_upgrade else {
-                // The app switched protocols on a request that did not ask to (or asked for
-                // a protocol the policy does not allow): never hand the client a tunnel.
-                self.metrics.upstream_errors.inc();
-                return response::error(
-                    StatusCode::BAD_GATEWAY,
-                    "unexpected_upgrade",
-                    "the application switched protocols without an allowed upgrade request",
-                );
-            };
-            let upstream_upgrade = hyper::upgrade::on(&mut resp);
-            tokio::spawn(async move {
-                // The permit lives as long as the tunnel: a WebSocket counts as in flight.
-                let _permit = permit;
-                if let (Ok(client), Ok(upstream)) = tokio::join!(client_upgrade, upstream_upgrade) {
+        let (mut parts, reply) = resp.into_parts();
+        let body = match reply {
+            Reply::Body(body) => body,
+            Reply::Switched(tunnel) => {
+                let Some(client_upgrade) = client_upgrade else {
+                    // The app switched protocols on a request that did not ask to (or asked
+                    // for a protocol the policy does not allow): never hand the client a
+                    // tunnel.
+                    self.metrics.upstream_errors.inc();
+                    return response::error(
+                        StatusCode::BAD_GATEWAY,
+                        "unexpected_upgrade",
+                        "the application switched protocols without an allowed upgrade request",
+                    );
+                };
+                tokio::spawn(async move {
+                    // The permit lives as long as the tunnel: a WebSocket counts as in flight.
+                    let _permit = permit;
+                    let Ok(client) = client_upgrade.await else {
+                        return;
+                    };
                     let mut client = TokioIo::new(client);
-                    let mut upstream = TokioIo::new(upstream);
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-                }
-            });
-            let (parts, _) = resp.into_parts();
-            return Response::from_parts(parts, response::full(Bytes::new()));
-        }
+                    let mut app = tunnel.io;
+                    if !tunnel.early.is_empty()
+                        && tokio::io::AsyncWriteExt::write_all(&mut client, &tunnel.early)
+                            .await
+                            .is_err()
+                    {
+                        return;
+                    }
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut app).await;
+                });
+                return Response::from_parts(parts, response::full(Bytes::new()));
+            }
+        };
 
-        strip_hop_by_hop(resp.headers_mut());
-        let (parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
         let body = GuardedBody {
             inner: body,
             permit,
             shed,
             // Metered: the cost comes from this response's header or passes by in its body.
             meter: meter.and_then(|m| m.attach(&parts.headers)),
-            lent: Some(lent),
         }
         .boxed();
         Response::from_parts(parts, body)
@@ -574,16 +583,14 @@ impl Proxy {
 ///   went away), whichever comes first;
 /// - a metered response's cost is read as its frames pass and settled when it ends (or on
 ///   drop, by the [`BodyMeter`]);
-/// - the upstream connection goes back to the pool when the body was read to its end (hyper
-///   stops polling once `is_end_stream`, so the check is on drop). A body dropped half-read
-///   drops the connection: hyper closes it.
+/// - the upstream connection goes back to the pool when the body was read to its end (the
+///   [`UpstreamBody`] does that); a body dropped half-read drops and closes the connection.
 struct GuardedBody {
-    inner: Incoming,
+    inner: UpstreamBody,
     permit: Option<Permit>,
     /// The request's slot in the app's adaptive limit, held like `permit`.
     shed: Option<ShedPermit>,
     meter: Option<BodyMeter>,
-    lent: Option<Lent<Incoming>>,
 }
 
 /// What a forwarded request does with its response besides passing it on.
@@ -593,24 +600,14 @@ struct Hooks {
     shed: Option<ShedPermit>,
 }
 
-impl Drop for GuardedBody {
-    fn drop(&mut self) {
-        if let Some(lent) = self.lent.take() {
-            if self.inner.is_end_stream() {
-                lent.give_back();
-            }
-        }
-    }
-}
-
 impl Body for GuardedBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         let ended = match &polled {

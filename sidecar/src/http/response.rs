@@ -13,7 +13,7 @@ use crate::limiter::window;
 use crate::limiter::{LimitKind, LimitSet, LimitStatus, Refusal};
 use crate::metrics::Outcome;
 
-pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+pub type ProxyBody = BoxBody<Bytes, crate::http::upstream::BoxError>;
 
 pub static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 pub static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");

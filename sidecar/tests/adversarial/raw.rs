@@ -27,14 +27,19 @@ impl RawResponse {
 
 /// Sends `request` verbatim (it should carry `Connection: close`) and reads the whole answer.
 pub async fn send(addr: SocketAddr, request: &[u8]) -> RawResponse {
+    parse(&read_until_closed(addr, request).await)
+}
+
+/// Sends `request` verbatim and returns every byte read until the sidecar closes the connection.
+async fn read_until_closed(addr: SocketAddr, request: &[u8]) -> Vec<u8> {
     let mut s = TcpStream::connect(addr).await.expect("connect");
     s.write_all(request).await.expect("write");
     let mut buf = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
         .await
-        .expect("the sidecar answered within 10 s")
+        .expect("the sidecar closed the connection within 10 s")
         .expect("read");
-    parse(&buf)
+    buf
 }
 
 /// Sends `request` and reads only the response head: for answers that keep the connection
@@ -60,13 +65,7 @@ pub async fn send_head(addr: SocketAddr, request: &[u8]) -> RawResponse {
 /// Sends `request` verbatim and splits everything read until the connection closes into
 /// responses (each framed by `Content-Length`, as every answer in these tests is).
 pub async fn send_all(addr: SocketAddr, request: &[u8]) -> Vec<RawResponse> {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
-    s.write_all(request).await.expect("write");
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
-        .await
-        .expect("the sidecar closed the connection within 10 s")
-        .expect("read");
+    let buf = read_until_closed(addr, request).await;
     let mut out = Vec::new();
     let mut rest = &buf[..];
     while let Some(end) = rest.windows(4).position(|w| w == b"\r\n\r\n") {
