@@ -616,9 +616,8 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parsed, Error> {
         Framing::UntilClose
     };
     // Both framings in one message: the sender must close after it (RFC 9112 §6.3).
-    let reusable = !close
-        && !(transfer_encoding && content_length.is_some())
-        && !matches!(framing, Framing::UntilClose);
+    let both_framings = transfer_encoding && content_length.is_some();
+    let reusable = !(close || both_framings || matches!(framing, Framing::UntilClose));
     let head = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(fields);
     for span in &spans[..fields] {
@@ -912,7 +911,8 @@ impl Body for UpstreamBody {
 mod tests {
     use super::*;
     use bytes::Bytes;
-    use http_body_util::{BodyExt, Empty};
+    use http_body_util::{BodyExt, Empty, Full};
+    use std::collections::VecDeque;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
@@ -934,6 +934,8 @@ mod tests {
         Silent,
         /// Answers the first request on a connection at once, later ones after [`LATE`].
         LateAfterFirst,
+        /// Answers the first request on a connection; closes on the next one, unanswered.
+        FirstOnly,
     }
 
     /// How long [`Upstream::LateAfterFirst`] takes over a connection's second request and on.
@@ -956,10 +958,12 @@ mod tests {
                         // One request per `\r\n\r\n` (no request bodies in these tests).
                         while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                             buf.drain(..end + 4);
-                            if let Upstream::LateAfterFirst = mode {
-                                if answered > 0 {
-                                    tokio::time::sleep(LATE).await;
+                            match mode {
+                                Upstream::LateAfterFirst if answered > 0 => {
+                                    tokio::time::sleep(LATE).await
                                 }
+                                Upstream::FirstOnly if answered > 0 => return,
+                                _ => {}
                             }
                             answered += 1;
                             let answer: &[u8] = match mode {
@@ -1001,7 +1005,7 @@ mod tests {
         deadline: tokio::time::Instant,
     ) -> Result<Bytes, Unanswered> {
         let resp = pool.send(get(), Instant::now(), deadline).await?;
-        Ok(body_of(resp).await.map_err(Unanswered::Failed)?)
+        body_of(resp).await.map_err(Unanswered::Failed)
     }
 
     async fn body_of(resp: Response<Reply>) -> Result<Bytes, BoxError> {
@@ -1170,5 +1174,313 @@ mod tests {
         let third = exchange_until(&pool, t1 + Duration::from_secs(2)).await;
         assert!(matches!(third, Err(Unanswered::TimedOut)), "{third:?}");
         assert!(t1.elapsed() < LATE, "cut off after {:?}", t1.elapsed());
+    }
+
+    /// A request body of the given frames whose length is not known in advance; with
+    /// `then_wait` it stays open after them, as a slow upload does.
+    struct Frames {
+        frames: VecDeque<&'static [u8]>,
+        then_wait: bool,
+    }
+
+    impl Body for Frames {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            match self.frames.pop_front() {
+                Some(b) => Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b))))),
+                None if self.then_wait => Poll::Pending,
+                None => Poll::Ready(None),
+            }
+        }
+    }
+
+    /// An app that answers the requests on its one connection with `answers`, in order, and
+    /// reports each request's bytes. With `read_body` false it answers once it has the head;
+    /// with `close` it closes after the last answer, else it holds the connection open.
+    async fn scripted(
+        answers: Vec<&'static [u8]>,
+        read_body: bool,
+        close: bool,
+    ) -> (Authority, tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            for answer in answers {
+                let end = loop {
+                    if let Some(end) = request_end(&buf, read_body) {
+                        break end;
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                };
+                let _ = tx.send(buf.drain(..end).collect());
+                if s.write_all(answer).await.is_err() {
+                    return;
+                }
+            }
+            if !close {
+                while !matches!(s.read(&mut chunk).await, Ok(0) | Err(_)) {}
+            }
+        });
+        (addr.to_string().parse().expect("authority"), rx)
+    }
+
+    /// Where the first request in `buf` ends, if it is all there.
+    fn request_end(buf: &[u8], with_body: bool) -> Option<usize> {
+        let head = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+        let text = String::from_utf8_lossy(&buf[..head]).to_ascii_lowercase();
+        if !with_body {
+            return Some(head);
+        }
+        if let Some(line) = text.lines().find(|l| l.starts_with("content-length:")) {
+            let n: usize = line["content-length:".len()..].trim().parse().ok()?;
+            return (buf.len() >= head + n).then_some(head + n);
+        }
+        if text.contains("transfer-encoding: chunked") {
+            let rest = &buf[head..];
+            return rest
+                .windows(5)
+                .position(|w| w == b"0\r\n\r\n")
+                .map(|at| head + at + 5);
+        }
+        Some(head)
+    }
+
+    async fn send_to(
+        pool: &UpstreamPool,
+        req: Request<impl Body<Data = Bytes, Error = impl Into<BoxError>> + Unpin>,
+    ) -> Result<Response<Reply>, Unanswered> {
+        pool.send(req, Instant::now(), tokio::time::Instant::now() + WAIT)
+            .await
+    }
+
+    fn text(b: &[u8]) -> String {
+        String::from_utf8_lossy(b).into_owned()
+    }
+
+    #[tokio::test]
+    async fn a_chunked_answer_is_decoded_and_its_connection_reused() {
+        let answer = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3;ext=\"a b\"\r\nabc\r\n2\r\nde\r\n0\r\nx-trailer: 1\r\n\r\n";
+        let (authority, _) = scripted(vec![answer, answer], false, false).await;
+        let pool = UpstreamPool::new(&authority, 8, Duration::from_secs(30));
+        for _ in 0..2 {
+            let resp = send_to(&pool, get()).await.expect("send");
+            assert_eq!(body_of(resp).await.expect("body"), "abcde");
+            assert_eq!(pool.idle(), 1, "the connection went back to the pool");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_without_a_length_runs_until_the_app_closes_and_is_not_pooled() {
+        let (authority, _) = scripted(vec![b"HTTP/1.1 200 OK\r\n\r\nhello"], false, true).await;
+        let pool = UpstreamPool::new(&authority, 8, Duration::from_secs(30));
+        let resp = send_to(&pool, get()).await.expect("send");
+        assert_eq!(body_of(resp).await.expect("body"), "hello");
+        assert_eq!(pool.idle(), 0);
+    }
+
+    /// A HEAD answer's `Content-Length` describes the GET's body, which does not follow; read
+    /// as a body, the next answer on the connection would be taken for it.
+    #[tokio::test]
+    async fn a_head_answer_has_no_body_and_the_next_answer_is_read_whole() {
+        let (authority, _) = scripted(
+            vec![
+                b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n",
+                b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello",
+            ],
+            false,
+            false,
+        )
+        .await;
+        let pool = UpstreamPool::new(&authority, 8, Duration::from_secs(30));
+        let head = Request::head("/x")
+            .body(Empty::<Bytes>::new())
+            .expect("request");
+        let resp = send_to(&pool, head).await.expect("send");
+        assert_eq!(resp.headers()["content-length"], "5");
+        assert_eq!(body_of(resp).await.expect("body"), "");
+        let resp = send_to(&pool, get()).await.expect("send");
+        assert_eq!(body_of(resp).await.expect("body"), "hello");
+    }
+
+    #[tokio::test]
+    async fn informational_answers_are_skipped() {
+        let (authority, _) = scripted(
+            vec![b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 2\r\nx-app: 1\r\n\r\nok"],
+            false,
+            false,
+        )
+        .await;
+        let pool = UpstreamPool::new(&authority, 8, Duration::from_secs(30));
+        let resp = send_to(&pool, get()).await.expect("send");
+        assert_eq!(resp.status(), StatusCode::CREATED);
+        assert_eq!(resp.headers()["x-app"], "1");
+        assert!(resp.headers().get("link").is_none());
+        assert_eq!(body_of(resp).await.expect("body"), "ok");
+    }
+
+    /// Answers whose framing is ambiguous or broken are errors (a 502 at the proxy), never
+    /// passed on: each would let the app's bytes be read two ways.
+    #[tokio::test]
+    async fn malformed_answers_are_errors() {
+        let many: &'static [u8] = Box::leak(
+            format!(
+                "HTTP/1.1 200 OK\r\n{}content-length: 0\r\n\r\n",
+                "x-a: 1\r\n".repeat(MAX_HEADERS)
+            )
+            .into_bytes()
+            .into_boxed_slice(),
+        );
+        let huge: &'static [u8] = Box::leak(
+            format!("HTTP/1.1 200 OK\r\nx-a: {}", "a".repeat(MAX_HEAD + 10))
+                .into_bytes()
+                .into_boxed_slice(),
+        );
+        let answers: [&'static [u8]; 6] = [
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok",
+            b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\nok",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2, 3\r\n\r\nok",
+            b"HELLO THERE\r\n\r\n",
+            many,
+            huge,
+        ];
+        for answer in answers {
+            let (authority, _) = scripted(vec![answer], false, false).await;
+            let pool = UpstreamPool::new(&authority, 8, Duration::from_secs(30));
+            let r = send_to(&pool, get()).await;
+            assert!(
+                matches!(r, Err(Unanswered::Failed(_))),
+                "{:?}: {r:?}",
+                text(&answer[..answer.len().min(60)])
+            );
+            assert_eq!(pool.idle(), 0);
+        }
+        // A chunked body that breaks off mid-way is an error in the body, and not pooled.
+        let (authority, _) = scripted(
+            vec![b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabcXX"],
+            false,
+            false,
+        )
+        .await;
+        let pool = UpstreamPool::new(&authority, 8, Duration::from_secs(30));
+        let resp = send_to(&pool, get()).await.expect("send");
+        assert!(body_of(resp).await.is_err());
+        assert_eq!(pool.idle(), 0);
+    }
+
+    /// A body of known length goes with `Content-Length`, one of unknown length chunked, and
+    /// the client's own framing fields never reach the app.
+    #[tokio::test]
+    async fn request_bodies_are_framed_by_what_the_proxy_knows() {
+        let ok: &'static [u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+        let (authority, mut seen) = scripted(vec![ok, ok, ok], true, false).await;
+        let pool = UpstreamPool::new(&authority, 8, Duration::from_secs(30));
+
+        let post = Request::post("/x")
+            .header("transfer-encoding", "chunked")
+            .body(Full::new(Bytes::from_static(b"abc")))
+            .expect("request");
+        assert_eq!(
+            body_of(send_to(&pool, post).await.expect("send"))
+                .await
+                .expect("body"),
+            "ok"
+        );
+        let got = text(&seen.recv().await.expect("request"));
+        assert!(got.starts_with("POST /x HTTP/1.1\r\n"), "{got}");
+        assert!(got.ends_with("content-length: 3\r\n\r\nabc"), "{got}");
+        assert!(!got.contains("transfer-encoding"), "{got}");
+
+        let streamed = Request::post("/x")
+            .header("content-length", "999")
+            .body(Frames {
+                frames: VecDeque::from([&b"abc"[..], b"", b"de"]),
+                then_wait: false,
+            })
+            .expect("request");
+        assert_eq!(
+            body_of(send_to(&pool, streamed).await.expect("send"))
+                .await
+                .expect("body"),
+            "ok"
+        );
+        let got = text(&seen.recv().await.expect("request"));
+        assert!(
+            got.ends_with("transfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"),
+            "{got}"
+        );
+        assert!(!got.contains("content-length"), "{got}");
+
+        // An empty POST that said `Content-Length: 0` keeps it.
+        let empty = Request::post("/x")
+            .header("content-length", "0")
+            .body(Empty::<Bytes>::new())
+            .expect("request");
+        assert_eq!(
+            body_of(send_to(&pool, empty).await.expect("send"))
+                .await
+                .expect("body"),
+            "ok"
+        );
+        let got = text(&seen.recv().await.expect("request"));
+        assert!(got.ends_with("content-length: 0\r\n\r\n"), "{got}");
+        assert_eq!(pool.idle(), 1);
+    }
+
+    /// An app may refuse an upload before reading it: its answer is passed on, and the
+    /// connection, left mid-request, is not pooled.
+    #[tokio::test]
+    async fn an_answer_before_the_body_is_sent_is_passed_on() {
+        let (authority, _) = scripted(
+            vec![b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 0\r\n\r\n"],
+            false,
+            false,
+        )
+        .await;
+        let pool = UpstreamPool::new(&authority, 8, Duration::from_secs(30));
+        let upload = Request::post("/x")
+            .body(Frames {
+                frames: VecDeque::from([&b"part"[..]]),
+                then_wait: true,
+            })
+            .expect("request");
+        let resp = send_to(&pool, upload).await.expect("send");
+        assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(body_of(resp).await.expect("body"), "");
+        assert_eq!(pool.idle(), 0);
+    }
+
+    /// A reused connection the app closed just as the request went out: a GET is sent again
+    /// on a new connection, a POST is not (it may have been acted on).
+    #[tokio::test]
+    async fn only_an_idempotent_request_is_sent_again_after_a_reused_connection_ends() {
+        let (authority, accepted) = upstream(Upstream::FirstOnly).await;
+        let pool = UpstreamPool::new(&authority, 8, Duration::from_secs(30));
+        assert_eq!(exchange(&pool).await.expect("exchange"), "ok");
+        assert_eq!(exchange(&pool).await.expect("the GET is retried"), "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+
+        let (authority, accepted) = upstream(Upstream::FirstOnly).await;
+        let pool = UpstreamPool::new(&authority, 8, Duration::from_secs(30));
+        assert_eq!(exchange(&pool).await.expect("exchange"), "ok");
+        let post = Request::post("/x")
+            .body(Empty::<Bytes>::new())
+            .expect("request");
+        let r = send_to(&pool, post).await;
+        assert!(matches!(r, Err(Unanswered::Failed(_))), "{r:?}");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
 }
