@@ -29,6 +29,7 @@ use http::uri::Authority;
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
@@ -303,7 +304,7 @@ enum Failure {
 /// body, the two run together: an app may answer before it has read the whole body (a 413),
 /// and that answer is passed on. Returns the head, and whether the whole request went out.
 async fn exchange<B>(
-    io: &TcpStream,
+    io: &mut TcpStream,
     read: &mut BytesMut,
     write: &mut Vec<u8>,
     body: Option<B>,
@@ -320,8 +321,10 @@ where
     let Some(body) = body else {
         return read_head(io, read, head_request).await.map(|h| (h, true));
     };
-    let mut sending = pin!(send_body(io, write, body, outgoing == Outgoing::Chunked));
-    let mut reading = pin!(read_head(io, read, head_request));
+    let (mut reader, writer) = io.split();
+    let chunked = outgoing == Outgoing::Chunked;
+    let mut sending = pin!(send_body(writer.as_ref(), write, body, chunked));
+    let mut reading = pin!(read_head(&mut reader, read, head_request));
     let mut sent: Option<Result<(), Failure>> = None;
     poll_fn(|cx| {
         if sent.is_none() {
@@ -464,22 +467,26 @@ async fn write_all(io: &TcpStream, mut data: &[u8]) -> io::Result<()> {
 }
 
 /// Reads from `io` into `buf`: the number of bytes read, 0 at the end of the stream.
-fn poll_fill(io: &TcpStream, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+///
+/// Through `AsyncRead`, not `try_read`: tokio takes a read that did not fill the buffer as
+/// proof the socket is drained (it is, with epoll) and clears its readiness, as nginx does.
+/// So the check of an idle connection before reuse ([`Connection::is_open`]) costs a system
+/// call only when something arrived since, not after every exchange.
+fn poll_fill<R: AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
     if buf.capacity() - buf.len() < READ_CHUNK / 4 {
         buf.reserve(READ_CHUNK);
     }
-    loop {
-        match io.try_read_buf(buf) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready!(io.poll_read_ready(cx))?,
-            r => return Poll::Ready(r),
-        }
-    }
+    pin!(io.read_buf(buf)).poll(cx)
 }
 
 /// Reads until a final response head is complete; `1xx` heads before it (other than `101`) are
 /// read and dropped.
-async fn read_head(
-    io: &TcpStream,
+async fn read_head<R: AsyncRead + Unpin>(
+    io: &mut R,
     buf: &mut BytesMut,
     head_request: bool,
 ) -> Result<Head, Failure> {
@@ -662,7 +669,8 @@ async fn before<F: Future>(mut timer: Pin<&mut Sleep>, work: F) -> Option<F::Out
 
 impl Connection {
     /// Whether the app has neither closed the idle connection nor sent anything on it. No
-    /// system call unless the socket was seen readable since the last read.
+    /// system call unless the socket was seen readable since the last read (see
+    /// [`poll_fill`]).
     fn is_open(&self) -> bool {
         let mut probe = [0u8; 1];
         matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
