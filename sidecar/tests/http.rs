@@ -78,6 +78,19 @@ async fn authentication_failures_are_short_json_errors() {
     sc.stop().await;
 }
 
+/// RFC 9110 §7.6.1: the app's connection-specific fields end at the sidecar, those it names
+/// in `Connection` included.
+#[tokio::test]
+async fn the_apps_hop_by_hop_fields_do_not_reach_the_client() {
+    let (_d, _u, sc) = setup(doc(rate(10, 60, 9), vec![key("alice")])).await;
+    let r = with_key(&client(), sc.traffic_addr, "/hop", "alice").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.header("x-app"), "1");
+    for name in ["x-private", "keep-alive"] {
+        assert!(r.headers.get(name).is_none(), "{name}: {:?}", r.headers);
+    }
+}
+
 #[tokio::test]
 async fn allowed_requests_carry_identity_and_limit_headers_and_strip_the_key() {
     let mut d = doc(rate(10, 60, 9), vec![key("alice")]);

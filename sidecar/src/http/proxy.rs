@@ -934,7 +934,7 @@ const TRANSFER_ENCODING_BIT: u16 = 1 << 3;
 const UPGRADE_BIT: u16 = 1 << 4;
 
 /// The bit of `n` in [`HOP_BY_HOP`] (bit 0: `connection`), 0 if it is not one of them.
-fn hop_by_hop_bit(n: &HeaderName) -> u16 {
+pub(super) fn hop_by_hop_bit(n: &HeaderName) -> u16 {
     match n.as_str() {
         "connection" => 1,
         "te" => 1 << 1,
@@ -985,6 +985,17 @@ fn strip_present(h: &mut HeaderMap, present: u16) {
             h.remove(*name);
         }
     }
+}
+
+/// Whether every name a `Connection` value lists is one of [`HOP_BY_HOP`] (removed anyway), so
+/// the field itself can go without reading it again: `keep-alive`, what most apps send.
+pub(super) fn names_only_hop_by_hop(v: &[u8]) -> bool {
+    v.split(|&b| b == b',').map(<[u8]>::trim_ascii).all(|t| {
+        t.is_empty()
+            || HOP_BY_HOP
+                .iter()
+                .any(|n| t.eq_ignore_ascii_case(n.as_bytes()))
+    })
 }
 
 /// Removes the fields one `Connection` value names.

@@ -33,6 +33,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
+use crate::http::proxy::{hop_by_hop_bit, names_only_hop_by_hop};
 use crate::Error;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -627,11 +628,19 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parsed, Error> {
     let reusable = !(close || both_framings || matches!(framing, Framing::UntilClose));
     let head = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(fields);
+    // Hop-by-hop fields are left out here rather than inserted and removed by the proxy; a
+    // `Connection` naming other fields stays for the proxy to act on. A `101` keeps them all:
+    // `Upgrade` and `Connection` go on to the client.
+    let strip = status != StatusCode::SWITCHING_PROTOCOLS;
     for span in &spans[..fields] {
         let (n, nl) = (span.name.0 as usize, span.name.1 as usize);
         let (v, vl) = (span.value.0 as usize, span.value.1 as usize);
         let name = HeaderName::from_bytes(&head[n..n + nl])
             .map_err(|_| Error::Upstream("bad header name in the response"))?;
+        let hop = if strip { hop_by_hop_bit(&name) } else { 0 };
+        if hop > 1 || (hop == 1 && names_only_hop_by_hop(&head[v..v + vl])) {
+            continue;
+        }
         let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl))
             .map_err(|_| Error::Upstream("bad header value in the response"))?;
         headers.append(name, value);
@@ -1490,5 +1499,38 @@ mod tests {
         let r = send_to(&pool, post).await;
         assert!(matches!(r, Err(Unanswered::Failed(_))), "{r:?}");
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    /// Hop-by-hop fields never reach the response map, except a `Connection` that names other
+    /// fields (the proxy removes those), and all of them on a `101`.
+    #[test]
+    fn hop_by_hop_fields_are_left_out_of_the_response() {
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\nconnection: keep-alive\r\nkeep-alive: timeout=5\r\ntransfer-encoding: chunked\r\nx-app: 1\r\n\r\n"[..],
+        );
+        let Ok(Parsed::Final(head)) = parse_head(&mut buf, false) else {
+            panic!("a final head");
+        };
+        let names: Vec<_> = head.headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["x-app"]);
+        assert!(matches!(head.framing, Framing::Chunked(_)));
+
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\nconnection: keep-alive, x-private\r\nx-private: 1\r\ncontent-length: 0\r\n\r\n"[..],
+        );
+        let Ok(Parsed::Final(head)) = parse_head(&mut buf, false) else {
+            panic!("a final head");
+        };
+        assert_eq!(head.headers["connection"], "keep-alive, x-private");
+        assert_eq!(head.headers["x-private"], "1");
+
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n"[..],
+        );
+        let Ok(Parsed::Final(head)) = parse_head(&mut buf, false) else {
+            panic!("a final head");
+        };
+        assert_eq!(head.headers["connection"], "upgrade");
+        assert_eq!(head.headers["upgrade"], "echo");
     }
 }

@@ -130,7 +130,9 @@ pub fn doc(limits: Limits, keys: Vec<KeyEntry>) -> PolicyDocument {
 
 /// The upstream app. Paths: `/hold` answers headers at once and keeps the body open until
 /// the test sends on `release` (or forever); `/stall` never answers; `/upgrade` switches
-/// protocols and echoes bytes; anything else answers 200 with the request's headers as JSON.
+/// protocols and echoes bytes; `/hop` answers with hop-by-hop fields (`Keep-Alive`, and
+/// `X-Private` named by `Connection`) next to `X-App`; anything else answers 200 with the
+/// request's headers as JSON.
 pub struct Upstream {
     pub addr: SocketAddr,
 }
@@ -170,6 +172,18 @@ async fn app(mut req: Request<Incoming>) -> Result<Response<AppBody>, Infallible
             Ok(Response::new(StreamBody::new(stream).boxed()))
         }
         "/stall" => std::future::pending().await,
+        "/hop" => {
+            let mut resp = Response::new(Full::new(Bytes::from_static(b"{}")).boxed());
+            for (k, v) in [
+                ("connection", "keep-alive, x-private"),
+                ("keep-alive", "timeout=5"),
+                ("x-private", "1"),
+                ("x-app", "1"),
+            ] {
+                resp.headers_mut().insert(k, v.parse().unwrap());
+            }
+            Ok(resp)
+        }
         "/upgrade" => {
             let on = hyper::upgrade::on(&mut req);
             tokio::spawn(async move {
