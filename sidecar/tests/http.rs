@@ -78,6 +78,30 @@ async fn authentication_failures_are_short_json_errors() {
     sc.stop().await;
 }
 
+/// The app learns the caller's address: appended to a text `X-Forwarded-For` the caller sent,
+/// in place of one that is not text, and once even when the caller sent two lines.
+#[tokio::test]
+async fn the_app_gets_the_peer_in_x_forwarded_for() {
+    let (_d, _u, sc) = setup(doc(rate(10, 60, 9), vec![key("alice")])).await;
+    let c = client();
+    let k = material("alice");
+    let cases: [(&[&str], &str); 3] = [
+        (&[], "127.0.0.1"),
+        (&["203.0.113.9"], "203.0.113.9, 127.0.0.1"),
+        (
+            &["198.51.100.1, 203.0.113.9", "192.0.2.1"],
+            "198.51.100.1, 203.0.113.9, 127.0.0.1",
+        ),
+    ];
+    for (sent, want) in cases {
+        let mut headers = vec![("x-api-key", k.as_str())];
+        headers.extend(sent.iter().map(|v| ("x-forwarded-for", *v)));
+        let r = get(&c, sc.traffic_addr, "/", &headers).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.body["x-forwarded-for"], want, "sent {sent:?}");
+    }
+}
+
 /// RFC 9110 §7.6.1: the app's connection-specific fields end at the sidecar, those it names
 /// in `Connection` included.
 #[tokio::test]

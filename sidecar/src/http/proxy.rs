@@ -1,7 +1,7 @@
 //! The traffic port: authenticate, decide, forward.
 
 use std::borrow::Cow;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -472,7 +472,6 @@ impl Proxy {
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             parts.headers.insert(header::UPGRADE, proto);
         }
-        append_forwarded_for(&mut parts.headers, peer);
 
         let upstream_req = Request::from_parts(parts, body);
         let sent = Instant::now();
@@ -482,7 +481,10 @@ impl Proxy {
         let deadline = start
             .checked_add(self.upstream_timeout)
             .unwrap_or_else(|| start + Duration::from_secs(365 * 86_400));
-        let result = self.pool.send(upstream_req, started, deadline).await;
+        let result = self
+            .pool
+            .send(upstream_req, Some(peer.ip()), started, deadline)
+            .await;
         self.metrics
             .upstream_seconds
             .observe(sent.elapsed().as_secs_f64());
@@ -1014,48 +1016,6 @@ fn remove_connection_named(h: &mut HeaderMap, v: &HeaderValue) {
     }
 }
 
-fn append_forwarded_for(h: &mut HeaderMap, peer: SocketAddr) {
-    static XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
-    // An IPv4 peer (the usual case) is written by hand: `Ipv4Addr`'s Display goes through the
-    // formatter machinery, which costs more than the rest of this function.
-    let mut v4 = [0u8; 15];
-    let ip_text;
-    let ip: &[u8] = match peer.ip() {
-        IpAddr::V4(a) => {
-            let mut n = 0;
-            for (i, octet) in a.octets().into_iter().enumerate() {
-                if i > 0 {
-                    v4[n] = b'.';
-                    n += 1;
-                }
-                let mut digits = [0u8; 20];
-                let d = response::decimal(u64::from(octet), &mut digits);
-                v4[n..n + d.len()].copy_from_slice(d);
-                n += d.len();
-            }
-            &v4[..n]
-        }
-        IpAddr::V6(a) => {
-            ip_text = a.to_string();
-            ip_text.as_bytes()
-        }
-    };
-    // A previous value that is not text is replaced, not extended.
-    let value = match h.get(&XFF).filter(|v| v.to_str().is_ok()) {
-        Some(prev) => {
-            let mut v = Vec::with_capacity(prev.len() + 2 + ip.len());
-            v.extend_from_slice(prev.as_bytes());
-            v.extend_from_slice(b", ");
-            v.extend_from_slice(ip);
-            HeaderValue::from_maybe_shared(Bytes::from(v))
-        }
-        None => HeaderValue::from_bytes(ip),
-    };
-    if let Ok(v) = value {
-        h.insert(XFF.clone(), v);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1086,52 +1046,6 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
-    }
-
-    #[test]
-    fn forwarded_for_matches_the_formatted_address() {
-        // What the hand-written formatting replaced, kept here as the reference.
-        fn reference(h: &mut HeaderMap, peer: SocketAddr) {
-            let ip = peer.ip().to_string();
-            let value = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-                Some(prev) => format!("{prev}, {ip}"),
-                None => ip,
-            };
-            if let Ok(v) = HeaderValue::from_str(&value) {
-                h.insert("x-forwarded-for", v);
-            }
-        }
-        let peers = [
-            "0.0.0.0:1",
-            "255.255.255.255:2",
-            "10.1.20.3:3",
-            "127.0.0.1:4",
-            "[::1]:5",
-            "[2001:db8::7]:6",
-            "[::ffff:10.0.0.1]:7",
-        ];
-        let before: [&[&[u8]]; 4] = [
-            &[],
-            &[b"203.0.113.9"],
-            &[b"198.51.100.1, 203.0.113.9", b"192.0.2.1"],
-            &[b"caf\xe9"],
-        ];
-        for peer in peers {
-            let peer: SocketAddr = peer.parse().expect("addr");
-            for prev in before {
-                let mut want = HeaderMap::new();
-                for v in prev {
-                    want.append(
-                        "x-forwarded-for",
-                        HeaderValue::from_bytes(v).expect("value"),
-                    );
-                }
-                let mut got = want.clone();
-                reference(&mut want, peer);
-                append_forwarded_for(&mut got, peer);
-                assert_eq!(got, want, "{peer} after {prev:?}");
-            }
-        }
     }
 
     #[test]
