@@ -825,70 +825,94 @@ impl UpstreamBody {
     }
 }
 
+/// What the bytes read so far give of a body.
+#[derive(Debug, PartialEq)]
+enum Decoded {
+    Data(Bytes),
+    /// The body is complete.
+    End,
+    /// More bytes are needed.
+    More,
+}
+
+/// Takes the next piece of a body delimited by `framing` off the front of `read`. Pure, so the
+/// chunked decoder is tested byte by byte without a socket.
+fn decode(framing: &mut Framing, read: &mut BytesMut) -> Result<Decoded, Error> {
+    loop {
+        match framing {
+            Framing::Length(0) => return Ok(Decoded::End),
+            Framing::Length(_) | Framing::UntilClose if read.is_empty() => {
+                return Ok(Decoded::More)
+            }
+            Framing::Length(left) => {
+                let n = (*left).min(read.len() as u64);
+                *left -= n;
+                return Ok(Decoded::Data(read.split_to(n as usize).freeze()));
+            }
+            Framing::UntilClose => return Ok(Decoded::Data(read.split().freeze())),
+            Framing::Chunked(state) => match *state {
+                Chunked::Size => match httparse::parse_chunk_size(read) {
+                    Ok(httparse::Status::Complete((used, size))) => {
+                        read.advance(used);
+                        *state = if size == 0 {
+                            Chunked::Trailers(0)
+                        } else {
+                            Chunked::Data(size)
+                        };
+                    }
+                    Ok(httparse::Status::Partial) if read.len() < MAX_CHUNK_LINE => {
+                        return Ok(Decoded::More)
+                    }
+                    _ => return Err(Error::Upstream("bad chunk size")),
+                },
+                Chunked::Data(_) if read.is_empty() => return Ok(Decoded::More),
+                Chunked::Data(left) => {
+                    let n = left.min(read.len() as u64);
+                    *state = if n == left {
+                        Chunked::DataEnd
+                    } else {
+                        Chunked::Data(left - n)
+                    };
+                    return Ok(Decoded::Data(read.split_to(n as usize).freeze()));
+                }
+                Chunked::DataEnd if read.len() < 2 => return Ok(Decoded::More),
+                Chunked::DataEnd => {
+                    if &read[..2] != b"\r\n" {
+                        return Err(Error::Upstream("bad chunk end"));
+                    }
+                    read.advance(2);
+                    *state = Chunked::Size;
+                }
+                Chunked::Trailers(seen) => {
+                    let Some(at) = read.windows(2).position(|w| w == b"\r\n") else {
+                        if seen + read.len() > MAX_TRAILERS {
+                            return Err(Error::Upstream("trailers too large"));
+                        }
+                        return Ok(Decoded::More);
+                    };
+                    read.advance(at + 2);
+                    if at == 0 {
+                        *framing = Framing::Length(0);
+                    } else if seen + at + 2 > MAX_TRAILERS {
+                        return Err(Error::Upstream("trailers too large"));
+                    } else {
+                        *state = Chunked::Trailers(seen + at + 2);
+                    }
+                }
+            },
+        }
+    }
+}
+
 impl Streaming {
     /// The next piece of the body: data, or `None` at its end.
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, BoxError>> {
         let Connection { io, read, .. } = &mut self.connection;
         loop {
-            match &mut self.framing {
-                Framing::Length(0) => return Poll::Ready(Ok(None)),
-                Framing::Length(left) if !read.is_empty() => {
-                    let n = (*left).min(read.len() as u64);
-                    *left -= n;
-                    return Poll::Ready(Ok(Some(read.split_to(n as usize).freeze())));
-                }
-                Framing::UntilClose if !read.is_empty() => {
-                    return Poll::Ready(Ok(Some(read.split().freeze())));
-                }
-                Framing::Chunked(state) => match *state {
-                    Chunked::Size => match httparse::parse_chunk_size(read) {
-                        Ok(httparse::Status::Complete((used, size))) => {
-                            read.advance(used);
-                            *state = if size == 0 {
-                                Chunked::Trailers(0)
-                            } else {
-                                Chunked::Data(size)
-                            };
-                            continue;
-                        }
-                        Ok(httparse::Status::Partial) if read.len() < MAX_CHUNK_LINE => {}
-                        _ => return Poll::Ready(Err(Error::Upstream("bad chunk size").into())),
-                    },
-                    Chunked::Data(left) if !read.is_empty() => {
-                        let n = left.min(read.len() as u64);
-                        *state = if n == left {
-                            Chunked::DataEnd
-                        } else {
-                            Chunked::Data(left - n)
-                        };
-                        return Poll::Ready(Ok(Some(read.split_to(n as usize).freeze())));
-                    }
-                    Chunked::Data(_) => {}
-                    Chunked::DataEnd if read.len() >= 2 => {
-                        if &read[..2] != b"\r\n" {
-                            return Poll::Ready(Err(Error::Upstream("bad chunk end").into()));
-                        }
-                        read.advance(2);
-                        *state = Chunked::Size;
-                        continue;
-                    }
-                    Chunked::DataEnd => {}
-                    Chunked::Trailers(seen) => {
-                        if let Some(at) = read.windows(2).position(|w| w == b"\r\n") {
-                            read.advance(at + 2);
-                            if at == 0 {
-                                self.framing = Framing::Length(0);
-                            } else {
-                                *state = Chunked::Trailers(seen + at + 2);
-                            }
-                            continue;
-                        }
-                        if seen + read.len() > MAX_TRAILERS {
-                            return Poll::Ready(Err(Error::Upstream("trailers too large").into()));
-                        }
-                    }
-                },
-                Framing::Length(_) | Framing::UntilClose => {}
+            match decode(&mut self.framing, read)? {
+                Decoded::Data(data) => return Poll::Ready(Ok(Some(data))),
+                Decoded::End => return Poll::Ready(Ok(None)),
+                Decoded::More => {}
             }
             match ready!(poll_fill(io, read, cx)) {
                 Ok(0) if matches!(self.framing, Framing::UntilClose) => {
@@ -1643,6 +1667,66 @@ mod tests {
                 assert_eq!(lines, [reference(prev, ip)], "{peer} after {prev:?}");
                 assert!(text(&out).contains("x-a: 1\r\n"));
             }
+        }
+    }
+
+    /// Every chunked body decodes the same however its bytes are split across reads: fed one
+    /// byte at a time, and in two parts at every split point.
+    #[test]
+    fn a_chunked_body_decodes_the_same_however_it_arrives() {
+        let wire: &[u8] = b"3;ext=\"a b\"\r\nabc\r\n10\r\n0123456789abcdef\r\n1\r\nz\r\n0\r\nx-t: 1\r\ny: 2\r\n\r\nNEXT";
+        let want = b"abc0123456789abcdefz";
+        let run = |parts: &[&[u8]]| -> (Vec<u8>, Vec<u8>) {
+            let mut framing = Framing::Chunked(Chunked::Size);
+            let mut read = BytesMut::new();
+            let mut body = Vec::new();
+            for part in parts {
+                read.extend_from_slice(part);
+                while let Decoded::Data(d) = decode(&mut framing, &mut read).expect("decodes") {
+                    body.extend_from_slice(&d);
+                }
+            }
+            assert_eq!(
+                decode(&mut framing, &mut read).expect("decodes"),
+                Decoded::End
+            );
+            (body, read.to_vec())
+        };
+        let bytes: Vec<&[u8]> = wire.chunks(1).collect();
+        assert_eq!(run(&bytes), (want.to_vec(), b"NEXT".to_vec()));
+        for at in 0..=wire.len() {
+            let (a, b) = wire.split_at(at);
+            assert_eq!(
+                run(&[a, b]),
+                (want.to_vec(), b"NEXT".to_vec()),
+                "split at {at}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_chunks_and_endless_trailers_are_errors() {
+        let endless = "x: 1\r\n".repeat(MAX_TRAILERS / 6 + 1);
+        let cases: [Vec<u8>; 4] = [
+            b"zz\r\n".to_vec(),
+            b"3\r\nabcXY".to_vec(),
+            [&b"3\r\nabc\r\n"[..], &[b'1'; MAX_CHUNK_LINE]].concat(),
+            format!("0\r\n{endless}").into_bytes(),
+        ];
+        for case in cases {
+            let mut framing = Framing::Chunked(Chunked::Size);
+            let mut read = BytesMut::from(&case[..]);
+            let outcome = loop {
+                match decode(&mut framing, &mut read) {
+                    Ok(Decoded::Data(_)) => continue,
+                    other => break other,
+                }
+            };
+            assert!(
+                outcome.is_err(),
+                "{:?}: {outcome:?}",
+                text(&case[..case.len().min(40)])
+            );
         }
     }
 }
