@@ -176,7 +176,7 @@ impl UpstreamPool {
     /// when a reused one was closed by the app before anything came back: the app's keep-alive
     /// timeout racing the request. `now` is the request's start, kept as the connection's last
     /// use. With `forwarded_for`, that address is appended to the request's `X-Forwarded-For`
-    /// as the head is written (see [`encode_head`]).
+    /// as the head is written (see [`RequestHead::encode`]).
     pub async fn send<B>(
         &self,
         req: Request<B>,
