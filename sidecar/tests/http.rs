@@ -524,12 +524,14 @@ async fn upgrades_pass_through_both_ways() {
 async fn upstream_down_is_a_502_with_a_clear_body() {
     let mut dir = ConfigDir::new();
     dir.write_doc(&doc(rate(100, 60, 99), vec![key("x")]));
-    // Bind and drop a port so nothing listens on it.
-    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    // A port that is bound but not listening: connecting is refused, and no other test can
+    // take the port meanwhile (one that was bound and dropped was, once, by a sidecar of a
+    // test running alongside, which answered 404).
+    let dead = tokio::net::TcpSocket::new_v4().unwrap();
+    dead.bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let up = Upstream {
         addr: dead.local_addr().unwrap(),
     };
-    drop(dead);
     let sc = start(&dir, &up).await;
     let r = with_key(&client(), sc.traffic_addr, "/", "x").await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY);

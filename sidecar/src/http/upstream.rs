@@ -1142,15 +1142,18 @@ mod tests {
         let pool = UpstreamPool::new(&authority, 8, Duration::from_secs(30));
         assert!(exchange(&pool).await.is_err());
         assert_eq!(pool.idle(), 0);
-        // Nobody listening at all: an error too.
-        let dead: Authority = {
-            let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            l.local_addr()
-                .expect("addr")
-                .to_string()
-                .parse()
-                .expect("authority")
-        };
+        // Nobody listening at all: an error too. The port stays bound (not listening), so no
+        // other test can take it meanwhile.
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind("127.0.0.1:0".parse().expect("addr"))
+            .expect("bind");
+        let dead: Authority = socket
+            .local_addr()
+            .expect("addr")
+            .to_string()
+            .parse()
+            .expect("authority");
         let pool = UpstreamPool::new(&dead, 8, Duration::from_secs(30));
         assert!(exchange(&pool).await.is_err());
     }
