@@ -299,13 +299,9 @@ async fn connection<A, AF, IO, H, HF, B, E>(
     let act = activity.clone();
     let svc = service_fn(move |req: Request<Incoming>| {
         let guard = act.enter(req.version());
-        let response = handler(peer, req);
-        async move {
-            let resp = response.await?;
-            Ok::<_, E>(resp.map(|inner| TrackedBody {
-                inner,
-                _guard: guard,
-            }))
+        TrackedResponse {
+            inner: handler(peer, req),
+            guard: Some(guard),
         }
     });
     let conn = builder.serve_connection_with_upgrades(io, svc);
@@ -380,6 +376,11 @@ enum Expiry {
 }
 
 const NEVER: u64 = u64::MAX;
+/// A time not read yet: the clock is read when a deadline needs it ([`Activity::deadline`],
+/// after the connection's poll). Most heads arrive whole in one read and most keep-alive
+/// requests follow one another, so most of these are overwritten unread; each read saved is
+/// 15-25 ns on a VM's kvm-clock, twice per request.
+const UNREAD: u64 = u64::MAX - 1;
 const PROTO_UNKNOWN: u8 = 0;
 const PROTO_H1: u8 = 1;
 const PROTO_H2: u8 = 2;
@@ -391,9 +392,10 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 struct Activity {
     start: Instant,
     in_flight: AtomicU32,
-    /// When the last request finished (or the connection opened).
+    /// When the last request finished (or the connection opened); UNREAD: since the last poll.
     idle_since: AtomicU64,
-    /// First byte read while no request was in flight: a head is arriving. NEVER: none.
+    /// First byte read while no request was in flight: a head is arriving. NEVER: none;
+    /// UNREAD: one is, since the last poll.
     reading_since: AtomicU64,
     proto: AtomicU8,
 }
@@ -410,12 +412,26 @@ impl Activity {
     }
 
     fn now_ms(&self) -> u64 {
-        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(NEVER - 1)
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(UNREAD - 1)
     }
 
     fn on_read(&self) {
         if self.in_flight.load(Relaxed) == 0 && self.reading_since.load(Relaxed) == NEVER {
-            self.reading_since.store(self.now_ms(), Relaxed);
+            self.reading_since.store(UNREAD, Relaxed);
+        }
+    }
+
+    /// The time in `at`, read from the clock now if it is [`UNREAD`].
+    fn resolve(&self, at: &AtomicU64) -> u64 {
+        match at.load(Relaxed) {
+            UNREAD => {
+                let now = self.now_ms();
+                match at.compare_exchange(UNREAD, now, Relaxed, Relaxed) {
+                    Ok(_) => now,
+                    Err(other) => other,
+                }
+            }
+            t => t,
         }
     }
 
@@ -434,14 +450,14 @@ impl Activity {
             return None;
         }
         let at = |ms: u64, plus: Duration| self.start + Duration::from_millis(ms) + plus;
-        let reading = self.reading_since.load(Relaxed);
         // On HTTP/2 bytes arrive while idle (PINGs, WINDOW_UPDATEs) and say nothing about a
         // head; its idle time is what is bounded.
-        if reading != NEVER && self.proto.load(Relaxed) != PROTO_H2 {
+        if self.reading_since.load(Relaxed) != NEVER && self.proto.load(Relaxed) != PROTO_H2 {
+            let reading = self.resolve(&self.reading_since);
             return Some((at(reading, config.header_read_timeout), Expiry::Header));
         }
         Some((
-            at(self.idle_since.load(Relaxed), config.idle_timeout),
+            at(self.resolve(&self.idle_since), config.idle_timeout),
             Expiry::Idle,
         ))
     }
@@ -454,18 +470,49 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         let a = &self.0;
         if a.in_flight.fetch_sub(1, Relaxed) == 1 {
-            a.idle_since.store(a.now_ms(), Relaxed);
+            a.idle_since.store(UNREAD, Relaxed);
             a.reading_since.store(NEVER, Relaxed);
         }
     }
 }
 
 pin_project_lite::pin_project! {
-    /// The handler's response body, carrying the request's [`InFlight`] guard.
+    /// The handler's future, whose response gets the request's [`InFlight`] guard in its
+    /// body. A struct, not an async block: an async block holds the handler's future twice
+    /// (captured, then moved into its `.await`), and hyper moves the service future on every
+    /// request. The sidecar's handler future is kilobytes, so that was a memcpy of twice that
+    /// per request (`docs/benchmarks.md`, "Futures moved per request").
+    struct TrackedResponse<F> {
+        #[pin]
+        inner: F,
+        guard: Option<InFlight>,
+    }
+}
+
+impl<F, B, E> Future for TrackedResponse<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<TrackedBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let resp = std::task::ready!(this.inner.poll(cx))?;
+        let guard = this.guard.take();
+        Poll::Ready(Ok(resp.map(|inner| TrackedBody {
+            inner,
+            _guard: guard,
+        })))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The handler's response body, carrying the request's [`InFlight`] guard (`None` only
+    /// if the future was polled again after it completed, which hyper never does).
     struct TrackedBody<B> {
         #[pin]
         inner: B,
-        _guard: InFlight,
+        _guard: Option<InFlight>,
     }
 }
 

@@ -331,3 +331,25 @@ async fn a_stalled_accept_transform_is_cut_at_the_header_timeout() {
     let _ = tx.send(());
     let _ = task.await;
 }
+
+/// The service future hyper holds (and moves, per request) is the handler's future plus the
+/// request guard, not twice the handler's future as an async block wrapping it was.
+#[test]
+fn the_service_wrapper_adds_only_the_guard() {
+    fn wrapped<F: Future>(_: &F) -> usize {
+        std::mem::size_of::<TrackedResponse<F>>()
+    }
+    let big = [0u8; 4096];
+    let handler = async move {
+        let kept = big;
+        tokio::task::yield_now().await;
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::copy_from_slice(&kept))))
+    };
+    let inner = std::mem::size_of_val(&handler);
+    assert!(inner >= 4096);
+    assert!(
+        wrapped(&handler) <= inner + 16,
+        "{} vs {inner}",
+        wrapped(&handler)
+    );
+}

@@ -177,15 +177,19 @@ impl UpstreamPool {
     /// timeout racing the request. `now` is the request's start, kept as the connection's last
     /// use. With `forwarded_for`, that address is appended to the request's `X-Forwarded-For`
     /// as the head is written (see [`RequestHead::encode`]).
-    pub async fn send<B>(
-        &self,
+    ///
+    /// Not an `async fn`: one holds each argument twice (as the argument and as the body's
+    /// binding), and this future is moved whole into every future awaiting it. The block
+    /// below captures what it uses once.
+    pub fn send<'a, B>(
+        &'a self,
         req: Request<B>,
         forwarded_for: Option<IpAddr>,
         now: Instant,
         deadline: tokio::time::Instant,
-    ) -> Result<Response<Reply>, Unanswered>
+    ) -> impl Future<Output = Result<Response<Reply>, Unanswered>> + 'a
     where
-        B: Body<Data = Bytes> + Unpin,
+        B: Body<Data = Bytes> + Unpin + 'a,
         B::Error: Into<BoxError>,
     {
         let (parts, body) = req.into_parts();
@@ -200,38 +204,50 @@ impl UpstreamPool {
         let head_request = parts.method == Method::HEAD;
         let retry_allowed = outgoing == Outgoing::None && parts.method.is_idempotent();
         let mut body = Some(body).filter(|_| outgoing != Outgoing::None);
-        loop {
-            let (mut connection, reused) = match self.inner.checkout(now) {
-                Some(mut c) => {
-                    c.timer.as_mut().reset(deadline);
-                    (c, true)
-                }
-                None => (self.inner.connect(deadline).await?, false),
-            };
-            let head = RequestHead {
-                parts: &parts,
-                outgoing,
-                default_host: self.inner.host.as_ref(),
-                forwarded_for,
-            };
-            head.encode(&mut connection.write);
-            let Connection {
-                io,
-                read,
-                write,
-                timer,
-            } = &mut connection;
-            let exchange = exchange(io, read, write, body.take(), outgoing, head_request);
-            let (head, sent_whole) = match before(timer.as_mut(), exchange).await {
-                None => return Err(Unanswered::TimedOut),
-                Some(Ok(answer)) => answer,
-                Some(Err(Failure::NothingBack(_))) if reused && retry_allowed => continue,
-                Some(Err(Failure::NothingBack(e) | Failure::App(e))) => {
-                    return Err(Unanswered::Failed(e))
-                }
-                Some(Err(Failure::Client(e))) => return Err(Unanswered::ClientBody(e)),
-            };
-            return Ok(self.reply(connection, head, sent_whole, now));
+        async move {
+            loop {
+                let (mut connection, reused) = match self.inner.checkout(now) {
+                    Some(mut c) => {
+                        c.timer.as_mut().reset(deadline);
+                        (c, true)
+                    }
+                    None => (self.inner.connect(deadline).await?, false),
+                };
+                let head = RequestHead {
+                    parts: &parts,
+                    outgoing,
+                    default_host: self.inner.host.as_ref(),
+                    forwarded_for,
+                };
+                head.encode(&mut connection.write);
+                let answer = {
+                    let Connection {
+                        io,
+                        read,
+                        write,
+                        timer,
+                    } = &mut connection;
+                    let exchange = pin!(exchange(
+                        io,
+                        read,
+                        write,
+                        body.take(),
+                        outgoing,
+                        head_request
+                    ));
+                    before(timer.as_mut(), exchange).await
+                };
+                let (head, sent_whole) = match answer {
+                    None => return Err(Unanswered::TimedOut),
+                    Some(Ok(answer)) => answer,
+                    Some(Err(Failure::NothingBack(_))) if reused && retry_allowed => continue,
+                    Some(Err(Failure::NothingBack(e) | Failure::App(e))) => {
+                        return Err(Unanswered::Failed(e))
+                    }
+                    Some(Err(Failure::Client(e))) => return Err(Unanswered::ClientBody(e)),
+                };
+                return Ok(self.reply(connection, head, sent_whole, now));
+            }
         }
     }
 
@@ -708,8 +724,9 @@ fn parse_length(v: &[u8]) -> Option<u64> {
 
 /// `work`'s output, or `None` if `timer` fires first. `work` is polled first, so an answer
 /// that is there wins over a timer that has also run out (as with `tokio::time::timeout`).
-async fn before<F: Future>(mut timer: Pin<&mut Sleep>, work: F) -> Option<F::Output> {
-    let mut work = pin!(work);
+/// `work` comes pinned by the caller: taken by value, it would be held twice in this future
+/// (as the argument and as the pinned local), and every future around it grows by that.
+async fn before<F: Future>(mut timer: Pin<&mut Sleep>, mut work: Pin<&mut F>) -> Option<F::Output> {
     poll_fn(move |cx| {
         if let Poll::Ready(out) = work.as_mut().poll(cx) {
             return Poll::Ready(Some(out));
@@ -760,7 +777,8 @@ impl PoolInner {
     /// A new connection, its timer set to `deadline`, which the connect itself races.
     async fn connect(&self, deadline: tokio::time::Instant) -> Result<Connection, Unanswered> {
         let mut timer = Box::pin(tokio::time::sleep_until(deadline));
-        let io = match before(timer.as_mut(), TcpStream::connect(self.address.as_str())).await {
+        let connecting = pin!(TcpStream::connect(self.address.as_str()));
+        let io = match before(timer.as_mut(), connecting).await {
             None => return Err(Unanswered::TimedOut),
             Some(io) => io.map_err(|e| Unanswered::Failed(e.into()))?,
         };

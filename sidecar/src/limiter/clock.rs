@@ -18,6 +18,12 @@ pub trait Clock: Send + Sync + 'static {
     fn now_ns(&self) -> u64;
     /// Nanoseconds on a timeline that never goes backwards.
     fn mono_ns(&self) -> u64;
+    /// [`Clock::mono_ns`] at `at`, an [`Instant`] the caller has already read: one clock
+    /// reading serves both. Clocks that are not the system's ignore `at`.
+    fn mono_at(&self, at: Instant) -> u64 {
+        let _ = at;
+        self.mono_ns()
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -38,9 +44,15 @@ impl Clock for SystemClock {
     }
 
     fn mono_ns(&self) -> u64 {
+        self.mono_at(Instant::now())
+    }
+
+    fn mono_at(&self, at: Instant) -> u64 {
         static BASE: OnceLock<(Instant, u64)> = OnceLock::new();
         let (start, wall) = BASE.get_or_init(|| (Instant::now(), wall_ns()));
-        let elapsed = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        // An instant read before the base was set counts as the base.
+        let elapsed =
+            u64::try_from(at.saturating_duration_since(*start).as_nanos()).unwrap_or(u64::MAX);
         wall.saturating_add(elapsed)
     }
 }
@@ -105,5 +117,36 @@ impl<C: Clock> Clock for std::sync::Arc<C> {
 
     fn mono_ns(&self) -> u64 {
         (**self).mono_ns()
+    }
+
+    fn mono_at(&self, at: Instant) -> u64 {
+        (**self).mono_at(at)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// The proxy reads the clock once per request and converts that reading: the conversion
+    /// must land on the same timeline as a fresh reading, and keep the distance between two
+    /// instants exactly.
+    #[test]
+    fn an_instant_already_read_converts_onto_the_monotonic_timeline() {
+        let clock = SystemClock;
+        let before = clock.mono_ns();
+        let at = Instant::now();
+        let converted = clock.mono_at(at);
+        let after = clock.mono_ns();
+        assert!(
+            before <= converted && converted <= after,
+            "{before} {converted} {after}"
+        );
+        let later = clock.mono_at(at + Duration::from_millis(1500));
+        assert_eq!(later - converted, 1_500_000_000);
+        // A fake clock ignores the instant: tests drive time, not the host.
+        let fake = FakeClock::new(42 * NANOS_PER_SEC);
+        assert_eq!(fake.mono_at(at), 42 * NANOS_PER_SEC);
     }
 }

@@ -189,6 +189,11 @@ impl Limiter {
         self.clock.mono_ns()
     }
 
+    /// [`Limiter::mono_ns`] at an instant the caller has already read (one clock read less).
+    pub fn mono_at(&self, at: std::time::Instant) -> u64 {
+        self.clock.mono_at(at)
+    }
+
     pub fn decide(&self, c: &Check<'_>) -> Decision {
         self.decide_at(c, self.clock.mono_ns())
     }
