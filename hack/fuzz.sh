@@ -20,7 +20,7 @@ secs="${1:-20}"
   echo "usage: $0 [seconds per target]" >&2
   exit 2
 }
-targets=(dataplane_parse path_normalize key_extraction usage_scan)
+targets=(dataplane_parse path_normalize key_extraction usage_scan upstream_answer)
 sanitizer="${FUZZ_SANITIZER:-none}"
 target_dir="${KEYLIMIT_CACHE:-$HOME/.cache/keylimit}/fuzz-target"
 
