@@ -19,7 +19,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::jiff::Timestamp;
 use k8s_openapi::ByteString;
 use keylimit_dataplane as dp;
-use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -929,11 +929,7 @@ async fn reconcile_apikey(key: Arc<ApiKey>, ctx: Arc<Context>) -> Result<Action,
         let api: Api<ApiKey> = Api::namespaced(ctx.client.clone(), &ns);
         let written = ctx
             .leader
-            .fenced(api.patch_status(
-                &name,
-                &PatchParams::apply(MANAGER).force(),
-                &Patch::Apply(&status),
-            ))
+            .fenced(api.patch_status(&name, &crate::apply_params(MANAGER), &Patch::Apply(&status)))
             .await??;
         ctx.written.record(
             id,
@@ -1133,7 +1129,7 @@ async fn write_config_maps(
             .leader
             .fenced(api.patch(
                 &cm.name,
-                &PatchParams::apply(MANAGER).force(),
+                &crate::apply_params(MANAGER),
                 &Patch::Apply(&patch),
             ))
             .await??;
@@ -1336,11 +1332,7 @@ async fn reconcile_policy(
         }
         let papi: Api<RateLimitPolicy> = Api::namespaced(ctx.client.clone(), &ns);
         ctx.leader
-            .fenced(papi.patch_status(
-                &name,
-                &PatchParams::apply(MANAGER).force(),
-                &Patch::Apply(&status),
-            ))
+            .fenced(papi.patch_status(&name, &crate::apply_params(MANAGER), &Patch::Apply(&status)))
             .await??;
         ctx.metrics.status_writes.inc();
     }

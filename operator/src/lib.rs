@@ -52,6 +52,19 @@ pub enum Error {
     Certificate(String),
 }
 
+/// Server-side apply as `manager`, taking over fields another manager holds.
+///
+/// `fieldValidation=Ignore`: with the apiserver's default (`Warn`) every apply body is decoded
+/// twice, once to apply it and once more, strictly, only to find duplicate or unknown fields
+/// and turn them into warnings, which nothing here reads. Our bodies are built from typed
+/// values, and the schema still prunes and validates what is stored. Status writes are most of
+/// the apiserver's work in a cold start (`docs/operator-scale.md`).
+pub fn apply_params(manager: &str) -> kube::api::PatchParams {
+    kube::api::PatchParams::apply(manager)
+        .force()
+        .validation_ignore()
+}
+
 #[derive(Parser, Debug)]
 #[command(
     name = "keylimit-operator",
@@ -550,4 +563,32 @@ async fn run_until_shutdown(
     }
     info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_status_apply_asks_the_apiserver_to_decode_its_body_once() {
+        let request = kube::core::Request::new("/apis/keylimit.dev/v1alpha1/namespaces/n/apikeys")
+            .patch_subresource(
+                "status",
+                "k",
+                &apply_params(controller::MANAGER),
+                &kube::api::Patch::Apply(serde_json::json!({})),
+            )
+            .map_err(|e| e.to_string());
+        let uri = match request {
+            Ok(r) => r.uri().to_string(),
+            Err(e) => panic!("building the request: {e}"),
+        };
+        for part in [
+            "fieldManager=keylimit-operator",
+            "force=true",
+            "fieldValidation=Ignore",
+        ] {
+            assert!(uri.contains(part), "{uri} lacks {part}");
+        }
+    }
 }

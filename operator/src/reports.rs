@@ -39,7 +39,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use keylimit_dataplane::UsageReport;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PostParams};
 use kube::runtime::events::EventType;
 use kube::{Client, ResourceExt};
 use serde_json::json;
@@ -881,7 +881,7 @@ pub async fn write_status(
                 .leader
                 .fenced(api.patch_status(
                     &key.name_any(),
-                    &PatchParams::apply(MANAGER).force(),
+                    &crate::apply_params(MANAGER),
                     &Patch::Apply(&patch),
                 ))
                 .await
@@ -964,7 +964,7 @@ pub async fn write_status(
                 .leader
                 .fenced(api.patch_status(
                     &id.1,
-                    &PatchParams::apply(MANAGER).force(),
+                    &crate::apply_params(MANAGER),
                     &Patch::Apply(&patch),
                 ))
                 .await

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, ListParams, Patch};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
@@ -80,7 +80,7 @@ pub async fn publish_once(
         }
         api.patch(
             CA_CONFIG_MAP,
-            &PatchParams::apply(MANAGER).force(),
+            &crate::apply_params(MANAGER),
             &Patch::Apply(&ca_config_map(&ns, &ca)),
         )
         .await?;
