@@ -12,7 +12,8 @@
 //!
 //! Writes are counted by the apiserver (`apiserver_request_total` by verb and resource), peak
 //! and total connections from `ss` on the apiserver's port (operator pid only), CPU and RSS
-//! from /proc. With `--assert`, the counts (never the timings) are checked: CI runs 1,000 keys.
+//! from /proc (the apiserver's too, found by its listening port). With `--assert`, the counts
+//! (never the timings) are checked: CI runs 1,000 keys.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -159,6 +160,23 @@ fn proc_stats(pid: u32) -> (f64, f64, f64) {
             / 1024.0
     };
     (cpu, kb("VmRSS:"), kb("VmHWM:"))
+}
+
+/// The pid of the process listening on `port` (the apiserver), from `ss`, if this user may
+/// see it: its CPU over the cold start shows how much of the wait is the apiserver's work.
+async fn listener_pid(port: u16) -> Option<u32> {
+    let out = tokio::process::Command::new("ss")
+        .args(["-Hltnp"])
+        .arg(format!("( sport = :{port} )"))
+        .output()
+        .await
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rest = text.split("pid=").nth(1)?;
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Samples the operator's established connections to the apiserver port every 100 ms: the
@@ -389,6 +407,8 @@ async fn main() -> anyhow::Result<()> {
 
     // --- cold start
     let r0 = apiserver_requests(&client).await?;
+    let apiserver = listener_pid(port).await;
+    let apiserver_cpu0 = apiserver.map(|p| proc_stats(p).0);
     let t = Instant::now();
     let mut op = start_operator(&args, &ns, "operator").await?;
     let conns = Connections::spawn(op.pid, port);
@@ -398,6 +418,13 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     let cold = t.elapsed();
     let (cpu_cold, rss, peak_rss) = proc_stats(op.pid);
+    if let (Some(pid), Some(before)) = (apiserver, apiserver_cpu0) {
+        let used = proc_stats(pid).0 - before;
+        results.insert(
+            "apiserver_cpu_ms_per_key",
+            format!("{:.3}", used * 1000.0 / n as f64),
+        );
+    }
     let r1 = apiserver_requests(&client).await?;
     let (peak, opened) = conns.read();
     let status_writes = delta(&r0, &r1, WRITES, "apikeys", "status");
