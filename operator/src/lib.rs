@@ -56,9 +56,10 @@ pub enum Error {
 ///
 /// `fieldValidation=Ignore`: with the apiserver's default (`Warn`) every apply body is decoded
 /// twice, once to apply it and once more, strictly, only to find duplicate or unknown fields
-/// and turn them into warnings, which nothing here reads. Our bodies are built from typed
-/// values, and the schema still prunes and validates what is stored. Status writes are most of
-/// the apiserver's work in a cold start (`docs/operator-scale.md`).
+/// and turn them into warnings, which nothing here reads. Every body is built by this crate
+/// (typed values or `json!`), never copied from user input, and the schema still prunes and
+/// validates what is stored. Status writes are most of the apiserver's work in a cold start
+/// (`docs/operator-scale.md`).
 pub fn apply_params(manager: &str) -> kube::api::PatchParams {
     kube::api::PatchParams::apply(manager)
         .force()
